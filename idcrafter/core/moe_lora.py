@@ -1,0 +1,611 @@
+"""MoE-LoRA (MultiCrafter): a mixture of LoRA experts on the linear layers of a frozen backbone.
+
+    y = W x + (alpha / r) * sum_e g_e(x) * B_e A_e x,    g(x) = softmax(W_router x)  (optional top-k)
+
+With one expert there is no router and the layer is a plain LoRA, saved so that diffusers'
+`load_lora_weights` / `load_lora_adapter` reads it (see `save_diffusers_lora`).
+
+Naming follows peft's `tuners/lora/layer.py`: the wrapped layer is `base_layer`, the adapter
+parameters are `lora_A` ([E, r, in]), `lora_B` ([E, out, r]) and `lora_router` (in -> E), and
+`scaling = lora_alpha / r`.
+
+Typical use::
+
+    cfg = MoELoRAConfig(rank=16, alpha=16, num_experts=4, top_k=2, load_balance_weight=0.01)
+    transformer.requires_grad_(False)  # the trainer owns the trainable set; inject freezes only W
+    names = inject_moe_lora(transformer, cfg)
+    loss = flow_loss + cfg.load_balance_weight * load_balancing_loss(transformer)
+    save_moe_lora(transformer, "out/adapter", cfg)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from idcrafter.utils.io import atomic_write
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# The name diffusers' loaders pick first when given a folder (`_best_guess_weight_name`).
+DIFFUSERS_LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# diffusers stores the peft `LoraConfig` kwargs as JSON under this safetensors metadata key
+# (`loaders/lora_base.py: LORA_ADAPTER_METADATA_KEY`), each key prefixed with the component name.
+_DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+_FORMAT = "idcrafter.moe_lora"
+_FORMAT_VERSION = 1
+
+# Attention and feed-forward projections of FLUX double-stream (`transformer_blocks`) and
+# single-stream (`single_transformer_blocks`) blocks. `proj_mlp` / `proj_out` are regexes so the
+# model's final `proj_out` (latent head) and the AdaLN `norm*.linear` layers stay untouched.
+FLUX_TARGET_MODULES: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    r"single_transformer_blocks\.\d+\.proj_mlp",
+    r"single_transformer_blocks\.\d+\.proj_out",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class MoELoRAConfig:
+    """Hyper-parameters of MoE-LoRA.
+
+    rank, alpha: LoRA rank r and alpha; the update is scaled by alpha / r (peft's convention).
+    num_experts: E; 1 gives a plain LoRA without router.
+    top_k: keep the k largest gates and renormalise them; None routes densely over all experts.
+    target_modules: patterns selecting the `nn.Linear` layers to wrap (rule: `module_matches`).
+    dropout: dropout on the adapter input (peft's `lora_dropout`).
+    load_balance_weight: weight of the switch load-balancing loss; > 0 makes the layers compute it.
+    """
+
+    rank: int = 16
+    alpha: float = 16.0
+    num_experts: int = 4
+    top_k: int | None = None
+    target_modules: tuple[str, ...] = FLUX_TARGET_MODULES
+    dropout: float = 0.0
+    load_balance_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        # JSON and YAML give lists; a tuple keeps the dataclass hashable-ish and immutable.
+        self.target_modules = tuple(self.target_modules)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"MoELoRAConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"MoELoRAConfig.alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"MoELoRAConfig.num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.top_k is not None and not (1 <= self.top_k <= self.num_experts):
+            raise ValueError(
+                f"MoELoRAConfig.top_k must be None or in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoELoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.load_balance_weight < 0:
+            raise ValueError(
+                f"MoELoRAConfig.load_balance_weight must be >= 0, got {self.load_balance_weight!r}"
+            )
+        _validate_patterns(self.target_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoELoRAConfig:
+        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MoELoRAConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _validate_patterns(patterns: Sequence[str]) -> None:
+    if isinstance(patterns, str) or not patterns:
+        raise ValueError(f"target_modules must be a non-empty list of patterns, got {patterns!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"target_modules pattern {pattern!r} is not a valid regex: {err}") from None
+
+
+def module_matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the qualified module name `name` is selected by one of `patterns`.
+
+    A pattern selects `name` when it is its dotted suffix (`name == p` or `name` ends with
+    `"." + p`, so "to_q" selects "transformer_blocks.0.attn.to_q" but not "add_to_q"), or when
+    `re.fullmatch(p, name)` succeeds. These are peft's two rules (list / string `target_modules`)
+    applied per pattern, so both "ff.net.2" and r"single_transformer_blocks\\.\\d+\\.proj_out" work.
+    """
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure routing maths
+
+
+def top_k_gates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k largest probabilities and renormalise them to sum to 1.
+
+    probs: [..., E]. Returns gates [..., E] (exactly k non-zeros) and expert_index [..., k].
+    """
+    top, expert_index = probs.topk(k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, expert_index, top / top.sum(-1, keepdim=True))
+    return gates, expert_index
+
+
+def switch_load_balancing_loss(
+    probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss E * sum_e f_e * P_e (1 when routing is uniform).
+
+    probs: [N, E] router softmax (before top-k); expert_index: [N, k] experts each token is sent to.
+    f_e is the fraction of the N * k assignments that go to expert e (non-differentiable),
+    P_e = mean_n probs[n, e] carries the gradient.
+    """
+    assignments = F.one_hot(expert_index, num_experts).to(probs.dtype)  # [N, k, E]
+    fraction = assignments.sum(1).mean(0) / expert_index.shape[-1]
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
+def routing_change(p_a: torch.Tensor, p_b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Relative routing change |P_A - P_B| / (P_A + eps), elementwise (any shape, e.g. [L, E])."""
+    return (p_a - p_b).abs() / (p_a + eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer
+
+
+class MoELoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a mixture of E LoRA experts.
+
+    x: [..., in] -> y: [..., out]. The adapter runs in the input dtype (bf16 in, bf16 maths);
+    its parameters are kept in float32 (like peft's `autocast_adapter_dtype`) so that optimiser
+    updates are not lost to bf16 rounding. The router softmax runs in float32.
+
+    After a forward, `aux_loss` holds the unweighted switch load-balancing loss when
+    `load_balance` is set and E > 1 (else None).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int = 16,
+        alpha: float = 16.0,
+        num_experts: int = 4,
+        top_k: int | None = None,
+        dropout: float = 0.0,
+        load_balance: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoELoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if top_k is not None and not (1 <= top_k <= num_experts):
+            raise ValueError(f"top_k must be None or in [1, {num_experts}], got {top_k}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.lora_alpha, self.scaling = rank, alpha, alpha / rank
+        self.num_experts = num_experts
+        # top_k == E is dense routing; normalising it away skips a pointless topk.
+        self.top_k = None if top_k is None or top_k >= num_experts else top_k
+        self.load_balance = load_balance
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        factory = {
+            "device": base_layer.weight.device,
+            "dtype": torch.promote_types(base_layer.weight.dtype, torch.float32),
+        }
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
+        self.lora_router = (
+            nn.Linear(self.in_features, num_experts, bias=False, **factory) if num_experts > 1 else None
+        )
+        self.reset_lora_parameters()
+
+        self.disabled = False
+        self.aux_loss: torch.Tensor | None = None
+        # Set by `record_routing`: a list that receives the mean gates [E] of each forward.
+        self._routing_sink: list[torch.Tensor] | None = None
+
+    def reset_lora_parameters(self) -> None:
+        """A_e as peft's nn.Linear(in, r) weight, B_e = 0 so the layer starts equal to the base."""
+        for expert_A in self.lora_A.data:
+            # Per expert: on the stacked [E, r, in] tensor kaiming would take fan_in = r * in.
+            nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that reads `layer.weight.dtype` / `.device` (as peft exposes it)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates of the experts for each token.
+
+        x: [..., in]. Returns gates [..., E] (float32, sum 1, k non-zeros with top-k),
+        probs [..., E] (the full softmax) and expert_index [..., k] (k = 1 for dense routing:
+        the argmax, which is what the switch loss counts).
+        """
+        if self.lora_router is None:
+            ones = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
+            return ones, ones, torch.zeros_like(ones, dtype=torch.long)
+        logits = F.linear(x, self.lora_router.weight.to(x.dtype))
+        # float32: in bf16 small gates round to 0 and the renormalised top-k no longer sums to 1.
+        probs = logits.float().softmax(dim=-1)
+        if self.top_k is None:
+            return probs, probs, probs.argmax(dim=-1, keepdim=True)
+        gates, expert_index = top_k_gates(probs, self.top_k)
+        return gates, probs, expert_index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        h = torch.einsum("...i,eri->...er", self.lora_dropout(x), lora_A)  # [..., E, r]
+        if self.lora_router is not None:
+            gates, probs, expert_index = self.route(x)
+            self._after_routing(gates, probs, expert_index)
+            h = h * gates.to(x.dtype).unsqueeze(-1)
+        # One contraction over experts and rank mixes the gated expert outputs.
+        delta = torch.einsum("...er,eor->...o", h, lora_B)
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def _after_routing(self, gates: torch.Tensor, probs: torch.Tensor, expert_index: torch.Tensor) -> None:
+        num_experts = self.num_experts
+        if self.load_balance:
+            self.aux_loss = switch_load_balancing_loss(
+                probs.reshape(-1, num_experts), expert_index.reshape(-1, expert_index.shape[-1]), num_experts
+            )
+        if self._routing_sink is not None:
+            self._routing_sink.append(gates.detach().reshape(-1, num_experts).mean(0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, num_experts={self.num_experts}, top_k={self.top_k}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Model-level helpers
+
+
+def moe_lora_layers(model: nn.Module) -> dict[str, MoELoRALinear]:
+    """{qualified name: layer} of every MoE-LoRA layer in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELoRALinear)}
+
+
+def _layer_for(base_layer: nn.Linear, config: MoELoRAConfig) -> MoELoRALinear:
+    return MoELoRALinear(
+        base_layer,
+        rank=config.rank,
+        alpha=config.alpha,
+        num_experts=config.num_experts,
+        top_k=config.top_k,
+        dropout=config.dropout,
+        load_balance=config.load_balance_weight > 0,
+    )
+
+
+def inject_moe_lora(model: nn.Module, config: MoELoRAConfig) -> list[str]:
+    """Replace each `nn.Linear` whose name matches `config.target_modules` by a MoELoRALinear.
+
+    Only the wrapped base weights are frozen; the rest of `model` keeps its `requires_grad`
+    (the trainer decides what else trains). Returns the qualified names of the wrapped layers.
+    Raises ValueError if the model already has MoE-LoRA layers or nothing matched.
+    """
+    if moe_lora_layers(model):
+        raise ValueError("model already has MoE-LoRA layers; remove_moe_lora(model) before injecting again")
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name and module_matches(name, config.target_modules)
+    ]
+    if not names:
+        raise ValueError(
+            f"no nn.Linear in {type(model).__name__} matches target_modules {list(config.target_modules)}"
+        )
+    for name in names:
+        _replace_submodule(model, name, _layer_for(model.get_submodule(name), config))
+    return names
+
+
+def remove_moe_lora(model: nn.Module) -> list[str]:
+    """Put the original `nn.Linear` layers back (the adapter is dropped). Returns their names."""
+    layers = moe_lora_layers(model)
+    for name, layer in layers.items():
+        _replace_submodule(model, name, layer.base_layer)
+    return list(layers)
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    # setattr also works for ModuleList / Sequential children such as "to_out.0".
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def moe_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (lora_A, lora_B, lora_router) of every MoE-LoRA layer."""
+    return list(moe_lora_state_dict(model, detach=False).values())
+
+
+def moe_lora_state_dict(model: nn.Module, detach: bool = True) -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A" | "<layer>.lora_B" | "<layer>.lora_router.weight": tensor}, base weights excluded."""
+    out = {}
+    for name, layer in moe_lora_layers(model).items():
+        for param_name, param in layer.named_parameters():
+            if not param_name.startswith("base_layer."):
+                out[f"{name}.{param_name}"] = param.detach() if detach else param
+    return out
+
+
+def load_balancing_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the layers' unweighted `aux_loss` from the last forward (0 when none is enabled).
+
+    The caller multiplies it by `config.load_balance_weight`.
+    """
+    losses = [layer.aux_loss for layer in moe_lora_layers(model).values() if layer.aux_loss is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+@contextlib.contextmanager
+def moe_lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model (adapters off), e.g. as the KL reference in online RL."""
+    layers = list(moe_lora_layers(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+class RoutingRecord:
+    """Mean gate probabilities recorded by `record_routing`.
+
+    history: {layer name: [mean gates [E] of each forward]}; `mean()` averages over forwards.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[torch.Tensor]] = {}
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """{layer name: probs [E] (float32, CPU, sums to 1)} over all recorded forwards."""
+        return {name: torch.stack(probs).mean(0).cpu() for name, probs in self.history.items() if probs}
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[RoutingRecord]:
+    """Make every routed (E > 1) layer record its gates, averaged over tokens, at each forward.
+
+    The gates are the ones applied (after top-k renormalisation). Use for the routing-change
+    heatmap: `routing_change(rec_a.mean()[name], rec_b.mean()[name])`.
+    """
+    record = RoutingRecord()
+    layers = {name: m for name, m in moe_lora_layers(model).items() if m.num_experts > 1}
+    for name, layer in layers.items():
+        layer._routing_sink = record.history.setdefault(name, [])
+    try:
+        yield record
+    finally:
+        for layer in layers.values():
+            layer._routing_sink = None
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load (our format)
+
+
+def save_moe_lora(model: nn.Module, folder: str | os.PathLike, config: MoELoRAConfig) -> Path:
+    """Write `adapter_model.safetensors` and `adapter_config.json` to `folder` (each atomically).
+
+    With E = 1 it also writes `pytorch_lora_weights.safetensors` (see `save_diffusers_lora`),
+    so `FluxPipeline.load_lora_weights(folder)` works on the folder. The config is written last:
+    a folder with a config has its weights.
+    """
+    layers = moe_lora_layers(model)
+    if not layers:
+        raise ValueError("model has no MoE-LoRA layers to save; call inject_moe_lora first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in moe_lora_state_dict(model).items()}
+    with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if config.num_experts == 1:
+        save_diffusers_lora(model, folder / DIFFUSERS_LORA_WEIGHTS_NAME)
+    payload = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "config": config.to_dict(),
+        "modules": list(layers),
+    }
+    with atomic_write(folder / ADAPTER_CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    return folder
+
+
+def read_moe_lora_config(folder: str | os.PathLike) -> MoELoRAConfig:
+    """The `MoELoRAConfig` saved in `folder/adapter_config.json`."""
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: no MoE-LoRA config (expected a folder written by save_moe_lora)")
+    payload = json.loads(path.read_text())
+    if payload.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path}: not a MoE-LoRA config (format {payload.get('format')!r}, expected {_FORMAT!r})"
+        )
+    return MoELoRAConfig.from_dict(payload["config"])
+
+
+def load_moe_lora(model: nn.Module, folder: str | os.PathLike) -> MoELoRAConfig:
+    """Load a folder written by `save_moe_lora` into `model`, injecting the layers if needed.
+
+    Raises ValueError naming the layer when the file and the model disagree (missing or extra
+    layers, shapes such as another rank or model width, alpha / experts / top-k). If this call
+    injected the layers and loading fails, they are removed again.
+    """
+    folder = Path(folder)
+    config = read_moe_lora_config(folder)
+    tensors = _read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
+    injected_here = not moe_lora_layers(model)
+    if injected_here:
+        inject_moe_lora(model, config)
+    try:
+        params = moe_lora_state_dict(model, detach=False)
+        _check_state_dict(params, tensors, folder / ADAPTER_WEIGHTS_NAME)
+        _check_layer_settings(model, config, folder)
+    except ValueError:
+        if injected_here:
+            remove_moe_lora(model)
+        raise
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+    return config
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"{path}: adapter weights not found")
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _layer_of(key: str) -> str:
+    return key.rsplit(".lora_", 1)[0]
+
+
+def _check_state_dict(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    missing = sorted({_layer_of(k) for k in params.keys() - tensors.keys()})
+    if missing:
+        raise ValueError(
+            f"{path}: no weights for layer(s) {missing} of the model (keys missing from the file)"
+        )
+    extra = sorted({_layer_of(k) for k in tensors.keys() - params.keys()})
+    if extra:
+        raise ValueError(f"{path}: has weights for layer(s) {extra} that the model does not have")
+    for key, param in params.items():
+        if tensors[key].shape != param.shape:
+            layer = _layer_of(key)
+            raise ValueError(
+                f"{path}: layer '{layer}' {key[len(layer) + 1 :]} has shape {list(tensors[key].shape)} "
+                f"in the file but {list(param.shape)} in the model"
+            )
+
+
+def _check_layer_settings(model: nn.Module, config: MoELoRAConfig, folder: Path) -> None:
+    # Shapes already agree; alpha and top-k do not show in shapes but change the output.
+    top_k = None if config.top_k is None or config.top_k >= config.num_experts else config.top_k
+    for name, layer in moe_lora_layers(model).items():
+        if (layer.lora_alpha, layer.top_k) != (config.alpha, top_k):
+            raise ValueError(
+                f"{folder}: layer '{name}' has alpha={layer.lora_alpha}, top_k={layer.top_k} "
+                f"but the adapter was saved with alpha={config.alpha}, top_k={config.top_k}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers export (E = 1)
+
+
+def diffusers_lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, torch.Tensor]:
+    """Plain-LoRA layers as diffusers/peft keys.
+
+    `<prefix>.<module>.lora_A.weight` = A [r, in] and `<prefix>.<module>.lora_B.weight` =
+    (alpha / r) * B [out, r]; `model` is the component itself (the transformer). The scaling is
+    folded into B because diffusers' loaders do not all read alpha: `load_lora_adapter(file)`
+    without `use_safetensors=True` drops the safetensors metadata and then assumes alpha = r.
+    Folded, every path (and other tools that assume alpha = r) computes the same update.
+    """
+    out = {}
+    for name, layer in moe_lora_layers(model).items():
+        if layer.num_experts != 1:
+            raise ValueError(
+                f"layer '{name}' has {layer.num_experts} experts; diffusers' LoRA format holds plain LoRA only (E = 1)"
+            )
+        out[f"{prefix}.{name}.lora_A.weight"] = layer.lora_A.detach()[0].contiguous().cpu()
+        out[f"{prefix}.{name}.lora_B.weight"] = (layer.lora_B.detach()[0] * layer.scaling).contiguous().cpu()
+    return out
+
+
+def diffusers_lora_metadata(model: nn.Module, prefix: str = "transformer") -> dict[str, str]:
+    """safetensors metadata carrying the peft `LoraConfig` as diffusers' `save_lora_weights` writes it.
+
+    JSON under "lora_adapter_metadata", keys prefixed with the component ("transformer.r", ...).
+    lora_alpha = r because `diffusers_lora_state_dict` folds alpha / r into B. target_modules is a
+    regex naming exactly the wrapped layers (peft full-matches a string; a list would also
+    suffix-match, e.g. "proj_out" would catch every block's proj_out).
+    """
+    layers = moe_lora_layers(model)
+    ranks = sorted({layer.r for layer in layers.values()})
+    if len(ranks) != 1:
+        raise ValueError(f"layers have different ranks {ranks}; the diffusers export expects one rank")
+    dropout = next(iter(layers.values())).lora_dropout
+    lora_config = {
+        "r": ranks[0],
+        "lora_alpha": ranks[0],
+        "target_modules": "(?:" + "|".join(re.escape(name) for name in layers) + ")",
+        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+    }
+    packed = {f"{prefix}.{key}": value for key, value in lora_config.items()}
+    return {"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+
+
+def save_diffusers_lora(model: nn.Module, path: str | os.PathLike, prefix: str = "transformer") -> Path:
+    """Write a plain LoRA (E = 1) as one diffusers LoRA safetensors file, atomically.
+
+    Loads with `FluxPipeline.load_lora_weights(folder or file)`,
+    `FluxTransformer2DModel.load_lora_adapter(file)` or `.load_lora_adapter(folder, use_safetensors=True)`
+    (the folder form needs the flag: without it diffusers looks for a .bin) and reproduces this
+    model's output.
+    """
+    if not moe_lora_layers(model):
+        raise ValueError("model has no MoE-LoRA layers to save; call inject_moe_lora first")
+    path = Path(path)
+    tensors = diffusers_lora_state_dict(model, prefix)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=diffusers_lora_metadata(model, prefix))
+    return path

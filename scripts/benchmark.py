@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Benchmarks: ratios measured side by side in one run (new vs. stock, new vs. naive).
+
+    python scripts/benchmark.py attention [--device cuda] [--full] [--json out.json]
+
+CPU sizes by default; on a CUDA device the full-size shapes are used unless --no-full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from idcrafter.benchmarks import load_cases  # noqa: E402
+from idcrafter.utils.cli import fail  # noqa: E402
+from idcrafter.utils.io import atomic_write  # noqa: E402
+
+
+def main(argv=None) -> int:
+    cases = load_cases()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("case", choices=sorted(cases), help="; ".join(f"{n}: {c.help}" for n, c in sorted(cases.items())))
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                        help="full-size shapes (default: on for CUDA, off for CPU)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="query chunk of ref_attention_share")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return fail(f"--device {device}: CUDA is not available on this machine")
+    if args.chunk_size <= 0 or args.repeats <= 0:
+        return fail("--chunk-size and --repeats must be positive")
+    case = cases[args.case]
+    report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats)
+    print(case.format_table(report))
+    if args.json:
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Optional-dependency errors, atomic writes, seeding, memory tracking and the benchmark CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from idcrafter.utils import MissingDependencyError, atomic_write, atomic_write_dir, require, seed_everything
+from idcrafter.utils.profiling import TensorMemoryTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_require_names_the_extra():
+    assert require("json") is json
+    with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[flash\]"'):
+        require("flash_attn_not_installed_here", extra="flash")
+    with pytest.raises(MissingDependencyError, match="pip install some-missing-pkg"):
+        require("some_missing_pkg")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            assert tmp.suffix == ".mp4" and tmp.parent == tmp_path
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"done")
+    assert target.read_bytes() == b"done" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_dir_replaces_whole_folder(tmp_path):
+    folder = tmp_path / "adapter"
+    with atomic_write_dir(folder) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_write_dir(folder) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_seed_everything_repeats():
+    seed_everything(7)
+    a = torch.randn(3)
+    g = seed_everything(7)
+    assert torch.equal(a, torch.randn(3))
+    assert torch.equal(torch.randn(2, generator=g), torch.randn(2, generator=torch.Generator().manual_seed(7)))
+
+
+def test_memory_tracker_counts_live_storages():
+    x = torch.randn(256, 256)  # created outside: not counted
+    mib = 256 * 256 * 4
+    with TensorMemoryTracker() as tracker:
+        y = x @ x  # 1 buffer
+        z = y.exp()  # 2 buffers live
+        del y
+        w = z.view(-1)  # a view adds nothing
+        del z, w
+        v = x + 1  # back to 1 live
+    assert tracker.peak_bytes == 2 * mib
+    assert tracker.live == mib
+    del v
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_benchmark_attention_memory_ratios(tmp_path):
+    """IDAR's memory overhead is small; the naive full softmax's is several times the baseline."""
+    out = tmp_path / "attention.json"
+    proc = run_script("scripts/benchmark.py", "attention", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "idar" in proc.stdout and "naive" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert results["none"]["memory_ratio"] == 1.0
+    assert results["idar"]["memory_ratio"] <= 1.3
+    assert results["naive"]["memory_ratio"] >= 3.0
+
+
+def test_benchmark_bad_input_exits_2(tmp_path):
+    proc = run_script("scripts/benchmark.py", "attention", "--chunk-size", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
