@@ -135,3 +135,16 @@ def test_attention_matches_softmax():
     torch.testing.assert_close(attention(q, k, v, attn_mask=mask).double(), torch.softmax(logits, -1) @ v.double(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="backend"):
         attention(q, k, v, backend="xformers")
+
+
+def test_share_with_key_mask_ignores_padded_subject():
+    """Masked keys behave as if absent: a padded subject gets share 0, the others renormalise."""
+    q, k = random_qk()
+    key_mask = torch.ones(2, 20, dtype=torch.bool)
+    key_mask[1, 14:20] = False  # sample 1 has no third subject
+    share = ref_attention_share(q, k, RANGES, key_mask=key_mask, chunk_size=4)
+    torch.testing.assert_close(share[0].double(), naive_share(q[:1], k[:1], RANGES)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(share[1, :2].double(), naive_share(q[1:], k[1:], RANGES[:2])[0], atol=1e-5, rtol=0)
+    assert share[1, 2].abs().max() == 0
+    with pytest.raises(ValueError, match="key_mask"):
+        ref_attention_share(q, k, RANGES, key_mask=torch.ones(2, 7, dtype=torch.bool))

@@ -95,7 +95,12 @@ def _gather_refs(k: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.
 
 
 def _share_chunk(
-    q: torch.Tensor, k_ref: torch.Tensor, member: torch.Tensor, scale: float, tau: torch.Tensor | None
+    q: torch.Tensor,
+    k_ref: torch.Tensor,
+    member: torch.Tensor,
+    scale: float,
+    tau: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of one query chunk: q [B, H, c, D] -> [B, c, N] (mean over heads).
 
@@ -107,6 +112,8 @@ def _share_chunk(
     # At least float32: bf16 logits would round the shares the loss takes the log of.
     dtype = torch.promote_types(q.dtype, torch.float32)
     logits = torch.einsum("bhqd,bhrd->bhqr", q.to(dtype), k_ref.to(dtype)) * scale
+    if keep is not None:  # [B, 1, 1, R]: padded subjects' keys take no share
+        logits = logits.masked_fill(~keep, torch.finfo(dtype).min)
     probs = logits.softmax(dim=-1)
     share = probs @ member.to(probs.dtype)  # [B, H, c, N]: sum of probabilities per subject
     return share.mean(dim=1)
@@ -135,6 +142,7 @@ def ref_attention_share(
     temperature: torch.Tensor | None = None,
     chunk_size: int = 256,
     checkpointed: bool | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ref-restricted attention share (DESIGN 3.2), mean over heads.
 
@@ -151,6 +159,8 @@ def ref_attention_share(
         chunk_size: queries per chunk. Each chunk runs under activation checkpointing when grad
             is enabled, so memory is O(B N L_q) plus one chunk's [B, H, chunk, R] logits.
         checkpointed: force checkpointing on/off (default: on when autograd records).
+        key_mask: optional [B, L_k] bool, False for keys that do not exist (padded subjects);
+            a subject whose keys are all masked gets share 0.
 
     Returns:
         [B, N, L_q] shares (float32, or float64 for float64 inputs); they sum to 1 over N.
@@ -166,13 +176,19 @@ def ref_attention_share(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tau = None if temperature is None else _expand_temperature(temperature, b, h, lq)
     k_ref, member = _gather_refs(k, ranges)
+    keep = None
+    if key_mask is not None:
+        if key_mask.shape != (b, k.shape[2]):
+            raise ValueError(f"ref_attention_share: key_mask must be [B, L_k] = [{b}, {k.shape[2]}], got {tuple(key_mask.shape)}")
+        index = torch.cat([torch.arange(s, e, device=k.device) for s, e in ranges])
+        keep = key_mask.to(torch.bool).index_select(1, index)[:, None, None, :]
     if checkpointed is None:
         checkpointed = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or (tau is not None and tau.requires_grad))
     chunks = []
     for start in range(0, lq, chunk_size):
         end = min(start + chunk_size, lq)
         tau_c = None if tau is None else tau[:, :, start:end]
-        args = (q[:, :, start:end], k_ref, member, scale, tau_c)
+        args = (q[:, :, start:end], k_ref, member, scale, tau_c, keep)
         if checkpointed:
             chunks.append(checkpoint(_share_chunk, *args, use_reentrant=False))
         else:

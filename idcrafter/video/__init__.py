@@ -1,0 +1,1 @@
+"""Video branch: ID-Crafter on Wan 2.1."""

@@ -1,0 +1,246 @@
+"""Hierarchical identity-preserving attention (ID-Crafter, DESIGN 4).
+
+1. intra-subject:        F_k <- F_k + SelfAttn(norm(F_k)), each subject on its own
+2. gated inter-subject:  F_k <- F_k + (W_g F_k) * CrossAttn(Q = F_k, KV = {F_j, j != k})
+3. cross-modal:          Z   <- Z + CrossAttn(Q = norm(Z), KV = [F_1..F_N ; VLM tokens])
+
+Stages 1-2 form the `SubjectTower`: K layers that run once per generation and yield F^l for
+every DiT layer l < K. Stage 3 (`CrossModalAttention`) sits beside the stock text
+cross-attention `attn2` of block l, through `SubjectCrossAttnProcessor`, reading F^l's keys and
+values from a `SubjectStream` computed once. The output projections of stages 1 and 3 and the
+gate W_g of stage 2 start at zero, so with any subjects the model equals the base model at step 0. Every kernel call goes through
+`idcrafter.core.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from idcrafter.core.attention import attention, ref_attention_share
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*D] -> [B, H, L, D]."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B, L, H*D]."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention where `keep` [B, L_q | 1, L_k] says which keys each query may see.
+
+    Returns (out [B, H, L_q, D], has_key [B, L_q|1, 1] or None). A query that may see no key (a
+    subject with no other subject, a sample with no subjects) would get the NaN of an all-masked
+    softmax; it attends to everything instead and the caller multiplies its final output
+    (after the output projection and its bias) by `has_key`, so "no key" means "no contribution".
+    """
+    if keep is None:
+        return attention(q, k, v), None
+    has_key = keep.any(dim=-1)  # [B, L_q|1]
+    safe = keep | ~has_key[..., None]
+    return attention(q, k, v, attn_mask=safe[:, None]), has_key[..., None]
+
+
+def _zero_where_no_key(x: torch.Tensor, has_key: torch.Tensor | None) -> torch.Tensor:
+    return x if has_key is None else x * has_key.to(x.dtype)
+
+
+class _Attention(nn.Module):
+    """Projections + per-head RMS QK-norm (as Wan's `rms_norm_across_heads`), zero-initialised output."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6, zero_out: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.to_out = nn.Linear(dim, dim)
+        if zero_out:
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.to_out.bias)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return _split_heads(self.norm_q(self.to_q(x)), self.heads)
+
+    def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split_heads(self.norm_k(self.to_k(x)), self.heads), _split_heads(self.to_v(x), self.heads)
+
+
+class SubjectTowerLayer(nn.Module):
+    """Stages 1-2 on subject tokens F [B, N, T, D] with subject_mask [B, N] (False = padding)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_intra = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.intra_subject_attn = _Attention(dim, heads)
+        self.norm_inter = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        # The gate W_g starts at zero, which alone makes stage 2 contribute nothing at step 0. Its
+        # attention keeps a live output projection: with both zero, each one's gradient is a
+        # multiple of the other and neither could ever move.
+        self.inter_subject_attn = _Attention(dim, heads, zero_out=False)
+        self.inter_subject_gate = nn.Linear(dim, dim)  # W_g
+        nn.init.zeros_(self.inter_subject_gate.weight)
+        nn.init.zeros_(self.inter_subject_gate.bias)
+
+    def forward(self, feats: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+        b, n, t, d = feats.shape
+        # 1. intra-subject: each subject attends to its own tokens only.
+        x = self.norm_intra(feats).flatten(0, 1)  # [B*N, T, D]
+        attn = self.intra_subject_attn
+        out = attention(attn.query(x), *attn.key_value(x))
+        feats = feats + attn.to_out(_merge_heads(out)).unflatten(0, (b, n))
+        # 2. gated inter-subject: subject k reads the other (existing) subjects' tokens.
+        x = self.norm_inter(feats).flatten(1, 2)  # [B, N*T, D]
+        attn = self.inter_subject_attn
+        owner = torch.arange(n, device=feats.device).repeat_interleave(t)  # [N*T]
+        other = owner[:, None] != owner[None, :]  # [N*T, N*T]
+        keep = other[None] & subject_mask.repeat_interleave(t, dim=1)[:, None, :]  # [B, N*T, N*T]
+        out, has_key = masked_attention(attn.query(x), *attn.key_value(x), keep)
+        cross = _zero_where_no_key(attn.to_out(_merge_heads(out)), has_key).unflatten(1, (n, t))
+        return feats + self.inter_subject_gate(feats) * cross
+
+
+class SubjectTower(nn.Module):
+    """K tower layers: tokens [B, N, T, D] -> [F^0, ..., F^{K-1}], each [B, N, T, D]."""
+
+    def __init__(self, dim: int, heads: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([SubjectTowerLayer(dim, heads) for _ in range(num_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, feats: torch.Tensor, subject_mask: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                feats = checkpoint(layer, feats, subject_mask, use_reentrant=False)
+            else:
+                feats = layer(feats, subject_mask)
+            outs.append(feats)
+        return outs
+
+
+@dataclass
+class LayerKV:
+    """Stage-3 keys/values of one DiT layer: k, v [B, H, L_kv, Dh]; keep [B, L_kv] (None = all)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor | None
+
+
+@dataclass
+class SubjectStream:
+    """Everything the video tokens read from the subjects, computed once per generation.
+
+    kv[l] are the stage-3 keys/values of DiT layer l; the key sequence is [F_1..F_N ; VLM], so
+    subject k owns keys `ref_ranges[k]`.
+    """
+
+    kv: list[LayerKV]
+    ref_ranges: list[tuple[int, int]]
+    subject_mask: torch.Tensor  # [B, N]
+    captures: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.subject_mask.shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> SubjectStream:
+        """The stream for a subset / reordering / repetition of the batch (guidance passes)."""
+        index = torch.as_tensor(index, device=self.subject_mask.device)
+        kv = [
+            LayerKV(
+                layer.k.index_select(0, index),
+                layer.v.index_select(0, index),
+                None if layer.keep is None else layer.keep.index_select(0, index),
+            )
+            for layer in self.kv
+        ]
+        return SubjectStream(kv, self.ref_ranges, self.subject_mask.index_select(0, index), self.captures)
+
+
+    def drop_rows(self, rows: torch.Tensor) -> SubjectStream:
+        """Same stream with rows (bool [B]) that see no subject and no VLM token (guidance's null rows)."""
+        rows = rows.to(self.subject_mask.device).bool()
+        kv = []
+        for layer in self.kv:
+            keep = layer.keep if layer.keep is not None else torch.ones(layer.k.shape[0], layer.k.shape[2], dtype=torch.bool, device=layer.k.device)
+            kv.append(LayerKV(layer.k, layer.v, keep & ~rows[:, None]))
+        return SubjectStream(kv, self.ref_ranges, self.subject_mask & ~rows[:, None], self.captures)
+
+
+class CrossModalAttention(_Attention):
+    """Stage 3: video tokens Z [B, L, D] (normed, as fed to attn2) attend to [F^l ; VLM]."""
+
+    def kv(self, feats: torch.Tensor, subject_mask: torch.Tensor, vlm: torch.Tensor | None, vlm_mask: torch.Tensor | None) -> LayerKV:
+        """feats [B, N, T, D], subject_mask [B, N], vlm [B, L_v, D] | None, vlm_mask [B, L_v] | None."""
+        b, n, t, _ = feats.shape
+        tokens = feats.flatten(1, 2)
+        keep = subject_mask.repeat_interleave(t, dim=1)
+        if vlm is not None:
+            tokens = torch.cat([tokens, vlm.to(tokens.dtype)], dim=1)
+            vm = torch.ones(vlm.shape[:2], dtype=torch.bool, device=vlm.device) if vlm_mask is None else vlm_mask.bool()
+            keep = torch.cat([keep, vm], dim=1)
+        k, v = self.key_value(tokens)
+        return LayerKV(k, v, None if bool(keep.all()) else keep)
+
+    def forward(self, hidden_states: torch.Tensor, kv: LayerKV, ref_ranges=None, capture: dict | None = None, name: str = "") -> torch.Tensor:
+        q = self.query(hidden_states)
+        keep = None if kv.keep is None else kv.keep[:, None, :]
+        out, has_key = masked_attention(q, kv.k, kv.v, keep)
+        if capture is not None and ref_ranges:
+            capture[name] = ref_attention_share(q, kv.k, ref_ranges, key_mask=kv.keep)
+        return _zero_where_no_key(self.to_out(_merge_heads(out)), has_key)
+
+
+class SubjectCrossAttnProcessor:
+    """Processor for a Wan block's `attn2`: stock text cross-attention plus stage 3.
+
+    It receives a `SubjectContext` in place of `encoder_hidden_states` (see
+    `IDCrafterTransformer`); with a plain tensor it is exactly the stock processor. Not an
+    nn.Module on purpose: the stage-3 weights live in the adapter, so the base model's
+    state dict keeps its stock names.
+    """
+
+    def __init__(self, stock, stage3: CrossModalAttention | None, layer: int):
+        self.stock = stock
+        self.stage3 = stage3
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        ctx = encoder_hidden_states
+        if not isinstance(ctx, SubjectContext):
+            return self.stock(attn, hidden_states, ctx, attention_mask, rotary_emb)
+        out = self.stock(attn, hidden_states, ctx.text, attention_mask, rotary_emb)
+        if self.stage3 is None or ctx.stream is None:
+            return out
+        stream = ctx.stream
+        capture = stream.captures
+        name = f"blocks.{self.layer}.stage3"
+        extra = self.stage3(hidden_states, stream.kv[self.layer], stream.ref_ranges, capture, name)
+        return out + extra.to(out.dtype)
+
+
+@dataclass
+class SubjectContext:
+    """Travels through the stock Wan forward in place of the projected text states.
+
+    Passing it as an argument (not as module state) keeps activation checkpointing exact: a
+    block recomputed in backward sees the same subject stream as in forward.
+    """
+
+    text: torch.Tensor
+    stream: SubjectStream | None

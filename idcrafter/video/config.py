@@ -1,0 +1,122 @@
+"""ID-Crafter configuration: a dataclass with named presets (`tiny`, `wan-1.3b`, `wan-14b`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# WanTransformer3DModel configs of the released checkpoints (diffusers layout), and a tiny one.
+WAN_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+    ),
+    "wan-1.3b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+    "wan-14b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+}
+
+
+@dataclass
+class IDCrafterConfig:
+    """What ID-Crafter adds to a Wan transformer, and its sampling defaults.
+
+    Args:
+        num_blocks: K, the number of leading DiT blocks with hierarchical identity attention
+            (clipped to the depth of the base model).
+        max_subjects: subject-index embeddings available; more references are refused.
+        use_vlm: add the VLM connector and feed VLM tokens to the cross-modal attention.
+        vlm_dim: hidden size of the VLM states (Qwen2.5-VL-7B: 3584); required with use_vlm.
+        latent_channels: channels of the VAE latents the subject encoder reads.
+        subject_patch: patch size of the subject encoder's patch embedding (2x2).
+        guidance_image, guidance_text: s_img and s_txt of the three-pass guidance.
+        num_inference_steps, flow_shift: Euler steps and the flow-matching shift (3.0 at 480p).
+        height, width, num_frames, fps: default output size and frame rate.
+        text_length: tokens of the text encoder input (UMT5: 512).
+        preset: the name this config came from (informational).
+        wan: WanTransformer3DModel config used when a base model is built from scratch.
+    """
+
+    num_blocks: int = 20
+    max_subjects: int = 3
+    use_vlm: bool = False
+    vlm_dim: int | None = None
+    latent_channels: int = 16
+    subject_patch: int = 2
+    guidance_image: float = 2.5
+    guidance_text: float = 2.5
+    num_inference_steps: int = 50
+    flow_shift: float = 3.0
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+    text_length: int = 512
+    preset: str = "custom"
+    wan: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError(f"IDCrafterConfig: num_blocks must be >= 1, got {self.num_blocks}")
+        if self.max_subjects < 1:
+            raise ValueError(f"IDCrafterConfig: max_subjects must be >= 1, got {self.max_subjects}")
+        if self.use_vlm and not self.vlm_dim:
+            raise ValueError("IDCrafterConfig: use_vlm needs vlm_dim (the VLM hidden size)")
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"IDCrafterConfig: num_frames must be 4n+1, got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"IDCrafterConfig: height and width must be multiples of 16, got {self.height}x{self.width}")
+        if isinstance(self.wan.get("patch_size"), list):
+            self.wan["patch_size"] = tuple(self.wan["patch_size"])
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> IDCrafterConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if "patch_size" in data["wan"]:
+            data["wan"]["patch_size"] = list(data["wan"]["patch_size"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IDCrafterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"IDCrafterConfig: unknown keys {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> IDCrafterConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the built-in default model: 3 blocks of width 32, 64x64 (8x8 latents), 9 frames.
+    "tiny": dict(
+        num_blocks=2, max_subjects=3, num_inference_steps=4, height=64, width=64, num_frames=9,
+        fps=8, text_length=64, flow_shift=3.0, preset="tiny", wan=WAN_CONFIGS["tiny"],
+    ),
+    # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.
+    "wan-1.3b": dict(num_blocks=20, vlm_dim=3584, preset="wan-1.3b", wan=WAN_CONFIGS["wan-1.3b"]),
+    "wan-14b": dict(num_blocks=20, vlm_dim=3584, preset="wan-14b", wan=WAN_CONFIGS["wan-14b"]),
+}

@@ -1,0 +1,344 @@
+"""IDCrafterPipeline: text + reference images -> video on Wan 2.1 with ID-Crafter.
+
+Flow-matching Euler sampling with the Wan shift and three-pass guidance (DESIGN 4):
+
+    v = v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
+
+v_uncond sees neither subjects nor the prompt (the negative prompt stands in for text), v_ref sees
+the subjects only, v_ref_txt both. The subject stream (stages 1-2 and stage-3 keys/values) and the
+text/VLM conditioning are computed once per call and reused by every step and pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from PIL import Image
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from idcrafter.utils.io import atomic_write_dir
+from idcrafter.video.attention import SubjectStream
+from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.media import fit_on_canvas, image_to_tensor, load_image, read_video
+from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
+
+ADAPTER_SUBFOLDER = "idcrafter_adapter"
+
+
+@dataclass
+class IDCrafterPipelineOutput(BaseOutput):
+    """frames: np.ndarray [B, F, H, W, 3] in [0, 1] ("np"), list of lists of PIL ("pil"), or latents."""
+
+    frames: np.ndarray | list | torch.Tensor
+
+
+class IDCrafterPipeline(DiffusionPipeline):
+    """Wan 2.1 text-to-video with multi-subject references (ID-Crafter).
+
+    Components: `tokenizer`, `text_encoder` (UMT5), `vae` (AutoencoderKLWan), `transformer`
+    (`IDCrafterTransformer`), `scheduler` (FlowMatchEulerDiscreteScheduler), and optionally
+    `vlm` (`idcrafter.video.vlm.VLMSemanticEncoder`, used when the adapter has a VLM connector).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vlm"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer: IDCrafterTransformer, scheduler, vlm=None):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler, vlm=vlm
+        )
+        self.vae_scale_spatial = 2 ** len(vae.config.temperal_downsample)
+        self.vae_scale_temporal = 2 ** sum(vae.config.temperal_downsample)
+        self.offload = False
+
+    # ------------------------------------------------------------------ construction
+    @property
+    def config_idc(self) -> IDCrafterConfig:
+        return self.transformer.config
+
+    @classmethod
+    def from_components(cls, components: dict, vlm=None) -> IDCrafterPipeline:
+        return cls(vlm=vlm, **components)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        adapter: str | Path | None = None,
+        torch_dtype: torch.dtype | None = None,
+        vlm: str | Path | None = None,
+        **_: object,
+    ) -> IDCrafterPipeline:
+        """Load a base Wan diffusers folder (tokenizer, text_encoder, vae, transformer) + our adapter.
+
+        `adapter` defaults to `base/idcrafter_adapter` when that exists; without any adapter the
+        ID-Crafter modules are freshly initialised (zero contribution: the base model).
+        """
+        base = Path(base)
+        if not (base / "transformer").is_dir():
+            raise FileNotFoundError(f"{base} is not a Wan diffusers folder (no transformer/ subfolder)")
+        if adapter is None and (base / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
+            adapter = base / ADAPTER_SUBFOLDER
+        transformer = IDCrafterTransformer.from_pretrained(base, adapter, torch_dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+        text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype)
+        vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=torch.float32)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=transformer.config.flow_shift)
+        vlm_encoder = None
+        if vlm is not None:
+            from idcrafter.video.vlm import VLMSemanticEncoder
+
+            vlm_encoder = VLMSemanticEncoder.from_pretrained(vlm, dtype=torch_dtype)
+        return cls(tokenizer, text_encoder.eval(), vae.eval(), transformer.eval(), scheduler, vlm=vlm_encoder)
+
+    def save_pretrained(self, folder: str | Path, **_: object) -> Path:
+        """Write a stock Wan diffusers folder (loadable by diffusers' WanPipeline) + `idcrafter_adapter/`."""
+        folder = Path(folder)
+        with atomic_write_dir(folder) as tmp:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            self.vae.save_pretrained(tmp / "vae")
+            self.transformer.wan.save_pretrained(tmp / "transformer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            index = {
+                "_class_name": "WanPipeline",
+                "_diffusers_version": __import__("diffusers").__version__,
+                "tokenizer": ["transformers", type(self.tokenizer).__name__],
+                "text_encoder": ["transformers", "UMT5EncoderModel"],
+                "vae": ["diffusers", "AutoencoderKLWan"],
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
+        return folder
+
+    def enable_cpu_offload(self, enabled: bool = True) -> None:
+        """Keep components on the CPU and move each to the accelerator only while it runs.
+
+        Works without accelerate hooks; diffusers' `enable_model_cpu_offload` is also available.
+        """
+        self.offload = enabled
+
+    @contextlib.contextmanager
+    def _on(self, module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+        if not self.offload or device.type == "cpu":
+            yield module
+            return
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """UMT5 states [B, L, text_dim], zero past each prompt's length (as WanPipeline does)."""
+        length = self.config_idc.text_length
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+            return_attention_mask=True, return_tensors="pt",
+        )
+        with self._on(self.text_encoder, device) as encoder:
+            enc_device = next(encoder.parameters()).device
+            states = encoder(tokens.input_ids.to(enc_device), tokens.attention_mask.to(enc_device)).last_hidden_state
+        mask = tokens.attention_mask.to(states.device, states.dtype)[..., None]
+        return (states * mask).to(device=device, dtype=self.transformer.dtype)
+
+    def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.vae.config
+        mean = torch.tensor(c.latents_mean, device=device).view(1, c.z_dim, 1, 1, 1)
+        std = torch.tensor(c.latents_std, device=device).view(1, c.z_dim, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, F', H/8, W/8] (posterior mode)."""
+        with self._on(self.vae, device) as vae:
+            vae_device = next(vae.parameters()).device
+            latents = vae.encode(video.to(vae_device, vae.dtype)).latent_dist.mode()
+        mean, std = self._latent_stats(latents.device)
+        return ((latents - mean) / std).to(device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Normalised latents -> pixels [B, F, H, W, 3] in [0, 1]."""
+        mean, std = self._latent_stats(latents.device)
+        with self._on(self.vae, device) as vae:
+            vae_device = next(vae.parameters()).device
+            video = vae.decode((latents * std + mean).to(vae_device, vae.dtype)).sample
+        return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
+
+    def prepare_references(self, refs: Sequence, height: int, width: int) -> tuple[torch.Tensor, list[Image.Image]]:
+        """Paths or PIL images -> pixel tensor [N, 3, 1, H, W] in [-1, 1] (fitted on white)."""
+        images = [load_image(r) if isinstance(r, (str, Path)) else r for r in refs]
+        fitted = [fit_on_canvas(img, height, width) for img in images]
+        return torch.stack([image_to_tensor(img) for img in fitted])[:, :, None], images
+
+    @torch.no_grad()
+    def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
+        """References (+ VLM states of prompt and references) -> the subject stream, once per call."""
+        pixels, images = self.prepare_references(refs, height, width)
+        latents = self.encode_video(pixels, device)  # [N, C, 1, h, w]
+        vlm_states = vlm_mask = None
+        if self.vlm is not None and self.transformer.adapter.vlm_connector is not None:
+            out = self.vlm.encode([prompt], [images])
+            vlm_states, vlm_mask = out.states.to(device), out.mask.to(device)
+        with self._on(self.transformer, device) as transformer:
+            return transformer.encode_subjects(latents[None].to(transformer.dtype), None, vlm_states, vlm_mask)
+
+    # ------------------------------------------------------------------ sampling
+    def check_inputs(self, prompt: str, refs: Sequence, height: int, width: int, num_frames: int, strength: float) -> None:
+        cfg = self.config_idc
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt is empty")
+        if len(refs) > cfg.max_subjects:
+            raise ValueError(f"{len(refs)} reference images, this model supports at most {cfg.max_subjects}")
+        if height % 16 or width % 16 or height <= 0 or width <= 0:
+            raise ValueError(f"size {height}x{width}: height and width must be positive multiples of 16")
+        if num_frames < 1 or (num_frames - 1) % self.vae_scale_temporal:
+            raise ValueError(f"num_frames {num_frames} must be {self.vae_scale_temporal}n+1")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength {strength} must be in (0, 1]")
+
+    def _velocity(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        negative: torch.Tensor,
+        stream: SubjectStream | None,
+        s_img: float,
+        s_txt: float,
+        batched: bool,
+    ) -> torch.Tensor:
+        """The three-pass guided velocity for latents [1, C, F, h, w]."""
+        model = self.transformer
+        timestep = t.expand(latents.shape[0]).to(latents.device)
+        if stream is None:  # no references: ordinary classifier-free guidance on the text
+            if s_txt == 1.0:
+                return model(latents, timestep, text, return_dict=False)[0]
+            pair = model(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]), return_dict=False)[0]
+            v_neg, v_txt = pair.chunk(2)
+            return v_neg + s_txt * (v_txt - v_neg)
+        if s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
+            return model(latents, timestep, text, return_dict=False, subject_stream=stream)[0]
+        if batched:
+            three = stream.select([0, 0, 0]).drop_rows(torch.tensor([True, False, False]))
+            v = model(
+                latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
+                return_dict=False, subject_stream=three,
+            )[0]
+            v_uncond, v_ref, v_ref_txt = v.chunk(3)
+        else:
+            v_uncond = model(latents, timestep, negative, return_dict=False)[0]
+            v_ref = model(latents, timestep, negative, return_dict=False, subject_stream=stream)[0]
+            v_ref_txt = model(latents, timestep, text, return_dict=False, subject_stream=stream)[0]
+        return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        refs: Sequence = (),
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_image: float | None = None,
+        guidance_text: float | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        video: str | Path | np.ndarray | None = None,
+        strength: float = 1.0,
+        batched_guidance: bool = True,
+        subject_stream: SubjectStream | None = None,
+        recompute_subjects_each_step: bool = False,
+        output_type: str = "np",
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+        device: torch.device | str | None = None,
+    ) -> IDCrafterPipelineOutput:
+        """Generate one video.
+
+        Args:
+            prompt: text prompt; negative_prompt: text of the unconditional passes.
+            refs: reference images (paths or PIL), one per subject.
+            height, width, num_frames: output size (multiples of 16; 4n+1 frames).
+            num_inference_steps, guidance_image, guidance_text: default to the model config.
+            generator / seed: the initial noise (seed builds a CPU generator).
+            video, strength: editing mode: the input video (path or uint8 [F, H, W, 3]) is noised
+                to `strength` (1.0 = pure noise) and denoised with the new subjects / prompt.
+            batched_guidance: run the three passes as one batch of 3 (faster) or one by one
+                (less memory); the results are the same.
+            subject_stream: a precomputed stream (skips encoding the references).
+            recompute_subjects_each_step: re-encode the subjects at every step (benchmarks and
+                tests only; the result is identical, only slower).
+            output_type: "np", "pil" or "latent".
+        """
+        cfg = self.config_idc
+        height, width = height or cfg.height, width or cfg.width
+        num_frames = num_frames or cfg.num_frames
+        steps = num_inference_steps or cfg.num_inference_steps
+        s_img = cfg.guidance_image if guidance_image is None else guidance_image
+        s_txt = cfg.guidance_text if guidance_text is None else guidance_text
+        self.check_inputs(prompt, refs, height, width, num_frames, strength)
+        device = torch.device(device) if device is not None else self.transformer.device
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+
+        text = self.encode_prompt([prompt], device)
+        negative = self.encode_prompt([negative_prompt], device)
+        stream = subject_stream
+        if stream is None and len(refs) > 0:
+            stream = self.encode_subjects(refs, prompt, height, width, device)
+
+        latent_shape = (
+            1, self.vae.config.z_dim, (num_frames - 1) // self.vae_scale_temporal + 1,
+            height // self.vae_scale_spatial, width // self.vae_scale_spatial,
+        )
+        noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
+        self.scheduler.set_timesteps(steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if video is not None:
+            # Editing: start from the input video noised to `strength`.
+            frames = read_video(video, num_frames) if isinstance(video, (str, Path)) else np.asarray(video)[:num_frames]
+            if len(frames) < num_frames:
+                raise ValueError(f"input video has {len(frames)} frames, {num_frames} needed")
+            pixels = torch.stack([image_to_tensor(fit_on_canvas(Image.fromarray(f), height, width)) for f in frames], dim=1)
+            clean = self.encode_video(pixels[None], device).float()
+            start = min(int(round(steps * (1 - strength))), steps - 1)
+            timesteps = timesteps[start:]
+            self.scheduler.set_begin_index(start)
+            latents = self.scheduler.scale_noise(clean, timesteps[:1], noise)
+        else:
+            self.scheduler.set_begin_index(0)
+            latents = noise
+
+        with self._on(self.transformer, device) as transformer:
+            dtype = transformer.dtype
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                if recompute_subjects_each_step and len(refs) > 0:
+                    stream = self.encode_subjects(refs, prompt, height, width, device)
+                v = self._velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, batched_guidance)
+                latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
+                if callback is not None:
+                    callback(i, latents)
+
+        if output_type == "latent":
+            return IDCrafterPipelineOutput(frames=latents)
+        frames = self.decode_latents(latents, device).numpy()
+        if output_type == "pil":
+            frames = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in video_frames] for video_frames in frames]
+        return IDCrafterPipelineOutput(frames=frames)

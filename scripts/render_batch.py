@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Render many videos from a JSONL job file, resumably, across processes, GPUs and nodes.
+
+    python scripts/render_batch.py --jobs jobs.jsonl --out DIR [--model WAN_DIR --adapter ADAPTER]
+    torchrun --nproc_per_node 8 scripts/render_batch.py --jobs jobs.jsonl --out DIR ...
+    deepspeed --num_gpus 8 scripts/render_batch.py --jobs jobs.jsonl --out DIR ...
+
+One job per line: {"prompt", "refs": [paths relative to the job file], "output": "name.mp4",
+"seed"?, "size"?: "HxW", "frames"?, "negative_prompt"?, "steps"?, "guidance_image"?,
+"guidance_text"?}. Each rank (RANK / WORLD_SIZE from the launcher) renders its own share;
+finished outputs are skipped on a rerun; every output is written under a temporary name and
+renamed when complete. Bad lines are reported with their line numbers in DIR/summary.json and
+the other jobs still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from idcrafter.utils.cli import InputError, fail  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", required=True, help="JSONL job file")
+    p.add_argument("--out", required=True, help="output root; outputs may not escape it")
+    p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
+    p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder")
+    p.add_argument("--preset", default="tiny", help="config preset without an adapter config")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    args = p.parse_args(argv)
+
+    from idcrafter.render import local_rank as get_local_rank
+    from idcrafter.render import merge_summaries, parse_jobs, rank_and_world, render_batch
+
+    try:
+        rank, world = rank_and_world()
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jobs, errors = parse_jobs(args.jobs, out_root=out_dir)
+        if not jobs and not errors:
+            return fail(f"--jobs {args.jobs}: no jobs in the file")
+        import torch
+
+        from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config
+
+        device = args.device or (f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu")
+        base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
+                                preset=args.preset, device=device, dtype=args.dtype)
+        config = model_config(base)
+        pipe = load_pipeline(base) if jobs else None
+    except InputError as err:
+        return fail(str(err))
+
+    from idcrafter.video.media import write_video
+
+    def render(job, tmp_path: Path) -> None:
+        if job.mode != "video":
+            raise InputError("image jobs need the image branch; this renderer runs the video model")
+        if len(job.refs) > config.max_subjects:
+            raise InputError(f"{len(job.refs)} references, this model supports at most {config.max_subjects}")
+        height, width = job.size or (config.height, config.width)
+        out = pipe(
+            job.prompt, [str(r) for r in job.refs], negative_prompt=job.negative_prompt or "",
+            height=height, width=width, num_frames=job.frames or config.num_frames,
+            num_inference_steps=job.steps, guidance_image=job.guidance_image, guidance_text=job.guidance_text,
+            generator=torch.Generator().manual_seed(job.seed), batched_guidance=not args.sequential_guidance,
+            device=device,
+        )
+        write_video(out.frames[0], tmp_path, fps=config.fps)
+
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+    summary = render_batch(jobs, out_dir, render, rank=rank, world_size=world, progress=not args.no_progress, errors=errors)
+    if world > 1 and _barrier():
+        # Every rank has written its summary: rank 0 merges them into DIR/summary.json.
+        if rank == 0:
+            summary = merge_summaries(out_dir, world)
+    if rank == 0:
+        print(f"done: {summary.counts()}")
+    return 0 if summary.ok else 1
+
+
+def _barrier() -> bool:
+    """Wait for all ranks when a launcher gave a rendezvous address (torchrun, deepspeed)."""
+    import os
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
