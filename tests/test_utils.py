@@ -93,3 +93,19 @@ def test_benchmark_bad_input_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["video-overhead", "video-step-cache"])
+def test_benchmark_video_cases(case, tmp_path):
+    out = tmp_path / "report.json"
+    proc = run_script("scripts/benchmark.py", case, "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    if case == "video-overhead":
+        assert set(results) == {f"{kind}/{row}" for kind in ("step", "train") for row in ("stock", "1_subjects", "2_subjects", "3_subjects")}
+        assert results["step/stock"]["time_ratio"] == 1.0
+        # More subjects never need less memory in training.
+        mem = [results[f"train/{n}_subjects"]["peak_mib"] for n in (1, 2, 3)]
+        assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
+    else:
+        assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
