@@ -1,7 +1,23 @@
-"""ID-Crafter on Wan 2.1: subject encoder, hierarchical identity attention, VLM encoder, pipeline."""
+"""ID-Crafter on Wan 2.1: subject encoder, hierarchical identity attention, VLM encoder, pipeline.
 
-from idcrafter.video.config import PRESETS, IDCrafterConfig
-from idcrafter.video.pipeline import IDCrafterPipeline, IDCrafterPipelineOutput
-from idcrafter.video.transformer import IDCrafterTransformer
+Exports load on first use, so light modules such as `idcrafter.video.media` or
+`idcrafter.video.config` import without pulling in diffusers.
+"""
 
-__all__ = ["PRESETS", "IDCrafterConfig", "IDCrafterPipeline", "IDCrafterPipelineOutput", "IDCrafterTransformer"]
+from importlib import import_module
+
+_EXPORTS = {
+    "PRESETS": "idcrafter.video.config",
+    "IDCrafterConfig": "idcrafter.video.config",
+    "IDCrafterPipeline": "idcrafter.video.pipeline",
+    "IDCrafterPipelineOutput": "idcrafter.video.pipeline",
+    "IDCrafterTransformer": "idcrafter.video.transformer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'idcrafter.video' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -107,7 +107,8 @@ class IDCrafterPipeline(DiffusionPipeline):
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
             self.vae.save_pretrained(tmp / "vae")
-            self.transformer.wan.save_pretrained(tmp / "transformer")
+            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
+            self._save_base_transformer(tmp / "transformer", tmp / ADAPTER_SUBFOLDER)
             self.scheduler.save_pretrained(tmp / "scheduler")
             index = {
                 "_class_name": "WanPipeline",
@@ -119,8 +120,21 @@ class IDCrafterPipeline(DiffusionPipeline):
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
         return folder
+
+    def _save_base_transformer(self, folder: Path, adapter: Path) -> None:
+        """Stock weights only: LoRA layers are taken out for the save and put back from the adapter."""
+        wan = self.transformer.wan
+        if self.transformer.lora_config is None:
+            wan.save_pretrained(folder)
+            return
+        from idcrafter.core.moe_lora import load_moe_lora, remove_moe_lora
+
+        remove_moe_lora(wan)
+        try:
+            wan.save_pretrained(folder)
+        finally:
+            load_moe_lora(wan, adapter / "lora")
 
     def enable_cpu_offload(self, enabled: bool = True) -> None:
         """Keep components on the CPU and move each to the accelerator only while it runs.

@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from idcrafter.core.moe_lora import MoELoRAConfig, inject_moe_lora, load_moe_lora, save_moe_lora
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
@@ -36,6 +37,13 @@ from idcrafter.video.vlm import VLMConnector
 
 ADAPTER_WEIGHTS = "idcrafter_adapter.safetensors"
 ADAPTER_CONFIG = "idcrafter_config.json"
+LORA_SUBFOLDER = "lora"
+# Linear layers of every Wan block that the `new-modules+lora` policy adapts.
+WAN_LORA_TARGETS = (
+    r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)",
+    r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)",
+    r"blocks\.\d+\.ffn\.net\.(0\.proj|2)",
+)
 
 
 class IDCrafterAdapter(nn.Module):
@@ -77,6 +85,7 @@ class IDCrafterTransformer(nn.Module):
         for layer, block in enumerate(wan.blocks):
             stage3 = self.adapter.cross_modal_attn[layer] if layer < self.num_blocks else None
             block.attn2.set_processor(SubjectCrossAttnProcessor(WanAttnProcessor(), stage3, layer))
+        self.lora_config: MoELoRAConfig | None = None
         self._pending: SubjectStream | None = None
         self._active = False
         wan.condition_embedder.register_forward_hook(self._attach_subjects)
@@ -94,6 +103,32 @@ class IDCrafterTransformer(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         return cls(WanTransformer3DModel(**config.wan), config)
+
+    def add_lora(self, rank: int = 64, alpha: float | None = None, targets=WAN_LORA_TARGETS) -> list[str]:
+        """Plain LoRA (B = 0 at first) on the base blocks' attention and FFN projections."""
+        self.lora_config = MoELoRAConfig(rank=rank, alpha=alpha or float(rank), num_experts=1, target_modules=tuple(targets))
+        names = inject_moe_lora(self.wan, self.lora_config)
+        for module in self.wan.modules():  # new layers follow the base model's device and dtype
+            if hasattr(module, "lora_A"):
+                module.to(device=self.device, dtype=self.dtype)
+        return names
+
+    def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
+        """Set requires_grad for a policy and return the trainable parameters.
+
+        new-modules: the adapter only; new-modules+lora: adapter + LoRA (call add_lora first);
+        full: adapter + every base weight.
+        """
+        if policy not in ("new-modules", "new-modules+lora", "full"):
+            raise ValueError(f"unknown trainable policy {policy!r}; use new-modules, new-modules+lora or full")
+        if policy == "new-modules+lora" and self.lora_config is None:
+            raise ValueError("policy new-modules+lora needs add_lora() first")
+        self.wan.requires_grad_(policy == "full")
+        if policy == "new-modules+lora":
+            for name, p in self.wan.named_parameters():
+                p.requires_grad_("lora_" in name)
+        self.adapter.requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,6 +245,8 @@ class IDCrafterTransformer(nn.Module):
             save_file({k: v.cpu() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             meta = {"config": self.config.to_dict(), "base": self._base_signature(), "num_blocks": self.num_blocks}
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+            if self.lora_config is not None:
+                save_moe_lora(self.wan, tmp / LORA_SUBFOLDER, self.lora_config)
         return folder
 
     @staticmethod
@@ -245,6 +282,8 @@ class IDCrafterTransformer(nn.Module):
                     f"adapter {folder}: {key} has shape {list(tensor.shape)} in the file but {list(expected[key].shape)} in the model"
                 )
         self.adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+        if (folder / LORA_SUBFOLDER).is_dir():
+            self.lora_config = load_moe_lora(self.wan, folder / LORA_SUBFOLDER)
 
     @classmethod
     def from_pretrained(cls, base: str | Path, adapter: str | Path | None = None, subfolder: str | None = "transformer", torch_dtype=None) -> IDCrafterTransformer:

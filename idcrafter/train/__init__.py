@@ -1,0 +1,1 @@
+"""Training on DeepSpeed: config filling, the SFT trainer, checkpoints, export, EMA, logging."""

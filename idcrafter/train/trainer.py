@@ -1,0 +1,323 @@
+"""The SFT trainer on DeepSpeed, for any model behind a `TrainingSpec`.
+
+The trainer owns what every run shares (distributed set-up, the DeepSpeed engine, the data order,
+checkpoints, resume, EMA, logs, export); a spec owns what is model-specific (loading, the trainable
+set, data, conditioning, the loss, the exported files). `Trainer.run()` reads as the list of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from idcrafter.train.ds_config import prepare_ds_config, zero_stage
+from idcrafter.train.ema import ShardedEMA
+from idcrafter.train.metrics import MetricLog
+from idcrafter.utils.cli import InputError
+from idcrafter.utils.io import atomic_write
+from idcrafter.utils.logging import get_logger
+
+logger = get_logger("idcrafter.train")
+
+
+@dataclass
+class TrainArgs:
+    """Everything a run needs besides the model spec; each field is a command-line flag."""
+
+    output: str
+    deepspeed_config: str = "ds_configs/zero2.json"
+    max_steps: int = 1000
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    trainable: str = "new-modules"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    save_every: int = 500
+    keep_last: int = 2
+    resume: str | None = None
+    log_every: int = 10
+    progress: bool = True
+
+
+class TrainingSpec(Protocol):
+    """What a model brings to the trainer (see `idcrafter.video.training.VideoTrainingSpec`)."""
+
+    hidden_size: int
+
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def trainable_parameters(self, model: nn.Module, policy: str) -> list[nn.Parameter]: ...
+    def build_data(self, rank: int, world_size: int, seed: int, batch_size: int) -> tuple[Any, Any, Any]: ...
+    def prepare(self, batch: dict, device: torch.device) -> dict: ...
+    def loss(self, model: nn.Module, conditions: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
+    def export(self, model: nn.Module, folder: Path) -> None: ...
+    def describe(self) -> dict: ...
+
+
+def _mix_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class AllSamplesFailed(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, spec: TrainingSpec, args: TrainArgs):
+        self.spec = spec
+        self.args = args
+        self.output = Path(args.output)
+        self.ckpt_dir = self.output / "checkpoints"
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already consumed
+        self.skipped_batches = 0
+        self.ema: ShardedEMA | None = None
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        self.setup_distributed()
+        self.build_model()
+        self.build_data()
+        self.build_engine()
+        self.maybe_resume()
+        self.train()
+        return self.finish()
+
+    # ------------------------------------------------------------------ steps
+    def setup_distributed(self) -> None:
+        import deepspeed
+
+        self.on_cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_cuda else "gloo")
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}") if self.on_cuda else torch.device("cpu")
+        if self.on_cuda:
+            torch.cuda.set_device(self.device)
+        self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        torch.manual_seed(self.args.seed)  # identical initial adapter weights on every rank
+        self.log = MetricLog(self.output, enabled=self.rank == 0)
+
+    def build_model(self) -> None:
+        self.model = self.spec.build_model(self.device, self.dtype)
+        self.params = self.spec.trainable_parameters(self.model, self.args.trainable)
+        if not self.params:
+            raise ValueError(f"policy {self.args.trainable!r} leaves nothing to train")
+        if self.args.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        if self.rank == 0:
+            n = sum(p.numel() for p in self.params)
+            logger.info("trainable parameters: %.2fM (%s)", n / 1e6, self.args.trainable)
+
+    def build_data(self) -> None:
+        self.dataset, self.sampler, self.collate = self.spec.build_data(
+            self.rank, self.world_size, self.args.seed, self.args.batch_size
+        )
+        if len(self.sampler) == 0:
+            keys = self.dataset.bucket_ids() if hasattr(self.dataset, "bucket_ids") else []
+            unreadable = sum(k is None for k in keys)
+            if keys and unreadable == len(keys):
+                raise AllSamplesFailed(f"every sample failed to decode ({unreadable} of {len(keys)} unreadable)")
+            raise InputError(
+                f"the data gives no full batch for rank {self.rank}: {len(keys) - unreadable} usable samples for "
+                f"batch size {self.args.batch_size} x {self.world_size} ranks"
+            )
+
+    def build_engine(self) -> None:
+        import deepspeed
+
+        a = self.args
+        config = prepare_ds_config(
+            a.deepspeed_config, micro_batch=a.batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
+            bf16=self.dtype == torch.bfloat16, hidden_size=self.spec.hidden_size, lr=a.lr,
+            weight_decay=a.weight_decay, betas=a.betas, warmup_steps=a.warmup_steps, total_steps=a.max_steps,
+            on_cpu=not self.on_cuda,
+        )
+        self.ds_config = config
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.params, config=config)
+        if a.ema_decay:
+            self.ema = ShardedEMA(self.params, a.ema_decay)
+
+    def maybe_resume(self) -> None:
+        if not self.args.resume:
+            return
+        tag = self._latest_tag() if self.args.resume == "auto" else self.args.resume
+        if tag is None:
+            if self.rank == 0:
+                logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.ckpt_dir)
+            return
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"checkpoint {self.ckpt_dir / tag} could not be loaded")
+        self.step, self.epoch, self.position = client["step"], client["epoch"], client["position"]
+        self.skipped_batches = client.get("skipped_batches", 0)
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(self.ckpt_dir / tag / f"ema_rank{self.rank}.pt", weights_only=True))
+        self.log.load_previous()
+        if self.rank == 0:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", tag, self.step, self.epoch, self.position)
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        a = self.args
+        self.engine.train()
+        bar = tqdm(total=a.max_steps, initial=self.step, desc="train", disable=self.rank != 0 or not a.progress)
+        self._batches = self._batch_iterator()
+        started = time.perf_counter()
+        while self.step < a.max_steps:
+            metrics = self.train_step()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update()
+            if self.step % a.log_every == 0 or self.step == a.max_steps or self.step == 1:
+                self.log.log(self.step, **metrics, lr=self.engine.get_lr()[0])
+            if self.step % a.save_every == 0 or self.step == a.max_steps:
+                self.save()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.update(1)
+        bar.close()
+        self.elapsed = time.perf_counter() - started
+
+    def train_step(self) -> dict:
+        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step."""
+        totals: dict[str, float] = {}
+        for micro in range(self.args.grad_accum):
+            batch = next(self._batches)
+            conditions = self.spec.prepare(batch, self.device)
+            generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, micro, self.rank))
+            loss, metrics = self.spec.loss(self.engine, conditions, generator)
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / self.args.grad_accum
+        return self._mean_over_ranks(totals)
+
+    def save(self) -> None:
+        """DeepSpeed checkpoint (resume) + exported adapter (inference), then prune old ones."""
+        tag = f"step_{self.step:08d}"
+        client = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                  "skipped_batches": self.skipped_batches, "args": asdict(self.args)}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        if self.ema is not None:
+            with atomic_write(self.ckpt_dir / tag / f"ema_rank{self.rank}.pt") as tmp:
+                torch.save(self.ema.state_dict(), tmp)
+        self.export(self.output / "adapter")
+        self.dist.barrier()
+        if self.rank == 0:
+            self._prune()
+            self.log.plot()
+
+    def export(self, folder: Path) -> None:
+        """Gather the trainable weights from their ZeRO partitions; rank 0 writes the adapter."""
+        import deepspeed
+
+        def write():
+            params = self.params if zero_stage(self.ds_config) == 3 else []
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+                if self.rank == 0:
+                    self.spec.export(self.model, folder)
+
+        if self.ema is not None:
+            with self.ema.applied():
+                write()
+        else:
+            write()
+
+    def finish(self) -> dict:
+        # Every rank reads every header, so a bad sample may be known to several ranks: count the union.
+        failed = [None] * self.world_size
+        self.dist.all_gather_object(failed, sorted(getattr(self.dataset, "failures", {})))
+        self.failed_ids = sorted(set().union(*failed))
+        skipped = torch.tensor([float(self.skipped_batches)], dtype=torch.float64)
+        self.dist.all_reduce(skipped)
+        summary = {
+            "steps": self.step,
+            "elapsed_s": round(getattr(self, "elapsed", 0.0), 2),
+            "steps_per_s": round(self.step / max(getattr(self, "elapsed", 0.0), 1e-9), 4),
+            "failed_samples": len(self.failed_ids),
+            "failed_sample_ids": self.failed_ids[:100],
+            "skipped_batches": int(skipped.item()),
+            "world_size": self.world_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "final": {k: v[-1][1] for k, v in self.log.history.items()},
+            **self.spec.describe(),
+        }
+        if self.rank == 0:
+            self.log.plot()
+            with atomic_write(self.output / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
+            if summary["failed_samples"]:
+                logger.warning("%d samples failed to decode and were skipped", summary["failed_samples"])
+        self.log.close()
+        return summary
+
+    # ------------------------------------------------------------------ helpers
+    def _batch_iterator(self):
+        """Micro-batches in a fixed order from (seed, epoch, position), skipping undecodable ones.
+
+        A batch whose samples all failed is skipped (and counted) by the rank that drew it; the
+        ranks agree once per micro-batch whether someone went a whole epoch without a good
+        batch, so all stop together with a clear error instead of hanging in a collective.
+        """
+        from torch.utils.data import DataLoader
+
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.skip_batches = self.position
+            loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collate, num_workers=0)
+            misses = 0
+            for batch in loader:
+                self.position += 1
+                if batch is None:
+                    self.skipped_batches += 1
+                    misses += 1
+                    if misses < len(self.sampler):
+                        continue
+                ok = torch.tensor([0.0 if batch is None else 1.0])
+                self.dist.all_reduce(ok, op=self.dist.ReduceOp.MIN)
+                if ok.item() == 0:
+                    raise AllSamplesFailed(
+                        "every sample of a whole epoch failed to decode on at least one rank; check the data "
+                        "with `python -m idcrafter.data.validate` and the warnings above"
+                    )
+                misses = 0
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t)}
+
+    def _latest_tag(self) -> str | None:
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        return tag if (self.ckpt_dir / tag).is_dir() else None
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.args.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""ID-Crafter as a `TrainingSpec` for the generic DeepSpeed trainer (`idcrafter.train.trainer`).
+
+Loss (DESIGN 6): z_t = (1 - t) z_0 + t eps with logit-normal t and the Wan shift, target
+v = eps - z_0, L = mean ||v_theta - v||^2 + lambda * L_attn, where L_attn is the IDAR region loss
+on the stage-3 shares of the first K blocks, for samples that carry subject masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
+from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
+from idcrafter.utils.cli import InputError
+from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.transformer import IDCrafterTransformer
+
+
+@dataclass
+class VideoDataArgs:
+    data: str
+    num_frames: int | None = None
+    fps: int = 16
+    height: int | None = None
+    width: int | None = None
+    ref_size: tuple[int, int] | None = None
+    cache: str | None = None
+
+
+@dataclass
+class VideoModelArgs:
+    preset: str = "tiny"
+    base: str | None = None
+    adapter: str | None = None
+    lora_rank: int = 64
+    attn_loss_weight: float = 0.0
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    init_seed: int = 0
+
+
+class VideoTrainingSpec:
+    """Loading, data, conditioning and loss of ID-Crafter training."""
+
+    def __init__(self, model_args: VideoModelArgs, data_args: VideoDataArgs, policy: str = "new-modules"):
+        self.m = model_args
+        self.d = data_args
+        self.policy = policy
+        if model_args.adapter is not None:
+            self.config, _ = IDCrafterTransformer.read_adapter_config(model_args.adapter)
+        else:
+            self.config = IDCrafterConfig.from_preset(model_args.preset)
+        wan = self.config.wan
+        if model_args.base is not None:
+            import json
+
+            wan = json.loads((Path(model_args.base) / "transformer" / "config.json").read_text())
+        self.hidden_size = wan["num_attention_heads"] * wan["attention_head_dim"]
+        self.num_frames = data_args.num_frames or self.config.num_frames
+        self.height = data_args.height or self.config.height
+        self.width = data_args.width or self.config.width
+        self.ref_size = data_args.ref_size or (self.height, self.width)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> IDCrafterTransformer:
+        """Frozen VAE + text encoder (kept here) and the trainable IDCrafterTransformer (returned)."""
+        from idcrafter.video.pipeline import IDCrafterPipeline
+        from idcrafter.video.presets import build_components
+
+        if self.m.base is not None:
+            pipe = IDCrafterPipeline.from_pretrained(self.m.base, adapter=self.m.adapter, torch_dtype=dtype)
+        else:
+            pipe = IDCrafterPipeline.from_components(build_components(self.config, seed=self.m.init_seed))
+            if self.m.adapter is not None:
+                pipe.transformer.load_adapter(self.m.adapter)
+        model = pipe.transformer
+        if self.policy == "new-modules+lora" and model.lora_config is None:
+            model.add_lora(rank=self.m.lora_rank)
+        pipe.text_encoder.to(device).requires_grad_(False)
+        pipe.vae.to(device).requires_grad_(False)
+        model.to(device=device, dtype=dtype)
+        self.pipe = pipe  # the encoders live on; the transformer goes to DeepSpeed
+        self.device = device
+        return model
+
+    def trainable_parameters(self, model: IDCrafterTransformer, policy: str) -> list[nn.Parameter]:
+        return model.trainable_parameters(policy)
+
+    # ------------------------------------------------------------------ data
+    def build_data(self, rank: int, world_size: int, seed: int, batch_size: int):
+        from idcrafter.data.buckets import Bucket
+        from idcrafter.data.dataset import BucketBatchSampler, VideoDataset, collate
+        from idcrafter.data.manifest import load_manifest
+
+        samples, errors = load_manifest(self.d.data)
+        if errors:
+            first = errors[0]
+            raise InputError(
+                f"--data {self.d.data}: {len(errors)} bad lines (line {first.line}: {first.message}); "
+                f"run `python -m idcrafter.data.validate {self.d.data}`"
+            )
+        if not samples:
+            raise InputError(f"--data {self.d.data}: no samples")
+        cache = None
+        if self.d.cache:
+            from idcrafter.data.cache import FeatureCache
+
+            cache = FeatureCache(self.d.cache)
+        dataset = VideoDataset(
+            samples, num_frames=self.num_frames, fps=self.d.fps, buckets=[Bucket(self.height, self.width)],
+            ref_size=self.ref_size, max_subjects=self.config.max_subjects, cache=cache, seed=seed,
+        )
+        sampler = BucketBatchSampler(dataset, batch_size, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        self.dataset = dataset
+        return dataset, sampler, collate
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def prepare(self, batch: dict, device: torch.device) -> dict:
+        """Frozen encoders: latents [B, C, f, h, w], reference latents [B, N, C, 1, h', w'], text states."""
+        pipe = self.pipe
+        if "latents" in batch:
+            latents = batch["latents"].to(device)
+        else:
+            latents = pipe.encode_video(batch["video"].to(device), device)
+        if "ref_latents" in batch:
+            ref_latents = batch["ref_latents"].to(device)
+        else:
+            refs = batch["refs"]  # [B, N, 3, h, w]
+            b, n = refs.shape[:2]
+            ref_latents = pipe.encode_video(refs.flatten(0, 1)[:, :, None].to(device), device).unflatten(0, (b, n))
+        text = batch["text_states"].to(device) if "text_states" in batch else pipe.encode_prompt(batch["prompts"], device)
+        conditions = {"latents": latents, "ref_latents": ref_latents, "text": text,
+                      "subject_mask": batch["subject_mask"].to(device)}
+        if self.m.attn_loss_weight > 0 and batch.get("masks") is not None and bool(batch["has_masks"].any()):
+            f, h, w = latents.shape[2:]
+            p = pipe.transformer.wan.config.patch_size
+            grid = (f // p[0], h // p[1], w // p[2])
+            assignment = masks_to_token_assignment(batch["masks"].to(device), grid)
+            assignment[~batch["has_masks"].to(device)] = -1  # samples without masks take no IDAR loss
+            conditions["assignment"] = assignment
+        return conditions
+
+    def loss(self, model, conditions: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        z0 = conditions["latents"]
+        b = z0.shape[0]
+        t = sample_timesteps(b, generator, self.m.timestep_mean, self.m.timestep_std, self.config.flow_shift, z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0)
+        dtype = next(p for p in model.parameters()).dtype
+        capture = {} if "assignment" in conditions else None
+        pred = model(
+            add_noise(z0, noise, t).to(dtype), t * 1000, conditions["text"].to(dtype), return_dict=False,
+            subjects=conditions["ref_latents"].to(dtype), subject_mask=conditions["subject_mask"],
+            attention_capture=capture,
+        )[0]
+        loss = flow_loss(pred, flow_target(z0, noise))
+        metrics = {"loss_flow": loss.detach()}
+        if capture:
+            l_attn, leak = idar_loss(list(capture.values()), conditions["assignment"])
+            metrics.update(loss_attn=l_attn.detach(), leakage=leak)
+            loss = loss + self.m.attn_loss_weight * l_attn
+        return loss, metrics
+
+    # ------------------------------------------------------------------ files
+    def export(self, model: IDCrafterTransformer, folder: Path) -> None:
+        model.save_adapter(folder)
+
+    def describe(self) -> dict:
+        return {"preset": self.config.preset, "num_frames": self.num_frames, "size": [self.height, self.width]}

@@ -1,0 +1,53 @@
+"""Tiny real training data written to disk: mp4 clips of coloured shapes, reference PNGs, masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from idcrafter.video.media import write_video
+
+COLOURS = [(230, 40, 40), (40, 90, 230), (40, 200, 80), (240, 200, 30)]
+
+
+def write_manifest(folder: Path, n: int = 4, frames: int = 9, size: int = 64, masks: bool = True,
+                   extra_lines: list[str] | None = None, seed: int = 0) -> Path:
+    """n samples, each two squares of fixed colours moving right over grey; masks as PNGs."""
+    folder = Path(folder)
+    (folder / "videos").mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        colours = [COLOURS[(i + k) % len(COLOURS)] for k in range(2)]
+        boxes = [(4 + 28 * k, 8 + int(rng.integers(0, 20)), 26 + 28 * k, 30 + int(rng.integers(0, 20))) for k in range(2)]
+        clip = []
+        for f in range(frames):
+            img = Image.new("RGB", (size, size), (128, 128, 128))
+            d = ImageDraw.Draw(img)
+            for c, (x0, y0, x1, y1) in zip(colours, boxes):
+                d.rectangle((x0 + f // 3, y0, x1 + f // 3, y1), fill=c)
+            clip.append(np.asarray(img))
+        write_video(np.stack(clip), folder / "videos" / f"{i}.mp4", fps=16)
+        subjects = []
+        for k, (c, (x0, y0, x1, y1)) in enumerate(zip(colours, boxes)):
+            ref = Image.new("RGB", (32, 32), "white")
+            ImageDraw.Draw(ref).rectangle((4, 4, 28, 28), fill=c)
+            ref.save(folder / "refs" / f"{i}_{k}.png")
+            subject = {"image": f"refs/{i}_{k}.png", "category": "object"}
+            if masks:
+                m = Image.new("L", (size, size), 0)
+                ImageDraw.Draw(m).rectangle((x0 + 1, y0, x1 + 2, y1), fill=255)
+                m.save(folder / "masks" / f"{i}_{k}.png")
+                subject["mask"] = f"masks/{i}_{k}.png"
+            subjects.append(subject)
+        lines.append(json.dumps({"id": f"s{i}", "video": f"videos/{i}.mp4", "prompt": "two squares move right",
+                                 "subjects": subjects, "fps": 16}))
+    lines += extra_lines or []
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
