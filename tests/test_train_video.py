@@ -156,3 +156,20 @@ def test_two_hundred_steps_lower_loss_and_leakage(tmp_path):
     leak = np.array([r["leakage"] for r in rows])
     assert loss[-20:].mean() < 0.8 * loss[:20].mean()
     assert leak[-20:].mean() < leak[:20].mean() - 0.05
+
+
+def test_training_from_a_feature_cache_matches_pixels(data, tmp_path):
+    """Cached encodings give the same losses as encoding on the fly (same seed, same data order)."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "scripts/cache_features.py", "--preset", "tiny", "--data", str(data),
+                           "--out", str(cache)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 4
+    a, b = tmp_path / "pixels", tmp_path / "cached"
+    assert train(a, data, "--max-steps", "2", "--save-every", "2").returncode == 0
+    proc = train(b, data, "--max-steps", "2", "--save-every", "2", "--cache", str(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(losses(a), losses(b), rtol=1e-5)
+    # A cache built for other settings is refused.
+    proc = train(tmp_path / "other", data, "--max-steps", "1", "--cache", str(cache), "--frames", "5")
+    assert proc.returncode == 2 and "cache" in proc.stderr.lower(), proc.stderr[-2000:]

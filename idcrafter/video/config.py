@@ -15,6 +15,12 @@ WAN_CONFIGS: dict[str, dict[str, Any]] = {
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
     ),
+    # The toy world's model: 64x64 frames through an 8x pixel-unshuffle codec (192 channels, 8x8).
+    "toyworld": dict(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=192, out_channels=192,
+        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
+    ),
     "wan-1.3b": dict(
         patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -115,6 +121,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         num_blocks=2, max_subjects=3, num_inference_steps=4, height=64, width=64, num_frames=9,
         fps=8, text_length=64, flow_shift=3.0, preset="tiny", wan=WAN_CONFIGS["tiny"],
+    ),
+    # Trained on the synthetic toy world (idcrafter.toyworld); the built-in default model.
+    "toyworld": dict(
+        num_blocks=4, max_subjects=3, latent_channels=192, num_inference_steps=20, height=64, width=64,
+        num_frames=9, fps=8, text_length=96, flow_shift=1.0, guidance_image=2.0, guidance_text=1.0,
+        preset="toyworld", wan=WAN_CONFIGS["toyworld"],
     ),
     # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.
     "wan-1.3b": dict(num_blocks=20, vlm_dim=3584, preset="wan-1.3b", wan=WAN_CONFIGS["wan-1.3b"]),

@@ -33,6 +33,16 @@ from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
 ADAPTER_SUBFOLDER = "idcrafter_adapter"
 
 
+def load_vae(folder: Path):
+    """The Wan VAE, or the toy world's lossless codec, by the class named in its config."""
+    name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
+    if name == "PixelUnshuffleCodec":
+        from idcrafter.toyworld.codec import PixelUnshuffleCodec
+
+        return PixelUnshuffleCodec.from_pretrained(folder)
+    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+
+
 @dataclass
 class IDCrafterPipelineOutput(BaseOutput):
     """frames: np.ndarray [B, F, H, W, 3] in [0, 1] ("np"), list of lists of PIL ("pil"), or latents."""
@@ -56,8 +66,8 @@ class IDCrafterPipeline(DiffusionPipeline):
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler, vlm=vlm
         )
-        self.vae_scale_spatial = 2 ** len(vae.config.temperal_downsample)
-        self.vae_scale_temporal = 2 ** sum(vae.config.temperal_downsample)
+        self.vae_scale_spatial = int(getattr(vae.config, "scale_factor_spatial", None) or 2 ** len(vae.config.temperal_downsample))
+        self.vae_scale_temporal = int(getattr(vae.config, "scale_factor_temporal", None) or 2 ** sum(vae.config.temperal_downsample))
         self.offload = False
 
     # ------------------------------------------------------------------ construction
@@ -91,7 +101,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         transformer = IDCrafterTransformer.from_pretrained(base, adapter, torch_dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
         text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype)
-        vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=torch.float32)
+        vae = load_vae(base / "vae")
         scheduler = FlowMatchEulerDiscreteScheduler(shift=transformer.config.flow_shift)
         vlm_encoder = None
         if vlm is not None:
@@ -115,7 +125,7 @@ class IDCrafterPipeline(DiffusionPipeline):
                 "_diffusers_version": __import__("diffusers").__version__,
                 "tokenizer": ["transformers", type(self.tokenizer).__name__],
                 "text_encoder": ["transformers", "UMT5EncoderModel"],
-                "vae": ["diffusers", "AutoencoderKLWan"],
+                "vae": [type(self.vae).__module__.split(".")[0], type(self.vae).__name__],
                 "transformer": ["diffusers", "WanTransformer3DModel"],
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             }
@@ -180,8 +190,7 @@ class IDCrafterPipeline(DiffusionPipeline):
     def encode_video(self, video: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, F', H/8, W/8] (posterior mode)."""
         with self._on(self.vae, device) as vae:
-            vae_device = next(vae.parameters()).device
-            latents = vae.encode(video.to(vae_device, vae.dtype)).latent_dist.mode()
+            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
         mean, std = self._latent_stats(latents.device)
         return ((latents - mean) / std).to(device)
 
@@ -190,8 +199,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         """Normalised latents -> pixels [B, F, H, W, 3] in [0, 1]."""
         mean, std = self._latent_stats(latents.device)
         with self._on(self.vae, device) as vae:
-            vae_device = next(vae.parameters()).device
-            video = vae.decode((latents * std + mean).to(vae_device, vae.dtype)).sample
+            video = vae.decode((latents * std + mean).to(vae.device, vae.dtype)).sample
         return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
 
     def prepare_references(self, refs: Sequence, height: int, width: int) -> tuple[torch.Tensor, list[Image.Image]]:

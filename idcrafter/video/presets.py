@@ -49,7 +49,13 @@ def build_components(config: IDCrafterConfig, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer = char_tokenizer(config.text_length)
     text_encoder = tiny_text_encoder(len(tokenizer), config.wan["text_dim"])
-    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    if config.latent_channels == 16:
+        vae = AutoencoderKLWan(**TINY_VAE).eval()
+    else:  # the toy world's lossless codec: 3 * f^2 latent channels
+        from idcrafter.toyworld.codec import PixelUnshuffleCodec
+
+        factor = int(round((config.latent_channels / 3) ** 0.5))
+        vae = PixelUnshuffleCodec(factor=factor).eval()
     transformer = IDCrafterTransformer.from_config(config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)

@@ -109,7 +109,7 @@ class VideoTrainingSpec:
         if self.d.cache:
             from idcrafter.data.cache import FeatureCache
 
-            cache = FeatureCache(self.d.cache)
+            cache = FeatureCache(self.d.cache, fingerprint=self.cache_fingerprint())
         dataset = VideoDataset(
             samples, num_frames=self.num_frames, fps=self.d.fps, buckets=[Bucket(self.height, self.width)],
             ref_size=self.ref_size, max_subjects=self.config.max_subjects, cache=cache, seed=seed,
@@ -117,6 +117,38 @@ class VideoTrainingSpec:
         sampler = BucketBatchSampler(dataset, batch_size, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
         self.dataset = dataset
         return dataset, sampler, collate
+
+    def cache_fingerprint(self) -> str:
+        """What cached encodings depend on: the encoders, clip length, bucket and reference size."""
+        from idcrafter.data.buckets import Bucket
+        from idcrafter.data.cache import cache_fingerprint
+
+        base = str(Path(self.m.base).resolve()) if self.m.base else f"random:{self.config.preset}:{self.m.init_seed}"
+        return cache_fingerprint({"vae": base, "text_encoder": base}, self.num_frames, Bucket(self.height, self.width),
+                                 tuple(self.ref_size), text_length=self.config.text_length, fps=self.d.fps)
+
+    def build_cache(self, folder: str | Path, device: torch.device, progress: bool = True) -> dict[str, int]:
+        """Encode every sample once (VAE latents, reference latents, UMT5 states) into a FeatureCache."""
+        from idcrafter.data.buckets import Bucket
+        from idcrafter.data.cache import FeatureCache, build_cache
+        from idcrafter.data.dataset import VideoDataset, collate
+        from idcrafter.data.manifest import load_manifest
+
+        samples, errors = load_manifest(self.d.data)
+        if errors:
+            raise InputError(f"--data {self.d.data}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
+        dataset = VideoDataset(samples, num_frames=self.num_frames, fps=self.d.fps, buckets=[Bucket(self.height, self.width)],
+                               ref_size=self.ref_size, max_subjects=self.config.max_subjects)
+
+        def encode(item: dict) -> dict[str, torch.Tensor]:
+            batch = collate([item])
+            cond = self.prepare(batch, device)
+            n = int(batch["subject_mask"][0].sum())
+            return {"latents": cond["latents"][0].cpu(), "ref_latents": cond["ref_latents"][0, :n].cpu(),
+                    "text_states": cond["text"][0].float().cpu()}
+
+        with FeatureCache(folder, fingerprint=self.cache_fingerprint()) as cache:
+            return build_cache(dataset, encode, cache, progress=progress)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
