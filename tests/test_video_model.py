@@ -163,3 +163,23 @@ def test_too_many_subjects_and_bad_shapes_raise():
         model(**x, subjects=torch.randn(2, 4, 16, 8, 8))
     with pytest.raises(ValueError, match="batch"):
         model(**x, subject_stream=model.encode_subjects(torch.randn(1, 1, 16, 8, 8)))
+
+
+def test_adapter_with_fine_tuned_base(tmp_path):
+    """After full fine-tuning the adapter carries the base transformer; loading uses it."""
+    _, model = stock_and_ours()
+    perturb_adapter(model)
+    with torch.no_grad():
+        for p in model.wan.parameters():
+            p.mul_(1.1)
+    x, subjects = inputs()
+    folder = model.save_adapter(tmp_path / "adapter", include_base=True)
+    assert (folder / "transformer" / "config.json").is_file()
+    untouched, fresh = stock_and_ours()
+    untouched.save_pretrained(tmp_path / "base" / "transformer")  # the original base
+    fresh.load_adapter(folder)
+    again = IDCrafterTransformer.from_pretrained(tmp_path / "base", folder)
+    with torch.no_grad():
+        expected = model(**x, return_dict=False, subjects=subjects)[0]
+        assert torch.equal(fresh(**x, return_dict=False, subjects=subjects)[0], expected)
+        assert torch.equal(again(**x, return_dict=False, subjects=subjects)[0], expected)

@@ -199,7 +199,8 @@ class VideoTrainingSpec:
 
     # ------------------------------------------------------------------ files
     def export(self, model: IDCrafterTransformer, folder: Path) -> None:
-        model.save_adapter(folder)
+        """The adapter; with the `full` policy also the fine-tuned base transformer (folder/transformer)."""
+        model.save_adapter(folder, include_base=self.policy == "full")
 
     def describe(self) -> dict:
         return {"preset": self.config.preset, "num_frames": self.num_frames, "size": [self.height, self.width]}

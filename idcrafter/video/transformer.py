@@ -237,8 +237,15 @@ class IDCrafterTransformer(nn.Module):
             "in_channels": c.in_channels,
         }
 
-    def save_adapter(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the adapter (safetensors + config) atomically; base weights are not included."""
+    def save_adapter(
+        self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None, include_base: bool = False
+    ) -> Path:
+        """Write the adapter (safetensors + config) atomically.
+
+        Base weights are not included unless `include_base` (after full fine-tuning): then the
+        transformer is saved in diffusers format under `folder/transformer`, and loading the
+        adapter onto any base uses it in place of the base's transformer.
+        """
         folder = Path(folder)
         state = state_dict if state_dict is not None else self.adapter_state_dict()
         with atomic_write_dir(folder) as tmp:
@@ -247,6 +254,10 @@ class IDCrafterTransformer(nn.Module):
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
             if self.lora_config is not None:
                 save_moe_lora(self.wan, tmp / LORA_SUBFOLDER, self.lora_config)
+            if include_base:
+                if self.lora_config is not None:
+                    raise ValueError("include_base with LoRA layers: save the merged base separately")
+                self.wan.save_pretrained(tmp / "transformer")
         return folder
 
     @staticmethod
@@ -267,6 +278,9 @@ class IDCrafterTransformer(nn.Module):
                 raise ValueError(
                     f"adapter {folder} was trained for a base model with {key}={value}, this base model has {key}={ours.get(key)}"
                 )
+        if (folder / "transformer").is_dir():  # fully fine-tuned: the base weights travel with the adapter
+            tuned = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=self.dtype)
+            self.wan.load_state_dict(tuned.state_dict())
         state = load_file(str(folder / ADAPTER_WEIGHTS))
         expected = self.adapter.state_dict()
         missing = sorted(set(expected) - set(state))
@@ -287,7 +301,12 @@ class IDCrafterTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base: str | Path, adapter: str | Path | None = None, subfolder: str | None = "transformer", torch_dtype=None) -> IDCrafterTransformer:
-        """Stock Wan transformer from a diffusers folder (+ our adapter folder when given)."""
+        """Stock Wan transformer from a diffusers folder (+ our adapter folder when given).
+
+        An adapter that carries its own fine-tuned transformer (`adapter/transformer`) replaces the base's.
+        """
+        if adapter is not None and (Path(adapter) / "transformer").is_dir():
+            base, subfolder = adapter, "transformer"
         wan = WanTransformer3DModel.from_pretrained(base, subfolder=subfolder, torch_dtype=torch_dtype)
         if adapter is None:
             return cls.from_wan(wan)
