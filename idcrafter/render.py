@@ -33,6 +33,7 @@ from pathlib import Path
 
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
+from idcrafter.utils.jsonl import read_jsonl
 from idcrafter.utils.logging import get_logger
 
 __all__ = [
@@ -314,23 +315,12 @@ def parse_jobs(
     A missing or unreadable file raises `InputError`.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: job file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the job file ({exc})") from None
     jobs: list[Job] = []
     errors: list[JobError] = []
     seen: dict[str, int] = {}
-    # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            errors.append(JobError(number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+    for number, record, problem in read_jsonl(path, "job file"):
+        if problem is not None:
+            errors.append(JobError(number, problem))
             continue
         try:
             job = Job.from_dict(record, base_dir=path.parent, line=number)

@@ -2,6 +2,8 @@
 """Benchmarks: ratios measured side by side in one run (new vs. stock, new vs. naive).
 
     python scripts/benchmark.py attention [--device cuda] [--full] [--json out.json]
+    python scripts/benchmark.py video-overhead | video-step-cache
+    python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
 
 CPU sizes by default; on a CUDA device the full-size shapes are used unless --no-full.
 """
@@ -30,6 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", type=int, default=256, help="query chunk of ref_attention_share")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")
+    parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation)")
+    parser.add_argument("--steps", type=int, default=1000, help="toyworld: training steps of every row")
     args = parser.parse_args(argv)
 
     import torch
@@ -40,7 +45,11 @@ def main(argv=None) -> int:
     if args.chunk_size <= 0 or args.repeats <= 0:
         return fail("--chunk-size and --repeats must be positive")
     case = cases[args.case]
-    report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats)
+    try:
+        report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats,
+                          root=args.root, out=args.out, steps=args.steps)
+    except (ValueError, FileNotFoundError) as err:
+        return fail(str(err))
     print(case.format_table(report))
     if args.json:
         with atomic_write(args.json) as tmp:

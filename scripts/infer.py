@@ -3,10 +3,12 @@
 
     python scripts/infer.py --refs A.png B.png --prompt "..." --out out.mp4
 
-Without --model the built-in default model runs: the `tiny` preset with random weights from a
-fixed seed (real Wan/UMT5/VAE classes at tiny size). It runs anywhere in seconds and shows the
-whole path end to end, but its videos are noise-like. For real results pass --model (a Wan 2.1
-diffusers folder) and --adapter (an ID-Crafter adapter folder from training).
+Without --model the built-in default model runs on the CPU in seconds: the toy-world model
+shipped in idcrafter/assets/toyworld (a small ID-Crafter trained with this code on synthetic
+toy identities, 64x64, 9 frames; it draws toy sprites such as examples/*.png, not people), or,
+in a checkout without it, the `tiny` preset with random weights (noise-like output). --preset
+tiny forces the random one. For real results pass --model (a Wan 2.1 diffusers folder) and
+--adapter (an ID-Crafter adapter folder from training).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .mp4 path")
     p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
     p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder (default: MODEL/idcrafter_adapter if present)")
-    p.add_argument("--preset", default="tiny", help="config preset when no adapter config is given (tiny, wan-1.3b, wan-14b)")
+    p.add_argument("--preset", default=None, help="built-in model (toyworld, tiny) or, with --model, the config preset (wan-1.3b, wan-14b)")
     p.add_argument("--negative-prompt", default="", help="text of the unconditional guidance passes")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: from the model config)")
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH, multiples of 16 (default: from the model config)")

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output root; outputs may not escape it")
     p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
     p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder")
-    p.add_argument("--preset", default="tiny", help="config preset without an adapter config")
+    p.add_argument("--preset", default=None, help="built-in model (toyworld, tiny) or the config preset with --model")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")

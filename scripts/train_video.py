@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", default="new-modules", help="new-modules, new-modules+lora or full")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--attn-loss-weight", type=float, default=0.0, help="lambda of the IDAR loss (0.3 in MultiCrafter)")
+    p.add_argument("--drop-subjects", type=float, default=0.1, help="probability of training without subjects (for guidance)")
+    p.add_argument("--drop-text", type=float, default=0.1, help="probability of training with the empty prompt (for guidance)")
+    p.add_argument("--hierarchy", default=None, help="ablations: full (default), stage3 or plain")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--frames", type=int, default=None, help="frames per clip, 4n+1 (default: preset)")
@@ -91,6 +94,11 @@ def validate(args) -> None:
         h, w = parse_size(args.size)
         if h % 16 or w % 16:
             raise InputError(f"--size {args.size}: height and width must be multiples of 16")
+    for name in ("drop_subjects", "drop_text"):
+        if not 0 <= getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if args.hierarchy not in (None, "full", "stage3", "plain"):
+        raise InputError(f"--hierarchy {args.hierarchy!r}: use full, stage3 or plain")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         raise InputError(f"--ema-decay {args.ema_decay} must be in (0, 1)")
 
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
     height, width = parse_size(args.size) if args.size else (None, None)
     spec = VideoTrainingSpec(
         VideoModelArgs(preset=args.preset, base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
-                       attn_loss_weight=args.attn_loss_weight, init_seed=args.seed),
+                       attn_loss_weight=args.attn_loss_weight, init_seed=args.seed,
+                       drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy),
         VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width, cache=args.cache),
         policy=args.trainable,
     )

@@ -199,7 +199,7 @@ def test_manifest_reports_every_bad_line(files):
 def test_manifest_unreadable_raises(files):
     with pytest.raises(InputError, match="manifest not found"):
         load_manifest(files / "missing.jsonl")
-    with pytest.raises(InputError, match="not a manifest file"):
+    with pytest.raises(InputError, match="is a folder, not a manifest"):
         load_manifest(files)
 
 

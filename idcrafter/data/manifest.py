@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.jsonl import read_jsonl
 
 __all__ = [
     "SAMPLE_KEYS",
@@ -232,26 +232,13 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> tuple[li
     the data). A manifest that cannot be read at all raises `InputError`.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: manifest not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a manifest file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read the manifest ({err})") from None
     base = Path(os.path.abspath(path.parent))
     samples: list[Sample] = []
     errors: list[ManifestError] = []
     seen: dict[str, int] = {}
-    # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as err:
-            errors.append(ManifestError(number, f"not valid JSON ({err.msg} at column {err.colno})"))
+    for number, record, problem in read_jsonl(path, "manifest"):
+        if problem is not None:
+            errors.append(ManifestError(number, problem))
             continue
         parser = _LineParser(base, check_files)
         sample = parser.sample(record, number)

@@ -134,7 +134,10 @@ class SubjectTower(nn.Module):
 
 @dataclass
 class LayerKV:
-    """Stage-3 keys/values of one DiT layer: k, v [B, H, L_kv, Dh]; keep [B, L_kv] (None = all)."""
+    """Stage-3 keys/values of one DiT layer: k, v [B, H, L_kv, Dh]; keep [B, L_kv] (None = all).
+
+    In the `plain` ablation k holds the subject tokens [B, L, D] themselves, v is None.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
@@ -164,7 +167,7 @@ class SubjectStream:
         kv = [
             LayerKV(
                 layer.k.index_select(0, index),
-                layer.v.index_select(0, index),
+                None if layer.v is None else layer.v.index_select(0, index),
                 None if layer.keep is None else layer.keep.index_select(0, index),
             )
             for layer in self.kv
@@ -215,15 +218,18 @@ class SubjectCrossAttnProcessor:
     state dict keeps its stock names.
     """
 
-    def __init__(self, stock, stage3: CrossModalAttention | None, layer: int):
+    def __init__(self, stock, stage3: CrossModalAttention | None, layer: int, plain_keys: bool = False):
         self.stock = stock
         self.stage3 = stage3
         self.layer = layer
+        self.plain_keys = plain_keys
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = encoder_hidden_states
         if not isinstance(ctx, SubjectContext):
             return self.stock(attn, hidden_states, ctx, attention_mask, rotary_emb)
+        if self.plain_keys and ctx.stream is not None:
+            return self._plain_keys(attn, hidden_states, ctx)
         out = self.stock(attn, hidden_states, ctx.text, attention_mask, rotary_emb)
         if self.stage3 is None or ctx.stream is None:
             return out
@@ -232,6 +238,21 @@ class SubjectCrossAttnProcessor:
         name = f"blocks.{self.layer}.stage3"
         extra = self.stage3(hidden_states, stream.kv[self.layer], stream.ref_ranges, capture, name)
         return out + extra.to(out.dtype)
+
+
+    def _plain_keys(self, attn, hidden_states: torch.Tensor, ctx: SubjectContext) -> torch.Tensor:
+        """Ablation: subject tokens appended to the text keys of the stock cross-attention."""
+        layer = ctx.stream.kv[self.layer]
+        tokens, keep = layer.k.to(ctx.text.dtype), layer.keep
+        text_keep = torch.ones(ctx.text.shape[:2], dtype=torch.bool, device=tokens.device)
+        mask = torch.cat([text_keep, keep], dim=1)[:, None, None, :]  # [B, 1, 1, L_txt + L_subj]
+        out = self.stock(attn, hidden_states, torch.cat([ctx.text, tokens], dim=1), mask, None)
+        if ctx.stream.captures is not None:
+            # The share of the subject keys inside attn2, for the leakage metric.
+            q = _split_heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
+            k = _split_heads(attn.norm_k(attn.to_k(tokens)), attn.heads)
+            ctx.stream.captures[f"blocks.{self.layer}.attn2"] = ref_attention_share(q, k, ctx.stream.ref_ranges, key_mask=keep)
+        return out
 
 
 @dataclass

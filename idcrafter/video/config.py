@@ -50,6 +50,9 @@ class IDCrafterConfig:
         num_inference_steps, flow_shift: Euler steps and the flow-matching shift (3.0 at 480p).
         height, width, num_frames, fps: default output size and frame rate.
         text_length: tokens of the text encoder input (UMT5: 512).
+        hierarchy: "full" (stages 1-3, the method), or for ablations "stage3" (cross-modal
+            attention on the encoded references, no subject tower) and "plain" (reference tokens
+            appended to the keys of the stock text cross-attention: no new attention at all).
         preset: the name this config came from (informational).
         wan: WanTransformer3DModel config used when a base model is built from scratch.
     """
@@ -69,6 +72,7 @@ class IDCrafterConfig:
     num_frames: int = 81
     fps: int = 16
     text_length: int = 512
+    hierarchy: str = "full"
     preset: str = "custom"
     wan: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +81,8 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_subjects < 1:
             raise ValueError(f"IDCrafterConfig: max_subjects must be >= 1, got {self.max_subjects}")
+        if self.hierarchy not in ("full", "stage3", "plain"):
+            raise ValueError(f"IDCrafterConfig: hierarchy must be full, stage3 or plain, got {self.hierarchy!r}")
         if self.use_vlm and not self.vlm_dim:
             raise ValueError("IDCrafterConfig: use_vlm needs vlm_dim (the VLM hidden size)")
         if (self.num_frames - 1) % 4:

@@ -24,7 +24,7 @@ class InferenceRequest:
     out: str
     model: str | None = None
     adapter: str | None = None
-    preset: str = "tiny"
+    preset: str | None = None
     negative_prompt: str = ""
     steps: int | None = None
     size: str | None = None
@@ -53,10 +53,11 @@ def parse_size(size: str) -> tuple[int, int]:
 
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
     """The ID-Crafter config the run will use: from the adapter when given, else the preset."""
+    from idcrafter.video.defaults import builtin_config
     from idcrafter.video.pipeline import ADAPTER_SUBFOLDER
     from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
 
-    if req.preset not in PRESETS:
+    if req.preset is not None and req.preset not in PRESETS:
         raise InputError(f"--preset {req.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     adapter = Path(req.adapter) if req.adapter else None
     if req.model is not None:
@@ -73,7 +74,11 @@ def model_config(req: InferenceRequest) -> IDCrafterConfig:
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             raise InputError(f"--adapter {adapter}: unreadable config ({err})") from None
         return config
-    return IDCrafterConfig.from_preset(req.preset)
+    if req.model is None:
+        if req.preset not in (None, "tiny", "toyworld"):
+            raise InputError(f"--preset {req.preset}: no built-in model; pass --model (a Wan diffusers folder)")
+        return builtin_config(req.preset)
+    return IDCrafterConfig.from_preset(req.preset or "wan-1.3b")
 
 
 def validate(req: InferenceRequest) -> IDCrafterConfig:
@@ -112,7 +117,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         if not torch.cuda.is_available():
             raise InputError(f"--device {req.device}: CUDA is not available on this machine")
     req.resolved = dict(
-        model=req.model or f"{DEFAULT_MODEL} ({config.preset} preset)",
+        model=req.model or f"{DEFAULT_MODEL} ({config.preset})",
         adapter=str(req.adapter) if req.adapter else None,
         height=height, width=width, frames=frames, steps=steps, fps=config.fps,
         guidance_image=config.guidance_image if req.guidance_image is None else req.guidance_image,

@@ -94,6 +94,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         ID-Crafter modules are freshly initialised (zero contribution: the base model).
         """
         base = Path(base)
+        torch_dtype = torch_dtype or torch.float32  # weights may be stored in half precision
         if not (base / "transformer").is_dir():
             raise FileNotFoundError(f"{base} is not a Wan diffusers folder (no transformer/ subfolder)")
         if adapter is None and (base / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
@@ -203,8 +204,11 @@ class IDCrafterPipeline(DiffusionPipeline):
         return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
 
     def prepare_references(self, refs: Sequence, height: int, width: int) -> tuple[torch.Tensor, list[Image.Image]]:
-        """Paths or PIL images -> pixel tensor [N, 3, 1, H, W] in [-1, 1] (fitted on white)."""
-        images = [load_image(r) if isinstance(r, (str, Path)) else r for r in refs]
+        """Paths, PIL images or uint8 arrays [H, W, 3|4] -> pixels [N, 3, 1, H, W] in [-1, 1] (fitted on white)."""
+        images = [
+            load_image(r) if isinstance(r, (str, Path)) else Image.fromarray(r) if isinstance(r, np.ndarray) else r
+            for r in refs
+        ]
         fitted = [fit_on_canvas(img, height, width) for img in images]
         return torch.stack([image_to_tensor(img) for img in fitted])[:, :, None], images
 

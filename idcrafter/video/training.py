@@ -41,6 +41,11 @@ class VideoModelArgs:
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
     init_seed: int = 0
+    # Condition dropout trains the passes that guidance needs: no subjects (v_uncond) and the
+    # negative/empty prompt (v_uncond, v_ref).
+    drop_subjects: float = 0.1
+    drop_text: float = 0.1
+    hierarchy: str | None = None  # override for ablations: full, stage3, plain
 
 
 class VideoTrainingSpec:
@@ -78,6 +83,13 @@ class VideoTrainingSpec:
             if self.m.adapter is not None:
                 pipe.transformer.load_adapter(self.m.adapter)
         model = pipe.transformer
+        if self.m.hierarchy and self.m.hierarchy != model.config.hierarchy:
+            import dataclasses
+
+            config = dataclasses.replace(model.config, hierarchy=self.m.hierarchy)
+            model = IDCrafterTransformer(model.wan, config)  # a fresh adapter of the other kind
+            pipe.register_modules(transformer=model)
+        self.config = model.config
         if self.policy == "new-modules+lora" and model.lora_config is None:
             model.add_lora(rank=self.m.lora_rank)
         pipe.text_encoder.to(device).requires_grad_(False)
@@ -85,6 +97,7 @@ class VideoTrainingSpec:
         model.to(device=device, dtype=dtype)
         self.pipe = pipe  # the encoders live on; the transformer goes to DeepSpeed
         self.device = device
+        self.empty_text = pipe.encode_prompt([""], device)  # what a dropped prompt becomes
         return model
 
     def trainable_parameters(self, model: IDCrafterTransformer, policy: str) -> list[nn.Parameter]:
@@ -183,16 +196,22 @@ class VideoTrainingSpec:
         t = sample_timesteps(b, generator, self.m.timestep_mean, self.m.timestep_std, self.config.flow_shift, z0.device)
         noise = torch.randn(z0.shape, generator=generator).to(z0)
         dtype = next(p for p in model.parameters()).dtype
+        text, subject_mask = conditions["text"], conditions["subject_mask"]
+        drop_text = (torch.rand(b, generator=generator) < self.m.drop_text).to(z0.device)
+        drop_subjects = (torch.rand(b, generator=generator) < self.m.drop_subjects).to(z0.device)
+        text = torch.where(drop_text[:, None, None], self.empty_text.to(text), text)
+        subject_mask = subject_mask & ~drop_subjects[:, None]
         capture = {} if "assignment" in conditions else None
         pred = model(
-            add_noise(z0, noise, t).to(dtype), t * 1000, conditions["text"].to(dtype), return_dict=False,
-            subjects=conditions["ref_latents"].to(dtype), subject_mask=conditions["subject_mask"],
+            add_noise(z0, noise, t).to(dtype), t * 1000, text.to(dtype), return_dict=False,
+            subjects=conditions["ref_latents"].to(dtype), subject_mask=subject_mask,
             attention_capture=capture,
         )[0]
         loss = flow_loss(pred, flow_target(z0, noise))
         metrics = {"loss_flow": loss.detach()}
         if capture:
-            l_attn, leak = idar_loss(list(capture.values()), conditions["assignment"])
+            assignment = conditions["assignment"].masked_fill(drop_subjects[:, None], -1)
+            l_attn, leak = idar_loss(list(capture.values()), assignment)
             metrics.update(loss_attn=l_attn.detach(), leakage=leak)
             loss = loss + self.m.attn_loss_weight * l_attn
         return loss, metrics

@@ -26,6 +26,7 @@ from idcrafter.core.moe_lora import MoELoRAConfig, inject_moe_lora, load_moe_lor
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
+    LayerKV,
     SubjectContext,
     SubjectCrossAttnProcessor,
     SubjectStream,
@@ -52,8 +53,10 @@ class IDCrafterAdapter(nn.Module):
     def __init__(self, config: IDCrafterConfig, dim: int, heads: int, num_blocks: int):
         super().__init__()
         self.subject_encoder = SubjectEncoder(config.latent_channels, dim, config.max_subjects, config.subject_patch)
-        self.subject_tower = SubjectTower(dim, heads, num_blocks)
-        self.cross_modal_attn = nn.ModuleList([CrossModalAttention(dim, heads) for _ in range(num_blocks)])
+        tower_layers = num_blocks if config.hierarchy == "full" else 0
+        self.subject_tower = SubjectTower(dim, heads, tower_layers)
+        stage3 = num_blocks if config.hierarchy != "plain" else 0
+        self.cross_modal_attn = nn.ModuleList([CrossModalAttention(dim, heads) for _ in range(stage3)])
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
 
@@ -83,8 +86,9 @@ class IDCrafterTransformer(nn.Module):
         self.adapter = IDCrafterAdapter(config, dim, wan.config.num_attention_heads, self.num_blocks)
         self.adapter.to(dtype=next(wan.parameters()).dtype, device=next(wan.parameters()).device)
         for layer, block in enumerate(wan.blocks):
-            stage3 = self.adapter.cross_modal_attn[layer] if layer < self.num_blocks else None
-            block.attn2.set_processor(SubjectCrossAttnProcessor(WanAttnProcessor(), stage3, layer))
+            stage3 = self.adapter.cross_modal_attn[layer] if layer < len(self.adapter.cross_modal_attn) else None
+            plain = config.hierarchy == "plain" and layer < self.num_blocks
+            block.attn2.set_processor(SubjectCrossAttnProcessor(WanAttnProcessor(), stage3, layer, plain_keys=plain))
         self.lora_config: MoELoRAConfig | None = None
         self._pending: SubjectStream | None = None
         self._active = False
@@ -173,9 +177,16 @@ class IDCrafterTransformer(nn.Module):
             if self.adapter.vlm_connector is None:
                 raise ValueError("vlm_states given but this model was built without the VLM (use_vlm=False)")
             vlm = self.adapter.vlm_connector(vlm_states.to(self.dtype), vlm_mask)
-        per_layer = self.adapter.subject_tower(feats, subject_mask)
-        kv = [attn.kv(f, subject_mask, vlm, vlm_mask) for attn, f in zip(self.adapter.cross_modal_attn, per_layer)]
         ranges = [(k * t, (k + 1) * t) for k in range(n)]
+        if self.config.hierarchy == "plain":  # ablation: the tokens themselves become extra text keys
+            keep = subject_mask.repeat_interleave(t, dim=1)
+            tokens = [LayerKV(feats.flatten(1, 2), None, keep)] * self.num_blocks
+            return SubjectStream(kv=tokens, ref_ranges=ranges, subject_mask=subject_mask)
+        if self.config.hierarchy == "full":
+            per_layer = self.adapter.subject_tower(feats, subject_mask)
+        else:  # stage3 ablation: every layer reads the encoded references
+            per_layer = [feats] * self.num_blocks
+        kv = [attn.kv(f, subject_mask, vlm, vlm_mask) for attn, f in zip(self.adapter.cross_modal_attn, per_layer)]
         return SubjectStream(kv=kv, ref_ranges=ranges, subject_mask=subject_mask)
 
     def _attach_subjects(self, module, args, output):
