@@ -183,3 +183,24 @@ def test_adapter_with_fine_tuned_base(tmp_path):
         expected = model(**x, return_dict=False, subjects=subjects)[0]
         assert torch.equal(fresh(**x, return_dict=False, subjects=subjects)[0], expected)
         assert torch.equal(again(**x, return_dict=False, subjects=subjects)[0], expected)
+
+
+@pytest.mark.parametrize("hierarchy", ["stage3", "plain"])
+def test_ablation_hierarchies(hierarchy):
+    """stage3 keeps the zero-start guarantee; plain keys (no new attention) do not, by design."""
+    config = IDCrafterConfig.from_preset("tiny", hierarchy=hierarchy)
+    stock, ours = stock_and_ours(config=config)
+    x, subjects = inputs()
+    capture = {}
+    with torch.no_grad():
+        expected = stock(**x, return_dict=False)[0]
+        got = ours(**x, return_dict=False, subjects=subjects, attention_capture=capture)[0]
+    assert len(ours.adapter.subject_tower.layers) == 0
+    if hierarchy == "stage3":
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert sorted(capture) == ["blocks.0.stage3", "blocks.1.stage3"]
+    else:
+        assert len(ours.adapter.cross_modal_attn) == 0 and (got - expected).abs().max() > 1e-3
+        assert sorted(capture) == ["blocks.0.attn2", "blocks.1.attn2"]
+    for share in capture.values():
+        torch.testing.assert_close(share.sum(1), torch.ones(2, 48), atol=1e-5, rtol=0)
