@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     except InputError as err:
         return fail(str(err))
 
-    from idcrafter.video.media import write_video
+    from idcrafter.utils.media import write_video
 
     def render(job, tmp_path: Path) -> None:
         if job.mode != "video":

@@ -38,7 +38,7 @@ from idcrafter.data import (
 )
 from idcrafter.data.validate import main as validate_main
 from idcrafter.utils.cli import InputError
-from idcrafter.video.media import read_video, write_video
+from idcrafter.utils.media import read_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

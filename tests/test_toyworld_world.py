@@ -27,7 +27,7 @@ from idcrafter.toyworld.world import (
     split_pools,
     write_dataset,
 )
-from idcrafter.video.media import read_video
+from idcrafter.utils.media import read_video
 
 
 def rng(seed: int) -> np.random.Generator:

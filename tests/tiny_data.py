@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from idcrafter.video.media import write_video
+from idcrafter.utils.media import write_video
 
 COLOURS = [(230, 40, 40), (40, 90, 230), (40, 200, 80), (240, 200, 30)]
 

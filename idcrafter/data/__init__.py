@@ -1,8 +1,8 @@
 """Training data (DESIGN 8): the JSONL manifest, clip sampling and decoding, resolution buckets,
 the dataset with its collate function and bucket batch sampler, and the encoder-feature cache.
 
-Never imports `idcrafter.video`'s model code or `mcimage`; the reference-image helpers of
-`idcrafter.video.media` are imported on first use. Check a manifest with
+Never imports `idcrafter.video` or `mcimage` (image and video IO come from `idcrafter.utils.media`).
+Check a manifest with
 `python -m idcrafter.data.validate manifest.jsonl`.
 """
 

@@ -24,6 +24,7 @@ from idcrafter.data.buckets import DEFAULT_BUCKETS, Bucket, apply_cover_crop, co
 from idcrafter.data.cache import FeatureCache
 from idcrafter.data.manifest import Sample, is_video_path, load_manifest
 from idcrafter.data.video import VideoInfo, load_clip, max_clip_start, media_size, probe_video
+from idcrafter.utils import media
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
@@ -38,23 +39,12 @@ _ITEM_KEYS = frozenset(
     {"id", "prompt", "categories", "descriptors", "bucket", "video", "refs", "subject_mask", "subject_has_mask", "masks"}
 )
 _MASK_THRESHOLD = 0.5
-# 16-bit PNG masks open in these modes, with values up to 65535.
-_HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _media():
-    # `import idcrafter.video.media` runs idcrafter/video/__init__.py, which imports the whole
-    # pipeline (diffusers, transformers); deferring it keeps `import idcrafter.data` and the
-    # manifest validator light.
-    from idcrafter.video import media
-
-    return media
 
 
 def _load_image(path: Path, role: str):
     """`media.load_image`, with errors naming the file's role (its messages say "reference image")."""
     try:
-        return _media().load_image(path)
+        return media.load_image(path)
     except InputError as err:
         raise InputError(str(err).replace("reference image", role, 1)) from None
 
@@ -69,7 +59,7 @@ def _mask_values(image) -> np.ndarray:
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
             return alpha.astype(np.float32) / 255.0
-    if image.mode in _HIGH_BIT_MODES:
+    if image.mode in media.HIGH_BIT_MODES:
         return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
     if image.mode == "F":
         return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
@@ -361,7 +351,6 @@ class VideoDataset(Dataset):
         source_fps = self._source_fps(sample) if needs_fps else None
         start = self._clip_start(index, source_fps) if source_fps is not None else 0
         if self.load_pixels:
-            media = _media()
             clip = load_clip(sample.media, frames, self.fps, start, source_fps=source_fps, is_video=sample.is_video)
             clip = apply_cover_crop(clip, cover_crop_box(clip.shape[1], clip.shape[2], bucket))
             item["video"] = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0

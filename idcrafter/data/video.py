@@ -189,8 +189,7 @@ def load_clip(
     """
     path = Path(path)
     if not (is_video_path(path) if is_video is None else is_video):
-        # imported here: idcrafter/video/__init__.py loads the whole pipeline (see dataset._media)
-        from idcrafter.video.media import load_image, to_rgb
+        from idcrafter.utils.media import load_image, to_rgb
 
         try:
             return np.asarray(to_rgb(load_image(path)))[None]

@@ -744,7 +744,7 @@ def write_dataset(
     manifest that points at missing or half-rewritten files.
     Same arguments -> identical frames and byte-identical manifest.
     """
-    from idcrafter.video.media import write_video  # imported here: idcrafter.video loads the pipeline
+    from idcrafter.utils.media import write_video  # imported here: idcrafter.video loads the pipeline
 
     check_num_frames(num_frames)
     if num_samples < 1:

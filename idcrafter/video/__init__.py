@@ -1,6 +1,6 @@
 """ID-Crafter on Wan 2.1: subject encoder, hierarchical identity attention, VLM encoder, pipeline.
 
-Exports load on first use, so light modules such as `idcrafter.video.media` or
+Exports load on first use, so light modules such as `idcrafter.utils.media` or
 `idcrafter.video.config` import without pulling in diffusers.
 """
 

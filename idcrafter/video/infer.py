@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.media import load_image, read_video
 from idcrafter.video.config import PRESETS, IDCrafterConfig
-from idcrafter.video.media import load_image, read_video
 
 DEFAULT_MODEL = "built-in"
 
@@ -157,7 +157,7 @@ def run(req: InferenceRequest) -> Path:
     """Validate, load, generate, write the mp4 atomically; returns the output path."""
     import torch
 
-    from idcrafter.video.media import write_video
+    from idcrafter.utils.media import write_video
 
     validate(req)
     r = req.resolved

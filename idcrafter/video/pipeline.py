@@ -25,9 +25,9 @@ from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from idcrafter.utils.io import atomic_write_dir
+from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.attention import SubjectStream
 from idcrafter.video.config import IDCrafterConfig
-from idcrafter.video.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
 
 ADAPTER_SUBFOLDER = "idcrafter_adapter"

@@ -37,7 +37,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from idcrafter.utils.io import atomic_write, atomic_write_dir
 from idcrafter.utils.logging import get_logger
-from idcrafter.video.media import to_rgb
+from idcrafter.utils.media import to_rgb
 
 __all__ = [
     "INSTRUCTION",

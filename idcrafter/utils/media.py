@@ -13,7 +13,7 @@ from idcrafter.utils.deps import is_available
 from idcrafter.utils.io import atomic_write
 
 # 16-bit PNGs open in these modes; convert("RGB") would clip them to white instead of scaling.
-_HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -33,7 +33,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     """Any PIL image -> RGB; transparent images are composited on `background` (white)."""
     if image.mode == "RGB":
         return image
-    if image.mode in _HIGH_BIT_MODES:
+    if image.mode in HIGH_BIT_MODES:
         scaled = np.asarray(image, dtype=np.float64) / 257.0
         return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), "L").convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
