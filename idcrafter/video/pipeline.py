@@ -335,7 +335,9 @@ class IDCrafterPipeline(DiffusionPipeline):
             height // self.vae_scale_spatial, width // self.vae_scale_spatial,
         )
         noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
-        self.scheduler.set_timesteps(steps, device=device)
+        # sigma_t = shift(linspace(1, 1/steps)) then 0: the same schedule as `idcrafter.flow.sigma_schedule`
+        # (RL samples on it). Plain set_timesteps(steps) would shift the spacing twice.
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=device)
         timesteps = self.scheduler.timesteps
         if video is not None:
             # Editing: start from the input video noised to `strength`.
