@@ -49,3 +49,17 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     if weight is not None:
         err = err * weight.float()
     return err.mean()
+
+
+def velocity_from_sample(z_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float, t_min: float = 0.05) -> torch.Tensor:
+    """v = (z_t - x0) / t for a model that predicts the clean sample (x-prediction).
+
+    With z_t = (1 - t) x0 + t eps, v = eps - x0 = (z_t - x0) / t. Predicting x0 and converting
+    keeps outputs on the data manifold when tokens are large pixel patches, where predicting the
+    noise (or v) directly leaves residual noise in small models. t is floored at `t_min` so the
+    division stays tame near the data end. t: a float or [B], broadcast over z_t [B, ...].
+    """
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor([float(t)], device=z_t.device)
+    t = t.float().clamp_min(t_min).reshape(-1, *([1] * (z_t.dim() - 1)))
+    return (z_t.float() - x0.float()) / t

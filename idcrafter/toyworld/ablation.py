@@ -19,6 +19,7 @@ import torch
 
 from idcrafter.core.regularization import leakage, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target
+from idcrafter.video.transformer import to_velocity
 
 ROWS = {
     "a_plain_keys": ["--hierarchy", "plain"],
@@ -60,8 +61,9 @@ def held_out_losses(pipe, manifest: str | Path, limit: int = 16, seed: int = 0) 
             t = torch.tensor([t_value])
             noise = torch.randn(z0.shape, generator=g)
             capture = {}
-            pred = model(add_noise(z0, noise, t), t * 1000, text, return_dict=False, subject_stream=stream,
-                         attention_capture=capture)[0]
+            z_t = add_noise(z0, noise, t)
+            pred = model(z_t, t * 1000, text, return_dict=False, subject_stream=stream, attention_capture=capture)[0]
+            pred = to_velocity(model.config, pred, z_t, t)
             losses.append(float(flow_loss(pred, flow_target(z0, noise))))
             if assignment is not None and capture:
                 leaks.append(float(leakage(list(capture.values()), assignment)))

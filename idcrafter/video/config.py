@@ -53,6 +53,8 @@ class IDCrafterConfig:
         hierarchy: "full" (stages 1-3, the method), or for ablations "stage3" (cross-modal
             attention on the encoded references, no subject tower) and "plain" (reference tokens
             appended to the keys of the stock text cross-attention: no new attention at all).
+        prediction: what the transformer outputs: "velocity" (Wan's v = eps - x0) or "sample"
+            (x0; converted to v = (z_t - x0) / t), which suits large pixel-patch tokens.
         preset: the name this config came from (informational).
         wan: WanTransformer3DModel config used when a base model is built from scratch.
     """
@@ -73,6 +75,7 @@ class IDCrafterConfig:
     fps: int = 16
     text_length: int = 512
     hierarchy: str = "full"
+    prediction: str = "velocity"
     preset: str = "custom"
     wan: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +86,8 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: max_subjects must be >= 1, got {self.max_subjects}")
         if self.hierarchy not in ("full", "stage3", "plain"):
             raise ValueError(f"IDCrafterConfig: hierarchy must be full, stage3 or plain, got {self.hierarchy!r}")
+        if self.prediction not in ("velocity", "sample"):
+            raise ValueError(f"IDCrafterConfig: prediction must be velocity or sample, got {self.prediction!r}")
         if self.use_vlm and not self.vlm_dim:
             raise ValueError("IDCrafterConfig: use_vlm needs vlm_dim (the VLM hidden size)")
         if (self.num_frames - 1) % 4:
@@ -132,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toyworld": dict(
         num_blocks=4, max_subjects=3, latent_channels=192, num_inference_steps=20, height=64, width=64,
         num_frames=9, fps=8, text_length=96, flow_shift=1.0, guidance_image=2.0, guidance_text=1.0,
-        preset="toyworld", wan=WAN_CONFIGS["toyworld"],
+        prediction="sample", preset="toyworld", wan=WAN_CONFIGS["toyworld"],
     ),
     # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.
     "wan-1.3b": dict(num_blocks=20, vlm_dim=3584, preset="wan-1.3b", wan=WAN_CONFIGS["wan-1.3b"]),

@@ -28,7 +28,7 @@ from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.attention import SubjectStream
 from idcrafter.video.config import IDCrafterConfig
-from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
+from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer, to_velocity
 
 ADAPTER_SUBFOLDER = "idcrafter_adapter"
 
@@ -250,27 +250,29 @@ class IDCrafterPipeline(DiffusionPipeline):
         batched: bool,
     ) -> torch.Tensor:
         """The three-pass guided velocity for latents [1, C, F, h, w]."""
-        model = self.transformer
         timestep = t.expand(latents.shape[0]).to(latents.device)
+
+        def model(x, ts, txt, **kw):
+            out = self.transformer(x, ts, txt, return_dict=False, **kw)[0]
+            return to_velocity(self.config_idc, out, x, ts / 1000.0)
+
         if stream is None:  # no references: ordinary classifier-free guidance on the text
             if s_txt == 1.0:
-                return model(latents, timestep, text, return_dict=False)[0]
-            pair = model(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]), return_dict=False)[0]
+                return model(latents, timestep, text)
+            pair = model(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
             v_neg, v_txt = pair.chunk(2)
             return v_neg + s_txt * (v_txt - v_neg)
         if s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
-            return model(latents, timestep, text, return_dict=False, subject_stream=stream)[0]
+            return model(latents, timestep, text, subject_stream=stream)
         if batched:
             three = stream.select([0, 0, 0]).drop_rows(torch.tensor([True, False, False]))
-            v = model(
-                latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
-                return_dict=False, subject_stream=three,
-            )[0]
+            v = model(latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
+                      subject_stream=three)
             v_uncond, v_ref, v_ref_txt = v.chunk(3)
         else:
-            v_uncond = model(latents, timestep, negative, return_dict=False)[0]
-            v_ref = model(latents, timestep, negative, return_dict=False, subject_stream=stream)[0]
-            v_ref_txt = model(latents, timestep, text, return_dict=False, subject_stream=stream)[0]
+            v_uncond = model(latents, timestep, negative)
+            v_ref = model(latents, timestep, negative, subject_stream=stream)
+            v_ref_txt = model(latents, timestep, text, subject_stream=stream)
         return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
 
     @torch.no_grad()

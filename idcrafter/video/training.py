@@ -17,7 +17,7 @@ from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
 from idcrafter.utils.cli import InputError
 from idcrafter.video.config import IDCrafterConfig
-from idcrafter.video.transformer import IDCrafterTransformer
+from idcrafter.video.transformer import IDCrafterTransformer, to_velocity
 
 
 @dataclass
@@ -202,11 +202,13 @@ class VideoTrainingSpec:
         text = torch.where(drop_text[:, None, None], self.empty_text.to(text), text)
         subject_mask = subject_mask & ~drop_subjects[:, None]
         capture = {} if "assignment" in conditions else None
+        z_t = add_noise(z0, noise, t).to(dtype)
         pred = model(
-            add_noise(z0, noise, t).to(dtype), t * 1000, text.to(dtype), return_dict=False,
+            z_t, t * 1000, text.to(dtype), return_dict=False,
             subjects=conditions["ref_latents"].to(dtype), subject_mask=subject_mask,
             attention_capture=capture,
         )[0]
+        pred = to_velocity(self.config, pred, z_t, t)
         loss = flow_loss(pred, flow_target(z0, noise))
         metrics = {"loss_flow": loss.detach()}
         if capture:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idcrafter.core.moe_lora import MoELoRAConfig, inject_moe_lora, load_moe_lora, save_moe_lora
+from idcrafter.flow.matching import velocity_from_sample
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
@@ -45,6 +46,16 @@ WAN_LORA_TARGETS = (
     r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)",
     r"blocks\.\d+\.ffn\.net\.(0\.proj|2)",
 )
+
+
+def to_velocity(config: IDCrafterConfig, output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The model output as a velocity: as is for "velocity" models, (z_t - x0) / sigma for "sample" ones.
+
+    sample: z_t [B, C, F, H, W]; sigma: [B] (timestep / 1000).
+    """
+    if config.prediction == "velocity":
+        return output
+    return velocity_from_sample(sample, output, sigma).to(output.dtype)
 
 
 class IDCrafterAdapter(nn.Module):
