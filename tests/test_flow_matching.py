@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps, shift_time, velocity_from_sample
+from idcrafter.flow import (
+    add_noise,
+    flow_loss,
+    flow_target,
+    sample_timesteps,
+    shift_time,
+    velocity_from_sample,
+)
 
 
 def test_shift_and_timesteps():
