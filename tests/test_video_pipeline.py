@@ -57,10 +57,26 @@ def test_batched_and_sequential_guidance_agree(pipe):
 
 
 def test_three_pass_guidance_formula(pipe):
-    """With s_img = 0 the subjects only enter through s_txt * (v_ref_txt - v_ref); scales change output."""
-    base = run(pipe)
-    assert np.abs(run(pipe, guidance_image=1.0, guidance_text=1.0) - base).max() > 1e-3
-    assert np.abs(run(pipe, guidance_image=4.0) - base).max() > 1e-3
+    """v = v_uncond + s_img (v_ref - v_uncond) + s_txt (v_ref_txt - v_ref), from three separate calls."""
+    device = torch.device("cpu")
+    text = pipe.encode_prompt(["a red ball and a blue box"], device)
+    negative = pipe.encode_prompt([""], device)
+    stream = pipe.encode_subjects(refs(), "a red ball and a blue box", 64, 64, device)
+    latents = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(700.0)
+    model = pipe.transformer
+    with torch.no_grad():
+        v_uncond = model(latents, t[None], negative, return_dict=False)[0]
+        v_ref = model(latents, t[None], negative, return_dict=False, subject_stream=stream)[0]
+        v_ref_txt = model(latents, t[None], text, return_dict=False, subject_stream=stream)[0]
+        expected = v_uncond + 3.0 * (v_ref - v_uncond) + 1.5 * (v_ref_txt - v_ref)
+        for batched in (None, pipe._guidance_stream(stream, True)):
+            got = pipe._velocity(latents, t, text, negative, stream, 3.0, 1.5, batched)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # Guidance off is the single conditional pass.
+        torch.testing.assert_close(pipe._velocity(latents, t, text, negative, stream, 1.0, 1.0, None), v_ref_txt)
+    # The passes differ by more than the tolerance, so a dropped term would fail the check above.
+    assert (v_ref - v_uncond).abs().max() > 1e-3 and (v_ref_txt - v_ref).abs().max() > 1e-4
 
 
 def test_subject_stream_computed_once_equals_per_step(pipe):

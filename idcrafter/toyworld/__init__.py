@@ -2,5 +2,7 @@
 
 `world` draws identities (shape x palette x texture), short clips of 1-3 of them moving over a light
 background with per-frame visible masks, augmented reference images and layout/motion prompts, and
-writes them as a DESIGN 8 manifest; `codec` is a lossless latent codec behind the VAE interface.
+writes them as a DESIGN 8 manifest; `codec` is a lossless latent codec behind the VAE interface;
+`embedder` and `metrics` give ToyID (the toy world's ArcFace and identity similarity); `build`
+trains the toy-world model end to end; `evaluate` and `ablation` measure it.
 """

@@ -247,9 +247,13 @@ class IDCrafterPipeline(DiffusionPipeline):
         stream: SubjectStream | None,
         s_img: float,
         s_txt: float,
-        batched: bool,
+        batched: SubjectStream | None,
     ) -> torch.Tensor:
-        """The three-pass guided velocity for latents [1, C, F, h, w]."""
+        """The three-pass guided velocity for latents [1, C, F, h, w].
+
+        `batched` is the stream laid out for one batch of the three passes (`_guidance_stream`),
+        or None to run them one by one.
+        """
         timestep = t.expand(latents.shape[0]).to(latents.device)
 
         def model(x, ts, txt, **kw):
@@ -264,16 +268,22 @@ class IDCrafterPipeline(DiffusionPipeline):
             return v_neg + s_txt * (v_txt - v_neg)
         if s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
             return model(latents, timestep, text, subject_stream=stream)
-        if batched:
-            three = stream.select([0, 0, 0]).drop_rows(torch.tensor([True, False, False]))
+        if batched is not None:
             v = model(latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
-                      subject_stream=three)
+                      subject_stream=batched)
             v_uncond, v_ref, v_ref_txt = v.chunk(3)
         else:
             v_uncond = model(latents, timestep, negative)
             v_ref = model(latents, timestep, negative, subject_stream=stream)
             v_ref_txt = model(latents, timestep, text, subject_stream=stream)
         return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
+
+    @staticmethod
+    def _guidance_stream(stream: SubjectStream | None, batched: bool) -> SubjectStream | None:
+        """Rows [uncond, ref, ref_txt] of the batched passes; the uncond row sees no subject."""
+        if stream is None or not batched:
+            return None
+        return stream.select([0, 0, 0]).drop_rows(torch.tensor([True, False, False]))
 
     @torch.no_grad()
     def __call__(
@@ -356,12 +366,14 @@ class IDCrafterPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(0)
             latents = noise
 
+        three = self._guidance_stream(stream, batched_guidance)  # once per call, not per step
         with self._on(self.transformer, device) as transformer:
             dtype = transformer.dtype
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recompute_subjects_each_step and len(refs) > 0:
                     stream = self.encode_subjects(refs, prompt, height, width, device)
-                v = self._velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, batched_guidance)
+                    three = self._guidance_stream(stream, batched_guidance)
+                v = self._velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback is not None:
                     callback(i, latents)
