@@ -70,11 +70,11 @@ def test_three_pass_guidance_formula(pipe):
         v_ref = model(latents, t[None], negative, return_dict=False, subject_stream=stream)[0]
         v_ref_txt = model(latents, t[None], text, return_dict=False, subject_stream=stream)[0]
         expected = v_uncond + 3.0 * (v_ref - v_uncond) + 1.5 * (v_ref_txt - v_ref)
-        for batched in (None, pipe._guidance_stream(stream, True)):
-            got = pipe._velocity(latents, t, text, negative, stream, 3.0, 1.5, batched)
+        for batched in (None, pipe.guidance_stream(stream, True)):
+            got = pipe.guided_velocity(latents, t, text, negative, stream, 3.0, 1.5, batched)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         # Guidance off is the single conditional pass.
-        torch.testing.assert_close(pipe._velocity(latents, t, text, negative, stream, 1.0, 1.0, None), v_ref_txt)
+        torch.testing.assert_close(pipe.guided_velocity(latents, t, text, negative, stream, 1.0, 1.0, None), v_ref_txt)
     # The passes differ by more than the tolerance, so a dropped term would fail the check above.
     assert (v_ref - v_uncond).abs().max() > 1e-3 and (v_ref_txt - v_ref).abs().max() > 1e-4
 
@@ -153,3 +153,31 @@ def test_vlm_states_reach_the_video(tmp_path):
     with_vlm = run(pipe)  # no VLM component yet: the connector is unused
     pipe.vlm = VLMSemanticEncoder.from_pretrained(folder)
     assert np.abs(run(pipe) - with_vlm).max() > 1e-4
+
+
+def test_guided_velocity_of_a_batch_equals_its_rows(pipe):
+    """RL scores groups: the batched three-pass velocity of B latents equals B single calls."""
+    device = torch.device("cpu")
+    text = pipe.encode_prompt(["a red ball and a blue box"], device)
+    negative = pipe.encode_prompt([""], device)
+    stream = pipe.encode_subjects(refs(), "a red ball and a blue box", 64, 64, device)
+    latents = torch.randn(3, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([900.0, 500.0, 100.0])
+    group = stream.select([0, 0, 0])
+    with torch.no_grad():
+        got = pipe.guided_velocity(latents, t, text, negative, group, 3.0, 1.5, pipe.guidance_stream(group))
+        for i in range(3):
+            one = pipe.guided_velocity(latents[i : i + 1], t[i], text, negative, stream, 3.0, 1.5, pipe.guidance_stream(stream))
+            torch.testing.assert_close(got[i : i + 1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_canvas_follows_ref_size():
+    config = IDCrafterConfig.from_preset("tiny", ref_size=32)
+    assert config.ref_canvas(64, 48) == (32, 32)
+    assert IDCrafterConfig.from_preset("tiny").ref_canvas(64, 48) == (64, 48)
+    with pytest.raises(ValueError, match="ref_size"):
+        IDCrafterConfig.from_preset("tiny", ref_size=20)
+    pipe = make_pipe(config)
+    stream = pipe.encode_subjects(refs(), "x", 64, 64, torch.device("cpu"))
+    # 32x32 references -> 4x4 latents (/8) -> 2x2 patches: 4 tokens per subject
+    assert stream.ref_ranges == [(0, 4), (4, 8)]

@@ -4,3 +4,27 @@
 dlib embeddings of detected faces) and the toy world's ToyID metric. Heavy scorer backends are
 imported inside their factories, so importing this package needs only torch, numpy and scipy.
 """
+
+from idcrafter.rewards.base import (
+    IMAGE_WEIGHTS,
+    VIDEO_WEIGHTS,
+    CompositeReward,
+    RewardModel,
+    RewardOutput,
+    build_reward,
+    list_rewards,
+    parse_weights,
+    register_reward,
+)
+
+__all__ = [
+    "CompositeReward",
+    "IMAGE_WEIGHTS",
+    "RewardModel",
+    "RewardOutput",
+    "VIDEO_WEIGHTS",
+    "build_reward",
+    "list_rewards",
+    "parse_weights",
+    "register_reward",
+]

@@ -40,7 +40,7 @@ def held_out_losses(pipe, manifest: str | Path, limit: int = 16, seed: int = 0) 
     cfg = pipe.config_idc
     samples, _ = load_manifest(manifest)
     dataset = VideoDataset(samples[:limit], num_frames=cfg.num_frames, fps=cfg.fps, buckets=[Bucket(cfg.height, cfg.width)],
-                           ref_size=(cfg.height, cfg.width), max_subjects=cfg.max_subjects)
+                           ref_size=cfg.ref_canvas(), max_subjects=cfg.max_subjects)
     device = torch.device("cpu")
     model = pipe.transformer
     losses, leaks = [], []
@@ -74,11 +74,9 @@ def share_map(pipe, sample_refs, prompt: str, seed: int = 0) -> np.ndarray:
     """Subject-0 attention share over the frame at t = 0.5 of the first latent frame: [h, w]."""
     device = torch.device("cpu")
     cfg = pipe.config_idc
-    pixels, _ = pipe.prepare_references(sample_refs, cfg.height, cfg.width)
     model = pipe.transformer
     with torch.no_grad():
-        ref_latents = pipe.encode_video(pixels, device)[None]
-        stream = model.encode_subjects(ref_latents)
+        stream = pipe.encode_subjects(sample_refs, prompt, cfg.height, cfg.width, device)
         shape = (1, pipe.vae.config.z_dim, cfg.num_frames, cfg.height // pipe.vae_scale_spatial, cfg.width // pipe.vae_scale_spatial)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         capture = {}
@@ -103,9 +101,11 @@ def run_ablation(root: Path, out: Path, steps: int, batch_size: int = 8, lr: flo
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run `python -m idcrafter.toyworld.build --out {root}` first")
     out.mkdir(parents=True, exist_ok=True)
+    cache = root / "cache" if (root / "cache" / "done").is_file() else None  # the build's encodings, if kept
     table = {}
     for name, flags in (rows or ROWS).items():
-        run = step_train(out, base, train, steps, batch_size, lr, seed, extra=[*flags, "--no-progress"], run_name=f"run_{name}")
+        run = step_train(out, base, train, steps, batch_size, lr, seed, extra=[*flags, "--no-progress"], run_name=f"run_{name}",
+                         cache=cache)
         model_dir = assemble_model(out, base, run, name=f"model_{name}")
         pipe = IDCrafterPipeline.from_pretrained(model_dir)
         toy = evaluate_model(model_dir, held, toyid, limit=eval_limit, seed=seed, pipe=pipe, progress=False)["summary"]

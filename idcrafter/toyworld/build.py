@@ -7,6 +7,7 @@ Steps (each skipped when its output exists, so a stopped build continues):
 2. toyid: the ToyID embedder on the train pool, with its held-out retrieval accuracy;
 3. base: a Wan diffusers folder of the `toyworld` preset (character tokenizer, tiny UMT5, the
    lossless pixel-unshuffle codec, a randomly initialised Wan transformer);
+   cache: the codec latents and text states of every training clip (`scripts/cache_features.py`);
 4. train: `scripts/train_video.py --trainable full` on the train clips;
 5. eval: ToyID on held-out identities with the matching references vs shuffled ones;
 6. install (--install): copy the model and the embedder into `idcrafter/assets/toyworld`, where
@@ -35,13 +36,15 @@ def log(message: str) -> None:
 
 def step_data(out: Path, train_samples: int, eval_samples: int, seed: int) -> tuple[Path, Path]:
     from idcrafter.toyworld.world import write_dataset
+    from idcrafter.video.config import IDCrafterConfig
 
+    frames = IDCrafterConfig.from_preset("toyworld").num_frames
     train = out / "data" / "train" / "manifest.jsonl"
     held = out / "data" / "held_out" / "manifest.jsonl"
     if not train.is_file():
-        write_dataset(train.parent, train_samples, seed=seed, pool="train")
+        write_dataset(train.parent, train_samples, seed=seed, pool="train", num_frames=frames)
     if not held.is_file():
-        write_dataset(held.parent, eval_samples, seed=seed + 1, pool="held_out")
+        write_dataset(held.parent, eval_samples, seed=seed + 1, pool="held_out", num_frames=frames)
     return train, held
 
 
@@ -69,6 +72,16 @@ def step_base(out: Path, seed: int) -> Path:
     return folder
 
 
+def step_cache(out: Path, base: Path, data: Path) -> Path:
+    """Codec latents, reference latents and text states of every training clip, encoded once."""
+    cache = out / "cache"
+    if not (cache / "done").is_file():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_features.py"), "--preset", "toyworld",
+                        "--base", str(base), "--data", str(data), "--out", str(cache), "--fps", "8"], check=True)
+        (cache / "done").write_text("ok\n")
+    return cache
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,12 +89,13 @@ def _free_port() -> int:
 
 
 def step_train(out: Path, base: Path, data: Path, steps: int, batch_size: int, lr: float, seed: int,
-               extra: list[str] | None = None, run_name: str = "run") -> Path:
+               extra: list[str] | None = None, run_name: str = "run", cache: Path | None = None) -> Path:
     run = out / run_name
     if (run / "summary.json").is_file():
         return run
+    cached = ["--cache", str(cache)] if cache is not None else []
     cmd = [sys.executable, str(ROOT / "scripts" / "train_video.py"), "--preset", "toyworld", "--base", str(base),
-           "--data", str(data), "--output", str(run), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
+           "--data", str(data), *cached, "--output", str(run), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
            "--trainable", "full", "--max-steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
            "--warmup-steps", "100", "--ema-decay", "0.995", "--save-every", str(max(steps // 4, 1)), "--log-every", "10",
            "--seed", str(seed), "--resume", "auto", "--fps", "8", *(extra or [])]
@@ -146,9 +160,11 @@ def main(argv=None) -> int:
     toyid = step_toyid(out, args.toyid_steps, args.seed)
     log(f"toyid: {toyid}")
     base = step_base(out, args.seed)
+    log("cache")
+    cache = step_cache(out, base, train)
     log("train")
     run = step_train(out, base, train, args.steps, args.batch_size, args.lr, args.seed,
-                     extra=["--attn-loss-weight", str(args.attn_loss_weight)])
+                     extra=["--attn-loss-weight", str(args.attn_loss_weight)], cache=cache)
     model = assemble_model(out, base, run)
     log("eval")
     report = step_eval(out, model, held)

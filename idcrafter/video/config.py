@@ -15,9 +15,9 @@ WAN_CONFIGS: dict[str, dict[str, Any]] = {
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
     ),
-    # The toy world's model: 64x64 frames through an 8x pixel-unshuffle codec (192 channels, 8x8).
+    # The toy world's model: 64x64 frames through a 4x pixel-unshuffle codec (48 channels, 16x16).
     "toyworld": dict(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=192, out_channels=192,
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48, out_channels=48,
         text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
     ),
@@ -50,6 +50,9 @@ class IDCrafterConfig:
         num_inference_steps, flow_shift: Euler steps and the flow-matching shift (3.0 at 480p).
         height, width, num_frames, fps: default output size and frame rate.
         text_length: tokens of the text encoder input (UMT5: 512).
+        ref_size: side of the square canvas references are fitted onto before encoding (None:
+            the output size). The toy world uses a smaller canvas so a reference shows its
+            subject at about the size it has in the video.
         hierarchy: "full" (stages 1-3, the method), or for ablations "stage3" (cross-modal
             attention on the encoded references, no subject tower) and "plain" (reference tokens
             appended to the keys of the stock text cross-attention: no new attention at all).
@@ -74,6 +77,7 @@ class IDCrafterConfig:
     num_frames: int = 81
     fps: int = 16
     text_length: int = 512
+    ref_size: int | None = None
     hierarchy: str = "full"
     prediction: str = "velocity"
     preset: str = "custom"
@@ -94,8 +98,16 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: num_frames must be 4n+1, got {self.num_frames}")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"IDCrafterConfig: height and width must be multiples of 16, got {self.height}x{self.width}")
+        if self.ref_size is not None and (self.ref_size <= 0 or self.ref_size % 16):
+            raise ValueError(f"IDCrafterConfig: ref_size must be a positive multiple of 16, got {self.ref_size}")
         if isinstance(self.wan.get("patch_size"), list):
             self.wan["patch_size"] = tuple(self.wan["patch_size"])
+
+    def ref_canvas(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) references are fitted onto: ref_size, else the output size."""
+        if self.ref_size:
+            return self.ref_size, self.ref_size
+        return height or self.height, width or self.width
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> IDCrafterConfig:
@@ -135,8 +147,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Trained on the synthetic toy world (idcrafter.toyworld); the built-in default model.
     "toyworld": dict(
-        num_blocks=4, max_subjects=3, latent_channels=192, num_inference_steps=20, height=64, width=64,
-        num_frames=9, fps=8, text_length=96, flow_shift=1.0, guidance_image=2.0, guidance_text=1.0,
+        num_blocks=4, max_subjects=3, latent_channels=48, num_inference_steps=20, height=64, width=64,
+        num_frames=5, fps=8, text_length=96, ref_size=32, flow_shift=1.0, guidance_image=2.0, guidance_text=1.0,
         prediction="sample", preset="toyworld", wan=WAN_CONFIGS["toyworld"],
     ),
     # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.

@@ -215,7 +215,7 @@ class IDCrafterPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
         """References (+ VLM states of prompt and references) -> the subject stream, once per call."""
-        pixels, images = self.prepare_references(refs, height, width)
+        pixels, images = self.prepare_references(refs, *self.config_idc.ref_canvas(height, width))
         latents = self.encode_video(pixels, device)  # [N, C, 1, h, w]
         vlm_states = vlm_mask = None
         if self.vlm is not None and self.transformer.adapter.vlm_connector is not None:
@@ -238,7 +238,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         if not 0 < strength <= 1:
             raise ValueError(f"strength {strength} must be in (0, 1]")
 
-    def _velocity(
+    def guided_velocity(
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
@@ -249,12 +249,16 @@ class IDCrafterPipeline(DiffusionPipeline):
         s_txt: float,
         batched: SubjectStream | None,
     ) -> torch.Tensor:
-        """The three-pass guided velocity for latents [1, C, F, h, w].
+        """The three-pass guided velocity v_u + s_img (v_ref - v_u) + s_txt (v_ref_txt - v_ref).
 
-        `batched` is the stream laid out for one batch of the three passes (`_guidance_stream`),
-        or None to run them one by one.
+        latents [B, C, F, h, w]; t: scalar or [B] timesteps (sigma * 1000); text / negative
+        [1 or B, L, D]; stream with B rows. `batched` is the stream laid out for one batch of
+        the three passes (`guidance_stream`), or None to run them one by one. Not under
+        no_grad: RL post-training differentiates through it.
         """
-        timestep = t.expand(latents.shape[0]).to(latents.device)
+        b = latents.shape[0]
+        timestep = t.to(latents.device).float().reshape(-1).expand(b)
+        text, negative = text.expand(b, -1, -1), negative.expand(b, -1, -1)
 
         def model(x, ts, txt, **kw):
             out = self.transformer(x, ts, txt, return_dict=False, **kw)[0]
@@ -279,11 +283,13 @@ class IDCrafterPipeline(DiffusionPipeline):
         return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
 
     @staticmethod
-    def _guidance_stream(stream: SubjectStream | None, batched: bool) -> SubjectStream | None:
-        """Rows [uncond, ref, ref_txt] of the batched passes; the uncond row sees no subject."""
+    def guidance_stream(stream: SubjectStream | None, batched: bool = True) -> SubjectStream | None:
+        """Rows [uncond x B, ref x B, ref_txt x B] of the batched passes; the uncond rows see no subject."""
         if stream is None or not batched:
             return None
-        return stream.select([0, 0, 0]).drop_rows(torch.tensor([True, False, False]))
+        b = stream.batch_size
+        rows = torch.arange(3 * b) < b
+        return stream.select(list(range(b)) * 3).drop_rows(rows)
 
     @torch.no_grad()
     def __call__(
@@ -366,14 +372,14 @@ class IDCrafterPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(0)
             latents = noise
 
-        three = self._guidance_stream(stream, batched_guidance)  # once per call, not per step
+        three = self.guidance_stream(stream, batched_guidance)  # once per call, not per step
         with self._on(self.transformer, device) as transformer:
             dtype = transformer.dtype
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recompute_subjects_each_step and len(refs) > 0:
                     stream = self.encode_subjects(refs, prompt, height, width, device)
-                    three = self._guidance_stream(stream, batched_guidance)
-                v = self._velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three)
+                    three = self.guidance_stream(stream, batched_guidance)
+                v = self.guided_velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback is not None:
                     callback(i, latents)

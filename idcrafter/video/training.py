@@ -68,7 +68,7 @@ class VideoTrainingSpec:
         self.num_frames = data_args.num_frames or self.config.num_frames
         self.height = data_args.height or self.config.height
         self.width = data_args.width or self.config.width
-        self.ref_size = data_args.ref_size or (self.height, self.width)
+        self.ref_size = data_args.ref_size or self.config.ref_canvas(self.height, self.width)
 
     # ------------------------------------------------------------------ model
     def build_model(self, device: torch.device, dtype: torch.dtype) -> IDCrafterTransformer:
@@ -90,7 +90,7 @@ class VideoTrainingSpec:
             model = IDCrafterTransformer(model.wan, config)  # a fresh adapter of the other kind
             pipe.register_modules(transformer=model)
         self.config = model.config
-        if self.policy == "new-modules+lora" and model.lora_config is None:
+        if "lora" in self.policy and model.lora_config is None:
             model.add_lora(rank=self.m.lora_rank)
         pipe.text_encoder.to(device).requires_grad_(False)
         pipe.vae.to(device).requires_grad_(False)

@@ -132,17 +132,18 @@ class IDCrafterTransformer(nn.Module):
         """Set requires_grad for a policy and return the trainable parameters.
 
         new-modules: the adapter only; new-modules+lora: adapter + LoRA (call add_lora first);
-        full: adapter + every base weight.
+        lora: LoRA only, so disabling it gives back the starting model exactly (RL's reference
+        policy); full: adapter + every base weight.
         """
-        if policy not in ("new-modules", "new-modules+lora", "full"):
-            raise ValueError(f"unknown trainable policy {policy!r}; use new-modules, new-modules+lora or full")
-        if policy == "new-modules+lora" and self.lora_config is None:
-            raise ValueError("policy new-modules+lora needs add_lora() first")
+        if policy not in ("new-modules", "new-modules+lora", "lora", "full"):
+            raise ValueError(f"unknown trainable policy {policy!r}; use new-modules, new-modules+lora, lora or full")
+        if "lora" in policy and self.lora_config is None:
+            raise ValueError(f"policy {policy} needs add_lora() first")
         self.wan.requires_grad_(policy == "full")
-        if policy == "new-modules+lora":
+        if "lora" in policy:
             for name, p in self.wan.named_parameters():
                 p.requires_grad_("lora_" in name)
-        self.adapter.requires_grad_(True)
+        self.adapter.requires_grad_(policy != "lora")
         return [p for p in self.parameters() if p.requires_grad]
 
     @property

@@ -1,0 +1,149 @@
+"""ID-Crafter as an `RLSpec` (idcrafter.rl.trainer): rollouts of the guided video policy.
+
+The policy's velocity is the pipeline's three-pass guided velocity, so RL optimises the sampler
+users run. Text, negative prompt and the subject stream are encoded once per group; in the
+update the stream is recomputed with grad when the adapter trains (policy `new-modules+lora`)
+and reused without grad when only LoRA trains (policy `lora`, the default: its reference policy
+is exactly the starting model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from idcrafter.core.moe_lora import moe_lora_disabled
+from idcrafter.utils.cli import InputError
+from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
+
+
+@dataclass
+class PromptItem:
+    """One (prompt, subjects) of the RL data: reference paths and categories from a manifest line."""
+
+    id: str
+    prompt: str
+    refs: tuple[Path, ...]
+    categories: tuple[str, ...]
+
+
+@dataclass
+class VideoCondition:
+    text: torch.Tensor  # [1, L, D]
+    negative: torch.Tensor  # [1, L, D]
+    stream: object  # SubjectStream with one row, or None
+    ref_pixels: torch.Tensor | None  # [N, 3, 1, h, w] for recomputing the stream with grad
+
+
+class VideoRLSpec:
+    """Loading, prompt data, conditioning, guided velocity, decoding and export for video RL."""
+
+    def __init__(self, model_args: VideoModelArgs, data: str, eval_data: str | None = None, policy: str = "lora",
+                 guidance_image: float | None = None, guidance_text: float | None = None, negative_prompt: str = ""):
+        self.sft = VideoTrainingSpec(model_args, VideoDataArgs(data=data), policy=policy)
+        self.config = self.sft.config
+        self.hidden_size = self.sft.hidden_size
+        self.flow_shift = self.config.flow_shift
+        self.data, self.eval_data = data, eval_data
+        self.policy = policy
+        self.s_img = self.config.guidance_image if guidance_image is None else guidance_image
+        self.s_txt = self.config.guidance_text if guidance_text is None else guidance_text
+        self.negative_prompt = negative_prompt
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, device: torch.device, dtype: torch.dtype):
+        model = self.sft.build_model(device, dtype)
+        self.pipe = self.sft.pipe
+        self.config = model.config
+        self.flow_shift = self.config.flow_shift
+        self.device = device
+        return model
+
+    def trainable_parameters(self, model, policy: str):
+        return model.trainable_parameters(policy)
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """The reference policy: LoRA off (with policy `lora` this is the starting model)."""
+        with moe_lora_disabled(model):
+            yield
+
+    # ------------------------------------------------------------------ data
+    def build_items(self, which: str) -> list[PromptItem]:
+        from idcrafter.data.manifest import load_manifest
+
+        path = self.data if which == "train" else self.eval_data
+        if path is None:
+            return []
+        samples, errors = load_manifest(path)
+        if errors:
+            raise InputError(f"{path}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
+        items = [PromptItem(s.id, s.prompt, tuple(x.image for x in s.subjects), tuple(x.category for x in s.subjects))
+                 for s in samples]
+        too_many = [i.id for i in items if len(i.refs) > self.config.max_subjects]
+        if too_many:
+            raise InputError(f"{path}: {len(too_many)} samples have more than {self.config.max_subjects} subjects "
+                             f"(first: {too_many[0]})")
+        return items
+
+    def reward_inputs(self, item: PromptItem) -> tuple[str, list[np.ndarray], dict]:
+        from idcrafter.utils.media import load_image
+
+        refs = [np.asarray(load_image(p).convert("RGB")) for p in item.refs]
+        return item.prompt, refs, {"categories": list(item.categories), "id": item.id}
+
+    # ------------------------------------------------------------------ conditioning and policy
+    def condition(self, model, item: PromptItem, device: torch.device) -> VideoCondition:
+        pipe, cfg = self.pipe, self.config
+        with torch.no_grad():
+            text = pipe.encode_prompt([item.prompt], device)
+            negative = pipe.encode_prompt([self.negative_prompt], device)
+            pixels = None
+            if item.refs:
+                pixels, _ = pipe.prepare_references(list(item.refs), *cfg.ref_canvas())
+                pixels = pipe.encode_video(pixels, device)[None]  # [1, N, C, 1, h, w]
+        stream = None
+        if pixels is not None:
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.adapter.parameters())
+            with torch.set_grad_enabled(grad):
+                stream = model.encode_subjects(pixels.to(model.dtype))
+        return VideoCondition(text, negative, stream, pixels)
+
+    def velocity(self, model, cond: VideoCondition):
+        """The guided velocity of `model`, which is the pipeline's transformer (the engine's module)."""
+        pipe = self.pipe
+        if model is not pipe.transformer:
+            raise ValueError("the policy model must be the pipeline's transformer")
+        dtype = model.dtype
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            stream = None if cond.stream is None else cond.stream.select([0] * b)
+            batched = pipe.guidance_stream(stream, True)
+            v = pipe.guided_velocity(x.to(dtype), sigma * 1000.0, cond.text.to(dtype), cond.negative.to(dtype),
+                                     stream, self.s_img, self.s_txt, batched)
+            return v.float()
+
+        return velocity
+
+    def initial_noise(self, item: PromptItem, generator: torch.Generator) -> torch.Tensor:
+        cfg, pipe = self.config, self.pipe
+        shape = (1, pipe.vae.config.z_dim, (cfg.num_frames - 1) // pipe.vae_scale_temporal + 1,
+                 cfg.height // pipe.vae_scale_spatial, cfg.width // pipe.vae_scale_spatial)
+        return torch.randn(shape, generator=generator)
+
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        frames = self.pipe.decode_latents(latents.float(), self.device)  # [B, F, H, W, 3] in [0, 1]
+        return [(f * 255).round().clamp(0, 255).to(torch.uint8).numpy() for f in frames]
+
+    # ------------------------------------------------------------------ files
+    def export(self, model, folder: Path) -> None:
+        model.save_adapter(folder, include_base=self.policy == "full")
+
+    def describe(self) -> dict:
+        return {"preset": self.config.preset, "policy": self.policy, "guidance": [self.s_img, self.s_txt]}
+
