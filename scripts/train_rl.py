@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-eps", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=0.0, help="beta of the KL to the reference (LoRA off)")
     p.add_argument("--inner-epochs", type=int, default=1)
+    p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
     p.add_argument("--guidance-image", type=float, default=None)
     p.add_argument("--guidance-text", type=float, default=None)
     p.add_argument("--trainable", default="lora", help="lora, new-modules+lora, new-modules or full")
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
                 raise InputError(f"--{name.replace('_', '-')} {path} does not exist")
         if args.base is not None and not (Path(args.base) / "transformer").is_dir():
             raise InputError(f"--base {args.base}: not a Wan diffusers folder (no transformer/ subfolder)")
+        if args.vlm is not None and not Path(args.vlm).is_dir():
+            raise InputError(f"--vlm {args.vlm}: not a folder")
         if args.trainable not in ("lora", "new-modules+lora", "new-modules", "full"):
             raise InputError(f"--trainable {args.trainable!r}: use lora, new-modules+lora, new-modules or full")
         if args.kl_weight > 0 and "lora" not in args.trainable:
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         VideoModelArgs(preset=args.preset, base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
                        init_seed=args.seed),
         data=args.data, eval_data=args.eval_data, policy=args.trainable,
-        guidance_image=args.guidance_image, guidance_text=args.guidance_text,
+        guidance_image=args.guidance_image, guidance_text=args.guidance_text, vlm=args.vlm,
     )
     train_args = TrainArgs(
         output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps, lr=args.lr,

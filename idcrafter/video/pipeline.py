@@ -213,16 +213,23 @@ class IDCrafterPipeline(DiffusionPipeline):
         return torch.stack([image_to_tensor(img) for img in fitted])[:, :, None], images
 
     @torch.no_grad()
-    def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
-        """References (+ VLM states of prompt and references) -> the subject stream, once per call."""
+    def encode_subject_inputs(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> dict:
+        """The frozen encoders' part of the subject stream: reference latents [1, N, C, 1, h, w]
+        and, with a VLM, its states of prompt + references (`vlm_states`, `vlm_mask`)."""
         pixels, images = self.prepare_references(refs, *self.config_idc.ref_canvas(height, width))
-        latents = self.encode_video(pixels, device)  # [N, C, 1, h, w]
-        vlm_states = vlm_mask = None
+        inputs = {"subjects": self.encode_video(pixels, device)[None], "vlm_states": None, "vlm_mask": None}
         if self.vlm is not None and self.transformer.adapter.vlm_connector is not None:
             out = self.vlm.encode([prompt], [images])
-            vlm_states, vlm_mask = out.states.to(device), out.mask.to(device)
+            inputs.update(vlm_states=out.states.to(device), vlm_mask=out.mask.to(device))
+        return inputs
+
+    @torch.no_grad()
+    def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
+        """References (+ VLM states of prompt and references) -> the subject stream, once per call."""
+        inputs = self.encode_subject_inputs(refs, prompt, height, width, device)
         with self._on(self.transformer, device) as transformer:
-            return transformer.encode_subjects(latents[None].to(transformer.dtype), None, vlm_states, vlm_mask)
+            return transformer.encode_subjects(inputs["subjects"].to(transformer.dtype), None, inputs["vlm_states"],
+                                               inputs["vlm_mask"])
 
     # ------------------------------------------------------------------ sampling
     def check_inputs(self, prompt: str, refs: Sequence, height: int, width: int, num_frames: int, strength: float) -> None:

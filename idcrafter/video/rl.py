@@ -36,14 +36,14 @@ class VideoCondition:
     text: torch.Tensor  # [1, L, D]
     negative: torch.Tensor  # [1, L, D]
     stream: object  # SubjectStream with one row, or None
-    ref_pixels: torch.Tensor | None  # [N, 3, 1, h, w] for recomputing the stream with grad
 
 
 class VideoRLSpec:
     """Loading, prompt data, conditioning, guided velocity, decoding and export for video RL."""
 
     def __init__(self, model_args: VideoModelArgs, data: str, eval_data: str | None = None, policy: str = "lora",
-                 guidance_image: float | None = None, guidance_text: float | None = None, negative_prompt: str = ""):
+                 guidance_image: float | None = None, guidance_text: float | None = None, negative_prompt: str = "",
+                 vlm: str | None = None):
         self.sft = VideoTrainingSpec(model_args, VideoDataArgs(data=data), policy=policy)
         self.config = self.sft.config
         self.hidden_size = self.sft.hidden_size
@@ -53,11 +53,16 @@ class VideoRLSpec:
         self.s_img = self.config.guidance_image if guidance_image is None else guidance_image
         self.s_txt = self.config.guidance_text if guidance_text is None else guidance_text
         self.negative_prompt = negative_prompt
+        self.vlm = vlm
 
     # ------------------------------------------------------------------ model
     def build_model(self, device: torch.device, dtype: torch.dtype):
         model = self.sft.build_model(device, dtype)
         self.pipe = self.sft.pipe
+        if self.vlm is not None:  # frozen, like the text encoder
+            from idcrafter.video.vlm import VLMSemanticEncoder
+
+            self.pipe.register_modules(vlm=VLMSemanticEncoder.from_pretrained(self.vlm, device=device, dtype=dtype))
         self.config = model.config
         self.flow_shift = self.config.flow_shift
         self.device = device
@@ -98,20 +103,19 @@ class VideoRLSpec:
 
     # ------------------------------------------------------------------ conditioning and policy
     def condition(self, model, item: PromptItem, device: torch.device) -> VideoCondition:
+        """Text, negative prompt and the subject stream (with the VLM states when the pipeline has
+        a VLM), once per group. The stream carries grad when grad is on and the adapter trains."""
         pipe, cfg = self.pipe, self.config
         with torch.no_grad():
             text = pipe.encode_prompt([item.prompt], device)
             negative = pipe.encode_prompt([self.negative_prompt], device)
-            pixels = None
-            if item.refs:
-                pixels, _ = pipe.prepare_references(list(item.refs), *cfg.ref_canvas())
-                pixels = pipe.encode_video(pixels, device)[None]  # [1, N, C, 1, h, w]
+            inputs = pipe.encode_subject_inputs(list(item.refs), item.prompt, cfg.height, cfg.width, device) if item.refs else None
         stream = None
-        if pixels is not None:
+        if inputs is not None:
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.adapter.parameters())
             with torch.set_grad_enabled(grad):
-                stream = model.encode_subjects(pixels.to(model.dtype))
-        return VideoCondition(text, negative, stream, pixels)
+                stream = model.encode_subjects(inputs["subjects"].to(model.dtype), None, inputs["vlm_states"], inputs["vlm_mask"])
+        return VideoCondition(text, negative, stream)
 
     def velocity(self, model, cond: VideoCondition):
         """The guided velocity of `model`, which is the pipeline's transformer (the engine's module)."""
