@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-samples", type=int, default=1200)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--toyid-steps", type=int, default=500)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--attn-loss-weight", type=float, default=0.3, help="IDAR on the toy masks (0 turns it off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)

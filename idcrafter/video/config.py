@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Trained on the synthetic toy world (idcrafter.toyworld); the built-in default model.
     "toyworld": dict(
         num_blocks=4, max_subjects=3, latent_channels=48, num_inference_steps=20, height=64, width=64,
-        num_frames=5, fps=8, text_length=96, ref_size=32, flow_shift=1.0, guidance_image=2.0, guidance_text=1.0,
+        num_frames=5, fps=8, text_length=96, ref_size=32, flow_shift=3.0, guidance_image=2.0, guidance_text=1.0,
         prediction="sample", preset="toyworld", wan=WAN_CONFIGS["toyworld"],
     ),
     # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.
