@@ -141,7 +141,7 @@ def install(model: Path, toyid: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyworld")
-    p.add_argument("--train-samples", type=int, default=1200)
+    p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--toyid-steps", type=int, default=500)
     p.add_argument("--steps", type=int, default=5000)
