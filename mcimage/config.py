@@ -1,0 +1,212 @@
+"""Image-branch configuration: one dataclass with named presets.
+
+    multicrafter        FLUX.1-dev; UNO diagonal ids; IDAR on the double blocks (lambda 0.3);
+                        MoE-LoRA (E = 4) on attention and feed-forward projections; DAM off.
+    one-for-all         FLUX.1-Kontext; condition ids (eq. 2) with CCPA (eq. 3); DAM in every
+                        MM-attention block; plain LoRA of rank 512.
+    tiny-multicrafter   the same methods on a tiny random FluxTransformer2DModel (CPU tests).
+    tiny-one-for-all
+
+`MCImageConfig.from_preset(name, **overrides)`, `to_dict` / `from_dict`, `save` / `load` (JSON).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idcrafter.core.moe_lora import FLUX_TARGET_MODULES, MoELoRAConfig
+
+__all__ = ["FLUX_CONFIGS", "PRESETS", "MCImageConfig"]
+
+# FluxTransformer2DModel configs (diffusers layout) of the base checkpoints, and a tiny one.
+# FLUX.1-dev and FLUX.1-Kontext-dev share the architecture (both guidance-distilled).
+_FLUX_12B: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=[16, 56, 56],
+)
+FLUX_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=[4, 6, 6],
+    ),
+    "flux-dev": _FLUX_12B,
+    "flux-kontext": _FLUX_12B,
+}
+
+_POSITION_MODES = ("uno", "condition")
+_ADAPTERS = ("none", "lora", "moe_lora")
+_BLOCK_SELECTIONS = ("all", "none", "double", "single")
+
+
+@dataclass
+class MCImageConfig:
+    """What mcimage adds to a FLUX transformer, and the recipe defaults of each method.
+
+    Args:
+        base_model: Hugging Face id (or folder) of the FLUX pipeline the preset is trained on.
+        position_ids: "uno" (MultiCrafter: reference k on the diagonal after the target and the
+            earlier references, time index 0) or "condition" (One-for-All eq. 2: time index 1,
+            category diagonal block c).
+        condition_base_offset: with "condition", also shift every reference block (and the CCPA
+            centroids) by the target grid size, as the paper's wording allows.
+        ccpa: put item-descriptor text tokens at their category's reference centroid (eq. 3);
+            needs position_ids="condition".
+        max_subjects: most references one sample may carry.
+        dam: Dynamic Attention Modulation temperatures; `dam_blocks` = "all" / "double" /
+            "single" / list of block names; `dam_per_head`: one temperature per head.
+        idar: record ref-restricted attention shares for the IDAR loss in `idar_blocks`
+            ("double" for MultiCrafter); `idar_lambda` weights L_attn in the SFT loss.
+        share_chunk_size: query chunk of the share computation (memory O(chunk)).
+        adapter: "moe_lora" (MultiCrafter), "lora" (One-for-All, a MoE-LoRA with E = 1, which
+            diffusers' `load_lora_weights` reads) or "none".
+        lora_rank, lora_alpha, num_experts, top_k, lora_target_modules, load_balance_weight:
+            the adapter's `MoELoRAConfig` (num_experts is forced to 1 for "lora").
+        learning_rate, weight_decay, num_inference_steps, guidance_scale: recipe defaults.
+        preset: the name this config came from (informational).
+        flux: FluxTransformer2DModel config used when the base model is built from scratch.
+    """
+
+    base_model: str = "black-forest-labs/FLUX.1-dev"
+    position_ids: str = "uno"
+    condition_base_offset: bool = False
+    ccpa: bool = False
+    max_subjects: int = 4
+    dam: bool = False
+    dam_per_head: bool = False
+    dam_blocks: str | list[str] = "all"
+    idar: bool = False
+    idar_blocks: str | list[str] = "double"
+    idar_lambda: float = 0.3
+    share_chunk_size: int = 256
+    adapter: str = "none"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    num_experts: int = 4
+    top_k: int | None = None
+    lora_target_modules: tuple[str, ...] = FLUX_TARGET_MODULES
+    load_balance_weight: float = 0.0
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    preset: str = "custom"
+    flux: dict[str, Any] = field(default_factory=lambda: dict(FLUX_CONFIGS["tiny"]))
+
+    def __post_init__(self) -> None:
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        self.flux = copy.deepcopy(dict(self.flux))  # presets share their nested lists
+        if self.position_ids not in _POSITION_MODES:
+            raise ValueError(f"MCImageConfig: position_ids must be one of {_POSITION_MODES}, got {self.position_ids!r}")
+        if self.ccpa and self.position_ids != "condition":
+            raise ValueError("MCImageConfig: ccpa needs position_ids='condition' (CCPA centroids are eq. 2 blocks)")
+        if self.condition_base_offset and self.position_ids != "condition":
+            raise ValueError("MCImageConfig: condition_base_offset applies to position_ids='condition' only")
+        if self.adapter not in _ADAPTERS:
+            raise ValueError(f"MCImageConfig: adapter must be one of {_ADAPTERS}, got {self.adapter!r}")
+        if self.max_subjects < 1:
+            raise ValueError(f"MCImageConfig: max_subjects must be >= 1, got {self.max_subjects}")
+        if self.share_chunk_size < 1:
+            raise ValueError(f"MCImageConfig: share_chunk_size must be >= 1, got {self.share_chunk_size}")
+        if self.idar_lambda < 0:
+            raise ValueError(f"MCImageConfig: idar_lambda must be >= 0, got {self.idar_lambda}")
+        for name in ("dam_blocks", "idar_blocks"):
+            spec = getattr(self, name)
+            if isinstance(spec, str):
+                if spec not in _BLOCK_SELECTIONS:
+                    raise ValueError(f"MCImageConfig: {name} must be one of {_BLOCK_SELECTIONS} or a list, got {spec!r}")
+            else:
+                setattr(self, name, list(spec))
+        if self.adapter != "none":
+            self.adapter_config()  # validates rank / alpha / experts / patterns up front
+        if "in_channels" not in self.flux:
+            raise ValueError("MCImageConfig: flux config needs in_channels (packed latent channels)")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def capture_blocks(self) -> str | list[str]:
+        """The `install_processors` capture selection: IDAR blocks, or none when IDAR is off."""
+        return self.idar_blocks if self.idar else "none"
+
+    def adapter_config(self) -> MoELoRAConfig | None:
+        """The `MoELoRAConfig` of the adapter, or None for adapter="none"."""
+        if self.adapter == "none":
+            return None
+        return MoELoRAConfig(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            num_experts=1 if self.adapter == "lora" else self.num_experts,
+            top_k=None if self.adapter == "lora" else self.top_k,
+            target_modules=self.lora_target_modules,
+            load_balance_weight=self.load_balance_weight,
+        )
+
+    # ------------------------------------------------------------------ construction / IO
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MCImageConfig:
+        if name not in PRESETS:
+            raise ValueError(f"MCImageConfig: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        values = dict(PRESETS[name])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"MCImageConfig: unknown override(s) {unknown}; known keys are {sorted(known)}")
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        data["lora_target_modules"] = list(self.lora_target_modules)
+        data["flux"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.flux.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MCImageConfig:
+        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MCImageConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MCImageConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_MULTICRAFTER: dict[str, Any] = dict(
+    base_model="black-forest-labs/FLUX.1-dev", position_ids="uno", ccpa=False, dam=False,
+    idar=True, idar_blocks="double", idar_lambda=0.3, adapter="moe_lora", num_experts=4,
+    lora_rank=16, lora_alpha=16.0, learning_rate=3e-5, weight_decay=1e-2,
+    num_inference_steps=28, guidance_scale=3.5,
+)
+_ONE_FOR_ALL: dict[str, Any] = dict(
+    base_model="black-forest-labs/FLUX.1-Kontext-dev", position_ids="condition", ccpa=True,
+    dam=True, dam_blocks="all", idar=False, adapter="lora", num_experts=1, lora_rank=512,
+    lora_alpha=512.0, learning_rate=5e-6, weight_decay=0.0, num_inference_steps=25, guidance_scale=6.0,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MultiCrafter stage 1 (single subject) lr; stages 2-3 lower it (1e-5) from the trainer's config.
+    "multicrafter": dict(_MULTICRAFTER, preset="multicrafter", flux=FLUX_CONFIGS["flux-dev"]),
+    "one-for-all": dict(_ONE_FOR_ALL, preset="one-for-all", flux=FLUX_CONFIGS["flux-kontext"]),
+    # Tiny random backbones for CPU tests: same methods, small adapters.
+    "tiny-multicrafter": dict(
+        _MULTICRAFTER, lora_rank=4, lora_alpha=4.0, share_chunk_size=16, num_inference_steps=4,
+        preset="tiny-multicrafter", flux=FLUX_CONFIGS["tiny"],
+    ),
+    "tiny-one-for-all": dict(
+        _ONE_FOR_ALL, lora_rank=4, lora_alpha=4.0, share_chunk_size=16, num_inference_steps=4,
+        preset="tiny-one-for-all", flux=FLUX_CONFIGS["tiny"],
+    ),
+}
