@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-eps", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=0.0, help="beta of the KL to the reference (LoRA off)")
     p.add_argument("--inner-epochs", type=int, default=1)
+    p.add_argument("--normalise-rewards", action="store_true",
+                   help="normalise each reward within its group before weighting (instead of weighting raw scores)")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
     p.add_argument("--guidance-image", type=float, default=None)
     p.add_argument("--guidance-text", type=float, default=None)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
                         num_steps=args.num_steps, window=args.window, window_every=args.window_every,
                         window_stride=args.window_stride, window_start=args.window_start,
                         noise_level=args.noise_level, clip_eps=args.clip_eps, kl_weight=args.kl_weight,
-                        inner_epochs=args.inner_epochs, eval_every=args.eval_every, eval_limit=args.eval_limit)
+                        inner_epochs=args.inner_epochs, normalise_rewards=args.normalise_rewards, eval_every=args.eval_every, eval_limit=args.eval_limit)
             rl.sliding_window()
             options = reward_options(args.reward_option)
             unknown = sorted(set(options) - set(weights))

@@ -50,7 +50,7 @@ def test_two_ranks_zero3_two_iterations(setup, tmp_path):
     out = tmp_path / "run"
     proc = train_rl(out, data, "--max-steps", "2", "--save-every", "2", "--reward", "toyid=1",
                     "--reward-option", f"toyid.path={root / 'toyid'}", "--kl-weight", "0.01", "--eval-data", str(data),
-                    "--eval-every", "2", "--eval-limit", "2", ranks=2)
+                    "--eval-every", "2", "--eval-limit", "2", "--normalise-rewards", ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]

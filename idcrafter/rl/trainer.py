@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from idcrafter.flow.sde import ode_step, sigma_schedule
-from idcrafter.rl.losses import group_advantages, grpo_loss, gspo_loss
+from idcrafter.rl.losses import group_advantages, grpo_loss, gspo_loss, weighted_rewards
 from idcrafter.rl.sampling import Rollout, Velocity, sample_group, window_log_probs
 from idcrafter.rl.window import SlidingWindow
 from idcrafter.train.trainer import TrainArgs, Trainer, _mix_seed
@@ -55,6 +55,9 @@ class RLArgs:
     kl_weight: float = 0.0  # beta
     inner_epochs: int = 1
     adv_clip: float = 5.0
+    # Normalise each weighted reward component within its group before weighting (DESIGN 7), so
+    # components on different scales enter comparably; needs a reward with `weights` (a composite).
+    normalise_rewards: bool = False
     eval_every: int = 0
     eval_limit: int = 8
 
@@ -184,6 +187,9 @@ class RLTrainer(Trainer):
         pending = [self.rollout(item, window, generator) for item in items]
         rollouts, outputs = [p[0] for p in pending], [p[1].result() for p in pending]
         rewards = torch.stack([o.scores for o in outputs])  # [groups, G]
+        if rl.normalise_rewards:
+            rewards = torch.stack([weighted_rewards(o.components, self.reward.weights, normalise_per_group=rl.group_size)
+                                   for o in outputs])
         advantages = group_advantages(rewards, clip=rl.adv_clip).to(self.device)
         objective = gspo_loss if rl.objective == "gspo" else grpo_loss
         self.engine.train()
@@ -204,7 +210,8 @@ class RLTrainer(Trainer):
                 self.engine.step()
                 for key, value in {"policy_loss": loss.detach(), **s}.items():
                     stats[key] = stats.get(key, 0.0) + float(value) / (rl.inner_epochs * rl.groups)
-        metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std(-1, unbiased=False).mean()),
+        raw = torch.stack([o.scores for o in outputs])
+        metrics = {"reward": float(raw.mean()), "reward_std": float(raw.std(-1, unbiased=False).mean()),
                    "window_start": float(window[0]), **stats}
         for name in outputs[0].components:
             metrics[f"reward_{name}"] = float(torch.stack([o.components[name] for o in outputs]).mean())
