@@ -51,7 +51,8 @@ class RewardOutput:
 
 
 class RewardModel:
-    """Base class: subclasses set `name` and implement `score` (one float per sample)."""
+    """Base class: subclasses set `name` and implement `score` (one float per sample), or override
+    `__call__` where a reward returns more than one score (the composite, per-subject rewards)."""
 
     name: str = "reward"
 
@@ -69,7 +70,7 @@ class RewardModel:
 
     def score(self, samples: list[np.ndarray], prompts: list[str], refs: list[list[np.ndarray]], meta: list[dict],
               warnings: Counter) -> Sequence[float]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor __call__()")
 
 
 def check_batch(samples: Sequence, prompts: Sequence, refs: Sequence, meta: Sequence | None) -> None:

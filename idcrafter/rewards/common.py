@@ -6,6 +6,7 @@ built (so a run fails before anything heavy loads) and loaded at the first call.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -91,7 +92,7 @@ def load_image_processor(path: str | os.PathLike):
     return AutoImageProcessor.from_pretrained(str(path), local_files_only=True, **backend)
 
 
-class SubjectReward(RewardModel):
+class SubjectReward(RewardModel, abc.ABC):
     """A reward made of per-subject scores: combined by `mode`, logged as `{name}_mean` / `{name}_min`.
 
     Subclasses implement `subject_scores` (one float array [R_i] per sample, R_i = its references).
@@ -99,9 +100,10 @@ class SubjectReward(RewardModel):
 
     mode: str = "mean_min"
 
+    @abc.abstractmethod
     def subject_scores(self, samples: list[np.ndarray], prompts: list[str], refs: list[list[np.ndarray]],
                        meta: list[dict], warnings: Counter) -> list[np.ndarray]:
-        raise NotImplementedError
+        """One float array [R_i] per sample: each reference's score."""
 
     def __call__(self, samples, prompts, refs, meta=None) -> RewardOutput:
         check_batch(samples, prompts, refs, meta)

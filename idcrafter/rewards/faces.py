@@ -20,6 +20,7 @@ counted in the warnings; neither raises nor gives NaN.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib.util
 from collections import Counter, OrderedDict
@@ -55,14 +56,15 @@ class DetectedFaces:
         return int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
 
 
-class FaceBackend:
+class FaceBackend(abc.ABC):
     """Boxes and embeddings of the faces in an RGB image uint8 [H, W, 3]; loads its models lazily."""
 
     name = "face-backend"
     dim = 0
 
+    @abc.abstractmethod
     def detect(self, image: np.ndarray) -> DetectedFaces:
-        raise NotImplementedError
+        """Every face found: boxes [M, 4] (x0, y0, x1, y1) and unit embeddings [M, dim]."""
 
     def _empty(self) -> DetectedFaces:
         return DetectedFaces(np.zeros((0, 4), np.float32), np.zeros((0, self.dim), np.float32))

@@ -17,7 +17,6 @@ from `idcrafter.train.trainer.Trainer`; the model-specific parts from an `RLSpec
 from __future__ import annotations
 
 import contextlib
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,31 +135,21 @@ class RLTrainer(Trainer):
             self.epoch += 1
             self.position = 0
 
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> None:
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ the loop (Trainer.train's hooks)
+    progress_name = "rl"
+    progress_key = "reward"
 
-        a = self.args
+    def before_training(self) -> None:
         self._items = self._item_iterator()
         if self.rl.eval_every and self.step == 0:
             self.log.log(0, **self.evaluate())
-        bar = tqdm(total=a.max_steps, initial=self.step, desc="rl", disable=self.rank != 0 or not a.progress)
-        started = time.perf_counter()
-        while self.step < a.max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update()
-            if self.rl.eval_every and (self.step % self.rl.eval_every == 0 or self.step == a.max_steps):
-                metrics.update(self.evaluate())
-            if self.step % a.log_every == 0 or self.step == a.max_steps or self.step == 1 or "eval_reward" in metrics:
-                self.log.log(self.step, **metrics, lr=self.engine.get_lr()[0])
-            if self.step % a.save_every == 0 or self.step == a.max_steps:
-                self.save()
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-            bar.update(1)
-        bar.close()
-        self.elapsed = time.perf_counter() - started
+
+    def after_step(self) -> dict[str, float]:
+        if self.rl.eval_every and (self.step % self.rl.eval_every == 0 or self.step == self.args.max_steps):
+            return self.evaluate()
+        return {}
+
+    def after_training(self) -> None:
         self.executor.shutdown()
         if self.rank == 0:
             self.reward_plot()

@@ -175,27 +175,45 @@ class Trainer:
         if self.rank == 0:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", tag, self.step, self.epoch, self.position)
 
+    progress_name = "train"
+    progress_key = "loss"  # the metric shown on the progress bar
+
     def train(self) -> None:
         from tqdm.auto import tqdm
 
         a = self.args
         self.engine.train()
-        bar = tqdm(total=a.max_steps, initial=self.step, desc="train", disable=self.rank != 0 or not a.progress)
-        self._batches = self._batch_iterator()
+        self.before_training()
+        bar = tqdm(total=a.max_steps, initial=self.step, desc=self.progress_name, disable=self.rank != 0 or not a.progress)
         started = time.perf_counter()
         while self.step < a.max_steps:
             metrics = self.train_step()
             self.step += 1
             if self.ema is not None:
                 self.ema.update()
-            if self.step % a.log_every == 0 or self.step == a.max_steps or self.step == 1:
+            extra = self.after_step()
+            metrics.update(extra)
+            if self.step % a.log_every == 0 or self.step == a.max_steps or self.step == 1 or extra:
                 self.log.log(self.step, **metrics, lr=self.engine.get_lr()[0])
             if self.step % a.save_every == 0 or self.step == a.max_steps:
                 self.save()
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix({self.progress_key: f"{metrics[self.progress_key]:.4f}"})
             bar.update(1)
         bar.close()
         self.elapsed = time.perf_counter() - started
+        self.after_training()
+
+    def before_training(self) -> None:
+        """Hook: called once before the first step (the SFT trainer opens its data order here)."""
+        self._batches = self._batch_iterator()
+
+    def after_step(self) -> dict[str, float]:
+        """Hook: metrics computed after an optimizer step (e.g. a held-out evaluation); when it
+        returns any, the step is logged whatever `log_every` says."""
+        return {}
+
+    def after_training(self) -> None:
+        """Hook: called once after the last step."""
 
     def train_step(self) -> dict:
         """One optimizer step: grad_accum micro-batches, then DeepSpeed's step."""

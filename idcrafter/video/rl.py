@@ -123,13 +123,16 @@ class VideoRLSpec:
         if model is not pipe.transformer:
             raise ValueError("the policy model must be the pipeline's transformer")
         dtype = model.dtype
+        text, negative = cond.text.to(dtype), cond.negative.to(dtype)
+        layouts: dict[int, tuple] = {}  # batch size -> (stream, guidance stream): laid out once, not per step
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             b = x.shape[0]
-            stream = None if cond.stream is None else cond.stream.select([0] * b)
-            batched = pipe.guidance_stream(stream, True)
-            v = pipe.guided_velocity(x.to(dtype), sigma * 1000.0, cond.text.to(dtype), cond.negative.to(dtype),
-                                     stream, self.s_img, self.s_txt, batched)
+            if b not in layouts:
+                stream = None if cond.stream is None else cond.stream.select([0] * b)
+                layouts[b] = (stream, pipe.guidance_stream(stream, True))
+            stream, batched = layouts[b]
+            v = pipe.guided_velocity(x.to(dtype), sigma * 1000.0, text, negative, stream, self.s_img, self.s_txt, batched)
             return v.float()
 
         return velocity
