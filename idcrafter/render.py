@@ -9,7 +9,13 @@ A job file is JSONL, one job a line (blank lines are skipped; paths are relative
 
 Required: `prompt`, `refs` (at least one existing file), `output` (a name inside the output root, with a
 video suffix for `mode: "video"` or an image suffix for `mode: "image"`). Optional fields left out are
-`None` on the `Job` (the pipeline's own defaults apply), except `seed` (0) and `mode` ("video").
+`None` on the `Job` (the pipeline's own defaults apply), except `seed` (0) and `mode` ("image" when
+`output` has an image suffix, else "video").
+
+Image jobs (MultiCrafter / One-for-All) take `categories` from the category table (face, upper,
+lower, bag), may mark item descriptors in the prompt (`<face>with short hair</face>`, naming one of
+the job's categories), and use `guidance_text` as FLUX's guidance scale; `frames` and
+`guidance_image` are video-only.
 
 The renderer is a callable `render_fn(job, tmp_path)` that writes the finished output to `tmp_path`
 (a temporary name next to the final one, same suffix). Only when it returns is the file renamed to
@@ -109,6 +115,36 @@ def _output_problem(output: str, mode: str) -> str | None:
     if suffixes is not None and Path(norm).suffix.lower() not in suffixes:
         return f"output {output!r} must end in one of {', '.join(suffixes)} for a {mode} job"
     return None
+
+
+def _image_problems(record: Mapping, prompt: str | None, categories) -> list[str]:
+    """Image-job checks that need no model: categories in the table, markup naming them, no video keys."""
+    from idcrafter.core.positions import canonical_category, parse_descriptor_markup
+
+    problems = []
+    if record.get("guidance_image") is not None:
+        problems.append("'guidance_image' is a video key; image jobs use 'guidance_text' as the FLUX guidance")
+    canon: list[str] | None = None
+    if isinstance(categories, list) and all(isinstance(c, str) for c in categories):
+        canon = []
+        for name in categories:
+            try:
+                canon.append(canonical_category(name))
+            except ValueError as err:
+                problems.append(f"'categories': {err}")
+    if prompt is not None:
+        try:
+            _, spans = parse_descriptor_markup(prompt)
+        except ValueError as err:
+            problems.append(f"'prompt' descriptor markup: {err}")
+            spans = []
+        for span in spans:
+            if canon is not None and span.category not in canon:
+                problems.append(
+                    f"'prompt' descriptor markup <{span.category}> names a category with no reference "
+                    f"(categories: {', '.join(categories)})"
+                )
+    return problems
 
 
 def _is_int(value) -> bool:
@@ -215,7 +251,11 @@ class Job:
                     problems.append(f"ref {ref!r} not found ({path})")
                 refs.append(path)
 
-        mode = record.get("mode", "video")
+        mode = record.get("mode")
+        if mode is None:  # the output's suffix says what to render
+            out = record.get("output")
+            is_image = isinstance(out, str) and Path(out).suffix.lower() in IMAGE_SUFFIXES
+            mode = "image" if is_image else "video"
         if mode not in _MODES:
             problems.append(f"'mode' {mode!r} is not one of {', '.join(map(repr, _MODES))}")
             mode = None
@@ -267,6 +307,8 @@ class Job:
                 problems.append(f"'categories' must be a list of names, got {json.dumps(categories)[:80]}")
             elif refs and len(categories) != len(refs):
                 problems.append(f"{len(categories)} categories for {len(refs)} refs")
+        if mode == "image":
+            problems += _image_problems(record, prompt if isinstance(prompt, str) else None, categories)
 
         problems = [p for p in problems if p]
         if problems:

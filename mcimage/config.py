@@ -6,6 +6,8 @@
                         MM-attention block; plain LoRA of rank 512.
     tiny-multicrafter   the same methods on a tiny random FluxTransformer2DModel (CPU tests).
     tiny-one-for-all
+    toyworld-multicrafter   the toy image world (DESIGN 9): a small FLUX on the pixel-unshuffle
+    toyworld-one-for-all    codec, clean-sample prediction, 20 steps, no guidance embedding.
 
 `MCImageConfig.from_preset(name, **overrides)`, `to_dict` / `from_dict`, `save` / `load` (JSON).
 """
@@ -35,6 +37,12 @@ FLUX_CONFIGS: dict[str, dict[str, Any]] = {
         patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=[4, 6, 6],
+    ),
+    # The toy image world: 4x pixel-unshuffle codec (48 channels, packed 2x2 -> 192 = 8x8-pixel tokens).
+    "toy": dict(
+        patch_size=1, in_channels=192, num_layers=2, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+        axes_dims_rope=[8, 12, 12],
     ),
     "flux-dev": _FLUX_12B,
     "flux-kontext": _FLUX_12B,
@@ -69,6 +77,10 @@ class MCImageConfig:
         lora_rank, lora_alpha, num_experts, top_k, lora_target_modules, load_balance_weight:
             the adapter's `MoELoRAConfig` (num_experts is forced to 1 for "lora").
         learning_rate, weight_decay, num_inference_steps, guidance_scale: recipe defaults.
+        prediction: what the FLUX output means: "velocity" (stock FLUX) or "sample" (the clean
+            latent, converted to a velocity by the wrapper; the toy world's small models learn
+            clean-sample prediction where velocity prediction stays noisy).
+        text_length: T5 tokens of the prompt (max_sequence_length; FLUX: 512).
         preset: the name this config came from (informational).
         flux: FluxTransformer2DModel config used when the base model is built from scratch.
     """
@@ -96,6 +108,8 @@ class MCImageConfig:
     weight_decay: float = 1e-2
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
+    prediction: str = "velocity"
+    text_length: int = 512
     preset: str = "custom"
     flux: dict[str, Any] = field(default_factory=lambda: dict(FLUX_CONFIGS["tiny"]))
 
@@ -108,6 +122,8 @@ class MCImageConfig:
             raise ValueError("MCImageConfig: ccpa needs position_ids='condition' (CCPA centroids are eq. 2 blocks)")
         if self.condition_base_offset and self.position_ids != "condition":
             raise ValueError("MCImageConfig: condition_base_offset applies to position_ids='condition' only")
+        if self.prediction not in ("velocity", "sample"):
+            raise ValueError(f"MCImageConfig: prediction must be 'velocity' or 'sample', got {self.prediction!r}")
         if self.adapter not in _ADAPTERS:
             raise ValueError(f"MCImageConfig: adapter must be one of {_ADAPTERS}, got {self.adapter!r}")
         if self.max_subjects < 1:
@@ -210,3 +226,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         preset="tiny-one-for-all", flux=FLUX_CONFIGS["tiny"],
     ),
 }
+# The toy image world: same methods on a small FLUX trained from scratch on a CPU.
+_TOY = dict(lora_rank=16, lora_alpha=16.0, share_chunk_size=256, num_inference_steps=20, guidance_scale=1.0,
+            prediction="sample", text_length=128, max_subjects=3, learning_rate=5e-4, flux=FLUX_CONFIGS["toy"])
+PRESETS["toyworld-multicrafter"] = dict(_MULTICRAFTER, **_TOY, preset="toyworld-multicrafter")
+PRESETS["toyworld-one-for-all"] = dict(_ONE_FOR_ALL, **_TOY, preset="toyworld-one-for-all")

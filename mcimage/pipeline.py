@@ -4,13 +4,27 @@ Prompt encoding, latent packing, ids and the timestep schedule are diffusers' Fl
 (its methods are reused, not copied). Each reference is fitted on a white canvas, VAE-encoded
 (distribution mode, FLUX scaling/shift), packed 2x2 and passed to `MCImageTransformer` as clean
 context tokens at every Euler step. Guidance is FLUX's distilled guidance embedding (no CFG pass).
+
+Prompts may mark item descriptors, `a man <face>with short hair</face>`: the tags are always
+stripped before text encoding; with `config.ccpa` the descriptor's T5 tokens are placed at their
+category's reference centroid (DESIGN 3.5, eq. 3).
+
+On disk a pipeline is a stock FLUX diffusers folder plus `mcimage_adapter/`:
+
+    pipe.save_pretrained("out/model")            # tokenizer .. scheduler, model_index.json, mcimage_adapter/
+    pipe = MCImagePipeline.from_pretrained("out/model")
+    pipe = MCImagePipeline.from_pretrained("FLUX.1-Kontext-dev", config=MCImageConfig.from_preset("one-for-all"))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import importlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,15 +34,148 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from idcrafter.core.positions import canonical_category
-from idcrafter.utils.media import HIGH_BIT_MODES, fit_on_canvas, image_to_tensor, load_image
+from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
+from idcrafter.utils.io import atomic_write_dir
+from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image
 from mcimage.config import MCImageConfig
-from mcimage.transformer import MCImageTransformer, pack_latents
+from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
 
-__all__ = ["MCImagePipeline", "MCImagePipelineOutput"]
+__all__ = [
+    "ADAPTER_SUBFOLDER",
+    "SUPPORTED_IMAGE_MODES",
+    "MCImagePipeline",
+    "MCImagePipelineOutput",
+    "load_component",
+    "prompt_descriptors",
+]
+
+ADAPTER_SUBFOLDER = "mcimage_adapter"
 
 # PIL modes `to_rgb` converts faithfully (16-bit greyscale is rescaled, alpha composited on white).
-_SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "La", "CMYK", "YCbCr", "LAB", "HSV", *HIGH_BIT_MODES)
+SUPPORTED_IMAGE_MODES = RGB_CONVERTIBLE_MODES
+
+# Components of a FLUX diffusers folder and the classes FLUX.1-dev ships, used when a folder has
+# no model_index.json entry for one.
+_FLUX_COMPONENTS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer_2": ("transformers", "T5TokenizerFast"),
+    "text_encoder_2": ("transformers", "T5EncoderModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "transformer": ("diffusers", "FluxTransformer2DModel"),
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+}
+# Packages a model_index.json may name a class from. Importing a module runs its code, so a folder
+# downloaded from elsewhere must not be able to pick an arbitrary one.
+_TRUSTED_LIBRARIES = ("diffusers", "transformers", "idcrafter", "mcimage")
+
+
+def _library_of(obj: Any) -> str:
+    """model_index.json library entry: the package for stock classes (as diffusers writes it),
+    the full module path for ours, so `load_component` can import e.g. idcrafter.toyworld.codec."""
+    module = type(obj).__module__
+    top = module.split(".")[0]
+    return top if top in ("diffusers", "transformers") else module
+
+
+def load_component(folder: str | Path, name: str, library: str, class_name: str, torch_dtype: torch.dtype | None = None):
+    """Load `folder/name` with the class `library.class_name` (a model_index.json entry).
+
+    Any class with `from_pretrained` works: stock diffusers / transformers classes, and custom
+    codecs behind the VAE interface given by module path (`["idcrafter.toyworld.codec",
+    "PixelUnshuffleCodec"]`). `torch_dtype` applies to torch modules only (tokenizers and
+    schedulers take none). Raises ValueError for a library outside the trusted packages or a
+    missing class, FileNotFoundError for a missing subfolder.
+    """
+    path = Path(folder) / name
+    where = f"{Path(folder)}: component {name!r} ({library}.{class_name})"
+    if not isinstance(library, str) or library.split(".")[0] not in _TRUSTED_LIBRARIES:
+        raise ValueError(f"{where}: library must be in one of the packages {', '.join(_TRUSTED_LIBRARIES)}")
+    try:
+        module = importlib.import_module(library)
+    except ImportError as err:
+        raise ValueError(f"{where}: cannot import {library} ({err})") from None
+    cls = getattr(module, str(class_name), None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{where}: {library} has no loadable class {class_name!r}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: missing {name}/ subfolder")
+    if issubclass(cls, torch.nn.Module) and torch_dtype is not None:
+        # transformers >= 5 names the argument `dtype`, diffusers `torch_dtype`.
+        key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+        return cls.from_pretrained(path, **{key: torch_dtype})
+    return cls.from_pretrained(path)
+
+
+def _read_model_index(folder: Path) -> dict[str, tuple[str, str]]:
+    """{component: (library, class)} from folder/model_index.json, FLUX.1-dev's classes when absent."""
+    path = folder / "model_index.json"
+    classes = dict(_FLUX_COMPONENTS)
+    if not path.is_file():
+        return classes
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable model index ({err})") from None
+    for name in _FLUX_COMPONENTS:
+        entry = index.get(name)
+        if entry is None:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+            raise ValueError(f"{path}: entry {name!r} must be [library, class], got {entry!r}")
+        classes[name] = (entry[0], entry[1])
+    return classes
+
+
+def prompt_descriptors(
+    prompts: Sequence[str],
+    tokenizer,
+    max_length: int,
+    categories: Sequence[str] | None,
+    ccpa: bool,
+) -> tuple[list[str], dict[str, list[int]] | None]:
+    """Strip descriptor markup from every prompt; with CCPA, its T5 token indices.
+
+    Returns (clean prompts, {category: token indices} or None). The indices are shared by the
+    whole batch (the transformer takes one `txt_ids` for all rows), so every prompt of a batch
+    must put its descriptors on the same tokens; prompts that differ there go in separate calls.
+    Without CCPA the tags are stripped and ignored. Raises ValueError for malformed markup, markup
+    naming a category with no reference (CCPA only), or prompts of one batch that disagree.
+    """
+    clean, found = [], []
+    for k, prompt in enumerate(prompts):
+        try:
+            text, spans = parse_descriptor_markup(prompt)
+        except ValueError as err:
+            raise ValueError(f"prompt {k}: descriptor markup: {err}") from None
+        clean.append(text)
+        found.append(spans)
+    if not ccpa or not any(found):
+        return clean, None
+    have = {canonical_category(c) for c in categories or ()}
+    per_prompt = []
+    for k, (prompt, spans) in enumerate(zip(prompts, found)):
+        for span in spans:
+            if span.category not in have:
+                raise ValueError(
+                    f"prompt {k}: descriptor markup names category {span.category!r} but no reference has "
+                    f"that category (reference categories: {', '.join(sorted(have)) or 'none'})"
+                )
+        try:
+            _, tokens = tokenize_with_descriptors(tokenizer, prompt, max_length=max_length)
+        except ValueError as err:
+            raise ValueError(f"prompt {k}: {err}") from None
+        per_prompt.append(tokens)
+    if any(tokens != per_prompt[0] for tokens in per_prompt[1:]):
+        raise ValueError(
+            "prompts of one batch put their descriptor markup on different tokens; the descriptor positions "
+            "are shared by the batch, so generate such prompts in separate calls"
+        )
+    return clean, per_prompt[0]
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -54,12 +201,137 @@ class MCImagePipeline(DiffusionPipeline):
             tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
             vae=vae, transformer=transformer, scheduler=scheduler,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # AutoencoderKL reports its downsampling through its blocks; codecs behind the same
+        # interface (no blocks) give it as scale_factor_spatial.
+        scale = vae.config.get("scale_factor_spatial") or 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = int(scale)
         self.tokenizer_max_length = tokenizer.model_max_length
 
+    # ------------------------------------------------------------------ construction / IO
     @classmethod
     def from_components(cls, components: dict) -> MCImagePipeline:
         return cls(**components)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        adapter: str | Path | None = None,
+        config: MCImageConfig | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> MCImagePipeline:
+        """Load a FLUX diffusers folder (FLUX.1-dev, Kontext, or one `save_pretrained` wrote) + an adapter.
+
+        Each component is loaded with the (library, class) its model_index.json names, so custom
+        codecs in place of the VAE load too. `adapter` defaults to `base/mcimage_adapter` when that
+        exists, and its saved config wins. Without an adapter, `config` (default `MCImageConfig()`)
+        says which modules to attach; they start at zero contribution, so the result is the base
+        model. Either way `config.flux` is replaced by the loaded transformer's architecture.
+        `torch_dtype` (default float32) applies to the text encoders and the transformer; the VAE
+        stays float32.
+
+        Raises:
+            FileNotFoundError: `base` has no transformer/ subfolder (or another component's), or
+                `adapter` does not exist.
+            ValueError: a broken adapter (unreadable config or weights, or weights that do not fit
+                the base transformer) or an unusable model_index.json entry.
+        """
+        base = Path(base)
+        torch_dtype = torch_dtype or torch.float32  # weights may be stored in half precision
+        if not (base / "transformer").is_dir():
+            raise FileNotFoundError(f"{base} is not a FLUX diffusers folder (no transformer/ subfolder)")
+        classes = _read_model_index(base)
+        if adapter is None and (base / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file():
+            adapter = base / ADAPTER_SUBFOLDER
+        if adapter is not None:
+            adapter = Path(adapter)
+            if not adapter.is_dir():
+                raise FileNotFoundError(f"{adapter}: mcimage adapter folder not found")
+            try:
+                config = MCImageTransformer.read_adapter_config(adapter)
+            except (ValueError, TypeError, KeyError, OSError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{adapter}: broken mcimage adapter config ({str(err).splitlines()[0]})") from None
+        config = config if config is not None else MCImageConfig()
+
+        flux = load_component(base, "transformer", *classes["transformer"], torch_dtype=torch_dtype)
+        arch = {k: v for k, v in flux.config.items() if not k.startswith("_")}
+        if adapter is not None:
+            # An adapter trained on another architecture fails to load anyway; say why up front.
+            diff = sorted(k for k, v in config.flux.items() if k in arch and _as_list(arch[k]) != _as_list(v))
+            if diff:
+                raise ValueError(
+                    f"{adapter}: adapter was trained on a different FLUX architecture than {base / 'transformer'} "
+                    f"({', '.join(f'{k}: {config.flux[k]} vs {arch[k]}' for k in diff[:3])})"
+                )
+        transformer = MCImageTransformer(flux, dataclasses.replace(config, flux=arch))
+        if adapter is not None:
+            try:
+                transformer.load_adapter(adapter)
+            except ValueError:
+                raise  # already names the file and the mismatch
+            except Exception as err:  # safetensors reports a corrupt file with its own error type
+                raise ValueError(f"{adapter}: broken mcimage adapter weights ({type(err).__name__}: {err})") from None
+
+        parts = {
+            name: load_component(base, name, *classes[name], torch_dtype=torch_dtype)
+            for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+        }
+        vae = load_component(base, "vae", *classes["vae"], torch_dtype=torch.float32)
+        scheduler = load_component(base, "scheduler", *classes["scheduler"])
+        return cls(
+            parts["tokenizer"], parts["text_encoder"].eval(), parts["tokenizer_2"], parts["text_encoder_2"].eval(),
+            vae.eval(), transformer.eval(), scheduler,
+        )
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a stock FLUX diffusers folder (diffusers' FluxPipeline loads it) + `mcimage_adapter/`.
+
+        transformer/ holds the stock `FluxTransformer2DModel` weights only: LoRA layers and our
+        attention processors (DAM temperatures) are taken out for the save and put back.
+        `mcimage_adapter/` always carries the config (position ids, IDAR, prediction), with empty
+        weights when the model has no adapter or DAM. The folder appears complete or not at all.
+        """
+        folder = Path(folder)
+        with atomic_write_dir(folder) as tmp:
+            for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "scheduler"):
+                getattr(self, name).save_pretrained(tmp / name)
+            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
+            self._save_base_transformer(tmp / "transformer")
+            index = {
+                "_class_name": "FluxPipeline",
+                "_diffusers_version": __import__("diffusers").__version__,
+                **{
+                    name: [_library_of(getattr(self, name)), type(getattr(self, name)).__name__]
+                    for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "scheduler")
+                },
+                "transformer": ["diffusers", type(self.transformer.flux).__name__],
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return folder
+
+    def _save_base_transformer(self, folder: Path) -> None:
+        """Save `transformer.flux` as the stock model: no LoRA layers, no processor parameters."""
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        from idcrafter.core.moe_lora import moe_lora_layers, remove_moe_lora
+
+        flux = self.transformer.flux
+        layers = moe_lora_layers(flux)
+        attns = [block.attn for block in (*flux.transformer_blocks, *flux.single_transformer_blocks)]
+        processors = [attn.processor for attn in attns]
+        remove_moe_lora(flux)
+        try:
+            for attn in attns:
+                # A non-module processor takes ours (and its DAM weights) out of the state dict.
+                attn.set_processor(FluxAttnProcessor())
+            flux.save_pretrained(folder)
+        finally:
+            # Put back the very same modules: trained weights and optimiser references stay valid.
+            for attn, proc in zip(attns, processors):
+                attn.set_processor(proc)
+            for name, layer in layers.items():
+                parent, _, child = name.rpartition(".")
+                setattr(flux.get_submodule(parent), child, layer)
 
     @property
     def device(self) -> torch.device:
@@ -111,18 +383,23 @@ class MCImagePipeline(DiffusionPipeline):
             ref = Image.fromarray(ref[..., 0] if ref.ndim == 3 and ref.shape[2] == 1 else ref)
         if not isinstance(ref, Image.Image):
             raise ValueError(f"reference {k}: expected a path, PIL image or uint8 array, got {type(ref).__name__}")
-        if ref.mode not in _SUPPORTED_MODES:
+        if ref.mode not in SUPPORTED_IMAGE_MODES:
             raise ValueError(f"reference {k}: unsupported image mode {ref.mode!r}; convert it to RGB first")
         return ref
+
+    def _latent_affine(self) -> tuple[float, float]:
+        """FLUX's latent normalisation z' = (z - shift) * scaling; identity for codecs without one."""
+        c = self.vae.config
+        return float(c.get("scaling_factor") or 1.0), float(c.get("shift_factor") or 0.0)
 
     def encode_references(self, refs: Sequence, height: int, width: int, batch: int, device, dtype):
         """Fit each reference on a white height x width canvas, VAE-encode and pack: (tokens, grids)."""
         tokens, grids = [], []
-        shift = self.vae.config.shift_factor or 0.0
+        scaling, shift = self._latent_affine()
         for k, ref in enumerate(refs):
             pixels = image_to_tensor(fit_on_canvas(self._to_image(ref, k), height, width))[None]
             latents = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
-            latents = (latents - shift) * self.vae.config.scaling_factor
+            latents = (latents - shift) * scaling
             packed, grid = pack_latents(latents.to(dtype))
             tokens.append(packed.expand(batch, -1, -1))
             grids.append(grid)
@@ -143,19 +420,33 @@ class MCImagePipeline(DiffusionPipeline):
         seed: int | None = None,
         output_type: str = "pil",
         ref_size: tuple[int, int] | None = None,
-        max_sequence_length: int = 512,
-        descriptor_tokens=None,
+        max_sequence_length: int | None = None,
+        descriptor_tokens: Mapping[str, Sequence[int]] | None = None,
     ) -> MCImagePipelineOutput:
         """Generate one image per prompt with the given references (shared by the batch).
 
+        prompt: a string or a list (the batch); may carry descriptor markup,
+            `a man <face>with short hair</face>`. Tags are stripped before encoding; with
+            `config.ccpa` the descriptor tokens go to their reference's centroid (eq. 3). The
+            positions are shared by the batch: every prompt must mark the same tokens (see
+            `prompt_descriptors`).
         refs: paths, PIL images or uint8 arrays (any mode `to_rgb` handles, incl. 16-bit and CMYK);
         categories: one per reference (required by condition ids); ref_size: (h, w) canvas of the
         references (default: the target size); seed: used when no generator is given.
+        max_sequence_length: T5 tokens (default min(512, tokenizer_2.model_max_length)).
+        descriptor_tokens: {category: T5 token indices}, an alternative to markup.
         """
         cfg = self.mc_config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         refs = list(refs)
         self.check_inputs(prompts, refs, categories, height, width)
+        if max_sequence_length is None:
+            max_sequence_length = min(512, int(self.tokenizer_2.model_max_length))
+        prompts, marked = prompt_descriptors(prompts, self.tokenizer_2, max_sequence_length, categories, cfg.ccpa)
+        if marked is not None:
+            if descriptor_tokens:
+                raise ValueError("give descriptor markup in the prompt or descriptor_tokens, not both")
+            descriptor_tokens = marked
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         ref_h, ref_w = ref_size or (height, width)
@@ -202,7 +493,8 @@ class MCImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             return MCImagePipelineOutput(images=latents)
         spatial = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
-        spatial = spatial / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        scaling, shift = self._latent_affine()
+        spatial = spatial / scaling + shift
         pixels = self.vae.decode(spatial.to(self.vae.dtype), return_dict=False)[0]
         images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":

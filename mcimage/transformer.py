@@ -41,6 +41,7 @@ from idcrafter.core.positions import (
     text_ids,
     uno_diagonal_ids,
 )
+from idcrafter.flow.matching import velocity_from_sample
 from idcrafter.utils.io import atomic_write
 from mcimage.config import MCImageConfig
 from mcimage.processors import MCFluxAttnProcessor, capture_ref_shares, install_processors
@@ -326,7 +327,8 @@ class MCImageTransformer(nn.Module):
                 from the IDAR layers (needs config.idar and at least one reference).
 
         Returns:
-            [B, L_t, C_out] output of the target tokens.
+            [B, L_t, C_out] velocity of the target tokens (with config.prediction "sample" the
+            model's clean-latent output x0 is returned as (x_t - x0) / t).
         """
         refs = self._split_refs(ref_latents, hidden_states)
         seq = self.prepare(
@@ -355,7 +357,42 @@ class MCImageTransformer(nn.Module):
             )[0]
         if attention_capture is not None:
             attention_capture.update(cap.shares)
-        return out[:, : hidden_states.shape[1]]
+        out = out[:, : hidden_states.shape[1]]
+        if self.config.prediction == "sample":  # the model predicts the clean latent
+            out = velocity_from_sample(hidden_states, out, timestep.to(out.dtype))
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The FLUX weights' dtype (DiffusionPipeline.to and the pipeline read it)."""
+        return next(self.flux.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.flux.parameters()).device
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute FLUX block activations in the backward pass (diffusers' checkpointing)."""
+        self.flux.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ capture
+    CAPTURE_FIELDS = ("idar", "idar_blocks", "idar_lambda", "share_chunk_size")
+
+    def set_capture_config(self, config: MCImageConfig) -> None:
+        """Adopt `config`, which may differ from the current one only in IDAR capture settings
+        (no weights depend on them), and set each processor's capture flag accordingly."""
+        import dataclasses
+
+        changed = [f.name for f in dataclasses.fields(config)
+                   if getattr(config, f.name) != getattr(self.config, f.name) and f.name not in self.CAPTURE_FIELDS]
+        if changed:
+            raise ValueError(f"set_capture_config: {changed} change the model's weights or ids; build a new model")
+        spec = config.capture_blocks
+        for name, proc in self.processors.items():
+            double = name.startswith("transformer_blocks.")
+            proc.capture = (spec in ("all", "double") and double) or (spec in ("all", "single") and not double) \
+                if isinstance(spec, str) else name in set(spec)
+        self.config = config
 
     # ------------------------------------------------------------------ parameters
     def _added_parameters(self, kind: str) -> dict[str, nn.Parameter]:
@@ -398,9 +435,9 @@ class MCImageTransformer(nn.Module):
 
     def save_adapter(self, folder: str | os.PathLike) -> Path:
         """Write the added weights (safetensors) and the config (JSON, written last) to `folder`."""
+        # A model without added weights (adapter "none", DAM off) still saves its config: the
+        # position ids and IDAR settings are part of the model.
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        if not tensors:
-            raise ValueError("save_adapter: the model has no adapter or DAM weights to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as tmp:

@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py attention [--device cuda] [--full] [--json out.json]
     python scripts/benchmark.py video-overhead | video-step-cache
+    python scripts/benchmark.py image-idar [--config flux-dev|small|tiny] [--quick] [--share-chunk 64 1024]
     python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
 
 CPU sizes by default; on a CUDA device the full-size shapes are used unless --no-full.
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", type=int, default=256, help="query chunk of ref_attention_share")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--config", default=None, help="image-idar: flux-dev, small or tiny (default: flux-dev on CUDA, else small)")
+    parser.add_argument("--quick", action="store_true", help="image-idar: tiny sizes (seconds, for tests)")
+    parser.add_argument("--share-chunk", type=int, nargs="+", default=[],
+                        help="image-idar: extra IDAR rows with these share query chunks (memory vs chunk)")
     parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")
     parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation)")
     parser.add_argument("--steps", type=int, default=1000, help="toyworld: training steps of every row")
@@ -42,12 +47,13 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         return fail(f"--device {device}: CUDA is not available on this machine")
-    if args.chunk_size <= 0 or args.repeats <= 0:
-        return fail("--chunk-size and --repeats must be positive")
+    if args.chunk_size <= 0 or args.repeats <= 0 or any(c <= 0 for c in args.share_chunk):
+        return fail("--chunk-size, --repeats and --share-chunk must be positive")
     case = cases[args.case]
     try:
         report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats,
-                          root=args.root, out=args.out, steps=args.steps)
+                          root=args.root, out=args.out, steps=args.steps, config=args.config, quick=args.quick,
+                          share_chunk=args.share_chunk)
     except (ValueError, FileNotFoundError) as err:
         return fail(str(err))
     print(case.format_table(report))

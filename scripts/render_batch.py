@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Render many videos from a JSONL job file, resumably, across processes, GPUs and nodes.
+"""Render many videos and images from a JSONL job file, resumably, across processes, GPUs and nodes.
 
     python scripts/render_batch.py --jobs jobs.jsonl --out DIR [--model WAN_DIR --adapter ADAPTER]
     torchrun --nproc_per_node 8 scripts/render_batch.py --jobs jobs.jsonl --out DIR ...
@@ -7,7 +7,12 @@
 
 One job per line: {"prompt", "refs": [paths relative to the job file], "output": "name.mp4",
 "seed"?, "size"?: "HxW", "frames"?, "negative_prompt"?, "steps"?, "guidance_image"?,
-"guidance_text"?}. Each rank (RANK / WORLD_SIZE from the launcher) renders its own share;
+"guidance_text"?}. An output ending in .png / .jpg (or "mode": "image") makes an image job,
+rendered by the image branch (MultiCrafter / One-for-All) with "categories"?: one per ref and
+"guidance_text" as the FLUX guidance. The image model is --image-model / --image-adapter /
+--image-preset (default: the built-in tiny image model), or --model / --adapter / --preset when
+those name the image branch (an image preset, a FLUX folder, an mcimage adapter); such a run has
+no video model. Each rank (RANK / WORLD_SIZE from the launcher) renders its own share;
 finished outputs are skipped on a rerun; every output is written under a temporary name and
 renamed when complete. Bad lines are reported with their line numbers in DIR/summary.json and
 the other jobs still run.
@@ -31,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
     p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder")
     p.add_argument("--preset", default=None, help="built-in model (toyworld, tiny) or the config preset with --model")
+    p.add_argument("--image-model", default=None, help="FLUX diffusers folder for image jobs (default: built-in tiny)")
+    p.add_argument("--image-adapter", default=None, help="mcimage adapter folder for image jobs")
+    p.add_argument("--image-preset", default=None, help="image preset (multicrafter, one-for-all, tiny-multicrafter, ...)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
@@ -39,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from idcrafter.render import local_rank as get_local_rank
-    from idcrafter.render import merge_summaries, parse_jobs, rank_and_world, render_batch
+    from idcrafter.render import merge_summaries, parse_jobs, rank_and_world, render_batch, shard
 
     try:
         rank, world = rank_and_world()
@@ -48,23 +56,44 @@ def main(argv=None) -> int:
         jobs, errors = parse_jobs(args.jobs, out_root=out_dir)
         if not jobs and not errors:
             return fail(f"--jobs {args.jobs}: no jobs in the file")
+        modes = {job.mode for job in shard(jobs, rank, world)}
         import torch
 
-        from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config
+        from mcimage.infer import ImageInferenceRequest, is_image_request
+        from mcimage.infer import load_pipeline as load_image_pipeline
+        from mcimage.infer import model_config as image_model_config
 
         device = args.device or (f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu")
-        base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
-                                preset=args.preset, device=device, dtype=args.dtype)
-        config = model_config(base)
-        pipe = load_pipeline(base) if jobs else None
+        image_args = (args.image_model, args.image_adapter, args.image_preset)
+        main_is_image = is_image_request(args.preset, args.model, args.adapter)
+        if main_is_image and any(v is not None for v in image_args):
+            return fail("--model/--adapter/--preset already name an image model; drop --image-model/--image-adapter/--image-preset")
+        if main_is_image:
+            image_args = (args.model, args.adapter, args.preset)
+        image_req = ImageInferenceRequest(refs=[], prompt="-", out="-.png", model=image_args[0], adapter=image_args[1],
+                                          preset=image_args[2], device=device, dtype=args.dtype)
+        image_config = image_model_config(image_req)
+        image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
+        config = pipe = None
+        if not main_is_image:
+            from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config
+
+            base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
+                                    preset=args.preset, device=device, dtype=args.dtype)
+            config = model_config(base)
+            pipe = load_pipeline(base) if "video" in modes else None
     except InputError as err:
         return fail(str(err))
 
     from idcrafter.utils.media import write_video
+    from mcimage.infer import render_job
 
     def render(job, tmp_path: Path) -> None:
-        if job.mode != "video":
-            raise InputError("image jobs need the image branch; this renderer runs the video model")
+        if job.mode == "image":
+            render_job(image_pipe, image_config, job, tmp_path)
+            return
+        if pipe is None:
+            raise InputError("no video model in this run: --model/--adapter/--preset name an image model")
         if len(job.refs) > config.max_subjects:
             raise InputError(f"{len(job.refs)} references, this model supports at most {config.max_subjects}")
         height, width = job.size or (config.height, config.width)
@@ -77,8 +106,9 @@ def main(argv=None) -> int:
         )
         write_video(out.frames[0], tmp_path, fps=config.fps)
 
-    if pipe is not None:
-        pipe.set_progress_bar_config(disable=True)
+    for loaded in (pipe, image_pipe):
+        if loaded is not None:
+            loaded.set_progress_bar_config(disable=True)
     summary = render_batch(jobs, out_dir, render, rank=rank, world_size=world, progress=not args.no_progress, errors=errors)
     if world > 1 and _barrier():
         # Every rank has written its summary: rank 0 merges them into DIR/summary.json.

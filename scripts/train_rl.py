@@ -4,6 +4,12 @@
     deepspeed scripts/train_rl.py --branch video --base BASE [--adapter ADAPTER] \\
         --data prompts.jsonl --eval-data held_out.jsonl --output runs/rl \\
         --reward "face=0.3,nexus=0.3,aesthetic=0.24,natural=0.16" --reward-option face.backend=dlib
+    deepspeed scripts/train_rl.py --branch image --objective gspo --preset multicrafter \\
+        --base FLUX.1-dev --adapter runs/mc_multi/adapter --data prompts.jsonl --output runs/ippo \\
+        --reward "face=0.5,clip_text=1.4,aesthetic=0.7" --size 512x512 --max-steps 300
+
+The image branch (MultiCrafter's IPPO) defaults to the image composite of DESIGN 7 and the sliding
+window T = 16, w = 2, tau = 50, s = 1.
 
 The data is a standard manifest (DESIGN 8): only each line's prompt and subject images are used.
 --reward takes name=weight pairs (default: the video composite of DESIGN 7); --reward-option
@@ -25,9 +31,10 @@ from idcrafter.utils.cli import InputError, fail  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--branch", default="video", help="video (the image branch is trained with mcimage)")
-    p.add_argument("--preset", default="tiny", help="used when --base is not given (random init)")
-    p.add_argument("--base", default=None, help="model folder (Wan diffusers folder, optionally with idcrafter_adapter/)")
+    p.add_argument("--branch", default="video", help="video (ID-Crafter on Wan) or image (mcimage on FLUX)")
+    p.add_argument("--preset", default=None, help="config preset; without --base the random init of it "
+                   "(default: tiny for video, tiny-multicrafter for image)")
+    p.add_argument("--base", default=None, help="model folder (Wan or FLUX diffusers folder, optionally with its adapter)")
     p.add_argument("--adapter", default=None, help="adapter folder to start from")
     p.add_argument("--data", required=True, help="manifest of training prompts and references")
     p.add_argument("--eval-data", default=None, help="manifest of held-out prompts and references")
@@ -52,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
     p.add_argument("--guidance-image", type=float, default=None)
     p.add_argument("--guidance-text", type=float, default=None)
-    p.add_argument("--trainable", default="lora", help="lora, new-modules+lora, new-modules or full")
+    p.add_argument("--trainable", default="lora", help="video: lora, new-modules+lora, new-modules or full; "
+                   "image: lora, adapter, dam or all")
+    p.add_argument("--size", default=None, help="image branch: HEIGHTxWIDTH of the samples (default 512x512)")
+    p.add_argument("--ref-size", default=None, help="image branch: HEIGHTxWIDTH canvas of the references")
+    p.add_argument("--categories", nargs="+", default=None,
+                   help="image branch with condition ids: categories of the references, in order")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -83,30 +95,95 @@ def reward_options(pairs: list[str]) -> dict[str, dict]:
     return options
 
 
+BRANCHES = ("video", "image")
+POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
+
+
+def parse_size(text: str, flag: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise InputError(f"{flag} {text}: height and width must be positive multiples of 16")
+    return h, w
+
+
+def validate_image(args) -> None:
+    from mcimage.config import PRESETS
+
+    if args.preset is not None and args.preset not in PRESETS:
+        raise InputError(f"--preset {args.preset!r} is not an image preset; known: {', '.join(sorted(PRESETS))}")
+    if args.adapter is not None and not (Path(args.adapter) / "mcimage_config.json").is_file():
+        raise InputError(f"--adapter {args.adapter}: no mcimage_config.json")
+    if args.vlm is not None:
+        raise InputError("--vlm applies to the video branch only")
+    for flag in ("size", "ref_size"):
+        if getattr(args, flag) is not None:
+            parse_size(getattr(args, flag), f"--{flag.replace('_', '-')}")
+
+
+def build_spec(args):
+    """The branch's RLSpec (imports only the branch it needs)."""
+    if args.branch == "image":
+        from mcimage.rl import ImageRLSpec
+        from mcimage.training import ImageModelArgs
+
+        height, width = parse_size(args.size, "--size") if args.size else (512, 512)
+        ref_size = parse_size(args.ref_size, "--ref-size") if args.ref_size else None
+        try:
+            return ImageRLSpec(
+                ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
+                               init_seed=args.seed),
+                data=args.data, eval_data=args.eval_data, policy=args.trainable, height=height, width=width,
+                ref_size=ref_size, categories=tuple(args.categories) if args.categories else None,
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    from idcrafter.video.rl import VideoRLSpec
+    from idcrafter.video.training import VideoModelArgs
+
+    return VideoRLSpec(
+        VideoModelArgs(preset=args.preset or "tiny", base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
+                       init_seed=args.seed),
+        data=args.data, eval_data=args.eval_data, policy=args.trainable,
+        guidance_image=args.guidance_image, guidance_text=args.guidance_text, vlm=args.vlm,
+    )
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.branch != "video":
-            raise InputError(f"--branch {args.branch!r}: this script trains the video branch; use --branch video")
+        if args.branch not in BRANCHES:
+            raise InputError(f"--branch {args.branch!r}: use video or image")
+        if args.branch == "image":
+            validate_image(args)
         for name in ("data", "eval_data"):
             path = getattr(args, name)
             if path is not None and not Path(path).is_file():
                 raise InputError(f"--{name.replace('_', '-')} {path} does not exist")
         if args.base is not None and not (Path(args.base) / "transformer").is_dir():
-            raise InputError(f"--base {args.base}: not a Wan diffusers folder (no transformer/ subfolder)")
+            raise InputError(f"--base {args.base}: not a diffusers folder (no transformer/ subfolder)")
         if args.vlm is not None and not Path(args.vlm).is_dir():
             raise InputError(f"--vlm {args.vlm}: not a folder")
-        if args.trainable not in ("lora", "new-modules+lora", "new-modules", "full"):
-            raise InputError(f"--trainable {args.trainable!r}: use lora, new-modules+lora, new-modules or full")
+        if args.trainable not in POLICIES[args.branch]:
+            raise InputError(f"--trainable {args.trainable!r}: use {', '.join(POLICIES[args.branch])}")
         if args.kl_weight > 0 and "lora" not in args.trainable:
             raise InputError("--kl-weight needs a LoRA policy: the reference policy is the model with LoRA off")
         if args.lr <= 0 or args.max_steps < 1:
             raise InputError("--lr must be positive and --max-steps at least 1")
-        from idcrafter.rewards.base import VIDEO_WEIGHTS, CompositeReward, list_rewards, parse_weights
+        from idcrafter.rewards.base import (
+            IMAGE_WEIGHTS,
+            VIDEO_WEIGHTS,
+            CompositeReward,
+            list_rewards,
+            parse_weights,
+        )
         from idcrafter.rl.trainer import RLArgs
 
         try:
-            weights = parse_weights(args.reward) if args.reward else dict(VIDEO_WEIGHTS)
+            default = VIDEO_WEIGHTS if args.branch == "video" else IMAGE_WEIGHTS
+            weights = parse_weights(args.reward) if args.reward else dict(default)
             unknown = sorted(set(weights) - set(list_rewards()))
             if unknown:
                 raise InputError(f"--reward names unknown rewards {unknown}; known: {', '.join(list_rewards())}")
@@ -132,16 +209,12 @@ def main(argv=None) -> int:
     from idcrafter.rl.trainer import RLTrainer
     from idcrafter.train.trainer import TrainArgs
     from idcrafter.utils.logging import setup_logging
-    from idcrafter.video.rl import VideoRLSpec
-    from idcrafter.video.training import VideoModelArgs
 
     setup_logging()
-    spec = VideoRLSpec(
-        VideoModelArgs(preset=args.preset, base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
-                       init_seed=args.seed),
-        data=args.data, eval_data=args.eval_data, policy=args.trainable,
-        guidance_image=args.guidance_image, guidance_text=args.guidance_text, vlm=args.vlm,
-    )
+    try:
+        spec = build_spec(args)
+    except InputError as err:
+        return fail(str(err))
     train_args = TrainArgs(
         output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps, lr=args.lr,
         weight_decay=args.weight_decay, betas=(0.9, 0.95), warmup_steps=args.warmup_steps, batch_size=args.group_size,

@@ -1,14 +1,21 @@
-"""MCImagePipeline on tiny random components: shapes, determinism, references, input errors."""
+"""MCImagePipeline on tiny random components: shapes, determinism, references, input errors,
+save / load as a stock FLUX folder + adapter, and descriptor markup (CCPA)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+import torch
+from diffusers import FluxTransformer2DModel
 from PIL import Image
 
-from mcimage.config import MCImageConfig
-from mcimage.pipeline import MCImagePipeline
+from mcimage.config import FLUX_CONFIGS, MCImageConfig
+from mcimage.pipeline import ADAPTER_SUBFOLDER, MCImagePipeline, load_component
 from mcimage.presets import TINY_T5_LENGTH, build_tiny_components
+from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer
 
 H = W = 16
 
@@ -101,3 +108,194 @@ def test_bad_inputs(mc, ofa):
         _run(mc, height=18)
     with pytest.raises(ValueError, match="output_type"):
         _run(mc, output_type="jpeg")
+
+
+# ---------------------------------------------------------------------------------------------
+# save_pretrained / from_pretrained
+
+
+def _perturb_adapter(pipe: MCImagePipeline, seed: int = 5) -> None:
+    """Non-zero adapter and DAM weights, so a reload that dropped them would change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.transformer.adapter_state_dict().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+REFS2 = dict(refs=[_ref((200, 30, 30)), _ref((30, 30, 200), size=(20, 12))], categories=["face", "upper"])
+
+
+@pytest.mark.parametrize("preset", ["tiny-multicrafter", "tiny-one-for-all"])
+def test_save_pretrained_round_trip(preset, tmp_path):
+    pipe = _pipe(preset)
+    _perturb_adapter(pipe)
+    before = {k: v.clone() for k, v in pipe.transformer.flux.state_dict().items()}
+    folder = pipe.save_pretrained(tmp_path / "model")
+    # Saving takes our layers out and puts the very same ones back.
+    after = pipe.transformer.flux.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert (folder / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    # transformer/ is the stock model: no unexpected or missing keys, the wrapped model's base weights.
+    stock, info = FluxTransformer2DModel.from_pretrained(folder / "transformer", output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    base = {
+        k.replace(".base_layer.", "."): v for k, v in pipe.transformer.flux.state_dict().items()
+        if ".lora_" not in k and ".processor." not in k
+    }
+    stock_sd = stock.state_dict()
+    assert base.keys() == stock_sd.keys()
+    assert all(torch.equal(base[k], stock_sd[k]) for k in base)
+
+    loaded = MCImagePipeline.from_pretrained(folder)
+    saved, back = pipe.mc_config.to_dict(), loaded.mc_config.to_dict()
+    # flux comes back as the loaded transformer's full config (defaults included).
+    assert {k: back["flux"][k] for k in saved["flux"]} == saved["flux"]
+    assert {k: v for k, v in back.items() if k != "flux"} == {k: v for k, v in saved.items() if k != "flux"}
+    prompt = "a man <face>with hair</face>" if pipe.mc_config.ccpa else "a man with hair"
+    a = pipe(prompt, **REFS2, height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
+             max_sequence_length=TINY_T5_LENGTH).images
+    b = loaded(prompt, **REFS2, height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
+               max_sequence_length=TINY_T5_LENGTH).images
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    fresh = _run(_pipe(preset), **REFS2)
+    assert np.abs(_run(loaded, **REFS2) - fresh).max() > 1e-3  # the adapter weights did come back
+
+
+def test_stock_flux_pipeline_loads_the_saved_folder(tmp_path):
+    from diffusers import FluxPipeline
+
+    folder = _pipe("tiny-one-for-all").save_pretrained(tmp_path / "model")
+    stock = FluxPipeline.from_pretrained(folder)
+    assert type(stock.transformer) is FluxTransformer2DModel and type(stock.vae).__name__ == "AutoencoderKL"
+
+
+def test_from_pretrained_config_when_no_adapter(tmp_path):
+    pipe = _pipe("tiny-multicrafter")
+    _perturb_adapter(pipe)
+    folder = pipe.save_pretrained(tmp_path / "model")
+    # The adapter's config wins over `config`.
+    ofa = MCImageConfig.from_preset("tiny-one-for-all")
+    assert MCImagePipeline.from_pretrained(folder, config=ofa).mc_config.position_ids == "uno"
+
+    shutil.rmtree(folder / ADAPTER_SUBFOLDER)
+    plain = MCImagePipeline.from_pretrained(folder)  # MCImageConfig(): nothing attached
+    fresh = MCImagePipeline.from_pretrained(folder, config=MCImageConfig.from_preset("tiny-multicrafter"))
+    assert plain.mc_config.adapter == "none" and fresh.mc_config.adapter == "moe_lora"
+    assert fresh.mc_config.flux["num_layers"] == 2  # the architecture comes from transformer/
+    assert all(float(p.abs().sum()) == 0 for k, p in fresh.transformer.adapter_state_dict().items() if "lora_B" in k)
+    # A fresh adapter contributes nothing: the result is the base model's.
+    np.testing.assert_allclose(_run(fresh, refs=REFS2["refs"]), _run(plain, refs=REFS2["refs"]), atol=1e-6, rtol=0)
+    ofa_loaded = MCImagePipeline.from_pretrained(folder, config=ofa)
+    assert (ofa_loaded.mc_config.position_ids, ofa_loaded.mc_config.ccpa) == ("condition", True)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no transformer/ subfolder"):
+        MCImagePipeline.from_pretrained(tmp_path)
+    folder = _pipe("tiny-multicrafter").save_pretrained(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        MCImagePipeline.from_pretrained(folder, adapter=tmp_path / "nowhere")
+
+    deeper = MCImageConfig.from_preset("tiny-multicrafter", flux=dict(FLUX_CONFIGS["tiny"], num_layers=3))
+    MCImageTransformer.from_config(deeper).save_adapter(tmp_path / "deep_adapter")
+    with pytest.raises(ValueError, match="deep_adapter: adapter was trained on a different FLUX architecture.*num_layers"):
+        MCImagePipeline.from_pretrained(folder, adapter=tmp_path / "deep_adapter")
+    other = tmp_path / "ofa_adapter"
+    _pipe("tiny-one-for-all").transformer.save_adapter(other)
+    shutil.copy(folder / ADAPTER_SUBFOLDER / "mcimage_adapter.safetensors", other)  # MoE-LoRA weights, LoRA config
+    with pytest.raises(ValueError, match="ofa_adapter.*does not fit"):
+        MCImagePipeline.from_pretrained(folder, adapter=other)
+    (other / ADAPTER_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="ofa_adapter: broken mcimage adapter config"):
+        MCImagePipeline.from_pretrained(folder, adapter=other)
+    index = (folder / "model_index.json").read_text()
+    (folder / "model_index.json").write_text(json.dumps(dict(json.loads(index), vae=["os", "system"])))
+    with pytest.raises(ValueError, match="component 'vae'.*packages"):  # never imports an arbitrary module
+        MCImagePipeline.from_pretrained(folder)
+    (folder / "model_index.json").write_text(index)
+    (folder / ADAPTER_SUBFOLDER / "mcimage_adapter.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="mcimage_adapter: broken mcimage adapter weights"):
+        MCImagePipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="no loadable class 'Nope'"):
+        load_component(folder, "vae", "diffusers", "Nope")
+
+
+def test_custom_codec_loads_by_model_index(tmp_path):
+    from idcrafter.toyworld.codec import PixelUnshuffleImageCodec
+
+    # 2x2 pixel-unshuffle of RGB = 12 latent channels, packed 2x2 -> 48 transformer channels.
+    config = MCImageConfig.from_preset("tiny-multicrafter", flux=dict(FLUX_CONFIGS["tiny"], in_channels=48))
+    parts = build_tiny_components(config, seed=0)
+    parts["vae"] = PixelUnshuffleImageCodec(factor=2).eval()
+    pipe = MCImagePipeline.from_components(parts)
+    _perturb_adapter(pipe)
+    folder = pipe.save_pretrained(tmp_path / "model")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["vae"] == ["idcrafter.toyworld.codec", "PixelUnshuffleImageCodec"]
+    loaded = MCImagePipeline.from_pretrained(folder)
+    assert type(loaded.vae) is PixelUnshuffleImageCodec and loaded.vae_scale_factor == 2
+    np.testing.assert_allclose(_run(pipe, refs=REFS2["refs"]), _run(loaded, refs=REFS2["refs"]), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# descriptor markup
+
+
+def _txt_ids_seen(pipe, prompt, **kw):
+    """The txt_ids the stock FLUX model receives (first step) and the pipeline output."""
+    seen = []
+    hook = pipe.transformer.flux.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["txt_ids"].clone()), with_kwargs=True
+    )
+    try:
+        out = _run(pipe, **kw) if prompt is None else pipe(
+            prompt, **dict(dict(height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
+                                max_sequence_length=TINY_T5_LENGTH), **kw)).images
+    finally:
+        hook.remove()
+    return seen[0], out
+
+
+def test_markup_places_descriptor_tokens_at_ccpa_centroid(ofa):
+    ids, marked = _txt_ids_seen(ofa, "a man <face>with hair</face>", **REFS2)
+    # Character tokenizer, no BOS: "a man with hair" -> the descriptor is tokens 6..14. References
+    # are 16x16 pixels -> 8x8 latents -> 4x4 packed grids; face is category 1, so eq. 3 puts every
+    # descriptor token at (1, 1*4 + (4-1)/2, 1*4 + (4-1)/2) = (1, 5.5, 5.5).
+    expected = torch.zeros(TINY_T5_LENGTH, 3)
+    expected[6:15] = torch.tensor([1.0, 5.5, 5.5])
+    torch.testing.assert_close(ids, expected, rtol=0, atol=0)
+    seq = ofa.transformer.prepare(torch.zeros(1, 16, 4), [torch.zeros(1, 16, 4)] * 2, torch.zeros(1, TINY_T5_LENGTH, 32),
+                                  target_hw=(4, 4), ref_hws=[(4, 4)] * 2, categories=["face", "upper"],
+                                  descriptor_tokens={"face": list(range(6, 15))})
+    torch.testing.assert_close(seq.txt_ids, expected, rtol=0, atol=0)
+    plain_ids, plain = _txt_ids_seen(ofa, "a man with hair", **REFS2)
+    assert float(plain_ids.abs().sum()) == 0
+    assert np.abs(marked - plain).max() > 1e-4  # same text, moved descriptor: a different image
+
+
+def test_markup_stripped_and_ignored_without_ccpa(mc):
+    ids, marked = _txt_ids_seen(mc, "a man <face>with hair</face>", **REFS2)
+    _, plain = _txt_ids_seen(mc, "a man with hair", **REFS2)
+    assert float(ids.abs().sum()) == 0
+    np.testing.assert_array_equal(marked, plain)
+
+
+def test_markup_batch_and_errors(ofa):
+    kw = dict(REFS2, height=H, width=W, num_inference_steps=1, seed=0, output_type="np",
+              max_sequence_length=TINY_T5_LENGTH)
+    out = ofa(["a <face>man</face> walks", "a <face>dog</face> walks"], **kw).images  # same tokens: fine
+    assert out.shape == (2, H, W, 3)
+    with pytest.raises(ValueError, match="different tokens"):
+        ofa(["a <face>man</face>", "a dog"], **kw)
+    with pytest.raises(ValueError, match="'bag' but no reference has that category"):
+        ofa("a man with a <bag>red bag</bag>", **kw)
+    with pytest.raises(ValueError, match="unclosed tag <face>"):
+        ofa("a <face>man", **kw)
+    with pytest.raises(ValueError, match="not both"):
+        ofa("a <face>man</face>", descriptor_tokens={"face": [2]}, **kw)

@@ -74,3 +74,47 @@ class PixelUnshuffleCodec(ModelMixin, ConfigMixin):
         b, _, frames = z.shape[:3]
         x = F.pixel_shuffle(z.transpose(1, 2).flatten(0, 1), f).unflatten(0, (b, frames)).transpose(1, 2)
         return DecoderOutput(sample=x) if return_dict else (x,)
+
+
+class PixelUnshuffleImageCodec(ModelMixin, ConfigMixin):
+    """The same lossless pixel-unshuffle behind the `AutoencoderKL` interface FLUX pipelines read.
+
+    encode(x [B, 3, H, W]).latent_dist.mode() -> [B, 3 f^2, H/f, W/f]; decode(z).sample is the exact
+    inverse. `block_out_channels` has log2(f) + 1 entries so `2 ** (len - 1)` (the pipelines'
+    vae_scale_factor) is f; scaling_factor 2 brings pixels in [-1, 1] to about unit variance.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        factor: int = 4,
+        in_channels: int = 3,
+        latent_channels: int | None = None,
+        block_out_channels: list[int] | None = None,
+        scaling_factor: float = 2.0,
+        shift_factor: float = 0.0,
+    ):
+        super().__init__()
+        if factor < 1 or factor & (factor - 1):
+            raise ValueError(f"PixelUnshuffleImageCodec: factor must be a power of two, got {factor}")
+        expected = in_channels * factor * factor
+        if latent_channels not in (None, expected):
+            raise ValueError(f"PixelUnshuffleImageCodec: latent_channels must be {expected} for factor {factor}")
+        levels = factor.bit_length()  # log2(f) + 1
+        self.register_to_config(latent_channels=expected, block_out_channels=block_out_channels or [expected] * levels)
+        if 2 ** (len(self.config.block_out_channels) - 1) != factor:
+            raise ValueError(f"PixelUnshuffleImageCodec: block_out_channels must have {levels} entries for factor {factor}")
+        self.register_buffer("anchor", torch.zeros(1))
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """x: [B, C, H, W] -> latents [B, C f^2, H/f, W/f]."""
+        f = self.config.factor
+        if x.ndim != 4 or x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"PixelUnshuffleImageCodec: expected [B, C, H, W] with H, W multiples of {f}, got {tuple(x.shape)}")
+        dist = _Deterministic(F.pixel_unshuffle(x, f))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        """latents [B, C f^2, h, w] -> images [B, C, h f, w f]."""
+        x = F.pixel_shuffle(z, self.config.factor)
+        return DecoderOutput(sample=x) if return_dict else (x,)

@@ -24,7 +24,7 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import permutations
 from pathlib import Path
 
@@ -63,6 +63,7 @@ __all__ = [
     "sample_rng",
     "split_pools",
     "write_dataset",
+    "write_image_dataset",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "ring")
@@ -611,12 +612,14 @@ def make_clip(
     rng: np.random.Generator,
     background: np.ndarray | tuple[int, int, int] | None = None,
     motions: Sequence[Motion] | None = None,
+    motion_kind: str | None = None,
 ) -> Clip:
     """A clip of 1-3 identities moving over a background -> `Clip` (frames uint8 [F, size, size, 3]).
 
     background: None samples one (`make_background`), an RGB triple is a plain colour, an array
     uint8 [size, size, 3] is used as is. motions None samples one per identity in a random depth
-    order, redrawing (up to 20 times) layouts that hide more than half of an identity in some frame.
+    order, redrawing (up to 20 times) layouts that hide more than half of an identity in some frame;
+    motion_kind fixes the kind of the sampled motions ("still" for still images).
     """
     check_num_frames(num_frames)
     if size < 16:
@@ -640,7 +643,7 @@ def make_clip(
         best = None
         for _ in range(_LAYOUT_TRIES):
             order = rng.permutation(len(identities))
-            candidate = [sample_motion(size, rng, depth=int(order[k])) for k in range(len(identities))]
+            candidate = [sample_motion(size, rng, motion_kind, depth=int(order[k])) for k in range(len(identities))]
             rgb, alpha = _render_layers(identities, candidate, num_frames, size)
             weights = _visible_weights(alpha, [m.depth for m in candidate])
             whole = np.maximum((alpha > 0.5).sum(axis=(2, 3)), 1)
@@ -651,6 +654,8 @@ def make_clip(
                 break
         _, motions, rgb, alpha, weights = best
     motions = tuple(motions)
+    if num_frames == 1:  # a still image shows no turn; the prompt must not describe one
+        motions = tuple(replace(m, angle_end=m.angle_start) for m in motions)
     solid = alpha > 0.5
     depths = [m.depth for m in motions]
     return Clip(
@@ -700,14 +705,16 @@ def make_sample(
     subjects: tuple[int, int] = (1, 3),
     split_seed: int = 0,
     held_out_fraction: float = 0.2,
+    motion_kind: str | None = None,
 ) -> ToySample:
-    """Sample `index` of the dataset that `write_dataset` writes with the same arguments."""
+    """Sample `index` of the dataset that `write_dataset` writes with the same arguments
+    (`write_image_dataset`: num_frames 1, motion_kind "still")."""
     lo, hi = _check_subjects(subjects)
     rng = sample_rng(seed, pool, index)
     candidates = split_pools(split_seed, held_out_fraction)[POOLS.index(pool)]
     count = int(rng.integers(lo, hi + 1))
     identities = tuple(candidates[int(i)] for i in rng.choice(len(candidates), size=count, replace=False))
-    clip = make_clip(identities, num_frames, size, rng)
+    clip = make_clip(identities, num_frames, size, rng, motion_kind=motion_kind)
     references = tuple(make_reference(identity, ref_size, rng) for identity in identities)
     return ToySample(f"{pool}-{index:05d}", identities, clip, references)
 
@@ -781,6 +788,56 @@ def write_dataset(
                         "boxes": sample.clip.boxes.tolist()})
     meta = {"seed": seed, "pool": pool, "split_seed": split_seed, "held_out_fraction": held_out_fraction,
             "num_frames": num_frames, "size": size, "ref_size": ref_size, "fps": FPS, "samples": records}
+    _write_text(json.dumps(meta, indent=1) + "\n", folder / "identities.json")
+    _write_text("\n".join(lines) + "\n", manifest)
+    return manifest
+
+
+def write_image_dataset(
+    folder: str | Path,
+    num_samples: int,
+    seed: int,
+    pool: str = "train",
+    size: int = 64,
+    ref_size: int = 32,
+    subjects: tuple[int, int] = (1, 3),
+    split_seed: int = 0,
+    held_out_fraction: float = 0.2,
+) -> Path:
+    """The toy world's image variant: still frames of the same identities -> `manifest.jsonl`.
+
+    Each sample is one frame of 1-3 still identities ("stays in the top left corner", ...):
+    folder/images/<id>.png, folder/refs/<id>_<k>.png, folder/masks/<id>_<k>.png (visible mask,
+    white on black), folder/identities.json and folder/manifest.jsonl (DESIGN 8 with "image"),
+    written as `write_dataset` writes (atomic files, manifest last, deterministic from the seed).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if size < 16 or size % 16:
+        raise ValueError(f"size must be a positive multiple of 16, got {size}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    _check_subjects(subjects)
+    folder = Path(folder)
+    manifest = folder / "manifest.jsonl"
+    manifest.unlink(missing_ok=True)
+    lines, records = [], []
+    for index in range(num_samples):
+        sample = make_sample(index, seed, pool, 1, size, ref_size, subjects, split_seed, held_out_fraction,
+                             motion_kind="still")
+        _write_png(sample.clip.frames[0], folder / "images" / f"{sample.id}.png")
+        entries = []
+        for k, reference in enumerate(sample.references):
+            _write_png(reference, folder / "refs" / f"{sample.id}_{k}.png")
+            _write_png(sample.clip.masks[k, 0].astype(np.uint8) * 255, folder / "masks" / f"{sample.id}_{k}.png")
+            entries.append({"image": f"refs/{sample.id}_{k}.png", "mask": f"masks/{sample.id}_{k}.png",
+                            "category": CATEGORY})
+        lines.append(json.dumps({"id": sample.id, "image": f"images/{sample.id}.png", "prompt": sample.clip.prompt,
+                                 "subjects": entries, "split": pool}))
+        records.append({"id": sample.id, "identities": [i.key for i in sample.identities],
+                        "boxes": sample.clip.boxes[:, 0].tolist()})
+    meta = {"seed": seed, "pool": pool, "split_seed": split_seed, "held_out_fraction": held_out_fraction,
+            "size": size, "ref_size": ref_size, "samples": records}
     _write_text(json.dumps(meta, indent=1) + "\n", folder / "identities.json")
     _write_text("\n".join(lines) + "\n", manifest)
     return manifest

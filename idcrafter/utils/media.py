@@ -14,6 +14,10 @@ from idcrafter.utils.io import atomic_write
 
 # 16-bit PNGs open in these modes; convert("RGB") would clip them to white instead of scaling.
 HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+# PIL modes `to_rgb` converts faithfully (16-bit greyscale is rescaled, alpha composited on white);
+# others (e.g. "F" float images) have no agreed range and are refused by the image branch.
+RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "La", "CMYK", "YCbCr", "LAB", "HSV",
+                         *HIGH_BIT_MODES)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -104,4 +108,19 @@ def write_video(frames: np.ndarray | list, path: str | Path, fps: int = 16) -> P
     with atomic_write(path) as tmp:
         # PIL frames: export_to_video rescales numpy frames as if they were floats in [0, 1].
         export_to_video([Image.fromarray(f) for f in frames], str(tmp), fps=fps)
+    return path
+
+
+def write_image(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write one image (PIL, or [H, W, 3] float in [0, 1] / uint8) atomically; format from the suffix."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(image)
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"output {path}: {path.suffix or 'no suffix'} is not an image format PIL writes")
+    with atomic_write(path) as tmp:
+        image.convert("RGB").save(tmp, format=fmt)
     return path

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Measurement", "TensorMemoryTracker", "measure"]
+__all__ = ["Measurement", "TensorMemoryTracker", "measure", "measure_side_by_side", "peak_bytes"]
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -65,6 +65,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak memory of one call of `fn` above what was allocated before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    with TensorMemoryTracker() as tracker:
+        fn()
+    return int(tracker.peak_bytes)
+
+
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1) -> Measurement:
     """Median time over `repeats` calls of `fn` and its peak memory (one extra, tracked call)."""
     device = torch.device(device)
@@ -77,15 +92,33 @@ def measure(fn: Callable[[], object], device: torch.device | str = "cpu", repeat
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with TensorMemoryTracker() as tracker:
-            fn()
-        peak = tracker.peak_bytes
+    peak = peak_bytes(fn, device)
     times.sort()
-    return Measurement(seconds=times[len(times) // 2], peak_bytes=int(peak))
+    return Measurement(seconds=times[len(times) // 2], peak_bytes=peak)
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1
+) -> dict[str, Measurement]:
+    """`measure` for several variants with their timed calls interleaved (a, b, a, b, ...).
+
+    On a shared or throttling machine the load drifts over a run; interleaving spreads that drift
+    over every variant instead of charging it to whichever ran last, so the ratios stay fair.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, fn in fns.items():
+        ordered = sorted(times[name])
+        out[name] = Measurement(seconds=ordered[len(ordered) // 2], peak_bytes=peak_bytes(fn, device))
+    return out

@@ -1,0 +1,307 @@
+"""One image from the command line: request validation, the plan, and the run.
+
+Everything `scripts/infer.py --mode image` does is here, so it can be called from Python too.
+Validation reads nothing heavy: references are opened, counts, categories, descriptor markup and
+sizes checked, before any model loads.
+
+    req = ImageInferenceRequest(refs=["a.png", "b.png"], categories=["face", "upper"],
+                                prompt="a man <face>with short hair</face>", out="out.png",
+                                preset="tiny-one-for-all")
+    run(req)   # -> Path("out.png")
+
+Without `model` the built-in model runs: the one installed at `idcrafter/assets/toyimage/model`
+when present (a FLUX diffusers folder with `mcimage_adapter/`), else a tiny preset with random
+weights from a fixed seed (noise-like output that exercises the whole path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from idcrafter.utils.cli import InputError
+from mcimage.config import PRESETS, MCImageConfig
+
+__all__ = [
+    "BUILTIN_MODEL",
+    "DEFAULT_PRESET",
+    "IMAGE_OUTPUT_SUFFIXES",
+    "ImageInferenceRequest",
+    "builtin_available",
+    "check_subjects",
+    "is_image_request",
+    "load_pipeline",
+    "model_config",
+    "plan",
+    "render_job",
+    "run",
+    "validate",
+]
+
+BUILTIN_MODEL = Path(__file__).resolve().parents[1] / "idcrafter" / "assets" / "toyimage" / "model"
+DEFAULT_PRESET = "tiny-multicrafter"
+DEFAULT_SEED = 0  # random weights of the tiny built-in model
+IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")
+_DTYPES = ("float32", "bfloat16", "float16")
+_ADAPTER_SUBFOLDER = "mcimage_adapter"  # mcimage.pipeline.ADAPTER_SUBFOLDER, without importing diffusers
+_ADAPTER_CONFIG = "mcimage_config.json"  # mcimage.transformer.ADAPTER_CONFIG_NAME
+_FLUX_PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
+
+
+@dataclass
+class ImageInferenceRequest:
+    refs: list[str]
+    prompt: str
+    out: str
+    categories: list[str] | None = None
+    model: str | None = None
+    adapter: str | None = None
+    preset: str | None = None
+    steps: int | None = None
+    size: str | None = None
+    guidance: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    resolved: dict = field(default_factory=dict)
+
+
+def builtin_available() -> bool:
+    return (BUILTIN_MODEL / "model_index.json").is_file()
+
+
+def _pipeline_class(model: Path) -> str | None:
+    try:
+        return json.loads((model / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_image_request(preset: str | None = None, model: str | None = None, adapter: str | None = None) -> bool:
+    """Whether these options name the image branch: an image preset, an mcimage adapter, or a
+    model folder that is a FLUX pipeline or carries `mcimage_adapter/`. Only looks at files."""
+    if preset is not None and preset in PRESETS:
+        return True
+    if adapter is not None and (Path(adapter) / _ADAPTER_CONFIG).is_file():
+        return True
+    if model is not None:
+        model = Path(model)
+        return (model / _ADAPTER_SUBFOLDER).is_dir() or _pipeline_class(model) in _FLUX_PIPELINES
+    return False
+
+
+def _read_adapter(adapter: Path, flag: str) -> MCImageConfig:
+    from mcimage.transformer import MCImageTransformer
+
+    if not (adapter / _ADAPTER_CONFIG).is_file():
+        raise InputError(f"{flag} {adapter}: no {_ADAPTER_CONFIG} in that folder (not an mcimage adapter)")
+    try:
+        return MCImageTransformer.read_adapter_config(adapter)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise InputError(f"{flag} {adapter}: unreadable adapter config ({str(err).splitlines()[0]})") from None
+
+
+def model_config(req: ImageInferenceRequest) -> MCImageConfig:
+    """The config the run will use: the adapter's when there is one, else the preset's.
+
+    With `model` and no preset the preset follows the folder: one-for-all for a Kontext
+    pipeline, multicrafter otherwise.
+    """
+    if req.preset is not None and req.preset not in PRESETS:
+        raise InputError(f"--preset {req.preset!r} is unknown; image presets: {', '.join(sorted(PRESETS))}")
+    adapter = Path(req.adapter) if req.adapter else None
+    model = Path(req.model) if req.model is not None else None
+    if model is None and req.preset is None and builtin_available():
+        model = BUILTIN_MODEL
+    if model is not None:
+        if not (model / "transformer").is_dir():
+            raise InputError(f"--model {model}: not a FLUX diffusers folder (no transformer/ subfolder)")
+        if adapter is None and (model / _ADAPTER_SUBFOLDER / _ADAPTER_CONFIG).is_file():
+            adapter = model / _ADAPTER_SUBFOLDER
+    if adapter is not None:
+        return _read_adapter(adapter, "--adapter")
+    if model is None:
+        preset = req.preset or DEFAULT_PRESET
+        if not preset.startswith("tiny"):
+            raise InputError(f"--preset {preset}: no built-in model; pass --model (a FLUX diffusers folder)")
+        return MCImageConfig.from_preset(preset)
+    preset = req.preset or ("one-for-all" if _pipeline_class(model) == "FluxKontextPipeline" else "multicrafter")
+    return MCImageConfig.from_preset(preset)
+
+
+def default_size(config: MCImageConfig) -> tuple[int, int]:
+    """Tiny presets render 64x64 (CPU seconds); FLUX-size models 1024x1024."""
+    return (64, 64) if config.preset.startswith("tiny") else (1024, 1024)
+
+
+def check_subjects(
+    prompt: str,
+    refs: Sequence[str | Path],
+    categories: Sequence[str] | None,
+    config: MCImageConfig,
+    names: Sequence[str] = ("--prompt", "--refs", "--categories"),
+) -> None:
+    """Check references, categories and descriptor markup against `config`; raise InputError.
+
+    names: how the message calls the prompt, references and categories (CLI flags or job keys).
+    Every reference is opened fully and its PIL mode checked.
+    """
+    from idcrafter.core.positions import canonical_category, parse_descriptor_markup
+    from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, load_image
+
+    p_name, r_name, c_name = names
+    if len(refs) > config.max_subjects:
+        raise InputError(f"{r_name}: {len(refs)} references, this model supports at most {config.max_subjects}")
+    canon: list[str] = []
+    if categories is not None:
+        if len(categories) != len(refs):
+            raise InputError(
+                f"{c_name}: {len(categories)} categories for {len(refs)} references; give one category per reference"
+            )
+        for name in categories:
+            try:
+                canon.append(canonical_category(name))
+            except ValueError as err:
+                raise InputError(f"{c_name}: {err}") from None
+        if config.position_ids == "condition" and len(set(canon)) != len(canon):
+            raise InputError(f"{c_name}: {list(categories)} repeat a category; one reference per category")
+    elif config.position_ids == "condition" and refs:
+        raise InputError(
+            f"{c_name}: this model ({config.preset}, condition position ids) needs one category per reference"
+        )
+    try:
+        _, spans = parse_descriptor_markup(prompt)
+    except ValueError as err:
+        raise InputError(f"{p_name}: descriptor markup: {err}") from None
+    # Without categories and without CCPA the tags are only stripped, so any name is harmless.
+    if spans and (categories is not None or config.ccpa):
+        for span in spans:
+            if span.category not in canon:
+                raise InputError(
+                    f"{p_name}: descriptor markup <{span.category}> names a category with no reference "
+                    f"({c_name}: {' '.join(categories or []) or 'none'})"
+                )
+    for ref in refs:
+        image = load_image(ref)
+        if image.mode not in RGB_CONVERTIBLE_MODES:
+            raise InputError(f"{r_name} {ref}: unsupported image mode {image.mode!r}; convert it to RGB first")
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {size!r}: expected HEIGHTxWIDTH, e.g. 1024x768") from None
+    return height, width
+
+
+def validate(req: ImageInferenceRequest) -> MCImageConfig:
+    """Check the request; fill `req.resolved` with the settings the run will use."""
+    if not req.prompt or not req.prompt.strip():
+        raise InputError("--prompt is empty")
+    if not req.refs:
+        raise InputError("--refs: give at least one reference image")
+    if Path(req.out).suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
+        raise InputError(f"--out {req.out}: the output must be a {', '.join(IMAGE_OUTPUT_SUFFIXES)} file")
+    config = model_config(req)
+    check_subjects(req.prompt, req.refs, req.categories, config)
+    height, width = _parse_size(req.size) if req.size else default_size(config)
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise InputError(f"--size {height}x{width}: height and width must be positive multiples of 16")
+    steps = req.steps if req.steps is not None else config.num_inference_steps
+    if steps < 1:
+        raise InputError(f"--steps {steps}: must be at least 1")
+    guidance = config.guidance_scale if req.guidance is None else req.guidance
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InputError(f"--guidance {guidance}: must be a non-negative number")
+    if req.dtype not in _DTYPES:
+        raise InputError(f"--dtype {req.dtype}: use {', '.join(_DTYPES)}")
+    if req.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {req.device}: CUDA is not available on this machine")
+    builtin = req.model is None and req.preset is None and builtin_available()
+    req.resolved = dict(
+        mode="image",
+        model=req.model or (str(BUILTIN_MODEL) if builtin else f"built-in ({config.preset}, random weights)"),
+        config_preset=config.preset, position_ids=config.position_ids, ccpa=config.ccpa, dam=config.dam,
+        adapter_type=config.adapter, height=height, width=width, steps=steps, guidance=guidance,
+        max_subjects=config.max_subjects,
+    )
+    return config
+
+
+def plan(req: ImageInferenceRequest) -> str:
+    """Human-readable JSON of what a run would do (`--dry-run`)."""
+    data = {k: v for k, v in asdict(req).items() if k != "resolved"}
+    data.update(req.resolved)
+    return json.dumps(data, indent=2)
+
+
+def load_pipeline(req: ImageInferenceRequest, config: MCImageConfig):
+    """The MCImagePipeline of a validated request, on `req.device` in `req.dtype` (VAE in float32)."""
+    import torch
+
+    from mcimage.pipeline import MCImagePipeline
+    from mcimage.presets import build_tiny_components
+
+    dtype = getattr(torch, req.dtype)
+    model = req.model
+    if model is None and req.preset is None and builtin_available():
+        model = str(BUILTIN_MODEL)
+    if model is not None:
+        pipe = MCImagePipeline.from_pretrained(model, adapter=req.adapter, config=config, torch_dtype=dtype)
+    else:
+        pipe = MCImagePipeline.from_components(build_tiny_components(config, seed=DEFAULT_SEED))
+        if req.adapter is not None:
+            pipe.transformer.load_adapter(req.adapter)
+    for name in ("text_encoder", "text_encoder_2", "transformer"):
+        getattr(pipe, name).to(device=req.device, dtype=dtype)
+    pipe.vae.to(req.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(req: ImageInferenceRequest) -> Path:
+    """Validate, load, generate, write the image atomically; returns the output path."""
+    import torch
+
+    from idcrafter.utils.media import write_image
+
+    config = validate(req)
+    r = req.resolved
+    pipe = load_pipeline(req, config)
+    out = pipe(
+        req.prompt, refs=req.refs, categories=req.categories, height=r["height"], width=r["width"],
+        num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+        generator=torch.Generator().manual_seed(req.seed), output_type="pil",
+    )
+    return write_image(out.images[0], req.out)
+
+
+def render_job(pipe, config: MCImageConfig, job, path: str | Path) -> Path:
+    """Render one image job of `idcrafter.render` (mode "image") into `path` (not atomic: the
+    batch renderer hands a temporary name and renames it when this returns).
+
+    Uses the job's prompt, refs, categories, seed, size, steps and `guidance_text` (the FLUX
+    guidance scale). Raises InputError naming the job key for inputs this model cannot take.
+    """
+    import torch
+    from PIL import Image
+
+    check_subjects(job.prompt, job.refs, job.categories, config, names=("'prompt'", "'refs'", "'categories'"))
+    if job.negative_prompt:
+        raise InputError("'negative_prompt' is not used by the image model (FLUX distilled guidance); leave it out")
+    height, width = job.size or default_size(config)
+    out = pipe(
+        job.prompt, refs=[str(r) for r in job.refs], categories=job.categories, height=height, width=width,
+        num_inference_steps=job.steps, guidance_scale=job.guidance_text,
+        generator=torch.Generator().manual_seed(job.seed), output_type="pil",
+    )
+    path = Path(path)
+    out.images[0].save(path, format=Image.registered_extensions()[path.suffix.lower()])
+    return path

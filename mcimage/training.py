@@ -1,0 +1,353 @@
+"""MultiCrafter / One-for-All as a `TrainingSpec` for the generic DeepSpeed trainer (`idcrafter.train.trainer`).
+
+Loss (DESIGN 6): z_t = (1 - t) z_0 + t eps on packed FLUX latents, logit-normal t with the
+scheduler's shift, target v = eps - z_0, L = mean ||v_theta - v||^2 + lambda L_attn, where L_attn is
+the IDAR region loss on the ref-restricted shares of the chosen (double) blocks for samples with masks.
+
+The progressive recipe is a sequence of runs: `stage="single"` (single-subject samples only), then
+`stage="multi"` (samples with two or more subjects) with lambda = 0.3, started from the first run's
+adapter. One-for-All trains on single-subject pairs with `random_categories`: every step gives the
+subjects categories drawn (distinct within a sample) from the list, so every category block of the
+condition ids (eq. 2) learns from every kind of reference.
+
+FLUX shares one set of position ids across a batch. Batches are therefore drawn from one subject
+count; samples that still need different ids (other categories or descriptors) run as separate
+forwards within one step, their losses averaged with weights proportional to their sample counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from idcrafter.core.positions import DescriptorSpan, canonical_category, descriptor_token_indices
+from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
+from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
+from idcrafter.utils.cli import InputError
+from mcimage.config import PRESETS, MCImageConfig
+from mcimage.transformer import MCImageTransformer, pack_latents
+
+__all__ = ["ImageDataArgs", "ImageModelArgs", "ImageTrainingSpec", "STAGES", "scheduler_shift"]
+
+STAGES = ("all", "single", "multi")
+
+
+def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
+    """The flow shift the pipeline's scheduler applies at this target length.
+
+    FLUX's dynamic shifting maps sigma to e^mu / (e^mu + 1/sigma - 1), the static shift formula
+    with s = e^mu, mu linear in the token count (diffusers' `calculate_shift`); otherwise s is the
+    scheduler's static `shift`. Training t and RL sigma schedules use the same s.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    get = scheduler_config.get
+    if get("use_dynamic_shifting", False):
+        mu = calculate_shift(image_seq_len, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                             get("base_shift", 0.5), get("max_shift", 1.15))
+        return float(math.exp(mu))
+    return float(get("shift", 1.0))
+
+
+@dataclass
+class ImageDataArgs:
+    data: str
+    height: int = 512
+    width: int = 512
+    ref_size: tuple[int, int] | None = None  # canvas of the references (default: the target size)
+    stage: str = "all"  # all, single (one subject) or multi (two or more)
+    random_categories: tuple[str, ...] | None = None  # One-for-All: categories drawn per step
+
+
+@dataclass
+class ImageModelArgs:
+    preset: str = "tiny-multicrafter"
+    base: str | None = None  # FLUX diffusers folder; None: the preset's random components
+    adapter: str | None = None  # start from this adapter (its config wins over the preset)
+    init_seed: int = 0
+    attn_loss_weight: float = 0.0  # lambda of IDAR; > 0 turns share capture on
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    guidance: float | None = None  # distilled-guidance value fed in training (default: the preset's)
+    overrides: dict[str, Any] = field(default_factory=dict)  # MCImageConfig fields (ablations)
+
+
+class ImageTrainingSpec:
+    """Loading, data, conditioning and loss of MultiCrafter / One-for-All training."""
+
+    def __init__(self, model_args: ImageModelArgs, data_args: ImageDataArgs, policy: str = "adapter"):
+        self.m, self.d, self.policy = model_args, data_args, policy
+        if data_args.stage not in STAGES:
+            raise InputError(f"--stage {data_args.stage!r}: use one of {', '.join(STAGES)}")
+        if model_args.adapter is not None:
+            try:
+                config = MCImageTransformer.read_adapter_config(model_args.adapter)
+            except ValueError as err:
+                raise InputError(f"--adapter {model_args.adapter}: {err}") from None
+        elif model_args.preset in PRESETS:
+            config = MCImageConfig.from_preset(model_args.preset)
+        else:
+            raise InputError(f"--preset {model_args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
+        overrides = dict(model_args.overrides)
+        if model_args.attn_loss_weight > 0:
+            overrides.setdefault("idar", True)
+        if overrides:
+            try:
+                config = dataclasses.replace(config, **overrides)
+            except (TypeError, ValueError) as err:
+                raise InputError(f"config overrides {overrides}: {err}") from None
+        self.config = config
+        if model_args.attn_loss_weight > 0 and not config.idar:
+            raise InputError("--attn-loss-weight > 0 needs IDAR share capture (config idar=True)")
+        self.random_categories = None
+        if data_args.random_categories:
+            try:
+                self.random_categories = tuple(canonical_category(c) for c in data_args.random_categories)
+            except ValueError as err:
+                raise InputError(f"--random-categories: {err}") from None
+        flux = config.flux
+        if model_args.base is not None:
+            import json
+
+            path = Path(model_args.base) / "transformer" / "config.json"
+            if not path.is_file():
+                raise InputError(f"--base {model_args.base}: not a FLUX diffusers folder (no transformer/config.json)")
+            flux = json.loads(path.read_text())
+        self.hidden_size = flux["num_attention_heads"] * flux["attention_head_dim"]
+        self.height, self.width = data_args.height, data_args.width
+        self.ref_size = tuple(data_args.ref_size or (self.height, self.width))
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> MCImageTransformer:
+        """Frozen VAE + text encoders (kept in `self.pipe`) and the trainable MCImageTransformer (returned)."""
+        from mcimage.pipeline import MCImagePipeline
+        from mcimage.presets import build_tiny_components
+
+        # FluxPipeline warns about every truncated caption; in training that is one line per step.
+        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+        if self.m.base is not None:
+            pipe = MCImagePipeline.from_pretrained(self.m.base, adapter=self.m.adapter, config=self.config,
+                                                   torch_dtype=dtype)
+        else:
+            pipe = MCImagePipeline.from_components(build_tiny_components(self.config, seed=self.m.init_seed))
+            if self.m.adapter is not None:
+                pipe.transformer.load_adapter(self.m.adapter)
+        model = pipe.transformer
+        if self.m.base is not None:  # the loaded transformer's architecture is the one that counts
+            self.config = dataclasses.replace(self.config, flux=model.config.flux)
+        if model.config != self.config:  # e.g. IDAR turned on for stage 2 of an adapter trained without it
+            try:
+                model.set_capture_config(self.config)
+            except ValueError as err:
+                raise InputError(f"--adapter {self.m.adapter}: {err}") from None
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            getattr(pipe, name).to(device).requires_grad_(False)
+        model.to(device=device, dtype=dtype)
+        self.pipe, self.device = pipe, device
+        mult = pipe.vae_scale_factor * 2
+        for what, (h, w) in (("size", (self.height, self.width)), ("reference size", self.ref_size)):
+            if h % mult or w % mult:
+                raise InputError(f"{what} {h}x{w}: height and width must be multiples of {mult} for this model")
+        target_len = (self.height // mult) * (self.width // mult)
+        self.shift = scheduler_shift(pipe.scheduler.config, target_len)
+        return model
+
+    def trainable_parameters(self, model: MCImageTransformer, policy: str) -> list[nn.Parameter]:
+        try:
+            return list(model.trainable_parameters(policy).values())
+        except ValueError as err:
+            raise InputError(f"--trainable {policy}: {err}") from None
+
+    # ------------------------------------------------------------------ data
+    def load_samples(self) -> list:
+        from idcrafter.data.manifest import load_manifest
+
+        samples, errors = load_manifest(self.d.data)
+        if errors:
+            first = errors[0]
+            raise InputError(f"--data {self.d.data}: {len(errors)} bad lines (line {first.line}: {first.message}); "
+                             f"run `python -m idcrafter.data.validate {self.d.data}`")
+        videos = [s.id for s in samples if s.is_video]
+        if videos:
+            raise InputError(f"--data {self.d.data}: {len(videos)} samples are videos (first: {videos[0]}); "
+                             "the image branch trains on image samples")
+        if self.d.stage == "single":
+            samples = [s for s in samples if len(s.subjects) == 1]
+        elif self.d.stage == "multi":
+            samples = [s for s in samples if len(s.subjects) >= 2]
+        if not samples:
+            raise InputError(f"--data {self.d.data}: no samples for stage {self.d.stage!r}")
+        too_many = [s.id for s in samples if len(s.subjects) > self.config.max_subjects]
+        if too_many:
+            raise InputError(f"--data {self.d.data}: {len(too_many)} samples have more than "
+                             f"{self.config.max_subjects} subjects (first: {too_many[0]})")
+        if self.config.position_ids == "condition" and self.random_categories is None:
+            for s in samples:  # condition ids need one known, distinct category per reference
+                try:
+                    cats = [canonical_category(x.category) for x in s.subjects]
+                except ValueError as err:
+                    raise InputError(f"--data {self.d.data}: sample {s.id}: {err} (or pass --random-categories)") from None
+                if len(set(cats)) != len(cats):
+                    raise InputError(f"--data {self.d.data}: sample {s.id} repeats a category {cats}; condition ids "
+                                     "place one reference per category")
+        if self.random_categories is not None:
+            most = max(len(s.subjects) for s in samples)
+            if most > len(self.random_categories):
+                raise InputError(f"--random-categories has {len(self.random_categories)} categories but samples have "
+                                 f"up to {most} subjects")
+        return samples
+
+    def build_data(self, rank: int, world_size: int, seed: int, batch_size: int):
+        from idcrafter.data.buckets import Bucket
+        from idcrafter.data.dataset import BucketBatchSampler, VideoDataset, collate
+
+        samples = self.load_samples()
+        dataset = VideoDataset(samples, num_frames=1, buckets=[Bucket(self.height, self.width)],
+                               ref_size=self.ref_size, max_subjects=self.config.max_subjects, seed=seed)
+        # Batches of one subject count share their position ids: one forward per step, not one per count.
+        keys = [None if key is None else (*key, len(s.subjects)) for key, s in zip(dataset.bucket_ids(), samples)]
+        sampler = BucketBatchSampler(keys, batch_size, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        self.dataset = dataset
+        return dataset, sampler, collate
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int]]:
+        """pixels [B, 3, H, W] in [-1, 1] -> packed latents [B, L, C] (FLUX scaling and shift) and their grid."""
+        vae = self.pipe.vae
+        z = vae.encode(pixels.to(device=self.device, dtype=vae.dtype)).latent_dist.mode()
+        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return pack_latents(z.to(dtype))
+
+    def descriptor_tokens(self, prompt: str, descriptors: list, categories: list[str]) -> dict[str, list[int]]:
+        """{category: T5 token indices} of the subjects' descriptors found in the prompt (CCPA)."""
+        spans = []
+        for text, category in zip(descriptors, categories):
+            if not text:
+                continue
+            start = prompt.find(text)
+            if start < 0:
+                continue  # a descriptor the caption does not contain has no tokens to place
+            spans.append(DescriptorSpan(category, start, start + len(text), text))
+        if not spans:
+            return {}
+        encoded = self.pipe.tokenizer_2(prompt, padding="max_length", max_length=self.config.text_length,
+                                        truncation=True, return_offsets_mapping=True)
+        try:
+            return descriptor_token_indices(spans, encoded["offset_mapping"])
+        except ValueError:
+            return {}  # truncated away: train this sample without descriptor positions
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, device: torch.device) -> dict:
+        """Frozen encoders: packed target and reference latents, T5 + CLIP states, IDAR assignment."""
+        dtype = next(self.pipe.transformer.parameters()).dtype
+        latents, target_hw = self.encode_images(batch["video"][:, :, 0].to(device), dtype)
+        refs = batch["refs"]  # [B, N, 3, rh, rw]
+        b, n = refs.shape[:2]
+        ref_tokens, ref_hw = self.encode_images(refs.flatten(0, 1).to(device), dtype)
+        text, pooled, _ = self.pipe.encode_prompt(prompt=batch["prompts"], prompt_2=None, device=device,
+                                                  max_sequence_length=self.config.text_length)
+        cond = {"latents": latents, "target_hw": target_hw, "ref_latents": ref_tokens.unflatten(0, (b, n)),
+                "ref_hw": ref_hw, "counts": batch["subject_mask"].sum(1).tolist(), "text": text.to(dtype),
+                "pooled": pooled.to(dtype), "categories": batch["categories"], "descriptors": batch["descriptors"],
+                "prompts": batch["prompts"]}
+        if self.m.attn_loss_weight > 0 and batch.get("masks") is not None and bool(batch["has_masks"].any()):
+            assignment = masks_to_token_assignment(batch["masks"][:, :, 0].to(device), target_hw)
+            assignment[~batch["has_masks"].to(device)] = -1  # samples without masks take no IDAR loss
+            cond["assignment"] = assignment
+        return cond
+
+    def sample_categories(self, cond: dict, generator: torch.Generator) -> list[tuple[str, ...] | None]:
+        """Per sample: the categories its references use (None with UNO ids).
+
+        Random categories are drawn once per subject count in the batch (distinct within a sample),
+        so samples with the same count share ids and run in one forward.
+        """
+        drawn: dict[int, tuple[str, ...]] = {}
+        out = []
+        for count, cats in zip(cond["counts"], cond["categories"]):
+            if self.random_categories is not None:
+                if count not in drawn:
+                    pick = torch.randperm(len(self.random_categories), generator=generator)[:count].tolist()
+                    drawn[count] = tuple(self.random_categories[i] for i in pick)
+                out.append(drawn[count])
+            elif self.config.position_ids == "condition":
+                out.append(tuple(canonical_category(c) for c in cats[:count]))
+            else:
+                out.append(None)
+        return out
+
+    def loss(self, model, cond: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        z0 = cond["latents"]
+        b = z0.shape[0]
+        t = sample_timesteps(b, generator, self.m.timestep_mean, self.m.timestep_std, self.shift, z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0)
+        z_t = add_noise(z0, noise, t).to(z0.dtype)
+        target = flow_target(z0, noise)
+        categories = self.sample_categories(cond, generator)
+        guidance = None
+        if self.config.flux.get("guidance_embeds"):
+            value = self.config.guidance_scale if self.m.guidance is None else self.m.guidance
+            guidance = torch.full((b,), float(value), device=z0.device)
+
+        groups: dict[tuple, list[int]] = {}
+        for i in range(b):
+            descriptors = {}
+            if self.config.ccpa and categories[i]:
+                descriptors = self.descriptor_tokens(cond["prompts"][i], cond["descriptors"][i], list(categories[i]))
+            key = (cond["counts"][i], categories[i], tuple(sorted((c, tuple(v)) for c, v in descriptors.items())))
+            groups.setdefault(key, []).append(i)
+
+        loss_flow = z0.new_zeros((), dtype=torch.float32)
+        loss_attn, leak, attn_weight = z0.new_zeros((), dtype=torch.float32), 0.0, 0.0
+        for (n, cats, descriptors), rows in groups.items():
+            idx = torch.tensor(rows, device=z0.device)
+            share = len(rows) / b
+            capture = {} if "assignment" in cond and n > 0 else None
+            pred = model(
+                z_t[idx], cond["ref_latents"][idx, :n] if n else None, cond["text"][idx], cond["pooled"][idx], t[idx],
+                None if guidance is None else guidance[idx], target_hw=cond["target_hw"],
+                ref_hws=[cond["ref_hw"]] * n if n else None, categories=list(cats) if cats else None,
+                descriptor_tokens=dict(descriptors) or None, attention_capture=capture,
+            )
+            loss_flow = loss_flow + share * flow_loss(pred, target[idx])
+            if capture:
+                assignment = cond["assignment"][idx]
+                if bool((assignment >= 0).any()):
+                    l_attn, l_leak = idar_loss(list(capture.values()), assignment)
+                    loss_attn = loss_attn + share * l_attn
+                    leak += share * float(l_leak)
+                    attn_weight += share
+        loss = loss_flow
+        metrics = {"loss_flow": loss_flow.detach(), "forwards": float(len(groups))}
+        if "assignment" in cond:
+            loss = loss + self.m.attn_loss_weight * loss_attn
+            metrics.update(loss_attn=loss_attn.detach(), leakage=leak / max(attn_weight, 1e-9))
+        if self.config.adapter == "moe_lora" and self.config.load_balance_weight > 0:
+            from idcrafter.core.moe_lora import load_balancing_loss
+
+            balance = load_balancing_loss(model)
+            loss = loss + self.config.load_balance_weight * balance
+            metrics["loss_balance"] = balance.detach()
+        return loss, metrics
+
+    # ------------------------------------------------------------------ files
+    def export(self, model: MCImageTransformer, folder: Path) -> None:
+        """The adapter; with the `all` policy also a complete pipeline folder (folder/pipeline)."""
+        model.save_adapter(folder)
+        if self.policy == "all":
+            self.pipe.save_pretrained(folder / "pipeline")
+
+    def describe(self) -> dict:
+        return {"preset": self.config.preset, "stage": self.d.stage, "size": [self.height, self.width],
+                "ref_size": list(self.ref_size), "attn_loss_weight": self.m.attn_loss_weight,
+                "random_categories": list(self.random_categories or [])}
+

@@ -1,0 +1,213 @@
+"""Image-branch training end to end: real DeepSpeed ZeRO-3 on 2 CPU ranks for each preset, export,
+reload in the pipeline through scripts/infer.py, a PNG; the loss against independent computations;
+IPPO (GSPO) through scripts/train_rl.py --branch image; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, REF = 32, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, args: list[str], ranks: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    if ranks > 1:
+        cmd, env = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, script, *args], dict(os.environ)
+    else:
+        cmd = [sys.executable, script, *args]
+        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Toy still images (2 and 1 subjects), and a saved random base folder per tiny preset."""
+    from idcrafter.toyworld.world import write_image_dataset
+    from mcimage.config import MCImageConfig
+    from mcimage.pipeline import MCImagePipeline
+    from mcimage.presets import build_tiny_components
+
+    root = tmp_path_factory.mktemp("image")
+    multi = write_image_dataset(root / "multi", 8, seed=0, size=SIZE, ref_size=REF, subjects=(2, 2))
+    single = write_image_dataset(root / "single", 8, seed=1, size=SIZE, ref_size=REF, subjects=(1, 1))
+    bases = {}
+    for preset in ("tiny-multicrafter", "tiny-one-for-all"):
+        pipe = MCImagePipeline.from_components(build_tiny_components(MCImageConfig.from_preset(preset), seed=0))
+        bases[preset] = pipe.save_pretrained(root / f"base_{preset}")
+    return root, multi, single, bases
+
+
+PRESET_RUNS = {
+    # MultiCrafter stage 2 on multi-subject data with the IDAR loss; One-for-All on single-subject
+    # pairs with random categories.
+    "tiny-multicrafter": ("multi", ["--stage", "all", "--attn-loss-weight", "0.3"], ["--categories", "face", "upper"]),
+    "tiny-one-for-all": ("single", ["--stage", "single", "--random-categories", "face", "upper", "lower"],
+                         ["--categories", "face", "upper"]),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_RUNS))
+def test_two_ranks_zero3_export_reload_png(world, tmp_path, preset):
+    root, multi, single, bases = world
+    data_name, flags, infer_flags = PRESET_RUNS[preset]
+    data = multi if data_name == "multi" else single
+    out = tmp_path / "run"
+    proc = launch("scripts/train_image.py", [
+        "--preset", preset, "--base", str(bases[preset]), "--data", str(data), "--output", str(out),
+        "--deepspeed_config", "ds_configs/zero3.json", "--size", f"{SIZE}x{SIZE}", "--ref-size", f"{REF}x{REF}",
+        "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2", "--log-every", "1",
+        "--no-progress", *flags], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    if preset == "tiny-multicrafter":
+        assert all(0 <= r["leakage"] <= 1 and r["loss_attn"] > 0 for r in rows)
+    # The exported adapter was gathered from the ZeRO-3 partitions: LoRA B moved off zero.
+    weights = load_file(str(out / "adapter" / "mcimage_adapter.safetensors"))
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b and max(float(v.abs().max()) for v in b) > 0
+    assert (out / "training.png").stat().st_size > 1000
+
+    refs = [str(p) for p in sorted((Path(data).parent / "refs").glob("*.png"))[:2]]
+    images = {}
+    for name, adapter in (("trained", ["--adapter", str(out / "adapter")]), ("base", [])):
+        png = tmp_path / f"{name}.png"
+        proc = subprocess.run([sys.executable, "scripts/infer.py", "--mode", "image", "--model", str(bases[preset]),
+                               *adapter, "--refs", *refs, *infer_flags, "--prompt", "two objects", "--out", str(png),
+                               "--size", f"{SIZE}x{SIZE}", "--steps", "2", "--seed", "3"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with Image.open(png) as im:
+            assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+            images[name] = np.asarray(im, dtype=np.float32)
+    assert np.abs(images["trained"] - images["base"]).max() > 0  # the reloaded adapter is in use
+
+
+def test_loss_groups_match_independent_forwards(world):
+    """Samples needing different ids run as separate forwards; the loss is their count-weighted mean."""
+    from idcrafter.data.dataset import collate
+    from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
+    from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
+
+    root, multi, single, bases = world
+    spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-one-for-all"),
+                             ImageDataArgs(data=str(multi), height=SIZE, width=SIZE, ref_size=(REF, REF),
+                                           random_categories=("face", "upper", "lower")), policy="adapter")
+    model = spec.build_model(torch.device("cpu"), torch.float32)
+    dataset, _, _ = spec.build_data(0, 1, 0, 4)
+    batch = collate([dataset[i] for i in range(4)])
+    cond = spec.prepare(batch, torch.device("cpu"))
+    loss, metrics = spec.loss(model, cond, torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)  # replay the draws in the spec's order
+    z0 = cond["latents"]
+    t = sample_timesteps(4, g, 0.0, 1.0, spec.shift)
+    noise = torch.randn(z0.shape, generator=g)
+    cats = spec.sample_categories(cond, g)
+    expected = 0.0
+    guidance = torch.full((1,), spec.config.guidance_scale)
+    for i in range(4):
+        n = cond["counts"][i]
+        with torch.no_grad():
+            v = model(add_noise(z0, noise, t)[i : i + 1], cond["ref_latents"][i : i + 1, :n], cond["text"][i : i + 1],
+                      cond["pooled"][i : i + 1], t[i : i + 1], guidance, target_hw=cond["target_hw"],
+                      ref_hws=[cond["ref_hw"]] * n, categories=list(cats[i]))
+        expected += float(flow_loss(v, flow_target(z0, noise)[i : i + 1])) / 4
+    assert abs(float(loss.detach()) - expected) < 1e-5
+    assert metrics["forwards"] == len({(cond["counts"][i], cats[i]) for i in range(4)})
+    assert all(len(set(c)) == len(c) for c in cats)  # distinct categories within a sample
+
+
+def test_scheduler_shift_matches_the_pipeline_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from idcrafter.flow.sde import sigma_schedule
+    from mcimage.training import scheduler_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=mu)
+    ours = sigma_schedule(8, scheduler_shift(sched.config, 1024))
+    assert torch.allclose(ours.double(), sched.sigmas.double(), atol=1e-6)
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert scheduler_shift(static.config, 1024) == 3.0
+
+
+def test_rl_image_gspo_two_iterations(world, tmp_path):
+    from idcrafter.toyworld.embedder import ToyIDEmbedder
+
+    root, multi, single, bases = world
+    ToyIDEmbedder().save(tmp_path / "toyid")  # random weights: a real model whose scores mean little
+    out = tmp_path / "rl"
+    proc = launch("scripts/train_rl.py", [
+        "--branch", "image", "--objective", "gspo", "--preset", "tiny-multicrafter", "--base",
+        str(bases["tiny-multicrafter"]), "--data", str(multi), "--eval-data", str(multi), "--output", str(out),
+        "--size", f"{SIZE}x{SIZE}", "--ref-size", f"{REF}x{REF}", "--reward", "toyid=1",
+        "--reward-option", f"toyid.path={tmp_path / 'toyid'}", "--group-size", "3", "--num-steps", "4",
+        "--window", "2", "--max-steps", "2", "--save-every", "2", "--lr", "1e-2", "--kl-weight", "0.01",
+        "--eval-every", "2", "--eval-limit", "2", "--deepspeed_config", "ds_configs/zero3.json", "--no-progress"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("reward_toyid", "clip_fraction", "kl", "ratio", "policy_loss", "window_start"):
+        assert key in steps[-1], key
+    assert [r["step"] for r in rows if "eval_reward" in r] == [0, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "gspo" and summary["steps"] == 2
+    weights = load_file(str(out / "adapter" / "mcimage_adapter.safetensors"))
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0
+
+
+def test_bad_input_exit_2(world, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_image
+
+    root, multi, single, bases = world
+    video = tmp_path / "video.jsonl"
+    video.write_text(json.dumps({"id": "v", "video": "clip.mp4", "prompt": "p",
+                                 "subjects": [{"image": "ref.png", "category": "face"}]}) + "\n")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "ref.png")
+    base = ["--data", str(multi), "--output", str(tmp_path / "bad"), "--size", f"{SIZE}x{SIZE}"]
+    cases = [
+        (["--preset", "nope"], "--preset"),
+        (["--preset", "tiny-one-for-all"], "category"),  # condition ids, toy categories, no --random-categories
+        (["--stage", "single", "--attn-loss-weight", "0.3"], "--stage multi"),
+        (["--stage", "twice"], "--stage"),
+        (["--size", "30x30"], "multiples of 16"),
+        (["--trainable", "everything"], "--trainable"),
+        (["--set", "flux_layers"], "KEY=VALUE"),
+        (["--set", "adapter=banana"], "adapter"),
+        (["--random-categories", "face", "hat"], "hat"),
+    ]
+    for extra, needle in cases:
+        code = train_image.main([*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err)
+        assert needle in err and len(err.strip().splitlines()) == 1, (extra, err)
+    code = train_image.main(["--data", str(video), "--output", str(tmp_path / "bad")])
+    assert code == 2 and "videos" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
