@@ -484,7 +484,7 @@ class MCImagePipeline(DiffusionPipeline):
 
         for t in timesteps:
             v = self.transformer(
-                latents, ref_tokens or None, prompt_embeds, pooled, t.expand(batch).to(dtype) / 1000, guidance,
+                latents, ref_tokens or None, prompt_embeds, pooled, t.expand(batch).float() / 1000, guidance,
                 target_hw=target_hw, ref_hws=ref_hws or None, categories=categories,
                 descriptor_tokens=descriptor_tokens,
             )

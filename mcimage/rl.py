@@ -75,7 +75,8 @@ class ImageRLSpec:
 
     @contextlib.contextmanager
     def reference(self, model):
-        """The reference policy: (MoE-)LoRA off."""
+        """The reference policy: (MoE-)LoRA off. DAM temperatures stay as they are, which is why the
+        KL term is offered only with the `lora` policy (trained DAM would make it inexact)."""
         with moe_lora_disabled(model):
             yield
 
@@ -149,7 +150,7 @@ class ImageRLSpec:
             b = x.shape[0]
             guidance = torch.full((b,), float(guidance_value), device=x.device) if self.config.flux.get("guidance_embeds") else None
             v = model(x.to(dtype), [r.expand(b, -1, -1) for r in cond.refs] or None, cond.text.expand(b, -1, -1),
-                      cond.pooled.expand(b, -1), sigma.to(dtype), guidance, target_hw=self.grid,
+                      cond.pooled.expand(b, -1), sigma.float(), guidance, target_hw=self.grid,
                       ref_hws=cond.ref_hws or None, categories=cond.categories, descriptor_tokens=cond.descriptors)
             return v.float()
 

@@ -11,6 +11,13 @@ identities with two and three subjects:
     idar_moe        + MoE-LoRA (E = 4): MultiCrafter
     one_for_all     condition ids (eq. 2) + CCPA + DAM, trained on single-subject pairs with random
                     categories, evaluated with one category per subject (face, upper, lower)
+    in_context_single  the in_context row trained on the same single-subject pairs (the control
+                    for One-for-All's single-to-multi generalisation)
+
+Every row trains the whole model from the same random base (`--trainable all`): the adapter rows
+measure the MoE-LoRA / LoRA + DAM as extra capacity trained with the base, not as adapters on a
+frozen pretrained model (a toy world has none). Rows already in OUT/ablation.json are kept, so
+rows can be added in later invocations (`--rows in_context_single`).
 
 Columns: ToyID mean / min of generated images against their references (Hungarian matching),
 the same against another sample's references (shuffled), leakage of the double blocks'
@@ -45,6 +52,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "idar": ("toyworld-multicrafter", "train", ["--set", "adapter=none", "--attn-loss-weight", "0.3"]),
     "idar_moe": ("toyworld-multicrafter", "train", ["--attn-loss-weight", "0.3"]),
     "one_for_all": ("toyworld-one-for-all", "single", ["--random-categories", *EVAL_CATEGORIES]),
+    # Control for One-for-All's claim: the in-context baseline trained on the same single-subject data.
+    "in_context_single": ("toyworld-multicrafter", "single", ["--set", "adapter=none", "idar=false"]),
 }
 
 
@@ -178,6 +187,8 @@ def held_out_attention(pipe, manifest: Path, limit: int = 16, seed: int = 0) -> 
     try:
         for i in range(len(dataset)):
             batch = collate([dataset[i]])
+            if batch is None:  # the sample failed to decode (counted by the dataset)
+                continue
             z0, grid = encode(batch["video"][:, :, 0])
             n = int(batch["subject_mask"][0].sum())
             refs, ref_hw = encode(batch["refs"][0, :n])
@@ -211,8 +222,8 @@ def share_maps(pipe, sample, seed: int = 0) -> np.ndarray:
         n = len(refs)
         image = generate(pipe, sample.prompt, refs, seed)
         pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-        z = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
-        z0, grid = pack_latents(z)
+        scaling, shift = pipe._latent_affine()
+        z0, grid = pack_latents((pipe.vae.encode(pixels).latent_dist.mode() - shift) * scaling)
         ref_tokens, ref_hws = pipe.encode_references(refs, REF_SIZE, REF_SIZE, 1, z0.device, z0.dtype)
         text, pooled, _ = pipe.encode_prompt(prompt=[sample.prompt], prompt_2=None, device=z0.device,
                                              max_sequence_length=config.text_length)
@@ -287,11 +298,20 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
                        "truth_toyid_mean": ident["truth_toyid_mean"], **attn}
         pipes[name] = pipe
         log(f"{name}: {json.dumps({k: round(v, 4) for k, v in table[name].items()})} ({time.perf_counter() - started:.0f} s)")
+    previous = out / "ablation.json"
+    if previous.is_file():  # rows of earlier invocations with the same budget stay in the table
+        old = json.loads(previous.read_text())
+        if (old["steps"], old["batch_size"], old["lr"], old["seed"]) == (steps, batch_size, lr, seed):
+            table = {**{k: v for k, v in old["rows"].items() if k not in table}, **table}
+    for name in table:
+        if name not in pipes:
+            pipes[name] = load_pipeline(out / f"run_{name}" / "adapter" / "pipeline")
+    table = {name: table[name] for name in ROWS if name in table}
     report = {"case": "toyimage", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "eval_samples": eval_limit, "rows": table}
-    (out / "ablation.json").write_text(json.dumps(report, indent=2))
+    previous.write_text(json.dumps(report, indent=2))
     (out / "ablation.md").write_text(format_table(report) + "\n")
-    figure(out, pipes, data["held_out"], seed=seed)
+    figure(out, {name: pipes[name] for name in table}, data["held_out"], seed=seed)
     return report
 
 

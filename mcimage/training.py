@@ -119,7 +119,11 @@ class ImageTrainingSpec:
             path = Path(model_args.base) / "transformer" / "config.json"
             if not path.is_file():
                 raise InputError(f"--base {model_args.base}: not a FLUX diffusers folder (no transformer/config.json)")
-            flux = json.loads(path.read_text())
+            try:
+                flux = json.loads(path.read_text())
+                flux["num_attention_heads"] * flux["attention_head_dim"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise InputError(f"--base {model_args.base}: {path} is not a FLUX transformer config ({err})") from None
         self.hidden_size = flux["num_attention_heads"] * flux["attention_head_dim"]
         self.height, self.width = data_args.height, data_args.width
         self.ref_size = tuple(data_args.ref_size or (self.height, self.width))
@@ -132,13 +136,17 @@ class ImageTrainingSpec:
 
         # FluxPipeline warns about every truncated caption; in training that is one line per step.
         logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
-        if self.m.base is not None:
-            pipe = MCImagePipeline.from_pretrained(self.m.base, adapter=self.m.adapter, config=self.config,
-                                                   torch_dtype=dtype)
-        else:
-            pipe = MCImagePipeline.from_components(build_tiny_components(self.config, seed=self.m.init_seed))
-            if self.m.adapter is not None:
-                pipe.transformer.load_adapter(self.m.adapter)
+        try:
+            if self.m.base is not None:
+                pipe = MCImagePipeline.from_pretrained(self.m.base, adapter=self.m.adapter, config=self.config,
+                                                       torch_dtype=dtype)
+            else:
+                pipe = MCImagePipeline.from_components(build_tiny_components(self.config, seed=self.m.init_seed))
+                if self.m.adapter is not None:
+                    pipe.transformer.load_adapter(self.m.adapter)
+        except (ValueError, OSError, KeyError) as err:
+            what = f"--base {self.m.base}" if self.m.base is not None else f"--adapter {self.m.adapter}"
+            raise InputError(f"{what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         model = pipe.transformer
         if self.m.base is not None:  # the loaded transformer's architecture is the one that counts
             self.config = dataclasses.replace(self.config, flux=model.config.flux)
@@ -290,7 +298,7 @@ class ImageTrainingSpec:
         b = z0.shape[0]
         t = sample_timesteps(b, generator, self.m.timestep_mean, self.m.timestep_std, self.shift, z0.device)
         noise = torch.randn(z0.shape, generator=generator).to(z0)
-        z_t = add_noise(z0, noise, t).to(z0.dtype)
+        z_t = add_noise(z0.float(), noise.float(), t).to(z0.dtype)  # at the exact t the model is told
         target = flow_target(z0, noise)
         categories = self.sample_categories(cond, generator)
         guidance = None

@@ -359,7 +359,9 @@ class MCImageTransformer(nn.Module):
             attention_capture.update(cap.shares)
         out = out[:, : hidden_states.shape[1]]
         if self.config.prediction == "sample":  # the model predicts the clean latent
-            out = velocity_from_sample(hidden_states, out, timestep.to(out.dtype))
+            # In float32: under bf16 a rounded t would not be the t the sampler steps with.
+            v = velocity_from_sample(hidden_states.float(), out.float(), timestep.float())
+            out = v.to(hidden_states.dtype)
         return out
 
     @property
@@ -388,6 +390,11 @@ class MCImageTransformer(nn.Module):
         if changed:
             raise ValueError(f"set_capture_config: {changed} change the model's weights or ids; build a new model")
         spec = config.capture_blocks
+        if not isinstance(spec, str):
+            unknown = sorted(set(spec) - set(self.processors))
+            if unknown:
+                raise ValueError(f"set_capture_config: unknown block names {unknown[:5]}; blocks are named like "
+                                 "'transformer_blocks.0' and 'single_transformer_blocks.0'")
         for name, proc in self.processors.items():
             double = name.startswith("transformer_blocks.")
             proc.capture = (spec in ("all", "double") and double) or (spec in ("all", "single") and not double) \

@@ -5,6 +5,7 @@
     python scripts/benchmark.py video-overhead | video-step-cache
     python scripts/benchmark.py image-idar [--config flux-dev|small|tiny] [--quick] [--share-chunk 64 1024]
     python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
+    python scripts/benchmark.py toyimage --out runs/toyimage --steps 1500
 
 CPU sizes by default; on a CUDA device the full-size shapes are used unless --no-full.
 """
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--share-chunk", type=int, nargs="+", default=[],
                         help="image-idar: extra IDAR rows with these share query chunks (memory vs chunk)")
     parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")
-    parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation)")
+    parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation); toyimage: its folder (default runs/toyimage)")
     parser.add_argument("--steps", type=int, default=1000, help="toyworld: training steps of every row")
     args = parser.parse_args(argv)
 

@@ -20,3 +20,21 @@ def run(root: Path = Path("runs/toyworld"), out: Path | None = None, steps: int 
 
 
 register("toyworld", format_table, "ablation table on the toy world (trains 4 rows; needs a toy-world build)")(run)
+
+
+def run_image(out: Path | None = None, steps: int = 1000, **_) -> dict:
+    """The image branch's toy ablation (`mcimage.toyworld`): writes its own data, trains every row."""
+    from mcimage.toyworld import ROWS
+    from mcimage.toyworld import run_ablation as run_image_ablation
+
+    return run_image_ablation(Path(out) if out else Path("runs/toyimage"), steps=steps, batch_size=8, lr=5e-4, seed=0,
+                              train=2000, held_out=64, eval_limit=32, rows=list(ROWS))
+
+
+def _format_image(report: dict) -> str:
+    from mcimage.toyworld import format_table as image_table
+
+    return image_table(report)
+
+
+register("toyimage", _format_image, "image-branch ablation on the toy image world (trains 5 rows, --out DIR)")(run_image)
