@@ -150,11 +150,17 @@ class ImageTrainingSpec:
         model = pipe.transformer
         if self.m.base is not None:  # the loaded transformer's architecture is the one that counts
             self.config = dataclasses.replace(self.config, flux=model.config.flux)
-        if model.config != self.config:  # e.g. IDAR turned on for stage 2 of an adapter trained without it
-            try:
-                model.set_capture_config(self.config)
-            except ValueError as err:
-                raise InputError(f"--adapter {self.m.adapter}: {err}") from None
+        if model.config != self.config:
+            # A loaded adapter (--adapter, or BASE/mcimage_adapter) brings its own config; of the request
+            # only the IDAR capture settings apply (stage 2 turns IDAR on for a stage-1 adapter).
+            fixed = sorted(k for k in self.m.overrides if k not in model.CAPTURE_FIELDS
+                           and getattr(model.config, k) != getattr(self.config, k))
+            if fixed:
+                raise InputError(f"--set {', '.join(fixed)}: the loaded adapter fixes these (its config has "
+                                 f"{', '.join(f'{k}={getattr(model.config, k)!r}' for k in fixed)})")
+            capture = {k: getattr(self.config, k) for k in model.CAPTURE_FIELDS} if self.m.attn_loss_weight > 0 else {}
+            self.config = dataclasses.replace(model.config, **capture)
+            model.set_capture_config(self.config)
         for name in ("text_encoder", "text_encoder_2", "vae"):
             getattr(pipe, name).to(device).requires_grad_(False)
         model.to(device=device, dtype=dtype)

@@ -211,3 +211,26 @@ def test_bad_input_exit_2(world, tmp_path, capsys):
     code = train_image.main(["--data", str(video), "--output", str(tmp_path / "bad")])
     assert code == 2 and "videos" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_loaded_adapter_brings_its_config(world, tmp_path):
+    """BASE/mcimage_adapter's config wins over the preset; only IDAR capture follows the request."""
+    from idcrafter.utils.cli import InputError
+    from mcimage.config import MCImageConfig
+    from mcimage.pipeline import MCImagePipeline
+    from mcimage.presets import build_tiny_components
+    from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
+
+    root, multi, single, bases = world
+    plain = MCImageConfig.from_preset("tiny-multicrafter", adapter="none", idar=False)
+    base = MCImagePipeline.from_components(build_tiny_components(plain, seed=0)).save_pretrained(tmp_path / "plain")
+    data = ImageDataArgs(data=str(multi), height=SIZE, width=SIZE, ref_size=(REF, REF))
+    spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", base=str(base), attn_loss_weight=0.3), data,
+                             policy="all")
+    model = spec.build_model(torch.device("cpu"), torch.float32)
+    assert spec.config.adapter == "none" and spec.config.idar and model.config == spec.config
+    assert sorted(n for n, p in model.processors.items() if p.capture) == ["transformer_blocks.0", "transformer_blocks.1"]
+    spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", base=str(base), overrides={"dam": True}), data,
+                             policy="all")
+    with pytest.raises(InputError, match="dam"):
+        spec.build_model(torch.device("cpu"), torch.float32)
