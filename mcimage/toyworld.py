@@ -315,6 +315,42 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
     return report
 
 
+ASSETS = ROOT / "idcrafter" / "assets" / "toyimage"
+
+
+def assemble(pipeline: Path, adapter: Path | None, dest: Path) -> Path:
+    """A model folder: a trained row's pipeline, its adapter optionally replaced (e.g. by an RL run's)."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(pipeline, dest)
+    if adapter is not None:
+        for name in ("mcimage_adapter.safetensors", "mcimage_config.json"):
+            shutil.copy2(adapter / name, dest / "mcimage_adapter" / name)
+    return dest
+
+
+def install(model: Path) -> Path:
+    """Copy a model folder into the package assets with float16 weights: `scripts/infer.py --mode
+    image` then uses it when no --model is given."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = ASSETS / "model"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(model, target)
+    for path in target.rglob("*.safetensors"):
+        if path.parent.name == "vae":  # the codec has no weights; keep its float32 dtype
+            continue
+        tensors = load_file(str(path))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+    return target
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyimage")
