@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-b", required=True, help="second prompt")
     p.add_argument("--refs", nargs="+", required=True, help="reference images, one per subject")
     p.add_argument("--categories", nargs="+", default=None, help="one category per reference (face, upper, ...)")
-    p.add_argument("--model", default=None, help="FLUX diffusers folder (needs --adapter)")
+    p.add_argument("--model", default=None, help="FLUX diffusers folder (its mcimage_adapter/ unless --adapter)")
     p.add_argument("--adapter", default=None, help="mcimage adapter folder written by training (with --model)")
     p.add_argument("--preset", default="tiny-multicrafter", help="without --model: random model of this preset")
     p.add_argument("--out", required=True, help="output folder")
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH (default 512x512, 32x32 for tiny presets)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: from the model config)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both prompts)")
+    p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
     p.add_argument("--t", type=float, default=0.5, help="--attention: re-noising time in (0, 1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     return p
@@ -67,6 +68,8 @@ def _validate(args) -> None:
         raise InputError(f"--categories has {len(args.categories)} entries for {len(args.refs)} --refs")
     if args.adapter and not args.model:
         raise InputError("--adapter needs --model (the FLUX folder the adapter was trained on)")
+    if args.ref_size is not None:
+        _size(args.ref_size, False)
     if args.model and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: not a folder")
     if args.adapter and not Path(args.adapter).is_dir():
@@ -154,8 +157,10 @@ def write(pipe, args, height: int, width: int) -> None:
     from mcimage.presets import TINY_T5_LENGTH
 
     tiny = not args.model and args.preset.startswith("tiny")
+    text_length = TINY_T5_LENGTH if tiny else min(pipe.mc_config.text_length, int(pipe.tokenizer_2.model_max_length))
     common = dict(refs=args.refs, categories=args.categories, height=height, width=width, seed=args.seed,
-                  steps=args.steps, max_sequence_length=TINY_T5_LENGTH if tiny else 512)
+                  steps=args.steps, max_sequence_length=text_length,
+                  ref_size=_size(args.ref_size, False) if args.ref_size else None)
     stats_a = routing_statistics(pipe, args.prompt_a, **common)
     stats_b = routing_statistics(pipe, args.prompt_b, **common)
     att = subject_attention_maps(pipe, args.prompt_a, t=args.t, **common) if args.attention else None
