@@ -81,6 +81,9 @@ class MCImageConfig:
             latent, converted to a velocity by the wrapper; the toy world's small models learn
             clean-sample prediction where velocity prediction stays noisy).
         text_length: T5 tokens of the prompt (max_sequence_length; FLUX: 512).
+        ref_size: (h, w) canvas the references are fitted on in training and sampling; None: the
+            target size (the papers' choice). The toy world uses half the frame so a reference
+            shows its subject at about the size it has in the image.
         preset: the name this config came from (informational).
         flux: FluxTransformer2DModel config used when the base model is built from scratch.
     """
@@ -110,6 +113,7 @@ class MCImageConfig:
     guidance_scale: float = 3.5
     prediction: str = "velocity"
     text_length: int = 512
+    ref_size: tuple[int, int] | None = None
     preset: str = "custom"
     flux: dict[str, Any] = field(default_factory=lambda: dict(FLUX_CONFIGS["tiny"]))
 
@@ -122,6 +126,10 @@ class MCImageConfig:
             raise ValueError("MCImageConfig: ccpa needs position_ids='condition' (CCPA centroids are eq. 2 blocks)")
         if self.condition_base_offset and self.position_ids != "condition":
             raise ValueError("MCImageConfig: condition_base_offset applies to position_ids='condition' only")
+        if self.ref_size is not None:
+            self.ref_size = tuple(int(v) for v in self.ref_size)
+            if len(self.ref_size) != 2 or min(self.ref_size) <= 0:
+                raise ValueError(f"MCImageConfig: ref_size must be (height, width), got {self.ref_size}")
         if self.prediction not in ("velocity", "sample"):
             raise ValueError(f"MCImageConfig: prediction must be 'velocity' or 'sample', got {self.prediction!r}")
         if self.adapter not in _ADAPTERS:
@@ -180,6 +188,7 @@ class MCImageConfig:
         """A JSON-ready dict (tuples become lists)."""
         data = dataclasses.asdict(self)
         data["lora_target_modules"] = list(self.lora_target_modules)
+        data["ref_size"] = None if self.ref_size is None else list(self.ref_size)
         data["flux"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.flux.items()}
         return data
 
@@ -228,6 +237,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The toy image world: same methods on a small FLUX trained from scratch on a CPU.
 _TOY = dict(lora_rank=16, lora_alpha=16.0, share_chunk_size=256, num_inference_steps=20, guidance_scale=1.0,
-            prediction="sample", text_length=128, max_subjects=3, learning_rate=5e-4, flux=FLUX_CONFIGS["toy"])
+            prediction="sample", text_length=128, ref_size=(32, 32), max_subjects=3, learning_rate=5e-4, flux=FLUX_CONFIGS["toy"])
 PRESETS["toyworld-multicrafter"] = dict(_MULTICRAFTER, **_TOY, preset="toyworld-multicrafter")
 PRESETS["toyworld-one-for-all"] = dict(_ONE_FOR_ALL, **_TOY, preset="toyworld-one-for-all")

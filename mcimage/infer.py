@@ -125,7 +125,7 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
         return _read_adapter(adapter, "--adapter")
     if model is None:
         preset = req.preset or DEFAULT_PRESET
-        if not preset.startswith("tiny"):
+        if not preset.startswith(("tiny", "toyworld")):
             raise InputError(f"--preset {preset}: no built-in model; pass --model (a FLUX diffusers folder)")
         return MCImageConfig.from_preset(preset)
     preset = req.preset or ("one-for-all" if _pipeline_class(model) == "FluxKontextPipeline" else "multicrafter")
@@ -133,8 +133,8 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
 
 
 def default_size(config: MCImageConfig) -> tuple[int, int]:
-    """Tiny presets render 64x64 (CPU seconds); FLUX-size models 1024x1024."""
-    return (64, 64) if config.preset.startswith("tiny") else (1024, 1024)
+    """Tiny and toy-world presets render 64x64 (CPU seconds); FLUX-size models 1024x1024."""
+    return (64, 64) if config.preset.startswith(("tiny", "toyworld")) else (1024, 1024)
 
 
 def check_subjects(

@@ -432,7 +432,7 @@ class MCImagePipeline(DiffusionPipeline):
             `prompt_descriptors`).
         refs: paths, PIL images or uint8 arrays (any mode `to_rgb` handles, incl. 16-bit and CMYK);
         categories: one per reference (required by condition ids); ref_size: (h, w) canvas of the
-        references (default: the target size); seed: used when no generator is given.
+        references (default: config.ref_size, else the target size); seed: used when no generator is given.
         max_sequence_length: T5 tokens (default min(512, tokenizer_2.model_max_length)).
         descriptor_tokens: {category: T5 token indices}, an alternative to markup.
         """
@@ -449,7 +449,7 @@ class MCImagePipeline(DiffusionPipeline):
             descriptor_tokens = marked
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        ref_h, ref_w = ref_size or (height, width)
+        ref_h, ref_w = ref_size or cfg.ref_size or (height, width)
         mult = self.vae_scale_factor * 2
         if ref_h % mult or ref_w % mult:
             raise ValueError(f"ref_size must be multiples of {mult}, got {ref_h}x{ref_w}")

@@ -328,6 +328,12 @@ def assemble(pipeline: Path, adapter: Path | None, dest: Path) -> Path:
     if adapter is not None:
         for name in ("mcimage_adapter.safetensors", "mcimage_config.json"):
             shutil.copy2(adapter / name, dest / "mcimage_adapter" / name)
+    # Models trained before configs carried the reference canvas: record the one training used.
+    path = dest / "mcimage_adapter" / "mcimage_config.json"
+    payload = json.loads(path.read_text())
+    if payload["config"].get("ref_size") is None:
+        payload["config"]["ref_size"] = [REF_SIZE, REF_SIZE]
+        path.write_text(json.dumps(payload, indent=2) + "\n")
     return dest
 
 

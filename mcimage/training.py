@@ -126,7 +126,7 @@ class ImageTrainingSpec:
                 raise InputError(f"--base {model_args.base}: {path} is not a FLUX transformer config ({err})") from None
         self.hidden_size = flux["num_attention_heads"] * flux["attention_head_dim"]
         self.height, self.width = data_args.height, data_args.width
-        self.ref_size = tuple(data_args.ref_size or (self.height, self.width))
+        self.ref_size = tuple(data_args.ref_size or config.ref_size or (self.height, self.width))
 
     # ------------------------------------------------------------------ model
     def build_model(self, device: torch.device, dtype: torch.dtype) -> MCImageTransformer:
