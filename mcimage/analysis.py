@@ -276,7 +276,7 @@ def attention_figure(
         ax = axes[1, k + 1]
         ax.imshow(img)
         overlay = ax.imshow(big[k], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{titles[k]}: mean share {maps[k].mean():.2f}", fontsize=8)
+        ax.set_title(f"{titles[k]}\nmean share {maps[k].mean():.2f}", fontsize=8)
     fig.colorbar(overlay, ax=list(axes[1, 1:]), fraction=0.03, label="share of reference attention")
     _save_figure(fig, path)
     return big
