@@ -325,7 +325,8 @@ class ImageTrainingSpec:
         for (n, cats, descriptors), rows in groups.items():
             idx = torch.tensor(rows, device=z0.device)
             share = len(rows) / b
-            capture = {} if "assignment" in cond and n > 0 else None
+            # One subject has nothing to leak to (its share is 1): no capture, no IDAR term.
+            capture = {} if "assignment" in cond and n > 1 else None
             pred = model(
                 z_t[idx], cond["ref_latents"][idx, :n] if n else None, cond["text"][idx], cond["pooled"][idx], t[idx],
                 None if guidance is None else guidance[idx], target_hw=cond["target_hw"],
@@ -343,6 +344,7 @@ class ImageTrainingSpec:
         loss = loss_flow
         metrics = {"loss_flow": loss_flow.detach(), "forwards": float(len(groups))}
         if "assignment" in cond:
+            # Every rank logs the same keys; a step without multi-subject samples reports 0 for both.
             loss = loss + self.m.attn_loss_weight * loss_attn
             metrics.update(loss_attn=loss_attn.detach(), leakage=leak / max(attn_weight, 1e-9))
         if self.config.adapter == "moe_lora" and self.config.load_balance_weight > 0:
