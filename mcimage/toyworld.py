@@ -369,7 +369,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-limit", type=int, default=32)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--toyid", default=str(TOYID), help="ToyID embedder folder")
+    p.add_argument("--install", default=None, metavar="PIPELINE",
+                   help="instead of the ablation: install this trained pipeline folder as the built-in image model")
+    p.add_argument("--rl-adapter", default=None, help="with --install: the adapter of an RL run on that pipeline")
     args = p.parse_args(argv)
+    if args.install:
+        model = assemble(Path(args.install), Path(args.rl_adapter) if args.rl_adapter else None, Path(args.out) / "model")
+        print(f"installed {install(model)}")
+        return 0
     report = run_ablation(Path(args.out), args.steps, args.batch_size, args.lr, args.seed, args.train_samples,
                           args.held_out_samples, args.eval_limit, args.rows, Path(args.toyid))
     print(format_table(report))
