@@ -63,7 +63,11 @@ class MCFluxAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        share_capture: ShareCapture | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """share_capture: the capture of this forward, passed through FLUX's joint_attention_kwargs so
+        that gradient checkpointing's recomputation in the backward computes the same shares as the
+        forward did (an attribute set by a context manager would be gone by then)."""
         # --- from diffusers 0.42 FluxAttnProcessor.__call__ (unfused projections) ---
         if getattr(attn, "fused_projections", False):
             raise ValueError(f"{self.name}: fused QKV projections are not supported; call unfuse_qkv_projections()")
@@ -94,8 +98,9 @@ class MCFluxAttnProcessor(nn.Module):
             query = apply_temperature(query, tau)
 
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, D]
-        if self.capture and self.active is not None:
-            self._record(q, k)
+        active = share_capture if share_capture is not None else self.active
+        if self.capture and active is not None:
+            self._record(q, k, active)
         out = attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -104,14 +109,14 @@ class MCFluxAttnProcessor(nn.Module):
             return out, attn.to_add_out(encoder_out.contiguous())
         return out
 
-    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        layout = self.active.layout
+    def _record(self, q: torch.Tensor, k: torch.Tensor, active: ShareCapture) -> None:
+        layout = active.layout
         if layout.total != q.shape[2]:
             raise ValueError(f"{self.name}: layout total {layout.total} != sequence length {q.shape[2]}")
         start, end = layout.target
         # Temperature is already inside q (queries were divided by tau above).
-        self.active.shares[self.name] = ref_attention_share(
-            q[:, :, start:end], k, layout.ref_ranges(), chunk_size=self.active.chunk_size
+        active.shares[self.name] = ref_attention_share(
+            q[:, :, start:end], k, layout.ref_ranges(), chunk_size=active.chunk_size
         )
 
 

@@ -344,6 +344,8 @@ class MCImageTransformer(nn.Module):
             else contextlib.nullcontext()
         )
         with capture as cap:
+            if cap is not None:  # also handed to the processors as an argument: see MCFluxAttnProcessor
+                joint_attention_kwargs = {**(joint_attention_kwargs or {}), "share_capture": cap}
             out = self.flux(
                 hidden_states=x,
                 encoder_hidden_states=encoder_hidden_states,

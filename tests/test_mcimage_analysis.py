@@ -54,8 +54,8 @@ def _script(name: str):
 class QKRecorder(MCFluxAttnProcessor):
     """The real processor that also keeps the q and k it computed the share from."""
 
-    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        super()._record(q, k)
+    def _record(self, q: torch.Tensor, k: torch.Tensor, active) -> None:
+        super()._record(q, k, active)
         self.qk = (q.detach().clone(), k.detach().clone())
 
 

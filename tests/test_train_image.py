@@ -234,3 +234,30 @@ def test_a_loaded_adapter_brings_its_config(world, tmp_path):
                              policy="all")
     with pytest.raises(InputError, match="dam"):
         spec.build_model(torch.device("cpu"), torch.float32)
+
+
+def test_idar_with_gradient_checkpointing_gives_the_same_gradients(world):
+    """The recomputation in the backward sees the same capture (it is a forward argument), so
+    checkpointed IDAR training equals plain training."""
+    from idcrafter.data.dataset import collate
+    from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
+
+    root, multi, single, bases = world
+    grads = {}
+    for checkpointing in (False, True):
+        spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", attn_loss_weight=0.3),
+                                 ImageDataArgs(data=str(multi), height=SIZE, width=SIZE, ref_size=(REF, REF)),
+                                 policy="all")
+        model = spec.build_model(torch.device("cpu"), torch.float32)
+        params = spec.trainable_parameters(model, "all")
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        dataset, _, _ = spec.build_data(0, 1, 0, 4)
+        cond = spec.prepare(collate([dataset[i] for i in range(4)]), torch.device("cpu"))
+        loss, metrics = spec.loss(model, cond, torch.Generator().manual_seed(0))
+        assert float(metrics["loss_attn"]) > 0
+        loss.backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+    assert grads[False].abs().max() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)

@@ -40,13 +40,13 @@ GPU_SHAPE = AttentionShape(heads=24, head_dim=128, text=512, target=4096, refs=(
 class NaiveShareProcessor(MCFluxAttnProcessor):
     """Same processor, but the share comes from the full [B, H, L_t, L] softmax, sliced."""
 
-    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        layout = self.active.layout
+    def _record(self, q: torch.Tensor, k: torch.Tensor, active) -> None:
+        layout = active.layout
         start, end = layout.target
         logits = q[:, :, start:end].float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
         probs = logits.softmax(dim=-1)
         mass = torch.stack([probs[..., s:e].sum(-1) for s, e in layout.refs], dim=1)  # [B, N, H, L_t]
-        self.active.shares[self.name] = (mass / mass.sum(1, keepdim=True)).mean(2)
+        active.shares[self.name] = (mass / mass.sum(1, keepdim=True)).mean(2)
 
 
 def _grid_ids(h: int, w: int, dh: int = 0, dw: int = 0) -> torch.Tensor:
