@@ -23,7 +23,7 @@ from typing import Any
 
 from idcrafter.core.moe_lora import FLUX_TARGET_MODULES, MoELoRAConfig
 
-__all__ = ["FLUX_CONFIGS", "PRESETS", "MCImageConfig"]
+__all__ = ["FLUX_CONFIGS", "PRESETS", "MCImageConfig", "check_categories"]
 
 # FluxTransformer2DModel configs (diffusers layout) of the base checkpoints, and a tiny one.
 # FLUX.1-dev and FLUX.1-Kontext-dev share the architecture (both guidance-distilled).
@@ -240,3 +240,34 @@ _TOY = dict(lora_rank=16, lora_alpha=16.0, share_chunk_size=256, num_inference_s
             prediction="sample", text_length=128, ref_size=(32, 32), max_subjects=3, learning_rate=5e-4, flux=FLUX_CONFIGS["toy"])
 PRESETS["toyworld-multicrafter"] = dict(_MULTICRAFTER, **_TOY, preset="toyworld-multicrafter")
 PRESETS["toyworld-one-for-all"] = dict(_ONE_FOR_ALL, **_TOY, preset="toyworld-one-for-all")
+
+
+def check_categories(config: MCImageConfig, num_refs: int, categories) -> tuple[str, ...] | None:
+    """The canonical category of each reference, or None when none are given (UNO ids).
+
+    Raises ValueError when the count differs from the references, a name is unknown, condition
+    ids get no categories, or condition ids get a category twice (two references would share
+    RoPE positions). One check for the model, the pipeline and the command line.
+    """
+    from idcrafter.core.positions import canonical_category
+
+    condition = config.position_ids == "condition"
+    if categories is None:
+        if condition and num_refs:
+            raise ValueError(f"condition position ids need a category per reference (categories=[...]); got "
+                             f"{num_refs} references and no categories")
+        return None
+    categories = list(categories)
+    if len(categories) != num_refs:
+        raise ValueError(f"{len(categories)} categories for {num_refs} references ({categories}); "
+                         "give one category per reference")
+    canon = []
+    for k, name in enumerate(categories):
+        try:
+            canon.append(canonical_category(name))
+        except ValueError as err:
+            raise ValueError(f"categories[{k}]: {err}") from None
+    if condition and len(set(canon)) != len(canon):
+        raise ValueError(f"categories {categories} repeat a category; condition ids place one reference per category "
+                         "(two would share RoPE positions)")
+    return tuple(canon)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from idcrafter.utils.cli import InputError
-from mcimage.config import PRESETS, MCImageConfig
+from mcimage.config import PRESETS, MCImageConfig, check_categories
 
 __all__ = [
     "BUILTIN_MODEL",
@@ -149,29 +149,16 @@ def check_subjects(
     names: how the message calls the prompt, references and categories (CLI flags or job keys).
     Every reference is opened fully and its PIL mode checked.
     """
-    from idcrafter.core.positions import canonical_category, parse_descriptor_markup
+    from idcrafter.core.positions import parse_descriptor_markup
     from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, load_image
 
     p_name, r_name, c_name = names
     if len(refs) > config.max_subjects:
         raise InputError(f"{r_name}: {len(refs)} references, this model supports at most {config.max_subjects}")
-    canon: list[str] = []
-    if categories is not None:
-        if len(categories) != len(refs):
-            raise InputError(
-                f"{c_name}: {len(categories)} categories for {len(refs)} references; give one category per reference"
-            )
-        for name in categories:
-            try:
-                canon.append(canonical_category(name))
-            except ValueError as err:
-                raise InputError(f"{c_name}: {err}") from None
-        if config.position_ids == "condition" and len(set(canon)) != len(canon):
-            raise InputError(f"{c_name}: {list(categories)} repeat a category; one reference per category")
-    elif config.position_ids == "condition" and refs:
-        raise InputError(
-            f"{c_name}: this model ({config.preset}, condition position ids) needs one category per reference"
-        )
+    try:
+        canon = check_categories(config, len(refs), categories) or ()
+    except ValueError as err:
+        raise InputError(f"{c_name}: {err}") from None
     try:
         _, spans = parse_descriptor_markup(prompt)
     except ValueError as err:

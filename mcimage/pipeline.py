@@ -37,7 +37,7 @@ from PIL import Image
 from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image
-from mcimage.config import MCImageConfig
+from mcimage.config import MCImageConfig, check_categories
 from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
 
 __all__ = [
@@ -356,19 +356,7 @@ class MCImagePipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be positive multiples of {mult}, got {height}x{width}")
         if len(refs) > cfg.max_subjects:
             raise ValueError(f"{len(refs)} reference images, this model supports at most {cfg.max_subjects}")
-        if categories is not None:
-            if len(categories) != len(refs):
-                raise ValueError(f"{len(categories)} categories for {len(refs)} reference images; give one per reference")
-            canon = []
-            for k, name in enumerate(categories):
-                try:
-                    canon.append(canonical_category(name))
-                except ValueError as err:
-                    raise ValueError(f"categories[{k}]: {err}") from None
-            if cfg.position_ids == "condition" and len(set(canon)) != len(canon):
-                raise ValueError(f"categories {list(categories)} repeat a category; one reference per category")
-        elif cfg.position_ids == "condition" and refs:
-            raise ValueError("this model (condition position ids) needs categories=[...], one per reference image")
+        check_categories(cfg, len(refs), categories)
 
     @staticmethod
     def _to_image(ref, k: int) -> Image.Image:

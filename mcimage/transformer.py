@@ -43,7 +43,7 @@ from idcrafter.core.positions import (
 )
 from idcrafter.flow.matching import velocity_from_sample
 from idcrafter.utils.io import atomic_write
-from mcimage.config import MCImageConfig
+from mcimage.config import MCImageConfig, check_categories
 from mcimage.processors import MCFluxAttnProcessor, capture_ref_shares, install_processors
 
 __all__ = [
@@ -153,30 +153,8 @@ def build_sequence(
         raise ValueError(f"ref_hws has {len(ref_hws)} entries for {n} references")
     hws = [_grid_of(length, None if ref_hws is None else ref_hws[k], f"reference {k}") for k, length in enumerate(ref_lens)]
 
-    cats: tuple[str, ...] | None = None
-    if categories is not None:
-        if n > len(categories):
-            raise ValueError(
-                f"{n} references but only {len(categories)} categories ({list(categories)}); "
-                "give one category per reference"
-            )
-        if len(categories) > n:
-            raise ValueError(f"{len(categories)} categories ({list(categories)}) for {n} references")
-        canon = []
-        for k, name in enumerate(categories):
-            try:
-                canon.append(canonical_category(name))
-            except ValueError as err:
-                raise ValueError(f"categories[{k}]: {err}") from None
-        cats = tuple(canon)
+    cats = check_categories(config, n, categories)
     condition = config.position_ids == "condition"
-    if condition and n and cats is None:
-        raise ValueError(f"condition position ids need a category per reference; got {n} references and no categories")
-    if condition and cats is not None and len(set(cats)) != len(cats):
-        raise ValueError(
-            f"categories {list(cats)} repeat a category; condition ids place one reference per category "
-            "(two would share RoPE positions)"
-        )
 
     base_offset = target_hw if config.condition_base_offset else None
     if condition:

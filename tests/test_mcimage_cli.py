@@ -131,5 +131,5 @@ def test_render_batch_image_jobs(tmp_path):
     assert "<bag> names a category with no reference" in invalid[3]
     assert "'guidance_image' is a video key" in invalid[4]
     assert [(f["line"], f["output"]) for f in summary["failed"]] == [(5, "e.jpg")]
-    assert "needs one category per reference" in summary["failed"][0]["message"]
+    assert "need a category per reference" in summary["failed"][0]["message"]
     assert sorted(p.name for p in out.iterdir()) == ["img", "summary.json"]  # nothing half-written

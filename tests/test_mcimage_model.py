@@ -228,7 +228,7 @@ def test_bad_inputs_raise_clear_errors():
     model = MCImageTransformer.from_config(cfg, seed=0)
     inputs, refs = _inputs(cfg), _refs(cfg)
     run = dict(ref_latents=refs, **inputs, target_hw=TARGET_HW, ref_hws=REF_HWS)
-    with pytest.raises(ValueError, match=r"2 references but only 1 categories \(\['face'\]\)"):
+    with pytest.raises(ValueError, match=r"1 categories for 2 references \(\['face'\]\); give one category per reference"):
         model(**run, categories=["face"])
     with pytest.raises(ValueError, match=r"categories\[1\]: unknown category 'hat'; known categories: bag, face"):
         model(**run, categories=["face", "hat"])

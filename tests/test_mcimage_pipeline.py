@@ -92,7 +92,7 @@ def test_bad_inputs(mc, ofa):
         _run(mc, refs=[_ref((0, 0, 0))] * 5)
     with pytest.raises(ValueError, match=r"categories\[1\]"):
         _run(ofa, refs=[_ref((0, 0, 0))] * 2, categories=["face", "spaceship"])
-    with pytest.raises(ValueError, match="needs categories"):
+    with pytest.raises(ValueError, match="need a category per reference"):
         _run(ofa, refs=[_ref((0, 0, 0))])
     with pytest.raises(ValueError, match="2 categories for 1"):
         _run(ofa, refs=[_ref((0, 0, 0))], categories=["face", "upper"])
