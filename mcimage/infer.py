@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.cli import InputError, parse_size
 from mcimage.config import PRESETS, MCImageConfig, check_categories
 
 __all__ = [
@@ -177,14 +177,6 @@ def check_subjects(
             raise InputError(f"{r_name} {ref}: unsupported image mode {image.mode!r}; convert it to RGB first")
 
 
-def _parse_size(size: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size {size!r}: expected HEIGHTxWIDTH, e.g. 1024x768") from None
-    return height, width
-
-
 def validate(req: ImageInferenceRequest) -> MCImageConfig:
     """Check the request; fill `req.resolved` with the settings the run will use."""
     if not req.prompt or not req.prompt.strip():
@@ -195,7 +187,7 @@ def validate(req: ImageInferenceRequest) -> MCImageConfig:
         raise InputError(f"--out {req.out}: the output must be a {', '.join(IMAGE_OUTPUT_SUFFIXES)} file")
     config = model_config(req)
     check_subjects(req.prompt, req.refs, req.categories, config)
-    height, width = _parse_size(req.size) if req.size else default_size(config)
+    height, width = parse_size(req.size) if req.size else default_size(config)
     if height <= 0 or width <= 0 or height % 16 or width % 16:
         raise InputError(f"--size {height}x{width}: height and width must be positive multiples of 16")
     steps = req.steps if req.steps is not None else config.num_inference_steps

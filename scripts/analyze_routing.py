@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(text: str | None, tiny: bool) -> tuple[int, int]:
+def _size(text: str | None, tiny: bool, flag: str = "--size") -> tuple[int, int]:
     if text is None:
         return (32, 32) if tiny else (512, 512)
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
-    if h <= 0 or w <= 0:
-        raise InputError(f"--size {text!r}: height and width must be positive")
-    return h, w
+    return parse_size(text, flag)
 
 
 def _validate(args) -> None:
@@ -69,7 +63,7 @@ def _validate(args) -> None:
     if args.adapter and not args.model:
         raise InputError("--adapter needs --model (the FLUX folder the adapter was trained on)")
     if args.ref_size is not None:
-        _size(args.ref_size, False)
+        _size(args.ref_size, False, "--ref-size")
     if args.model and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: not a folder")
     if args.adapter and not Path(args.adapter).is_dir():
@@ -160,7 +154,7 @@ def write(pipe, args, height: int, width: int) -> None:
     text_length = TINY_T5_LENGTH if tiny else min(pipe.mc_config.text_length, int(pipe.tokenizer_2.model_max_length))
     common = dict(refs=args.refs, categories=args.categories, height=height, width=width, seed=args.seed,
                   steps=args.steps, max_sequence_length=text_length,
-                  ref_size=_size(args.ref_size, False) if args.ref_size else None)
+                  ref_size=_size(args.ref_size, False, "--ref-size") if args.ref_size else None)
     stats_a = routing_statistics(pipe, args.prompt_a, **common)
     stats_b = routing_statistics(pipe, args.prompt_b, **common)
     att = subject_attention_maps(pipe, args.prompt_a, t=args.t, **common) if args.attention else None

@@ -36,8 +36,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from idcrafter.utils.cli import parse_size
     from idcrafter.video.config import PRESETS
-    from idcrafter.video.infer import parse_size
     from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
     try:

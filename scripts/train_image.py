@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
 
 POLICIES = ("adapter", "lora", "dam", "all")
 
@@ -71,16 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
-
-
-def parse_size(text: str, flag: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
-    if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise InputError(f"{flag} {text}: height and width must be positive multiples of 16")
-    return h, w
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -128,9 +118,9 @@ def validate(args) -> None:
         raise InputError("--attn-loss-weight needs samples with several subjects; use --stage multi or all")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         raise InputError(f"--ema-decay {args.ema_decay} must be in (0, 1)")
-    parse_size(args.size, "--size")
+    parse_size(args.size, "--size", multiple=16)
     if args.ref_size is not None:
-        parse_size(args.ref_size, "--ref-size")
+        parse_size(args.ref_size, "--ref-size", multiple=16)
     parse_overrides(args.overrides)
 
 
@@ -140,8 +130,8 @@ def main(argv=None) -> int:
         validate(args)
         from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 
-        height, width = parse_size(args.size, "--size")
-        ref_size = parse_size(args.ref_size, "--ref-size") if args.ref_size else None
+        height, width = parse_size(args.size, "--size", multiple=16)
+        ref_size = parse_size(args.ref_size, "--ref-size", multiple=16) if args.ref_size else None
         spec = ImageTrainingSpec(
             ImageModelArgs(preset=args.preset, base=args.base, adapter=args.adapter, init_seed=args.seed,
                            attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,16 +99,6 @@ BRANCHES = ("video", "image")
 POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
 
 
-def parse_size(text: str, flag: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
-    if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise InputError(f"{flag} {text}: height and width must be positive multiples of 16")
-    return h, w
-
-
 def validate_image(args) -> None:
     from mcimage.config import PRESETS
 
@@ -120,7 +110,7 @@ def validate_image(args) -> None:
         raise InputError("--vlm applies to the video branch only")
     for flag in ("size", "ref_size"):
         if getattr(args, flag) is not None:
-            parse_size(getattr(args, flag), f"--{flag.replace('_', '-')}")
+            parse_size(getattr(args, flag), f"--{flag.replace('_', '-')}", multiple=16)
 
 
 def build_spec(args):
@@ -129,8 +119,8 @@ def build_spec(args):
         from mcimage.rl import ImageRLSpec
         from mcimage.training import ImageModelArgs
 
-        height, width = parse_size(args.size, "--size") if args.size else (512, 512)
-        ref_size = parse_size(args.ref_size, "--ref-size") if args.ref_size else None
+        height, width = parse_size(args.size, "--size", multiple=16) if args.size else (512, 512)
+        ref_size = parse_size(args.ref_size, "--ref-size", multiple=16) if args.ref_size else None
         try:
             return ImageRLSpec(
                 ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,

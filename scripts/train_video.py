@@ -89,7 +89,7 @@ def validate(args) -> None:
     if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
         raise InputError(f"--frames {args.frames}: must be 4n+1")
     if args.size is not None:
-        from idcrafter.video.infer import parse_size
+        from idcrafter.utils.cli import parse_size
 
         h, w = parse_size(args.size)
         if h % 16 or w % 16:
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         return fail(str(err))
 
     from idcrafter.train.trainer import AllSamplesFailed, TrainArgs, Trainer
+    from idcrafter.utils.cli import parse_size
     from idcrafter.utils.logging import setup_logging
-    from idcrafter.video.infer import parse_size
     from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
     setup_logging()

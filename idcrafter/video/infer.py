@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.cli import InputError, parse_size
 from idcrafter.utils.media import load_image, read_video
 from idcrafter.video.config import PRESETS, IDCrafterConfig
 
@@ -40,15 +40,6 @@ class InferenceRequest:
     sequential_guidance: bool = False
     vlm: str | None = None
     resolved: dict = field(default_factory=dict)
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'480x832' (height x width) -> (480, 832)."""
-    try:
-        height, width = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size {size!r}: expected HEIGHTxWIDTH, e.g. 480x832") from None
-    return height, width
 
 
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
