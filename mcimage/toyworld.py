@@ -339,22 +339,10 @@ def assemble(pipeline: Path, adapter: Path | None, dest: Path) -> Path:
 
 def install(model: Path) -> Path:
     """Copy a model folder into the package assets with float16 weights: `scripts/infer.py --mode
-    image` then uses it when no --model is given."""
-    import shutil
+    image` then uses it when no --model is given. The codec (vae/) has no weights and stays float32."""
+    from idcrafter.utils.io import copy_as_float16
 
-    from safetensors.torch import load_file, save_file
-
-    target = ASSETS / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(model, target)
-    for path in target.rglob("*.safetensors"):
-        if path.parent.name == "vae":  # the codec has no weights; keep its float32 dtype
-            continue
-        tensors = load_file(str(path))
-        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
-                  metadata={"format": "pt"})
-    return target
+    return copy_as_float16(model, ASSETS / "model", keep=("vae",))
 
 
 def main(argv=None) -> int:

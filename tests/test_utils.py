@@ -109,3 +109,24 @@ def test_benchmark_video_cases(case, tmp_path):
         assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
     else:
         assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
+
+
+def test_copy_as_float16_converts_floats_outside_kept_folders(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from idcrafter.utils.io import copy_as_float16
+
+    src = tmp_path / "src"
+    for sub in ("transformer", "vae"):
+        (src / sub).mkdir(parents=True)
+        save_file({"w": torch.tensor([0.1, 2.5]), "n": torch.tensor([3, 4])}, str(src / sub / "m.safetensors"))
+    (src / "model_index.json").write_text("{}")
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "stale.txt").write_text("old")
+    dest = copy_as_float16(src, tmp_path / "dest", keep=("vae",))
+    converted, kept = load_file(str(dest / "transformer" / "m.safetensors")), load_file(str(dest / "vae" / "m.safetensors"))
+    assert converted["w"].dtype == torch.float16 and torch.equal(converted["w"], torch.tensor([0.1, 2.5]).half())
+    assert converted["n"].dtype == torch.int64 and kept["w"].dtype == torch.float32
+    assert (dest / "model_index.json").is_file() and not (dest / "stale.txt").exists()
+    assert load_file(str(src / "transformer" / "m.safetensors"))["w"].dtype == torch.float32  # source untouched

@@ -125,16 +125,12 @@ def step_eval(out: Path, model: Path, held: Path, seed: int = 0, limit: int = 32
 
 def install(model: Path, toyid: Path) -> Path:
     """Copy the model (float16 weights) and the embedder into the package assets."""
-    from safetensors.torch import load_file, save_file
+    from idcrafter.utils.io import copy_as_float16
 
     if ASSETS.exists():
         shutil.rmtree(ASSETS)
-    shutil.copytree(model, ASSETS / "model")
+    copy_as_float16(model, ASSETS / "model")
     shutil.copytree(toyid, ASSETS / "toyid")
-    for path in (ASSETS / "model").rglob("*.safetensors"):
-        tensors = load_file(str(path))
-        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
-                  metadata={"format": "pt"})
     return ASSETS
 
 

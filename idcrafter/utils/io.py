@@ -48,3 +48,21 @@ def atomic_write_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_as_float16(src: str | os.PathLike, dest: str | os.PathLike, keep: tuple[str, ...] = ()) -> Path:
+    """Copy a model folder to `dest` (replacing it) with every floating safetensors tensor stored as
+    float16, except in subfolders named in `keep`. For shipping small models inside the package."""
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    for path in dest.rglob("*.safetensors"):
+        if path.parent.name in keep:
+            continue
+        tensors = load_file(str(path))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+    return dest
