@@ -19,7 +19,9 @@ import torch
 
 from idcrafter.core.moe_lora import moe_lora_disabled
 from idcrafter.core.positions import canonical_category
+from idcrafter.rl.trainer import load_prompt_samples, reference_arrays
 from idcrafter.utils.cli import InputError
+from mcimage.config import check_categories
 from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 from mcimage.transformer import unpack_latents
 
@@ -82,22 +84,12 @@ class ImageRLSpec:
 
     # ------------------------------------------------------------------ data
     def build_items(self, which: str) -> list[ImageItem]:
-        from idcrafter.data.manifest import load_manifest
-
         path = self.data if which == "train" else self.eval_data
         if path is None:
             return []
-        samples, errors = load_manifest(path)
-        if errors:
-            raise InputError(f"{path}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
-        items = []
-        for s in samples:
-            if len(s.subjects) > self.config.max_subjects:
-                raise InputError(f"{path}: sample {s.id} has {len(s.subjects)} subjects, the model takes at most "
-                                 f"{self.config.max_subjects}")
-            items.append(ImageItem(s.id, s.prompt, tuple(x.image for x in s.subjects),
-                                   self._categories(path, s.id, [x.category for x in s.subjects])))
-        return items
+        return [ImageItem(s.id, s.prompt, tuple(x.image for x in s.subjects),
+                          self._categories(path, s.id, [x.category for x in s.subjects]))
+                for s in load_prompt_samples(path, self.config.max_subjects)]
 
     def _categories(self, path, sample_id: str, manifest: list[str]) -> tuple[str, ...] | None:
         """Condition ids need one distinct category per reference: the manifest's, or --categories in order."""
@@ -109,20 +101,15 @@ class ImageRLSpec:
                                  f"{len(self.categories)}")
             return self.categories[: len(manifest)]
         try:
-            cats = tuple(canonical_category(c) for c in manifest)
+            return check_categories(self.config, len(manifest), manifest)
         except ValueError as err:
             raise InputError(f"{path}: sample {sample_id}: {err} (or pass --categories)") from None
-        if len(set(cats)) != len(cats):
-            raise InputError(f"{path}: sample {sample_id} repeats a category {list(cats)}")
-        return cats
 
     def reward_inputs(self, item: ImageItem) -> tuple[str, list[np.ndarray], dict]:
         from idcrafter.core.positions import parse_descriptor_markup
-        from idcrafter.utils.media import load_image
 
-        refs = [np.asarray(load_image(p).convert("RGB")) for p in item.refs]
         clean, _ = parse_descriptor_markup(item.prompt)
-        return clean, refs, {"categories": list(item.categories or ()), "id": item.id}
+        return clean, reference_arrays(item.refs), {"categories": list(item.categories or ()), "id": item.id}
 
     # ------------------------------------------------------------------ conditioning and policy
     @torch.no_grad()

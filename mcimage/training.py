@@ -31,7 +31,7 @@ from idcrafter.core.positions import DescriptorSpan, canonical_category, descrip
 from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
 from idcrafter.utils.cli import InputError
-from mcimage.config import PRESETS, MCImageConfig
+from mcimage.config import PRESETS, MCImageConfig, check_categories
 from mcimage.transformer import MCImageTransformer, pack_latents
 
 __all__ = ["ImageDataArgs", "ImageModelArgs", "ImageTrainingSpec", "STAGES", "scheduler_shift"]
@@ -205,12 +205,9 @@ class ImageTrainingSpec:
         if self.config.position_ids == "condition" and self.random_categories is None:
             for s in samples:  # condition ids need one known, distinct category per reference
                 try:
-                    cats = [canonical_category(x.category) for x in s.subjects]
+                    check_categories(self.config, len(s.subjects), [x.category for x in s.subjects])
                 except ValueError as err:
                     raise InputError(f"--data {self.d.data}: sample {s.id}: {err} (or pass --random-categories)") from None
-                if len(set(cats)) != len(cats):
-                    raise InputError(f"--data {self.d.data}: sample {s.id} repeats a category {cats}; condition ids "
-                                     "place one reference per category")
         if self.random_categories is not None:
             most = max(len(s.subjects) for s in samples)
             if most > len(self.random_categories):

@@ -98,6 +98,29 @@ class RLSpec(Protocol):
     def describe(self) -> dict: ...
 
 
+def load_prompt_samples(path: str | Path, max_subjects: int) -> list:
+    """The manifest samples an RL run draws its (prompt, subjects) items from (DESIGN 8; only the
+    prompt and the subjects' images and categories are used). InputError on bad lines or samples
+    with more subjects than the model takes."""
+    from idcrafter.data.manifest import load_manifest
+    from idcrafter.utils.cli import InputError
+
+    samples, errors = load_manifest(path)
+    if errors:
+        raise InputError(f"{path}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
+    too_many = [s.id for s in samples if len(s.subjects) > max_subjects]
+    if too_many:
+        raise InputError(f"{path}: {len(too_many)} samples have more than {max_subjects} subjects (first: {too_many[0]})")
+    return samples
+
+
+def reference_arrays(paths) -> list[np.ndarray]:
+    """Reference image files -> uint8 [H, W, 3] arrays, as the reward models take them."""
+    from idcrafter.utils.media import load_image
+
+    return [np.asarray(load_image(p).convert("RGB")) for p in paths]
+
+
 class RLTrainer(Trainer):
     """`Trainer` with rollouts instead of a dataset: `run()` is the same list of steps."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from idcrafter.core.moe_lora import moe_lora_disabled
-from idcrafter.utils.cli import InputError
+from idcrafter.rl.trainer import load_prompt_samples, reference_arrays
 from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
 
@@ -79,27 +79,14 @@ class VideoRLSpec:
 
     # ------------------------------------------------------------------ data
     def build_items(self, which: str) -> list[PromptItem]:
-        from idcrafter.data.manifest import load_manifest
-
         path = self.data if which == "train" else self.eval_data
         if path is None:
             return []
-        samples, errors = load_manifest(path)
-        if errors:
-            raise InputError(f"{path}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
-        items = [PromptItem(s.id, s.prompt, tuple(x.image for x in s.subjects), tuple(x.category for x in s.subjects))
-                 for s in samples]
-        too_many = [i.id for i in items if len(i.refs) > self.config.max_subjects]
-        if too_many:
-            raise InputError(f"{path}: {len(too_many)} samples have more than {self.config.max_subjects} subjects "
-                             f"(first: {too_many[0]})")
-        return items
+        return [PromptItem(s.id, s.prompt, tuple(x.image for x in s.subjects), tuple(x.category for x in s.subjects))
+                for s in load_prompt_samples(path, self.config.max_subjects)]
 
     def reward_inputs(self, item: PromptItem) -> tuple[str, list[np.ndarray], dict]:
-        from idcrafter.utils.media import load_image
-
-        refs = [np.asarray(load_image(p).convert("RGB")) for p in item.refs]
-        return item.prompt, refs, {"categories": list(item.categories), "id": item.id}
+        return item.prompt, reference_arrays(item.refs), {"categories": list(item.categories), "id": item.id}
 
     # ------------------------------------------------------------------ conditioning and policy
     def condition(self, model, item: PromptItem, device: torch.device) -> VideoCondition:
