@@ -194,11 +194,11 @@ class MCImageConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MCImageConfig:
-        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MCImageConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        """Inverse of `to_dict`; unknown keys (a typo never passes silently) and values of the wrong
+        JSON type are a ValueError."""
+        from idcrafter.utils.schema import check_json_fields
+
+        check_json_fields(cls, data, "MCImageConfig")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -150,7 +150,7 @@ def check_subjects(
     Every reference is opened fully and its PIL mode checked.
     """
     from idcrafter.core.positions import parse_descriptor_markup
-    from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, load_image
+    from idcrafter.utils.media import load_rgb
 
     p_name, r_name, c_name = names
     if len(refs) > config.max_subjects:
@@ -172,9 +172,7 @@ def check_subjects(
                     f"({c_name}: {' '.join(categories or []) or 'none'})"
                 )
     for ref in refs:
-        image = load_image(ref)
-        if image.mode not in RGB_CONVERTIBLE_MODES:
-            raise InputError(f"{r_name} {ref}: unsupported image mode {image.mode!r}; convert it to RGB first")
+        load_rgb(ref, r_name)
 
 
 def validate(req: ImageInferenceRequest) -> MCImageConfig:

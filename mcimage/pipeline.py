@@ -36,7 +36,7 @@ from PIL import Image
 
 from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
 from idcrafter.utils.io import atomic_write_dir
-from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image
+from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image, to_rgb
 from mcimage.config import MCImageConfig, check_categories
 from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
 
@@ -371,9 +371,7 @@ class MCImagePipeline(DiffusionPipeline):
             ref = Image.fromarray(ref[..., 0] if ref.ndim == 3 and ref.shape[2] == 1 else ref)
         if not isinstance(ref, Image.Image):
             raise ValueError(f"reference {k}: expected a path, PIL image or uint8 array, got {type(ref).__name__}")
-        if ref.mode not in SUPPORTED_IMAGE_MODES:
-            raise ValueError(f"reference {k}: unsupported image mode {ref.mode!r}; convert it to RGB first")
-        return ref
+        return to_rgb(ref, what=f"reference {k}")  # InputError (a ValueError) for modes with no RGB reading
 
     def _latent_affine(self) -> tuple[float, float]:
         """FLUX's latent normalisation z' = (z - shift) * scaling; identity for codecs without one."""

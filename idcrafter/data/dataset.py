@@ -356,7 +356,7 @@ class VideoDataset(Dataset):
             item["video"] = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0
             rh, rw = self.ref_size
             item["refs"] = torch.stack(
-                [media.image_to_tensor(media.fit_on_canvas(media.load_image(s.image), rh, rw)) for s in sample.subjects]
+                [media.image_to_tensor(media.fit_on_canvas(media.load_rgb(s.image), rh, rw)) for s in sample.subjects]
             )
         item["masks"] = self._load_masks(sample, bucket, size, frames, start, source_fps)
         return item

@@ -135,13 +135,18 @@ def media_size(path: str | os.PathLike, is_video: bool | None = None) -> tuple[i
         if info.height <= 0 or info.width <= 0:
             raise InputError(f"video {path}: the header gives no frame size")
         return info.height, info.width
-    if not path.is_file():
-        raise InputError(f"image {path} does not exist")
     from PIL import Image
 
+    from idcrafter.utils.cli import path_problem
+
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"image {path} {problem}")
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            # EXIF orientations 5-8 turn the image by 90 degrees: `load_image` returns it upright.
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+            return (img.width, img.height) if turned else (img.height, img.width)
     except Exception as err:
         raise InputError(f"image {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
@@ -189,12 +194,9 @@ def load_clip(
     """
     path = Path(path)
     if not (is_video_path(path) if is_video is None else is_video):
-        from idcrafter.utils.media import load_image, to_rgb
+        from idcrafter.utils.media import load_rgb
 
-        try:
-            return np.asarray(to_rgb(load_image(path)))[None]
-        except InputError as err:  # its messages say "reference image"
-            raise InputError(str(err).replace("reference image", "image", 1)) from None
+        return np.asarray(load_rgb(path, "image"))[None]
     _check_clip_args(source_fps or 1.0, target_fps, num_frames, start)
     info = probe_video(path)
     fps = source_fps or info.fps

@@ -176,18 +176,9 @@ def load_attention(path: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ items
 def read_image(path: Path) -> np.ndarray:
     """A generated still image -> uint8 [1, H, W, 3]."""
-    from PIL import Image, UnidentifiedImageError
+    from idcrafter.utils.media import load_rgb
 
-    from idcrafter.utils.media import to_rgb
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(to_rgb(img))[None].copy()
-    except FileNotFoundError:
-        raise InputError(f"generated image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"generated image {path} cannot be read ({err.__class__.__name__}: {err})") from None
+    return np.asarray(load_rgb(path, "generated image"))[None].copy()
 
 
 @dataclass

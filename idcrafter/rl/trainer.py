@@ -116,9 +116,9 @@ def load_prompt_samples(path: str | Path, max_subjects: int) -> list:
 
 def reference_arrays(paths) -> list[np.ndarray]:
     """Reference image files -> uint8 [H, W, 3] arrays, as the reward models take them."""
-    from idcrafter.utils.media import load_image
+    from idcrafter.utils.media import load_rgb
 
-    return [np.asarray(load_image(p).convert("RGB")) for p in paths]
+    return [np.asarray(load_rgb(p)) for p in paths]
 
 
 class RLTrainer(Trainer):

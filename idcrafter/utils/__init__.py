@@ -1,17 +1,28 @@
-"""Small helpers shared by every part of the package: optional imports, logging, seeding, files."""
+"""Small helpers shared by every part of the package: optional imports, logging, seeding, files.
 
-from idcrafter.utils.deps import MissingDependencyError, is_available, require
-from idcrafter.utils.io import atomic_write, atomic_write_dir
-from idcrafter.utils.logging import get_logger, setup_logging
-from idcrafter.utils.seed import seed_everything
+Names are imported on first use, so a command-line tool that stops on bad input (through
+`idcrafter.utils.cli`) does so before torch is imported.
+"""
 
-__all__ = [
-    "MissingDependencyError",
-    "atomic_write",
-    "atomic_write_dir",
-    "get_logger",
-    "is_available",
-    "require",
-    "seed_everything",
-    "setup_logging",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MissingDependencyError": "idcrafter.utils.deps",
+    "is_available": "idcrafter.utils.deps",
+    "require": "idcrafter.utils.deps",
+    "atomic_write": "idcrafter.utils.io",
+    "atomic_write_dir": "idcrafter.utils.io",
+    "get_logger": "idcrafter.utils.logging",
+    "setup_logging": "idcrafter.utils.logging",
+    "seed_everything": "idcrafter.utils.seed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'idcrafter.utils' has no attribute {name!r}")

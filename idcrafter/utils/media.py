@@ -2,52 +2,79 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.deps import is_available
 from idcrafter.utils.io import atomic_write
 
-# 16-bit PNGs open in these modes; convert("RGB") would clip them to white instead of scaling.
-HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-# PIL modes `to_rgb` converts faithfully (16-bit greyscale is rescaled, alpha composited on white);
-# others (e.g. "F" float images) have no agreed range and are refused by the image branch.
-RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "La", "CMYK", "YCbCr", "LAB", "HSV",
-                         *HIGH_BIT_MODES)
+# PIL modes and how `to_rgb` turns them into RGB (every mode Pillow has; tests/test_media.py checks each):
+# - converted by PIL: "1", "L", "P", "RGB", "RGBX", "CMYK" (naive, no ICC profile), "YCbCr", "LAB", "HSV";
+# - alpha composited on white: "RGBA", "RGBa", "LA", "La", "PA", "P" with a transparent colour;
+# - 16-bit grey, rescaled by 1/257 (convert("RGB") would clip it to white): "I;16", "I;16L", "I;16B", "I;16N",
+#   and "I" (32-bit) when its values fit in 16 bits, as 16-bit PNGs and TIFFs open;
+# - refused: "F" (32-bit float has no agreed range: [0, 1] and [0, 255] are both common) and "I" beyond 16 bits.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", *ALPHA_MODES, *HIGH_BIT_MODES)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully (so a truncated file fails here, not later); InputError names the file."""
+def load_image(path: str | Path, what: str = "reference image") -> Image.Image:
+    """Open an image fully (so a truncated file fails here, not later) and turn it upright by its
+    EXIF orientation (phone photos are stored sideways with a tag saying so). Any PIL mode; see
+    `load_rgb` for RGB. InputError names `what` and the file: missing, a folder, unreadable."""
+    from idcrafter.utils.cli import path_problem
+
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"reference image {path} does not exist")
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{what} {path} {problem}")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"reference image {path} cannot be read ({err.__class__.__name__}: {err})") from None
+            upright = ImageOps.exif_transpose(img)
+            return upright if upright is not img else img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as err:
+        raise InputError(f"{what} {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL image -> RGB; transparent images are composited on `background` (white)."""
-    if image.mode == "RGB":
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255), what: str = "image") -> Image.Image:
+    """Any PIL image -> RGB by the table above; transparent images are composited on `background`.
+
+    Raises InputError (naming `what`) for the modes that have no faithful RGB reading.
+    """
+    mode = image.mode
+    if mode == "RGB":
         return image
-    if image.mode in HIGH_BIT_MODES:
-        scaled = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), "L").convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
+    if mode not in RGB_CONVERTIBLE_MODES:
+        hint = "32-bit float images have no agreed value range" if mode == "F" else "an unknown mode"
+        raise InputError(f"{what}: unsupported image mode {mode!r} ({hint}); save it as 8- or 16-bit RGB or grey")
+    if mode in HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise InputError(f"{what}: 32-bit integer image with values outside 0..65535; save it as 8- or 16-bit")
+        return Image.fromarray((values / 257.0).round().astype(np.uint8), "L").convert("RGB")
+    if mode == "La":  # premultiplied grey + alpha: PIL converts it to nothing else
+        grey, alpha = (np.asarray(band, dtype=np.float64) for band in image.split())
+        straight = np.where(alpha > 0, grey * 255.0 / np.maximum(alpha, 1), 0).clip(0, 255).round().astype(np.uint8)
+        image, mode = Image.merge("LA", (Image.fromarray(straight, "L"), image.getchannel("A"))), "LA"
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def load_rgb(path: str | Path, what: str = "reference image") -> Image.Image:
+    """`load_image` then `to_rgb`: the one way references, targets and masks-as-images are read
+    in inference, training, RL and evaluation, so a file is either read the same everywhere or
+    refused everywhere with the same line."""
+    return to_rgb(load_image(path, what), what=f"{what} {path}")
 
 
 def fit_on_canvas(img: Image.Image, height: int, width: int) -> Image.Image:

@@ -125,10 +125,10 @@ class IDCrafterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IDCrafterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"IDCrafterConfig: unknown keys {unknown}")
+        """Inverse of `to_dict`; unknown keys and values of the wrong JSON type are a ValueError."""
+        from idcrafter.utils.schema import check_json_fields
+
+        check_json_fields(cls, data, "IDCrafterConfig")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

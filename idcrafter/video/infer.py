@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from idcrafter.utils.cli import InputError, parse_size
-from idcrafter.utils.media import load_image, read_video
+from idcrafter.utils.media import load_rgb, read_video
 from idcrafter.video.config import PRESETS, IDCrafterConfig
 
 DEFAULT_MODEL = "built-in"
@@ -82,7 +82,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
     if len(req.refs) > config.max_subjects:
         raise InputError(f"--refs: {len(req.refs)} references, this model supports at most {config.max_subjects}")
     for ref in req.refs:
-        load_image(ref)
+        load_rgb(ref)
     height, width = parse_size(req.size) if req.size else (config.height, config.width)
     if height <= 0 or width <= 0 or height % 16 or width % 16:
         raise InputError(f"--size {height}x{width}: height and width must be positive multiples of 16")
