@@ -98,20 +98,13 @@ class RLSpec(Protocol):
     def describe(self) -> dict: ...
 
 
-def load_prompt_samples(path: str | Path, max_subjects: int) -> list:
+def load_prompt_samples(path: str | Path, max_subjects: int, flag: str = "--data") -> list:
     """The manifest samples an RL run draws its (prompt, subjects) items from (DESIGN 8; only the
-    prompt and the subjects' images and categories are used). InputError on bad lines or samples
-    with more subjects than the model takes."""
-    from idcrafter.data.manifest import load_manifest
-    from idcrafter.utils.cli import InputError
+    prompt and the subjects' images and categories are used). InputError on bad lines, no
+    samples, or samples with more subjects than the model takes."""
+    from idcrafter.data.manifest import read_samples
 
-    samples, errors = load_manifest(path)
-    if errors:
-        raise InputError(f"{path}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
-    too_many = [s.id for s in samples if len(s.subjects) > max_subjects]
-    if too_many:
-        raise InputError(f"{path}: {len(too_many)} samples have more than {max_subjects} subjects (first: {too_many[0]})")
-    return samples
+    return read_samples(path, flag, max_subjects)
 
 
 def reference_arrays(paths) -> list[np.ndarray]:
@@ -271,6 +264,7 @@ class RLTrainer(Trainer):
             "steps": self.step,
             "elapsed_s": round(getattr(self, "elapsed", 0.0), 2),
             "world_size": self.world_size,
+            "resumed_from": self.resumed_from,
             "objective": self.rl.objective,
             "group_size": self.rl.group_size,
             "final": {k: v[-1][1] for k, v in self.log.history.items()},

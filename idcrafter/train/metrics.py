@@ -5,23 +5,59 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
 
 
-class MetricLog:
-    """Rank-0 logger: `log(step, **scalars)`; `plot()` draws each metric against the step."""
+def kept_lines(text: str, through: int | None) -> list[str]:
+    """The lines of a metrics.jsonl a run continues from: the rows of steps <= `through` (None: a
+    fresh start keeps nothing). A last line without its newline is a row a kill cut short: dropped."""
+    if through is None:
+        return []
+    kept = []
+    for number, line in enumerate(text.split("\n")[:-1], 1):  # the last piece: "" or a row cut short
+        if not line.strip():
+            continue
+        try:
+            keep = json.loads(line)["step"] <= through
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise InputError(f"metrics.jsonl line {number} is not a logged row: {line[:80]!r}") from None
+        if keep:
+            kept.append(line)
+    return kept
 
-    def __init__(self, folder: str | Path, enabled: bool = True):
+
+class MetricLog:
+    """Rank-0 logger: `log(step, **scalars)`; `plot()` draws each metric against the step.
+
+    A run resumed from the checkpoint of step s continues the logs of step s: rows of later steps,
+    which an interrupted attempt logged after that checkpoint, are dropped from metrics.jsonl
+    (atomically) and purged from TensorBoard (`purge_step`), so each step appears once. A fresh
+    start (`resume_step` None) starts both over. Nothing is written before the trainer opens the
+    log, i.e. once the model, the data and the engine are built and the resume point is known.
+    """
+
+    def __init__(self, folder: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.folder = Path(folder)
         self.enabled = enabled
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.writer = None
         if enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / "metrics.jsonl"
+            lines = kept_lines(path.read_text() if path.is_file() else "", resume_step)
+            with atomic_write(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in lines))
+            for line in lines:
+                row = json.loads(line)
+                step = row.pop("step")
+                for key, value in row.items():
+                    self.history.setdefault(key, []).append((step, value))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-            self._jsonl = (self.folder / "metrics.jsonl").open("a")
+            purge = 0 if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
+            self._jsonl = path.open("a")
 
     def log(self, step: int, **scalars: float) -> None:
         if not self.enabled:
@@ -31,18 +67,6 @@ class MetricLog:
             self.writer.add_scalar(key, float(value), step)
         self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
         self._jsonl.flush()
-
-    def load_previous(self) -> None:
-        """Rebuild the history from metrics.jsonl (a resumed run plots the whole curve)."""
-        path = self.folder / "metrics.jsonl"
-        if not (self.enabled and path.is_file()):
-            return
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                step = row.pop("step")
-                for key, value in row.items():
-                    self.history.setdefault(key, []).append((step, value))
 
     def plot(self, name: str = "training.png", keys: list[str] | None = None) -> Path | None:
         if not self.enabled or not self.history:

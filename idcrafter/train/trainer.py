@@ -3,14 +3,18 @@
 The trainer owns what every run shares (distributed set-up, the DeepSpeed engine, the data order,
 checkpoints, resume, EMA, logs, export); a spec owns what is model-specific (loading, the trainable
 set, data, conditioning, the loss, the exported files). `Trainer.run()` reads as the list of steps.
+
+Bad input writes nothing: the run folder gets its first file only once the model, the data (a
+full batch exists) and the engine are built and the checkpoint to resume from is chosen.
+Checkpoints are complete or invisible and resume unpickles no code (`idcrafter.train.checkpoint`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from idcrafter.train import checkpoint as ckpt
 from idcrafter.train.ds_config import prepare_ds_config, zero_stage
 from idcrafter.train.ema import ShardedEMA
 from idcrafter.train.metrics import MetricLog
@@ -76,6 +81,24 @@ class AllSamplesFailed(RuntimeError):
     pass
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss of a step is NaN or infinite: the run stops before that step is saved or exported."""
+
+
+def non_finite_message(step: int, metrics: dict[str, float]) -> str | None:
+    """A one-line report of the loss terms of `step` when any is NaN or infinite, else None.
+
+    The terms are the metrics whose name contains "loss" (loss, loss_flow, loss_attn, policy_loss).
+    """
+    terms = {k: v for k, v in sorted(metrics.items()) if "loss" in k}
+    if all(math.isfinite(v) for v in terms.values()):
+        return None
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    values = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+    return (f"step {step}: non-finite loss ({', '.join(bad)}); {values}. Nothing of this step was saved; "
+            "lower --lr or check the data, then --resume auto from the last checkpoint")
+
+
 class Trainer:
     def __init__(self, spec: TrainingSpec, args: TrainArgs):
         self.spec = spec
@@ -87,14 +110,18 @@ class Trainer:
         self.position = 0  # micro-batches of this epoch already consumed
         self.skipped_batches = 0
         self.ema: ShardedEMA | None = None
+        self.resume_choice = ckpt.ResumeChoice(None)
+        self.resumed_from: str | None = None
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         self.setup_distributed()
+        self.choose_checkpoint()
         self.build_model()
         self.build_data()
         self.build_engine()
         self.maybe_resume()
+        self.open_logs()
         self.train()
         return self.finish()
 
@@ -114,7 +141,31 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
         torch.manual_seed(self.args.seed)  # identical initial adapter weights on every rank
-        self.log = MetricLog(self.output, enabled=self.rank == 0)
+
+    def choose_checkpoint(self) -> None:
+        """Which checkpoint `--resume` means, before anything heavy loads: a bad tag fails fast.
+
+        Rank 0 decides from the shared checkpoint folder and broadcasts, so all ranks resume the
+        same checkpoint or all stop with the same InputError.
+        """
+        if not self.args.resume:
+            return
+        decision: list = [None]
+        if self.rank == 0:
+            try:
+                decision[0] = ckpt.choose_checkpoint(self.ckpt_dir, self.args.resume, self.world_size,
+                                                     ema=bool(self.args.ema_decay))
+            except InputError as err:
+                decision[0] = str(err)
+        self.dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], str):
+            raise InputError(decision[0])
+        self.resume_choice = decision[0]
+        if self.rank == 0:
+            for tag, why in self.resume_choice.skipped:
+                logger.warning("--resume auto: skipping checkpoint %s: %s", tag, why)
+            if self.resume_choice.tag is None:
+                logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.ckpt_dir)
 
     def build_model(self) -> None:
         self.model = self.spec.build_model(self.device, self.dtype)
@@ -153,27 +204,42 @@ class Trainer:
         )
         self.ds_config = config
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.params, config=config)
+        self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine(self.engine)
         if a.ema_decay:
             self.ema = ShardedEMA(self.params, a.ema_decay)
 
     def maybe_resume(self) -> None:
-        if not self.args.resume:
+        """Load the chosen checkpoint: DeepSpeed's states through the weights-only engine, this
+        rank's trainer state (JSON) and EMA (weights-only)."""
+        choice = self.resume_choice
+        if choice.tag is None:
             return
-        tag = self._latest_tag() if self.args.resume == "auto" else self.args.resume
-        if tag is None:
-            if self.rank == 0:
-                logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.ckpt_dir)
-            return
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        if client is None:
-            raise FileNotFoundError(f"checkpoint {self.ckpt_dir / tag} could not be loaded")
-        self.step, self.epoch, self.position = client["step"], client["epoch"], client["position"]
-        self.skipped_batches = client.get("skipped_batches", 0)
+        stage = zero_stage(self.ds_config)
+        if choice.marker.zero_stage != stage:
+            raise InputError(f"checkpoint {choice.tag} was written with ZeRO stage {choice.marker.zero_stage} and "
+                             f"this run uses stage {stage}; resume with the same --deepspeed_config")
+        folder = self.ckpt_dir / choice.tag
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=choice.tag)
+        if load_path is None:
+            raise InputError(f"checkpoint {folder}: DeepSpeed found no model states to load")
+        state = ckpt.read_rank_state(folder, self.rank)
+        if state["step"] != choice.marker.step:
+            raise InputError(f"checkpoint {folder}: {ckpt.state_file(self.rank)} is for step {state['step']}, "
+                             f"{ckpt.MARKER} for step {choice.marker.step}")
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.skipped_batches = state["skipped_batches"]
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(self.ckpt_dir / tag / f"ema_rank{self.rank}.pt", weights_only=True))
-        self.log.load_previous()
+            self.ema.load_state_dict(ckpt.safe_load(folder / ckpt.ema_file(self.rank), map_location="cpu"))
+        self.resumed_from = choice.tag
         if self.rank == 0:
-            logger.info("resumed from %s at step %d (epoch %d, batch %d)", tag, self.step, self.epoch, self.position)
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", choice.tag, self.step, self.epoch,
+                        self.position)
+
+    def open_logs(self) -> None:
+        """The first write to the run folder: logs continue from the resumed step (later rows of an
+        interrupted attempt dropped) or start over."""
+        self.log = MetricLog(self.output, enabled=self.rank == 0,
+                             resume_step=self.step if self.resumed_from else None)
 
     progress_name = "train"
     progress_key = "loss"  # the metric shown on the progress bar
@@ -185,9 +251,12 @@ class Trainer:
         self.engine.train()
         self.before_training()
         bar = tqdm(total=a.max_steps, initial=self.step, desc=self.progress_name, disable=self.rank != 0 or not a.progress)
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         while self.step < a.max_steps:
             metrics = self.train_step()
+            problem = non_finite_message(self.step + 1, metrics)  # every rank sees the same mean
+            if problem:
+                raise NonFiniteLoss(problem)
             self.step += 1
             if self.ema is not None:
                 self.ema.update()
@@ -201,6 +270,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.elapsed = time.perf_counter() - started
+        self.steps_run = self.step - first_step  # a resumed run times only its own steps
         self.after_training()
 
     def before_training(self) -> None:
@@ -230,18 +300,30 @@ class Trainer:
         return self._mean_over_ranks(totals)
 
     def save(self) -> None:
-        """DeepSpeed checkpoint (resume) + exported adapter (inference), then prune old ones."""
-        tag = f"step_{self.step:08d}"
-        client = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                  "skipped_batches": self.skipped_batches, "args": asdict(self.args)}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
-        if self.ema is not None:
-            with atomic_write(self.ckpt_dir / tag / f"ema_rank{self.rank}.pt") as tmp:
-                torch.save(self.ema.state_dict(), tmp)
+        """A checkpoint (resume) and the exported adapter (inference), then prune old checkpoints.
+
+        Order matters for a kill at any moment: a stale folder of this tag goes first (marker
+        first), then DeepSpeed's files, then every rank's own state, a barrier, and only then rank
+        0 seals the folder with its marker and moves `latest` (see idcrafter.train.checkpoint).
+        """
+        tag = ckpt.step_tag(self.step)
+        folder = self.ckpt_dir / tag
+        if self.rank == 0 and folder.exists():
+            ckpt.discard(folder)
+        self.dist.barrier()
+        client = {"step": self.step, "args": asdict(self.args)}  # for people; resume reads trainer_rank{r}.json
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                 "skipped_batches": self.skipped_batches}
+        ckpt.write_rank_state(folder, self.rank, state, self.ema.state_dict() if self.ema is not None else None)
+        self.dist.barrier()
+        if self.rank == 0:
+            ckpt.write_marker(folder, self.step, self.world_size, zero_stage(self.ds_config))
+            ckpt.write_latest(self.ckpt_dir, tag)
         self.export(self.output / "adapter")
         self.dist.barrier()
         if self.rank == 0:
-            self._prune()
+            ckpt.prune(self.ckpt_dir, self.args.keep_last, self.step)
             self.log.plot()
 
     def export(self, folder: Path) -> None:
@@ -270,12 +352,13 @@ class Trainer:
         summary = {
             "steps": self.step,
             "elapsed_s": round(getattr(self, "elapsed", 0.0), 2),
-            "steps_per_s": round(self.step / max(getattr(self, "elapsed", 0.0), 1e-9), 4),
+            "steps_per_s": round(getattr(self, "steps_run", 0) / max(getattr(self, "elapsed", 0.0), 1e-9), 4),
             "failed_samples": len(self.failed_ids),
             "failed_sample_ids": self.failed_ids[:100],
             "skipped_batches": int(skipped.item()),
             "world_size": self.world_size,
             "zero_stage": zero_stage(self.ds_config),
+            "resumed_from": self.resumed_from,
             "final": {k: v[-1][1] for k, v in self.log.history.items()},
             **self.spec.describe(),
         }
@@ -327,15 +410,3 @@ class Trainer:
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         self.dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t)}
-
-    def _latest_tag(self) -> str | None:
-        latest = self.ckpt_dir / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        return tag if (self.ckpt_dir / tag).is_dir() else None
-
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.args.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
