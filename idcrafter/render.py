@@ -18,18 +18,41 @@ the job's categories), and use `guidance_text` as FLUX's guidance scale; `frames
 `guidance_image` are video-only.
 
 The renderer is a callable `render_fn(job, tmp_path)` that writes the finished output to `tmp_path`
-(a temporary name next to the final one, same suffix). Only when it returns is the file renamed to
-its final name, so a crash never leaves a file that looks finished, and a rerun skips exactly the
-outputs that exist. Every rank renders `shard(jobs, rank, world_size)` and writes its own summary;
-`merge_summaries` combines them.
+(same file name as the output, in this process's work folder). Only when it returns, and the file
+decodes to the job's frame count and size, is it renamed to its final name, so a crash or a broken
+encoder never leaves a file that looks finished, and a rerun skips exactly the outputs that exist.
+Every rank renders `shard(jobs, rank, world_size)` and writes its own summary; `merge_summaries`
+combines them.
+
+Several processes may share an output root (ranks, or two runs started by hand). They coordinate in
+`root/.render-work` (`WORK_DIR`, a name job outputs may not use) with advisory `flock` locks:
+
+    lock                  held for a moment to join or leave the root: joining, cleaning and merging never interleave
+    owners/<pid>-<rand>/  one per process on the root; its owner.lock is held for the process's life,
+        owner.lock        so a lock that can be taken marks a dead process, whose folder the next one removes
+        job/<name>        the output being rendered, and whatever the renderer writes next to it
+    claims/<hash>.lock    held while one output is rendered: the others render something else and come
+                          back to wait for it at the end (it is then finished, or theirs to retry)
+    parts/<owner>.json    the summary of a process that finished while others were still running
+
+Outputs are claimed one at a time rather than the whole root, so ranks and extra processes share the
+work. A process's summary file (`summary.json`, or `summary.rank{r}.json` per rank) holds what it did,
+merged with the parts of the processes that ran on the root at the same time and wrote the same
+summary file: the last one to leave writes them all and removes the work folder, so a rerun started
+after that reports only what the rerun did.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -37,8 +60,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError
-from idcrafter.utils.io import atomic_write
+from idcrafter.utils.cli import MAX_GUIDANCE, MAX_SAMPLING_STEPS, InputError
+from idcrafter.utils.io import atomic_write, publish_file
 from idcrafter.utils.jsonl import read_jsonl
 from idcrafter.utils.logging import get_logger
 
@@ -46,6 +69,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "JOB_KEYS",
     "VIDEO_SUFFIXES",
+    "WORK_DIR",
     "Job",
     "JobError",
     "JobFailure",
@@ -69,6 +93,8 @@ JOB_KEYS = (
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _MODES = {"video": VIDEO_SUFFIXES, "image": IMAGE_SUFFIXES}
+WORK_DIR = ".render-work"  # under the output root: locks, temporary outputs, summary parts
+_OWNER_LOCK = "owner.lock"
 _SIZE_MULTIPLE = 16  # VAE /8 then 2x2 patches
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _RANK_SUMMARY_RE = re.compile(r"^summary\.rank(\d+)\.json$")
@@ -111,10 +137,26 @@ def _output_problem(output: str, mode: str) -> str | None:
     norm = os.path.normpath(output)
     if norm == os.curdir or norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return f"output {output!r} escapes the output root"
+    if _in_work_dir(norm):
+        return f"output {output!r} is inside {WORK_DIR}, the folder where render_batch keeps its temporary files"
     suffixes = _MODES.get(mode)
-    if suffixes is not None and Path(norm).suffix.lower() not in suffixes:
+    suffix = Path(norm).suffix.lower()
+    if suffixes is not None and suffix not in suffixes:
         return f"output {output!r} must end in one of {', '.join(suffixes)} for a {mode} job"
+    if suffixes is not None:
+        from idcrafter.utils.media import image_suffix_problem, video_suffix_problem
+
+        problem = (video_suffix_problem if mode == "video" else image_suffix_problem)(suffix)
+        if problem:
+            return f"output {output!r}: {problem}"
     return None
+
+
+def _in_work_dir(relative: str) -> bool:
+    """Whether a path relative to the output root lies in the work folder (compared without case,
+    so a case-insensitive file system cannot alias it)."""
+    parts = Path(relative).parts
+    return bool(parts) and parts[0].casefold() == WORK_DIR.casefold()
 
 
 def _image_problems(record: Mapping, prompt: str | None, categories) -> list[str]:
@@ -288,14 +330,17 @@ class Job:
             value = record.get(key)
             if value is not None and (not _is_int(value) or value < 1):
                 problems.append(f"'{key}' must be a positive integer, got {json.dumps(value)}")
+        steps = record.get("steps")
+        if _is_int(steps) and steps > MAX_SAMPLING_STEPS:
+            problems.append(f"'steps' must be at most {MAX_SAMPLING_STEPS}, got {steps}")
         frames = record.get("frames")
         if _is_int(frames) and frames >= 1 and mode is not None:
             problems.append(_frames_problem(frames, mode))
 
         for key in ("guidance_image", "guidance_text"):
             value = record.get(key)
-            if value is not None and (not _is_number(value) or value < 0):
-                problems.append(f"'{key}' must be a non-negative number, got {json.dumps(value)}")
+            if value is not None and (not _is_number(value) or not 0 <= value <= MAX_GUIDANCE):
+                problems.append(f"'{key}' must be a number in [0, {MAX_GUIDANCE:g}], got {json.dumps(value)}")
 
         negative = record.get("negative_prompt")
         if negative is not None and not isinstance(negative, str):
@@ -344,6 +389,8 @@ class Job:
             raise InputError(f"output {self.output!r}: cannot resolve it under {root} ({exc})") from None
         if path == root or not path.is_relative_to(root):
             raise InputError(f"output {self.output!r} resolves to {path}, outside the output root {root}")
+        if _in_work_dir(str(path.relative_to(root))):
+            raise InputError(f"output {self.output!r} resolves to {path}, inside {WORK_DIR}, render_batch's work folder")
         return path
 
 
@@ -442,12 +489,13 @@ class Summary:
     ranks: list[int] = field(default_factory=lambda: [0])
     jobs: int = 0  # valid jobs in this share
     rendered: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # already finished by an earlier run
+    skipped: list[str] = field(default_factory=list)  # finished by an earlier run or another process
     failed: list[JobFailure] = field(default_factory=list)
     invalid: list[JobError] = field(default_factory=list)  # bad lines of the job file
     missing_ranks: list[int] = field(default_factory=list)  # merged only: ranks without a summary
-    removed_temps: int = 0  # leftovers of crashed writes deleted at start
+    removed_temps: int = 0  # temporary files of dead processes deleted at start
     seconds: float = 0.0
+    processes: int = 1  # processes whose results this holds (several when they shared the root at once)
 
     @property
     def ok(self) -> bool:
@@ -515,7 +563,8 @@ def merge_summaries(out_dir: str | os.PathLike, world_size: int | None = None) -
     world = sizes.pop()
     if any(r >= world for r in parts):
         raise InputError(f"{out_dir}: a rank summary has rank >= world size {world}; remove stale ones")
-    merged = Summary(world_size=world, ranks=sorted(parts), missing_ranks=sorted(set(range(world)) - set(parts)))
+    merged = Summary(world_size=world, ranks=sorted(parts), missing_ranks=sorted(set(range(world)) - set(parts)),
+                     processes=0)
     invalid: dict[tuple[int, str], JobError] = {}
     for rank in sorted(parts):
         part = parts[rank]
@@ -524,6 +573,7 @@ def merge_summaries(out_dir: str | os.PathLike, world_size: int | None = None) -
         merged.skipped += part.skipped
         merged.failed += part.failed
         merged.removed_temps += part.removed_temps
+        merged.processes += part.processes
         merged.seconds = max(merged.seconds, part.seconds)  # ranks run side by side
         for error in part.invalid:  # every rank sees the whole job file
             invalid.setdefault((error.line, error.message), error)
@@ -533,16 +583,242 @@ def merge_summaries(out_dir: str | os.PathLike, world_size: int | None = None) -
     return merged
 
 
+# ------------------------------------------------------------------------------------- work folder
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _lock(path: Path, blocking: bool = True) -> int | None:
+    """An exclusive `flock` on `path` (created when missing): the open descriptor, or None when
+    another process holds it and `blocking` is False. Closing the descriptor releases the lock,
+    and the kernel releases it when the process dies, however it dies.
+
+    Lock files are deleted by their holders (the last process out removes the work folder), so a
+    lock won on a file that has lost its name is dropped and taken again on the file that has it.
+    """
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:  # the folder was removed between mkdir and open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _holding(path: Path):
+    fd = _lock(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def _sweep_owners(owners: Path) -> tuple[int, int]:
+    """Remove the folders of dead processes under `owners` (their owner lock can be taken):
+    (temporary files removed, live owners left). Only with the root lock held, so no process is
+    between creating its folder and locking it."""
+    removed = live = 0
+    try:
+        with os.scandir(owners) as it:
+            entries = [(Path(e.path), e.is_dir(follow_symlinks=False)) for e in it]
+    except FileNotFoundError:
+        return 0, 0
+    for path, is_dir in entries:
+        if not is_dir:  # nothing render_batch makes here is a file
+            path.unlink(missing_ok=True)
+            continue
+        fd = _lock(path / _OWNER_LOCK, blocking=False)
+        if fd is None:
+            live += 1
+            continue
+        try:
+            removed += sum(len(files) for _, _, files in os.walk(path)) - 1  # the lock is no temp
+            shutil.rmtree(path)
+        finally:
+            os.close(fd)
+    return removed, live
+
+
+def _read_parts(parts: Path, target: Path) -> list[Summary]:
+    """Summary parts written for `target`, oldest process first."""
+    found = []
+    try:
+        with os.scandir(parts) as it:
+            names = [e.name for e in it if e.name.endswith(".json") and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        data = json.loads((parts / name).read_text())
+        if data["target"] == str(target):
+            found.append((data["started"], name, Summary.from_dict(data["summary"])))
+    return [summary for *_, summary in sorted(found, key=lambda f: f[:2])]
+
+
+def _merge_parts(parts: Sequence[Summary]) -> Summary:
+    """One summary for processes that shared the root at overlapping times and write the same
+    summary file. Each output appears once: rendered when any of them rendered it, else failed when
+    any failed it, else skipped (finished before they started, or by a process that died before
+    reporting). A single part is returned as it is: a run alone reports exactly what it did."""
+    if len(parts) == 1:
+        return parts[0]
+    rendered = list(dict.fromkeys(name for part in parts for name in part.rendered))
+    done = set(rendered)
+    failed: dict[str, JobFailure] = {}
+    for failure in (f for part in parts for f in part.failed):
+        if failure.output not in done:
+            failed.setdefault(failure.output, failure)
+    done |= failed.keys()
+    skipped = [name for name in dict.fromkeys(n for part in parts for n in part.skipped) if name not in done]
+    invalid: dict[tuple[int, str], JobError] = {}
+    for error in (e for part in parts for e in part.invalid):
+        invalid.setdefault((error.line, error.message), error)
+    return Summary(
+        world_size=parts[0].world_size,
+        ranks=sorted({r for part in parts for r in part.ranks}),
+        jobs=len(rendered) + len(failed) + len(skipped),
+        rendered=rendered,
+        skipped=skipped,
+        failed=sorted(failed.values(), key=lambda f: f.line),
+        invalid=sorted(invalid.values(), key=lambda e: e.line),
+        missing_ranks=sorted({r for part in parts for r in part.missing_ranks}),
+        removed_temps=sum(part.removed_temps for part in parts),
+        seconds=max(part.seconds for part in parts),
+        processes=sum(part.processes for part in parts),
+    )
+
+
+class _Workspace:
+    """This process's place in `root/WORK_DIR` (layout in the module docstring), from joining the
+    root to leaving it; leaving without `finish` (an exception) removes its folder and reports nothing."""
+
+    def __init__(self, root: Path):
+        self.work = root / WORK_DIR
+        self.removed = 0
+        self.dir: Path | None = None
+        self._fd: int | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> _Workspace:
+        owners = self.work / "owners"
+        with _holding(self.work / "lock"):
+            self.removed, live = _sweep_owners(owners)
+            if not live:  # alone on the root: what earlier processes left behind is nobody's now
+                _remove_tree(self.work / "parts")
+                _remove_tree(self.work / "claims")
+            owners.mkdir(exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=owners))
+            self._fd = _lock(self.dir / _OWNER_LOCK, blocking=False)
+        self.started = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            with _holding(self.work / "lock"):
+                self._leave()
+
+    def _leave(self) -> None:
+        os.close(self._fd)
+        self._fd = None
+        _remove_tree(self.dir)
+
+    def claim(self, root: Path, final: Path, blocking: bool) -> int | None:
+        """Lock `final` for rendering (see `_lock`); None when another process has it."""
+        key = hashlib.sha256(str(final.relative_to(root)).encode()).hexdigest()[:32]
+        return _lock(self.work / "claims" / f"{key}.lock", blocking)
+
+    def job_path(self, final: Path) -> Path:
+        """A fresh, empty folder for one job; the renderer writes the output under its final name there."""
+        folder = self.dir / "job"
+        _remove_tree(folder)
+        folder.mkdir()
+        return folder / final.name
+
+    def clear_job(self) -> None:
+        _remove_tree(self.dir / "job")
+
+    def finish(self, summary: Summary, target: Path) -> Summary:
+        """Leave the root: write `summary` merged with the parts of the processes that ran beside
+        this one into `target`; the last process out removes the work folder, closing the group."""
+        target = target.resolve()
+        with _holding(self.work / "lock"):
+            part = {"target": str(target), "started": self.started, "summary": summary.to_dict()}
+            with atomic_write(self.work / "parts" / f"{self.dir.name}.json") as tmp:
+                tmp.write_text(json.dumps(part) + "\n")
+            self._leave()
+            _, live = _sweep_owners(self.work / "owners")
+            merged = _merge_parts(_read_parts(self.work / "parts", target))
+            merged.write(target)
+            if not live:
+                _remove_tree(self.work)
+        return merged
+
+
 # ------------------------------------------------------------------------------------------ render
 
 
-def _stale_temps(final: Path) -> list[Path]:
-    """Temporary files `atomic_write` made for `final` (`.{stem}.XXXXXXXX.tmp{suffix}`) and left behind."""
-    if not final.parent.is_dir():
-        return []
-    # tempfile's random part is 8 characters of [a-z0-9_]: no other output's temp name can match
-    pattern = re.compile(rf"^\.{re.escape(final.stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(final.suffix)}$")
-    return [p for p in final.parent.iterdir() if pattern.match(p.name) and p.is_file()]
+def _finished_files(folders: Iterable[Path]) -> set[Path]:
+    """The regular files (or links to them) in `folders`: one listing per folder, however many jobs."""
+    found: set[Path] = set()
+    for folder in folders:
+        try:
+            with os.scandir(folder) as it:
+                found.update(folder / e.name for e in it if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return found
+
+
+def _check_output(job: Job, tmp: Path) -> None:
+    """The renderer's file must decode to what the job asked for before it takes its final name:
+    a file that exists but does not play would count as finished and be skipped on every rerun."""
+    from idcrafter.utils.media import verify_image, verify_video
+
+    if not tmp.is_file() or tmp.stat().st_size == 0:
+        raise RuntimeError("the renderer wrote nothing to the temporary output")
+    if job.mode == "video":
+        verify_video(tmp, frames=job.frames, size=job.size)
+    else:
+        verify_image(tmp, size=job.size)
+
+
+def _render_one(job: Job, final: Path, render_fn: RenderFn, ws: _Workspace) -> bool:
+    """Render a claimed job into `final` through the work folder: True when rendered, False when
+    another process finished it first. Raises what the renderer or the output check raised."""
+    if final.is_file():
+        return False
+    if final.exists():
+        raise FileExistsError(f"{final} exists and is not a file")
+    tmp = ws.job_path(final)
+    try:
+        render_fn(job, tmp)
+        _check_output(job, tmp)
+        publish_file(tmp, final)
+    finally:
+        ws.clear_job()
+    return True
 
 
 def render_batch(
@@ -558,9 +834,12 @@ def render_batch(
     """Render this rank's share of `jobs` into `out_dir`; resumable, one failure does not stop the rest.
 
     `render_fn(job, tmp_path)` writes the output to `tmp_path`; it becomes `job.output_path(out_dir)`
-    only when the call returns. Outputs that already exist are skipped; leftovers of crashed writes
-    for this share are deleted first. `errors` (bad job-file lines) are carried into the summary,
-    which is written atomically to `summary_path` (default `summary_path_for(out_dir, rank, world_size)`).
+    only when the call returns and the file decodes to the job's frames and size. Outputs that
+    already exist are skipped (the output folders are listed once, not per job); outputs another
+    process is rendering are left to it and waited for at the end. `errors` (bad job-file lines)
+    are carried into the summary. Returns what this process did; the file at `summary_path`
+    (default `summary_path_for(out_dir, rank, world_size)`) also holds the results of processes
+    that shared the root at the same time (module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -570,45 +849,59 @@ def render_batch(
     mine = shard(jobs, rank, world_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir.resolve()
+    target = Path(summary_path) if summary_path is not None else summary_path_for(out_dir, rank, world_size)
     summary = Summary(world_size=world_size, ranks=[rank], jobs=len(mine), invalid=list(errors))
     start = time.perf_counter()
 
     targets: list[tuple[Job, Path]] = []
     for job in mine:
         try:
-            targets.append((job, job.output_path(out_dir)))
+            targets.append((job, job.output_path(root)))
         except InputError as exc:
             summary.failed.append(JobFailure(job.line, job.output, str(exc)))
-    for _, final in targets:
-        for stale in _stale_temps(final):
-            stale.unlink(missing_ok=True)
-            summary.removed_temps += 1
-    if summary.removed_temps:
-        logger.info("rank %d: removed %d temporary files left by an earlier crash", rank, summary.removed_temps)
-
-    bar = tqdm(targets, desc="render", unit="job", disable=not progress or rank != 0)
-    for job, final in bar:
-        if final.is_file():
+    finished = _finished_files({final.parent for _, final in targets})
+    todo = []
+    for job, final in targets:
+        if final in finished:
             summary.skipped.append(job.output)
-            continue
-        try:
-            if final.exists():
-                raise FileExistsError(f"{final} exists and is not a file")
-            with atomic_write(final) as tmp:
-                render_fn(job, tmp)
-                # mkstemp created the file empty: a renderer that wrote nothing must not "finish"
-                if not tmp.is_file() or tmp.stat().st_size == 0:
-                    raise RuntimeError("the renderer wrote nothing to the temporary output")
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            logger.warning("line %d (%s) failed: %s", job.line, job.output, message)
-            logger.debug("".join(traceback.format_exception(exc)))
-            summary.failed.append(JobFailure(job.line, job.output, message))
         else:
-            summary.rendered.append(job.output)
-        bar.set_postfix(done=len(summary.rendered), skipped=len(summary.skipped), failed=len(summary.failed))
-    bar.close()
+            todo.append((job, final))
 
-    summary.seconds = round(time.perf_counter() - start, 3)
-    summary.write(summary_path if summary_path is not None else summary_path_for(out_dir, rank, world_size))
+    with _Workspace(root) as ws:
+        summary.removed_temps = ws.removed
+        if ws.removed:
+            logger.info("rank %d: removed %d temporary files of dead processes", rank, ws.removed)
+        bar = tqdm(total=len(todo), desc="render", unit="job", disable=not progress or rank != 0)
+        waiting = []
+        for job, final in todo:
+            claim = ws.claim(root, final, blocking=False)
+            if claim is None:  # another process is rendering it: do the rest first
+                waiting.append((job, final))
+                continue
+            _run_claimed(job, final, claim, render_fn, ws, summary)
+            bar.update()
+            bar.set_postfix(done=len(summary.rendered), skipped=len(summary.skipped), failed=len(summary.failed))
+        for job, final in waiting:
+            _run_claimed(job, final, ws.claim(root, final, blocking=True), render_fn, ws, summary)
+            bar.update()
+        bar.close()
+        summary.failed.sort(key=lambda f: f.line)
+        summary.seconds = round(time.perf_counter() - start, 3)
+        ws.finish(summary, target)
     return summary
+
+
+def _run_claimed(job: Job, final: Path, claim: int, render_fn: RenderFn, ws: _Workspace, summary: Summary) -> None:
+    """Render one claimed job and record the outcome; any exception fails this job only."""
+    try:
+        rendered = _render_one(job, final, render_fn, ws)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("line %d (%s) failed: %s", job.line, job.output, message)
+        logger.debug("".join(traceback.format_exception(exc)))
+        summary.failed.append(JobFailure(job.line, job.output, message))
+    else:
+        (summary.rendered if rendered else summary.skipped).append(job.output)
+    finally:
+        os.close(claim)

@@ -15,7 +15,13 @@ those name the image branch (an image preset, a FLUX folder, an mcimage adapter)
 no video model. Each rank (RANK / WORLD_SIZE from the launcher) renders its own share;
 finished outputs are skipped on a rerun; every output is written under a temporary name and
 renamed when complete. Bad lines are reported with their line numbers in DIR/summary.json and
-the other jobs still run.
+the other jobs still run. Every output is decoded (frame count and size) before it counts as
+finished. Several processes may share DIR: each output is rendered by one of them, and
+DIR/summary.json holds the results of all that ran at the same time.
+
+Bad input (a missing, empty or wholly invalid job file, an --out that is a file or cannot be
+written, an unknown --device or --dtype, a bad model folder) is one line `error: ...` and exit
+code 2, before any folder is created or model loaded.
 """
 
 from __future__ import annotations
@@ -26,11 +32,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import (  # noqa: E402
+    ArgumentParser,
+    InputError,
+    check_device,
+    check_dtype,
+    check_output_dir,
+    fail,
+    integer,
+)
+
+
+def checked_jobs(jobs_file: str, out: str):
+    """The job file read and validated against the output root: (jobs, bad lines). InputError when
+    nothing in it can run: no jobs at all, or only bad lines (the first one named)."""
+    from idcrafter.render import parse_jobs
+
+    jobs, errors = parse_jobs(jobs_file, out_root=out)
+    if not jobs and not errors:
+        raise InputError(f"--jobs {jobs_file}: no jobs in the file")
+    if not jobs:
+        raise InputError(f"--jobs {jobs_file}: no valid job ({len(errors)} bad line{'s' if len(errors) > 1 else ''}; {errors[0]})")
+    return jobs, errors
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", required=True, help="JSONL job file")
     p.add_argument("--out", required=True, help="output root; outputs may not escape it")
     p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
@@ -43,19 +70,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    p.add_argument("--local_rank", type=integer(0), default=None, help=argparse.SUPPRESS)  # deepspeed passes it
     args = p.parse_args(argv)
 
     from idcrafter.render import local_rank as get_local_rank
-    from idcrafter.render import merge_summaries, parse_jobs, rank_and_world, render_batch, shard
+    from idcrafter.render import merge_summaries, rank_and_world, render_batch, shard
 
     try:
+        check_dtype(args.dtype)
         rank, world = rank_and_world()
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        jobs, errors = parse_jobs(args.jobs, out_root=out_dir)
-        if not jobs and not errors:
-            return fail(f"--jobs {args.jobs}: no jobs in the file")
+        jobs, errors = checked_jobs(args.jobs, args.out)
+        out_dir = check_output_dir(args.out, "--out")
         modes = {job.mode for job in shard(jobs, rank, world)}
         import torch
 
@@ -63,7 +88,10 @@ def main(argv=None) -> int:
         from mcimage.infer import load_pipeline as load_image_pipeline
         from mcimage.infer import model_config as image_model_config
 
-        device = args.device or (f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu")
+        if args.device is not None:
+            device = check_device(args.device)
+        else:
+            device = f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu"
         image_args = (args.image_model, args.image_adapter, args.image_preset)
         main_is_image = is_image_request(args.preset, args.model, args.adapter)
         if main_is_image and any(v is not None for v in image_args):
@@ -73,15 +101,17 @@ def main(argv=None) -> int:
         image_req = ImageInferenceRequest(refs=[], prompt="-", out="-.png", model=image_args[0], adapter=image_args[1],
                                           preset=image_args[2], device=device, dtype=args.dtype)
         image_config = image_model_config(image_req)
-        image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
-        config = pipe = None
+        config = base = limits = None
         if not main_is_image:
-            from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config
+            from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config, model_limits
 
             base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
                                     preset=args.preset, device=device, dtype=args.dtype)
             config = model_config(base)
-            pipe = load_pipeline(base) if "video" in modes else None
+            limits = model_limits(config, args.model)
+        # every check is done: only now are models loaded
+        image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
+        pipe = load_pipeline(base) if base is not None and "video" in modes else None
     except InputError as err:
         return fail(str(err))
 
@@ -97,9 +127,11 @@ def main(argv=None) -> int:
         if len(job.refs) > config.max_subjects:
             raise InputError(f"{len(job.refs)} references, this model supports at most {config.max_subjects}")
         height, width = job.size or (config.height, config.width)
+        frames = job.frames or config.num_frames
+        limits.check(height, width, frames, job.steps or config.num_inference_steps, names=("'size'", "'frames'", "'steps'"))
         out = pipe(
             job.prompt, [str(r) for r in job.refs], negative_prompt=job.negative_prompt or "",
-            height=height, width=width, num_frames=job.frames or config.num_frames,
+            height=height, width=width, num_frames=frames,
             num_inference_steps=job.steps, guidance_image=job.guidance_image, guidance_text=job.guidance_text,
             generator=torch.Generator().manual_seed(job.seed), batched_guidance=not args.sequential_guidance,
             device=device,

@@ -68,7 +68,7 @@ def bad_files(tmp_path):
         ("float image", ["--refs", "{float}", "{float}"], "unsupported image mode 'F'"),
         ("not an image", ["--refs", "{corrupt}", "{corrupt}"], "cannot be read"),
         ("missing ref", ["--refs", "{missing}", "{missing}"], "does not exist"),
-        ("output suffix", ["--out", "{tmp}/out.gif"], "must be a .png"),
+        ("output suffix", ["--out", "{tmp}/out.gif"], "must end in .png"),
         ("size not multiple of 16", ["--size", "40x64"], "multiples of 16"),
         ("unknown preset", ["--preset", "tiny-one-for-all", "--mode", "image", "--preset", "flux-99b"], "unknown"),
         ("video option", ["--frames", "9"], "--frames is not an option of image mode"),

@@ -185,3 +185,89 @@ def test_two_ranks_split_the_jobs(tmp_path):
     assert mine[0] | mine[1] == {f"video_{i}.mp4" for i in range(5)}
     merged = json.loads((out / "summary.json").read_text())
     assert merged["counts"]["rendered"] == 5
+
+
+def test_batch_webm_and_gif_outputs_play(tmp_path):
+    shutil.copy(EXAMPLES[0], tmp_path)
+    suffixes = {".webm": "vp9", ".gif": "gif"}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": "scene", "refs": ["subject_a.png"], "output": f"clip{suffix}",
+                                        "seed": 1, "steps": 2, "frames": 5, "size": [32, 48]}) + "\n"
+                            for suffix in suffixes))
+    out = tmp_path / "out"
+    proc = run("scripts/render_batch.py", "--jobs", str(jobs), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for suffix, codec in suffixes.items():
+        with av.open(str(out / f"clip{suffix}")) as container:
+            assert container.streams.video[0].codec_context.name == codec
+        frames = read_mp4(out / f"clip{suffix}")
+        assert len(frames) == 5 and {f.shape for f in frames} == {(32, 48, 3)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["rendered"]) == ["clip.gif", "clip.webm"] and summary["failed"] == []
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot create files in, even as root: immutable when chattr works,
+    else mode 0555; skipped when neither stops a write."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0 \
+        if shutil.which("chattr") else False
+    if not immutable:
+        folder.chmod(0o555)
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("neither chattr +i nor chmod 0555 makes a folder unwritable here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing job file", "job file not found"),
+    ("empty job file", "no jobs in the file"),
+    ("only bad lines", "no valid job (2 bad lines; line 1: "),
+    ("out is a file", "is a file, not a folder"),
+    ("read-only out", "cannot write in"),
+    ("folder in a read-only out", "cannot write in"),
+    ("unknown device", "--device 'tpu': not a device"),
+    ("unknown dtype", "--dtype 'float8': use float32, bfloat16, float16"),
+])
+def test_batch_bad_input_exits_2_with_one_line_and_creates_nothing(case, message, tmp_path, request):
+    jobs = write_jobs(tmp_path, n=1, bad_line=0)
+    out, extra = tmp_path / "out", []
+    if case == "missing job file":
+        jobs = tmp_path / "missing.jsonl"
+    elif case == "empty job file":
+        jobs.write_text("\n\n")
+    elif case == "only bad lines":
+        jobs.write_text('{"prompt": "x"}\n[1, 2]\n')
+    elif case == "out is a file":
+        out.write_text("not a folder")
+    elif case in ("read-only out", "folder in a read-only out"):
+        out = request.getfixturevalue("read_only_dir")
+        out = out / "sub" if case.startswith("folder") else out
+    elif case == "unknown device":
+        extra = ["--device", "tpu"]
+    else:
+        extra = ["--dtype", "float8"]
+    before = tree(tmp_path)
+    proc = run("scripts/render_batch.py", "--jobs", str(jobs), "--out", str(out), "--no-progress", *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert tree(tmp_path) == before  # no output folder, no summary, no temporary file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -47,6 +48,28 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def publish_file(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move a finished file made elsewhere (a work folder) onto `dest` in one step, with the mode
+    a plain open() would have given it under the user's umask.
+
+    A rename is atomic only within one file system; when `dest` is on another one (a mount inside
+    the output tree) the file is copied next to `dest` and renamed there, so `dest` still never
+    exists half-written.
+    """
+    src, dest = Path(src), Path(dest)
+    _publish_mode(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dest)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        with atomic_write(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        src.unlink()
+    return dest
 
 
 @contextlib.contextmanager
