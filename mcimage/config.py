@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idcrafter.core.moe_lora import FLUX_TARGET_MODULES, MoELoRAConfig
+from idcrafter.core.lora_config import FLUX_TARGET_MODULES, MoELoRAConfig
 
 __all__ = ["FLUX_CONFIGS", "PRESETS", "MCImageConfig", "check_categories"]
 
@@ -271,3 +271,26 @@ def check_categories(config: MCImageConfig, num_refs: int, categories) -> tuple[
         raise ValueError(f"categories {categories} repeat a category; condition ids place one reference per category "
                          "(two would share RoPE positions)")
     return tuple(canon)
+
+
+# File names of an mcimage adapter folder (and the folder's name inside a model folder). Kept here,
+# free of diffusers, so validating a request does not import the model code.
+ADAPTER_SUBFOLDER = "mcimage_adapter"
+ADAPTER_CONFIG_NAME = "mcimage_config.json"
+ADAPTER_FORMAT = "mcimage.adapter"
+ADAPTER_FORMAT_VERSION = 1
+
+
+def read_adapter_config(folder: str | Path) -> MCImageConfig:
+    """The config saved in an adapter folder; ValueError (JSONDecodeError included) for a missing
+    file, another format, or fields of the wrong type."""
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: no mcimage adapter config (expected a folder written by save_adapter)")
+    payload = json.loads(path.read_text())
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT \
+            or payload.get("version") != ADAPTER_FORMAT_VERSION:
+        raise ValueError(f"{path}: not an {ADAPTER_FORMAT} v{ADAPTER_FORMAT_VERSION} file")
+    if not isinstance(payload.get("config"), dict):
+        raise ValueError(f"{path}: no 'config' object")
+    return MCImageConfig.from_dict(payload["config"])

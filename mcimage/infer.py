@@ -17,13 +17,29 @@ weights from a fixed seed (noise-like output that exercises the whole path).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError, parse_size
-from mcimage.config import PRESETS, MCImageConfig, check_categories
+from idcrafter.utils.cli import (
+    MAX_GUIDANCE,
+    MAX_SAMPLING_STEPS,
+    InputError,
+    check_device,
+    check_dtype,
+    check_int,
+    check_number,
+    check_output_file,
+    parse_size,
+)
+from mcimage.config import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SUBFOLDER,
+    PRESETS,
+    MCImageConfig,
+    check_categories,
+    read_adapter_config,
+)
 
 __all__ = [
     "BUILTIN_MODEL",
@@ -31,11 +47,13 @@ __all__ = [
     "IMAGE_OUTPUT_SUFFIXES",
     "ImageInferenceRequest",
     "builtin_available",
+    "check_size",
     "check_subjects",
     "is_image_request",
     "load_pipeline",
     "model_config",
     "plan",
+    "read_adapter",
     "render_job",
     "run",
     "validate",
@@ -45,9 +63,10 @@ BUILTIN_MODEL = Path(__file__).resolve().parents[1] / "idcrafter" / "assets" / "
 DEFAULT_PRESET = "tiny-multicrafter"
 DEFAULT_SEED = 0  # random weights of the tiny built-in model
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")
-_DTYPES = ("float32", "bfloat16", "float16")
-_ADAPTER_SUBFOLDER = "mcimage_adapter"  # mcimage.pipeline.ADAPTER_SUBFOLDER, without importing diffusers
-_ADAPTER_CONFIG = "mcimage_config.json"  # mcimage.transformer.ADAPTER_CONFIG_NAME
+# FLUX has no fixed position range (its rotary ids are computed per call); FLUX.1 is trained up to
+# about 2 megapixels, so 4096 px a side (16 MP, 65,536 latent tokens) is past any useful request,
+# and the bound keeps a mistyped size from allocating until the machine gives out.
+MAX_SIDE = 4096
 _FLUX_PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
 
 
@@ -85,22 +104,22 @@ def is_image_request(preset: str | None = None, model: str | None = None, adapte
     model folder that is a FLUX pipeline or carries `mcimage_adapter/`. Only looks at files."""
     if preset is not None and preset in PRESETS:
         return True
-    if adapter is not None and (Path(adapter) / _ADAPTER_CONFIG).is_file():
+    if adapter is not None and (Path(adapter) / ADAPTER_CONFIG_NAME).is_file():
         return True
     if model is not None:
         model = Path(model)
-        return (model / _ADAPTER_SUBFOLDER).is_dir() or _pipeline_class(model) in _FLUX_PIPELINES
+        return (model / ADAPTER_SUBFOLDER).is_dir() or _pipeline_class(model) in _FLUX_PIPELINES
     return False
 
 
-def _read_adapter(adapter: Path, flag: str) -> MCImageConfig:
-    from mcimage.transformer import MCImageTransformer
+def read_adapter(adapter: Path, flag: str) -> MCImageConfig:
+    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise."""
+    from idcrafter.utils.folders import check_adapter_folder
 
-    if not (adapter / _ADAPTER_CONFIG).is_file():
-        raise InputError(f"{flag} {adapter}: no {_ADAPTER_CONFIG} in that folder (not an mcimage adapter)")
+    check_adapter_folder(adapter, flag, ADAPTER_CONFIG_NAME)
     try:
-        return MCImageTransformer.read_adapter_config(adapter)
-    except (ValueError, TypeError, KeyError, OSError) as err:
+        return read_adapter_config(adapter)
+    except (ValueError, TypeError, KeyError) as err:  # the file is a JSON object: its fields are not
         raise InputError(f"{flag} {adapter}: unreadable adapter config ({str(err).splitlines()[0]})") from None
 
 
@@ -108,8 +127,11 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
     """The config the run will use: the adapter's when there is one, else the preset's.
 
     With `model` and no preset the preset follows the folder: one-for-all for a Kontext
-    pipeline, multicrafter otherwise.
+    pipeline, multicrafter otherwise. The model folder is checked for missing parts and truncated
+    weights; a --preset that disagrees with the adapter's config is refused, not overridden.
     """
+    from idcrafter.utils.folders import check_model_folder
+
     if req.preset is not None and req.preset not in PRESETS:
         raise InputError(f"--preset {req.preset!r} is unknown; image presets: {', '.join(sorted(PRESETS))}")
     adapter = Path(req.adapter) if req.adapter else None
@@ -117,12 +139,15 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
     if model is None and req.preset is None and builtin_available():
         model = BUILTIN_MODEL
     if model is not None:
-        if not (model / "transformer").is_dir():
-            raise InputError(f"--model {model}: not a FLUX diffusers folder (no transformer/ subfolder)")
-        if adapter is None and (model / _ADAPTER_SUBFOLDER / _ADAPTER_CONFIG).is_file():
-            adapter = model / _ADAPTER_SUBFOLDER
+        check_model_folder(model, "--model", required=("transformer", "vae"))
+        if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file():
+            adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:
-        return _read_adapter(adapter, "--adapter")
+        config = read_adapter(adapter, "--adapter")
+        if req.preset is not None and req.preset != config.preset:
+            raise InputError(f"--preset {req.preset} conflicts with the adapter {adapter}, trained as preset "
+                             f"{config.preset!r}; leave --preset out")
+        return config
     if model is None:
         preset = req.preset or DEFAULT_PRESET
         if not preset.startswith(("tiny", "toyworld")):
@@ -130,6 +155,11 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
         return MCImageConfig.from_preset(preset)
     preset = req.preset or ("one-for-all" if _pipeline_class(model) == "FluxKontextPipeline" else "multicrafter")
     return MCImageConfig.from_preset(preset)
+
+
+def check_size(height: int, width: int, name: str = "--size") -> None:
+    if max(height, width) > MAX_SIDE:
+        raise InputError(f"{name} {height}x{width}: at most {MAX_SIDE} pixels a side")
 
 
 def default_size(config: MCImageConfig) -> tuple[int, int]:
@@ -177,30 +207,22 @@ def check_subjects(
 
 def validate(req: ImageInferenceRequest) -> MCImageConfig:
     """Check the request; fill `req.resolved` with the settings the run will use."""
-    if not req.prompt or not req.prompt.strip():
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InputError("--prompt is empty")
     if not req.refs:
         raise InputError("--refs: give at least one reference image")
-    if Path(req.out).suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
-        raise InputError(f"--out {req.out}: the output must be a {', '.join(IMAGE_OUTPUT_SUFFIXES)} file")
+    check_output_file(req.out, "--out", IMAGE_OUTPUT_SUFFIXES)
+    check_dtype(req.dtype)
+    check_device(req.device)
+    check_int(req.seed, "--seed", 0, 2**64 - 1)
     config = model_config(req)
     check_subjects(req.prompt, req.refs, req.categories, config)
-    height, width = parse_size(req.size) if req.size else default_size(config)
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise InputError(f"--size {height}x{width}: height and width must be positive multiples of 16")
+    height, width = parse_size(req.size, multiple=16) if req.size else default_size(config)
+    check_size(height, width)
     steps = req.steps if req.steps is not None else config.num_inference_steps
-    if steps < 1:
-        raise InputError(f"--steps {steps}: must be at least 1")
+    check_int(steps, "--steps", 1, MAX_SAMPLING_STEPS)
     guidance = config.guidance_scale if req.guidance is None else req.guidance
-    if not math.isfinite(guidance) or guidance < 0:
-        raise InputError(f"--guidance {guidance}: must be a non-negative number")
-    if req.dtype not in _DTYPES:
-        raise InputError(f"--dtype {req.dtype}: use {', '.join(_DTYPES)}")
-    if req.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {req.device}: CUDA is not available on this machine")
+    check_number(guidance, "--guidance", 0.0, MAX_GUIDANCE)
     builtin = req.model is None and req.preset is None and builtin_available()
     req.resolved = dict(
         mode="image",
@@ -245,11 +267,11 @@ def load_pipeline(req: ImageInferenceRequest, config: MCImageConfig):
 
 def run(req: ImageInferenceRequest) -> Path:
     """Validate, load, generate, write the image atomically; returns the output path."""
+    config = validate(req)  # before importing torch: bad input stops fast
     import torch
 
     from idcrafter.utils.media import write_image
 
-    config = validate(req)
     r = req.resolved
     pipe = load_pipeline(req, config)
     out = pipe(
@@ -274,6 +296,9 @@ def render_job(pipe, config: MCImageConfig, job, path: str | Path) -> Path:
     if job.negative_prompt:
         raise InputError("'negative_prompt' is not used by the image model (FLUX distilled guidance); leave it out")
     height, width = job.size or default_size(config)
+    check_size(height, width, "'size'")
+    if job.steps is not None:
+        check_int(job.steps, "'steps'", 1, MAX_SAMPLING_STEPS)
     out = pipe(
         job.prompt, refs=[str(r) for r in job.refs], categories=job.categories, height=height, width=width,
         num_inference_steps=job.steps, guidance_scale=job.guidance_text,

@@ -37,7 +37,7 @@ from PIL import Image
 from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image, to_rgb
-from mcimage.config import MCImageConfig, check_categories
+from mcimage.config import ADAPTER_SUBFOLDER, MCImageConfig, check_categories
 from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "prompt_descriptors",
 ]
 
-ADAPTER_SUBFOLDER = "mcimage_adapter"
 
 # PIL modes `to_rgb` converts faithfully (16-bit greyscale is rescaled, alpha composited on white).
 SUPPORTED_IMAGE_MODES = RGB_CONVERTIBLE_MODES

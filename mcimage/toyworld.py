@@ -346,7 +346,9 @@ def install(model: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from idcrafter.utils.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyimage")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8)

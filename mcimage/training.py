@@ -181,13 +181,9 @@ class ImageTrainingSpec:
 
     # ------------------------------------------------------------------ data
     def load_samples(self) -> list:
-        from idcrafter.data.manifest import load_manifest
+        from idcrafter.data.manifest import read_samples
 
-        samples, errors = load_manifest(self.d.data)
-        if errors:
-            first = errors[0]
-            raise InputError(f"--data {self.d.data}: {len(errors)} bad lines (line {first.line}: {first.message}); "
-                             f"run `python -m idcrafter.data.validate {self.d.data}`")
+        samples = read_samples(self.d.data)
         videos = [s.id for s in samples if s.is_video]
         if videos:
             raise InputError(f"--data {self.d.data}: {len(videos)} samples are videos (first: {videos[0]}); "

@@ -43,7 +43,14 @@ from idcrafter.core.positions import (
 )
 from idcrafter.flow.matching import velocity_from_sample
 from idcrafter.utils.io import atomic_write
-from mcimage.config import MCImageConfig, check_categories
+from mcimage.config import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_FORMAT,
+    ADAPTER_FORMAT_VERSION,
+    MCImageConfig,
+    check_categories,
+    read_adapter_config,
+)
 from mcimage.processors import MCFluxAttnProcessor, capture_ref_shares, install_processors
 
 __all__ = [
@@ -57,9 +64,6 @@ __all__ = [
 ]
 
 ADAPTER_WEIGHTS_NAME = "mcimage_adapter.safetensors"
-ADAPTER_CONFIG_NAME = "mcimage_config.json"
-_FORMAT = "mcimage.adapter"
-_FORMAT_VERSION = 1
 _POLICIES = ("adapter", "lora", "dam", "all", "none")
 
 
@@ -429,20 +433,12 @@ class MCImageTransformer(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-        payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "config": self.config.to_dict()}
+        payload = {"format": ADAPTER_FORMAT, "version": ADAPTER_FORMAT_VERSION, "config": self.config.to_dict()}
         with atomic_write(folder / ADAPTER_CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
         return folder
 
-    @staticmethod
-    def read_adapter_config(folder: str | os.PathLike) -> MCImageConfig:
-        path = Path(folder) / ADAPTER_CONFIG_NAME
-        if not path.is_file():
-            raise ValueError(f"{path}: no mcimage adapter config (expected a folder written by save_adapter)")
-        payload = json.loads(path.read_text())
-        if payload.get("format") != _FORMAT or payload.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: not an {_FORMAT} v{_FORMAT_VERSION} file")
-        return MCImageConfig.from_dict(payload["config"])
+    read_adapter_config = staticmethod(read_adapter_config)
 
     def load_adapter(self, folder: str | os.PathLike) -> None:
         """Load weights written by `save_adapter`; names and shapes must match exactly."""

@@ -20,11 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
+from idcrafter.utils.cli import (  # noqa: E402
+    MAX_SAMPLING_STEPS,
+    ArgumentParser,
+    InputError,
+    check_device,
+    fail,
+    integer,
+    number,
+    parse_size,
+    seed,
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt-a", required=True, help="first prompt (the reference of the change: P_A)")
     p.add_argument("--prompt-b", required=True, help="second prompt")
     p.add_argument("--refs", nargs="+", required=True, help="reference images, one per subject")
@@ -35,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--attention", action="store_true", help="also write the per-subject attention maps")
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH (default 512x512, 32x32 for tiny presets)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: from the model config)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both prompts)")
+    p.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="denoising steps (default: from the model config)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise (same for both prompts)")
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
-    p.add_argument("--t", type=float, default=0.5, help="--attention: re-noising time in (0, 1]")
+    p.add_argument("--t", type=number(0, 1, lo_open=True), default=0.5, help="--attention: re-noising time in (0, 1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     return p
 
@@ -114,7 +124,6 @@ def _require_moe(config, what: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
 
         from mcimage.config import PRESETS
 
@@ -122,8 +131,7 @@ def main(argv=None) -> int:
             raise InputError(f"--preset {args.preset!r}: unknown; known presets: {', '.join(sorted(PRESETS))}")
         tiny = not args.model and args.preset.startswith("tiny")
         height, width = _size(args.size, tiny)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+        check_device(args.device)
         _validate(args)
         pipe = _load(args)
         mult = pipe.vae_scale_factor * 2

@@ -20,13 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from idcrafter.benchmarks import load_cases  # noqa: E402
-from idcrafter.utils.cli import fail  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, fail  # noqa: E402
 from idcrafter.utils.io import atomic_write  # noqa: E402
 
 
 def main(argv=None) -> int:
     cases = load_cases()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=sorted(cases), help="; ".join(f"{n}: {c.help}" for n, c in sorted(cases.items())))
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,

@@ -18,38 +18,47 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--base", default=None, help="Wan 2.1 diffusers folder (default: random init of the preset)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--frames", type=integer(1), default=None)
+    p.add_argument("--fps", type=integer(1, 240), default=16)
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH")
-    p.add_argument("--seed", type=int, default=0, help="init seed of a random base (must match training)")
+    p.add_argument("--seed", type=seed, default=0, help="init seed of a random base (must match training)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
-    import torch
-
-    from idcrafter.utils.cli import parse_size
+    from idcrafter.utils.cli import check_device, check_input_file, check_output_dir, parse_size
+    from idcrafter.utils.folders import check_model_folder
     from idcrafter.video.config import PRESETS
-    from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
     try:
         if args.preset not in PRESETS:
             raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
-        if not Path(args.data).is_file():
-            raise InputError(f"--data {args.data} does not exist")
-        height, width = parse_size(args.size) if args.size else (None, None)
+        check_input_file(args.data, "--data")
+        check_output_dir(args.out, "--out")
+        check_device(args.device)
+        if args.base is not None:
+            check_model_folder(args.base, "--base", required=("transformer", "vae", "text_encoder", "tokenizer"))
+        if args.frames is not None and (args.frames - 1) % 4:
+            raise InputError(f"--frames {args.frames}: must be 4n+1")
+        height, width = parse_size(args.size, multiple=16) if args.size else (None, None)
+
+        import torch
+
+        from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
+
         spec = VideoTrainingSpec(
             VideoModelArgs(preset=args.preset, base=args.base, init_seed=args.seed),
             VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width),
         )
+        spec.load_samples()
         device = torch.device(args.device)
         spec.build_model(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         counts = spec.build_cache(args.out, device)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed  # noqa: E402
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
 VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "edit_video", "strength",
@@ -35,14 +35,15 @@ IMAGE_ONLY = ("categories", "guidance")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("video", "image"), default=None,
                    help="video (ID-Crafter, default) or image (MultiCrafter / One-for-All); see above")
     p.add_argument("--refs", nargs="+", required=True, help="reference images, one per subject")
     p.add_argument("--categories", nargs="+", default=None,
                    help="image mode: one category per reference (face, upper, lower, bag); One-for-All needs them")
     p.add_argument("--prompt", required=True, help="text prompt (image mode: may mark <face>item descriptors</face>)")
-    p.add_argument("--out", required=True, help="output path: .mp4 (video) or .png / .jpg (image)")
+    p.add_argument("--out", required=True,
+                   help="output path: .mp4, .webm, .mov, .mkv or .gif (video); .png or .jpg (image)")
     p.add_argument("--model", default=None, help="Wan 2.1 or FLUX diffusers folder (default: the built-in tiny model)")
     p.add_argument("--adapter", default=None,
                    help="adapter folder (default: MODEL/idcrafter_adapter or MODEL/mcimage_adapter if present)")
@@ -50,17 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: built-in model (toyworld, tiny) or, with --model, the config preset (wan-1.3b, "
                         "wan-14b); image: multicrafter, one-for-all, tiny-multicrafter, tiny-one-for-all")
     p.add_argument("--negative-prompt", default="", help="text of the unconditional guidance passes")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: from the model config)")
+    p.add_argument("--steps", type=integer(1), default=None, help="Euler steps (default: from the model config)")
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH, multiples of 16 (default: from the model config)")
-    p.add_argument("--frames", type=int, default=None, help="frame count, 4n+1 (default: from the model config)")
-    p.add_argument("--guidance", type=float, default=None, help="image mode: FLUX distilled guidance scale")
-    p.add_argument("--guidance-image", type=float, default=None, help="s_img, reference guidance scale")
-    p.add_argument("--guidance-text", type=float, default=None, help="s_txt, text guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--frames", type=integer(1), default=None, help="frame count, 4n+1 (default: from the model config)")
+    p.add_argument("--guidance", type=number(), default=None, help="image mode: FLUX distilled guidance scale")
+    p.add_argument("--guidance-image", type=number(), default=None, help="s_img, reference guidance scale")
+    p.add_argument("--guidance-text", type=number(), default=None, help="s_txt, text guidance scale")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise, in [0, 2**64)")
     p.add_argument("--edit-video", default=None, help="editing mode: input video to re-render with the new subjects")
-    p.add_argument("--strength", type=float, default=1.0, help="editing strength in (0, 1]; 1 ignores the input video")
+    p.add_argument("--strength", type=number(0, 1, lo_open=True), default=1.0,
+                   help="editing strength in (0, 1]; 1 ignores the input video")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 for the transformer")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="precision of the transformer")
     p.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU until each runs")
     p.add_argument("--sequential-guidance", action="store_true", help="run the 3 guidance passes one by one (less memory)")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder for models trained with the VLM encoder")
@@ -101,8 +104,8 @@ def main(argv=None) -> int:
             print(plan(req))
             return 0
         path = run(req)
-    except (InputError, ValueError, FileNotFoundError) as err:
-        return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
+    except InputError as err:
+        return fail(str(err).splitlines()[0])
     print(f"wrote {path}")
     return 0
 

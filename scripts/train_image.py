@@ -31,45 +31,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size  # noqa: E402
 
 POLICIES = ("adapter", "lora", "dam", "all")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny-multicrafter", help="multicrafter, one-for-all, tiny-*, toyworld-*")
+def build_parser() -> ArgumentParser:
+    from idcrafter.train.cli import add_run_arguments
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None,
+                   help="multicrafter, one-for-all, tiny-*, toyworld-* (default: tiny-multicrafter, or the adapter's)")
     p.add_argument("--base", default=None, help="FLUX diffusers folder (default: random init of the preset)")
     p.add_argument("--adapter", default=None, help="adapter folder to start from (e.g. the single-subject stage)")
     p.add_argument("--data", required=True, help="JSONL manifest of image samples")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/zero2.json")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint) or a checkpoint tag")
-    p.add_argument("--stage", default="all", help="all, single (one-subject samples) or multi (two or more)")
-    p.add_argument("--attn-loss-weight", type=float, default=0.0, help="lambda of the IDAR loss (0.3 in MultiCrafter)")
+    add_run_arguments(p, lr=None, weight_decay=None)
+    p.add_argument("--stage", default="all", choices=("all", "single", "multi"),
+                   help="all, single (one-subject samples) or multi (two or more)")
+    p.add_argument("--attn-loss-weight", type=number(0, 100), default=0.0,
+                   help="lambda of the IDAR loss (0.3 in MultiCrafter)")
     p.add_argument("--random-categories", nargs="+", default=None,
                    help="One-for-All: give the subjects random distinct categories from this list every step")
     p.add_argument("--size", default="512x512", help="HEIGHTxWIDTH of the targets")
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=None, help="default: the preset's learning rate")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: the preset's weight decay")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="micro batch per GPU")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainable", default="adapter", help="adapter (LoRA/MoE-LoRA + DAM), lora, dam or all")
-    p.add_argument("--guidance", type=float, default=None, help="distilled guidance fed in training (default: preset)")
+    p.add_argument("--trainable", default="adapter", choices=POLICIES, help="adapter (LoRA/MoE-LoRA + DAM), lora, dam or all")
+    p.add_argument("--guidance", type=number(0, 100), default=None,
+                   help="distilled guidance fed in training (default: preset)")
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="MCImageConfig overrides for ablations, e.g. adapter=none idar=false dam=true (JSON values)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 
 
@@ -87,40 +77,27 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def validate(args) -> None:
-    """Everything that can be checked before a model loads."""
+    """Everything that can be checked before a model loads or a file is written."""
+    from idcrafter.train.cli import check_run_paths
+    from idcrafter.utils.folders import check_model_folder
     from mcimage.config import PRESETS
-    from mcimage.training import STAGES
+    from mcimage.infer import check_size, read_adapter
 
-    if args.adapter is None and args.preset not in PRESETS:
+    if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
-    if not Path(args.data).is_file():
-        raise InputError(f"--data {args.data} does not exist")
-    try:
-        json.loads(Path(args.deepspeed_config).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"--deepspeed_config {args.deepspeed_config}: {err}") from None
-    if args.base is not None and not (Path(args.base) / "transformer").is_dir():
-        raise InputError(f"--base {args.base}: not a FLUX diffusers folder (no transformer/ subfolder)")
-    if args.adapter is not None and not (Path(args.adapter) / "mcimage_config.json").is_file():
-        raise InputError(f"--adapter {args.adapter}: no mcimage_config.json")
-    if args.stage not in STAGES:
-        raise InputError(f"--stage {args.stage!r}: use one of {', '.join(STAGES)}")
-    if args.trainable not in POLICIES:
-        raise InputError(f"--trainable {args.trainable!r}: use one of {', '.join(POLICIES)}")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr is not None and args.lr <= 0:
-        raise InputError(f"--lr {args.lr} must be positive")
-    if args.attn_loss_weight < 0:
-        raise InputError(f"--attn-loss-weight {args.attn_loss_weight} must be >= 0")
+    check_run_paths(args)
+    if args.base is not None:
+        check_model_folder(args.base, "--base", required=("transformer", "vae"))
+    if args.adapter is not None:
+        config = read_adapter(Path(args.adapter), "--adapter")
+        if args.preset is not None and args.preset != config.preset:
+            raise InputError(f"--preset {args.preset} conflicts with the adapter {args.adapter}, trained as preset "
+                             f"{config.preset!r}; leave --preset out")
     if args.attn_loss_weight > 0 and args.stage == "single":
         raise InputError("--attn-loss-weight needs samples with several subjects; use --stage multi or all")
-    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
-        raise InputError(f"--ema-decay {args.ema_decay} must be in (0, 1)")
-    parse_size(args.size, "--size", multiple=16)
+    check_size(*parse_size(args.size, "--size", multiple=16))
     if args.ref_size is not None:
-        parse_size(args.ref_size, "--ref-size", multiple=16)
+        check_size(*parse_size(args.ref_size, "--ref-size", multiple=16), "--ref-size")
     parse_overrides(args.overrides)
 
 
@@ -133,8 +110,8 @@ def main(argv=None) -> int:
         height, width = parse_size(args.size, "--size", multiple=16)
         ref_size = parse_size(args.ref_size, "--ref-size", multiple=16) if args.ref_size else None
         spec = ImageTrainingSpec(
-            ImageModelArgs(preset=args.preset, base=args.base, adapter=args.adapter, init_seed=args.seed,
-                           attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
+            ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
+                           init_seed=args.seed, attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
                            overrides=parse_overrides(args.overrides)),
             ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage,
                           random_categories=tuple(args.random_categories) if args.random_categories else None),
@@ -144,24 +121,21 @@ def main(argv=None) -> int:
     except InputError as err:
         return fail(str(err))
 
-    from idcrafter.train.trainer import AllSamplesFailed, TrainArgs, Trainer
+    from idcrafter.train.cli import train_args
+    from idcrafter.train.trainer import AllSamplesFailed, NonFiniteLoss, Trainer
     from idcrafter.utils.logging import setup_logging
 
     setup_logging()
     cfg = spec.config
-    train_args = TrainArgs(
-        output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps,
-        lr=args.lr if args.lr is not None else cfg.learning_rate,
-        weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay,
-        warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        grad_clip=args.grad_clip, seed=args.seed, trainable=args.trainable,
-        gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, save_every=args.save_every,
-        keep_last=args.keep_last, resume=args.resume, log_every=args.log_every, progress=not args.no_progress,
-    )
+    run_args = train_args(args, lr=args.lr if args.lr is not None else cfg.learning_rate,
+                          weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay)
     try:
-        summary = Trainer(spec, train_args).run()
+        summary = Trainer(spec, run_args).run()
     except (InputError, AllSamplesFailed) as err:
         return fail(str(err))
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if summary.get("failed_samples"):
         print(f"skipped {summary['failed_samples']} samples that failed to decode", file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "failed_sample_ids"}))

@@ -26,61 +26,62 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from idcrafter.utils.cli import InputError, fail, parse_size  # noqa: E402
+from idcrafter.utils.cli import (  # noqa: E402
+    MAX_SAMPLING_STEPS,
+    ArgumentParser,
+    InputError,
+    fail,
+    integer,
+    number,
+    parse_size,
+)
+
+BRANCHES = ("video", "image")
+POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--branch", default="video", help="video (ID-Crafter on Wan) or image (mcimage on FLUX)")
+def build_parser() -> ArgumentParser:
+    from idcrafter.train.cli import add_run_arguments
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--branch", default="video", choices=BRANCHES, help="video (ID-Crafter on Wan) or image (mcimage on FLUX)")
     p.add_argument("--preset", default=None, help="config preset; without --base the random init of it "
-                   "(default: tiny for video, tiny-multicrafter for image)")
+                   "(default: tiny for video, tiny-multicrafter for image, or the adapter's)")
     p.add_argument("--base", default=None, help="model folder (Wan or FLUX diffusers folder, optionally with its adapter)")
     p.add_argument("--adapter", default=None, help="adapter folder to start from")
     p.add_argument("--data", required=True, help="manifest of training prompts and references")
     p.add_argument("--eval-data", default=None, help="manifest of held-out prompts and references")
-    p.add_argument("--output", required=True)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/zero2.json")
+    add_run_arguments(p, max_steps=100, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
     p.add_argument("--reward", default=None, help="name=weight,... (default: the branch's composite)")
     p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE")
-    p.add_argument("--objective", default="grpo", help="grpo or gspo")
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--groups", type=int, default=1, help="groups per rank and iteration")
-    p.add_argument("--num-steps", type=int, default=16, help="T sampling steps of a rollout")
-    p.add_argument("--window", type=int, default=2, help="w SDE steps that are trained")
-    p.add_argument("--window-every", type=int, default=50, help="tau: iterations between window moves")
-    p.add_argument("--window-stride", type=int, default=1, help="s: steps the window moves")
-    p.add_argument("--window-start", type=int, default=0)
-    p.add_argument("--noise-level", type=float, default=1.0, help="a of the SDE step")
-    p.add_argument("--clip-eps", type=float, default=1e-4)
-    p.add_argument("--kl-weight", type=float, default=0.0, help="beta of the KL to the reference (LoRA off)")
-    p.add_argument("--inner-epochs", type=int, default=1)
+    p.add_argument("--objective", default="grpo", choices=("grpo", "gspo"))
+    p.add_argument("--group-size", type=integer(2, 1024), default=4)
+    p.add_argument("--groups", type=integer(1, 1024), default=1, help="groups per rank and iteration")
+    p.add_argument("--num-steps", type=integer(1, MAX_SAMPLING_STEPS), default=16, help="T sampling steps of a rollout")
+    p.add_argument("--window", type=integer(1, MAX_SAMPLING_STEPS), default=2, help="w SDE steps that are trained")
+    p.add_argument("--window-every", type=integer(1), default=50, help="tau: iterations between window moves")
+    p.add_argument("--window-stride", type=integer(1, MAX_SAMPLING_STEPS), default=1, help="s: steps the window moves")
+    p.add_argument("--window-start", type=integer(0, MAX_SAMPLING_STEPS), default=0)
+    # a scales the SDE step's std, a * sqrt(sigma / (1 - sigma)); Flow-GRPO uses 0.7, 1 is ours.
+    p.add_argument("--noise-level", type=number(0, 5, lo_open=True), default=1.0, help="a of the SDE step, in (0, 5]")
+    p.add_argument("--clip-eps", type=number(0, 1, lo_open=True, hi_open=True), default=1e-4)
+    p.add_argument("--kl-weight", type=number(0, 100), default=0.0, help="beta of the KL to the reference (LoRA off)")
+    p.add_argument("--inner-epochs", type=integer(1, 100), default=1)
     p.add_argument("--normalise-rewards", action="store_true",
                    help="normalise each reward within its group before weighting (instead of weighting raw scores)")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
-    p.add_argument("--guidance-image", type=float, default=None)
-    p.add_argument("--guidance-text", type=float, default=None)
+    p.add_argument("--guidance-image", type=number(0, 100), default=None)
+    p.add_argument("--guidance-text", type=number(0, 100), default=None)
     p.add_argument("--trainable", default="lora", help="video: lora, new-modules+lora, new-modules or full; "
                    "image: lora, adapter, dam or all")
     p.add_argument("--size", default=None, help="image branch: HEIGHTxWIDTH of the samples (default 512x512)")
     p.add_argument("--ref-size", default=None, help="image branch: HEIGHTxWIDTH canvas of the references")
     p.add_argument("--categories", nargs="+", default=None,
                    help="image branch with condition ids: categories of the references, in order")
-    p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate the held-out reward every N iterations")
-    p.add_argument("--eval-limit", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--resume", default=None)
+    p.add_argument("--lora-rank", type=integer(1, 4096), default=32)
+    p.add_argument("--eval-every", type=integer(0), default=0, help="evaluate the held-out reward every N iterations")
+    p.add_argument("--eval-limit", type=integer(1), default=8)
     p.add_argument("--device", default=None, help="device of the reward models (default: the training device)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -95,22 +96,79 @@ def reward_options(pairs: list[str]) -> dict[str, dict]:
     return options
 
 
-BRANCHES = ("video", "image")
-POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
+def branch_config(args):
+    """The model config of the run (the adapter's, else the preset's), with its folders checked and
+    a --preset that disagrees with the adapter refused."""
+    from idcrafter.utils.folders import check_model_folder
 
+    if args.branch == "image":
+        from mcimage.config import PRESETS
+        from mcimage.config import MCImageConfig as config_class
+        from mcimage.infer import read_adapter
 
-def validate_image(args) -> None:
-    from mcimage.config import PRESETS
+        default, parts = "tiny-multicrafter", ("transformer", "vae")
+    else:
+        from idcrafter.video.config import PRESETS
+        from idcrafter.video.config import IDCrafterConfig as config_class
+        from idcrafter.video.infer import read_adapter
 
+        default, parts = "tiny", ("transformer", "vae", "text_encoder", "tokenizer")
     if args.preset is not None and args.preset not in PRESETS:
-        raise InputError(f"--preset {args.preset!r} is not an image preset; known: {', '.join(sorted(PRESETS))}")
-    if args.adapter is not None and not (Path(args.adapter) / "mcimage_config.json").is_file():
-        raise InputError(f"--adapter {args.adapter}: no mcimage_config.json")
-    if args.vlm is not None:
-        raise InputError("--vlm applies to the video branch only")
-    for flag in ("size", "ref_size"):
-        if getattr(args, flag) is not None:
-            parse_size(getattr(args, flag), f"--{flag.replace('_', '-')}", multiple=16)
+        raise InputError(f"--preset {args.preset!r} is not a {args.branch} preset; known: {', '.join(sorted(PRESETS))}")
+    adapter = Path(args.adapter) if args.adapter else None
+    if args.base is not None:
+        check_model_folder(args.base, "--base", required=parts)
+        sub = Path(args.base) / ("mcimage_adapter" if args.branch == "image" else "idcrafter_adapter")
+        adapter = adapter or (sub if sub.is_dir() else None)
+    if adapter is None:
+        return config_class.from_preset(args.preset or default)
+    config = read_adapter(adapter, "--adapter")
+    if args.preset is not None and args.preset != config.preset:
+        raise InputError(f"--preset {args.preset} conflicts with the adapter {adapter}, trained as preset "
+                         f"{config.preset!r}; leave --preset out")
+    return config
+
+
+def validate(args):
+    """Everything that can be checked before DeepSpeed starts; returns the model config."""
+    from idcrafter.data.manifest import read_samples
+    from idcrafter.train.cli import check_run_paths
+    from idcrafter.utils.cli import check_device, check_input_dir
+
+    check_run_paths(args, ("data", "eval_data"))
+    if args.trainable not in POLICIES[args.branch]:
+        raise InputError(f"--trainable {args.trainable!r}: use {', '.join(POLICIES[args.branch])}")
+    if args.kl_weight > 0 and "lora" not in args.trainable:
+        raise InputError("--kl-weight needs a LoRA policy: the reference policy is the model with LoRA off")
+    if args.device is not None:
+        check_device(args.device)
+    if args.window > args.num_steps or args.window_start > args.num_steps - args.window:
+        raise InputError(f"--window {args.window} from --window-start {args.window_start} does not fit in "
+                         f"--num-steps {args.num_steps}")
+    config = branch_config(args)
+    if args.branch == "image":
+        from mcimage.infer import check_size
+
+        if args.vlm is not None:
+            raise InputError("--vlm applies to the video branch only")
+        for flag in ("size", "ref_size"):
+            if getattr(args, flag) is not None:
+                name = f"--{flag.replace('_', '-')}"
+                check_size(*parse_size(getattr(args, flag), name, multiple=16), name)
+    else:
+        for flag in ("size", "ref_size", "categories"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag.replace('_', '-')} applies to the image branch only")
+        if args.vlm is not None:
+            check_input_dir(args.vlm, "--vlm")
+            if not config.use_vlm:
+                raise InputError(f"--vlm {args.vlm}: this model was trained without the VLM encoder; leave --vlm out")
+        elif config.use_vlm:
+            raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+    for name in ("data", "eval_data"):
+        if getattr(args, name) is not None:
+            read_samples(getattr(args, name), f"--{name.replace('_', '-')}", config.max_subjects)
+    return config
 
 
 def build_spec(args):
@@ -128,7 +186,7 @@ def build_spec(args):
                 data=args.data, eval_data=args.eval_data, policy=args.trainable, height=height, width=width,
                 ref_size=ref_size, categories=tuple(args.categories) if args.categories else None,
             )
-        except ValueError as err:
+        except ValueError as err:  # unknown --categories
             raise InputError(str(err)) from None
     from idcrafter.video.rl import VideoRLSpec
     from idcrafter.video.training import VideoModelArgs
@@ -144,24 +202,7 @@ def build_spec(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.branch not in BRANCHES:
-            raise InputError(f"--branch {args.branch!r}: use video or image")
-        if args.branch == "image":
-            validate_image(args)
-        for name in ("data", "eval_data"):
-            path = getattr(args, name)
-            if path is not None and not Path(path).is_file():
-                raise InputError(f"--{name.replace('_', '-')} {path} does not exist")
-        if args.base is not None and not (Path(args.base) / "transformer").is_dir():
-            raise InputError(f"--base {args.base}: not a diffusers folder (no transformer/ subfolder)")
-        if args.vlm is not None and not Path(args.vlm).is_dir():
-            raise InputError(f"--vlm {args.vlm}: not a folder")
-        if args.trainable not in POLICIES[args.branch]:
-            raise InputError(f"--trainable {args.trainable!r}: use {', '.join(POLICIES[args.branch])}")
-        if args.kl_weight > 0 and "lora" not in args.trainable:
-            raise InputError("--kl-weight needs a LoRA policy: the reference policy is the model with LoRA off")
-        if args.lr <= 0 or args.max_steps < 1:
-            raise InputError("--lr must be positive and --max-steps at least 1")
+        validate(args)
         from idcrafter.rewards.base import (
             IMAGE_WEIGHTS,
             VIDEO_WEIGHTS,
@@ -181,7 +222,8 @@ def main(argv=None) -> int:
                         num_steps=args.num_steps, window=args.window, window_every=args.window_every,
                         window_stride=args.window_stride, window_start=args.window_start,
                         noise_level=args.noise_level, clip_eps=args.clip_eps, kl_weight=args.kl_weight,
-                        inner_epochs=args.inner_epochs, normalise_rewards=args.normalise_rewards, eval_every=args.eval_every, eval_limit=args.eval_limit)
+                        inner_epochs=args.inner_epochs, normalise_rewards=args.normalise_rewards,
+                        eval_every=args.eval_every, eval_limit=args.eval_limit)
             rl.sliding_window()
             options = reward_options(args.reward_option)
             unknown = sorted(set(options) - set(weights))
@@ -191,30 +233,25 @@ def main(argv=None) -> int:
 
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             reward = CompositeReward(weights, options=options, device=device)
-        except ValueError as err:
+        except ValueError as err:  # the reward registry's and RLArgs' own checks of user values
             raise InputError(str(err)) from None
+        spec = build_spec(args)
     except InputError as err:
         return fail(str(err))
 
     from idcrafter.rl.trainer import RLTrainer
-    from idcrafter.train.trainer import TrainArgs
+    from idcrafter.train.cli import train_args
+    from idcrafter.train.trainer import NonFiniteLoss
     from idcrafter.utils.logging import setup_logging
 
     setup_logging()
     try:
-        spec = build_spec(args)
+        summary = RLTrainer(spec, train_args(args, betas=(0.9, 0.95), batch_size=args.group_size), rl, reward).run()
     except InputError as err:
         return fail(str(err))
-    train_args = TrainArgs(
-        output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps, lr=args.lr,
-        weight_decay=args.weight_decay, betas=(0.9, 0.95), warmup_steps=args.warmup_steps, batch_size=args.group_size,
-        grad_clip=args.grad_clip, seed=args.seed, trainable=args.trainable, save_every=args.save_every,
-        keep_last=args.keep_last, resume=args.resume, log_every=args.log_every, progress=not args.no_progress,
-    )
-    try:
-        summary = RLTrainer(spec, train_args, rl, reward).run()
-    except InputError as err:
-        return fail(str(err))
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

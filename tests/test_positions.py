@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idcrafter.core import positions
 from idcrafter.core.positions import (
     DescriptorSpan,
     canonical_category,
@@ -159,8 +158,10 @@ def test_unknown_category_names_it_and_lists_known():
 @pytest.fixture
 def scratch_table(monkeypatch):
     """Give register_category a private copy of the tables so tests do not leak categories."""
-    monkeypatch.setattr(positions, "CATEGORY_IDS", dict(positions.CATEGORY_IDS))
-    monkeypatch.setattr(positions, "CATEGORY_ALIASES", dict(positions.CATEGORY_ALIASES))
+    from idcrafter.core import categories
+
+    monkeypatch.setattr(categories, "CATEGORY_IDS", dict(categories.CATEGORY_IDS))
+    monkeypatch.setattr(categories, "CATEGORY_ALIASES", dict(categories.CATEGORY_ALIASES))
 
 
 def test_register_category(scratch_table):

@@ -78,7 +78,7 @@ def test_bad_arguments_exit_2(setup, tmp_path):
         (["--branch", "audio"], "--branch"),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--objective", "ppo"], "objective"),
-        (["--group-size", "1"], "group size"),
+        (["--group-size", "1"], "--group-size"),
         (["--kl-weight", "0.1", "--trainable", "new-modules"], "LoRA"),
     ]
     for extra, needle in cases:

@@ -1,58 +1,43 @@
 """Shared attention-regularisation core used by the video (ID-Crafter) and image (mcimage) branches.
 
-Depends on torch and diffusers only; never imports `idcrafter.video` or `mcimage`.
+Depends on torch and diffusers only; never imports `idcrafter.video` or `mcimage`. Names are
+imported on first use, so the torch-free parts (`categories`, `lora_config`) load without torch.
 """
 
-from idcrafter.core.attention import attention, ref_attention_share
-from idcrafter.core.layout import TokenLayout
-from idcrafter.core.moe_lora import (
-    MoELoRAConfig,
-    MoELoRALinear,
-    inject_moe_lora,
-    load_moe_lora,
-    record_routing,
-    save_diffusers_lora,
-    save_moe_lora,
-)
-from idcrafter.core.positions import (
-    ccpa_descriptor_ids,
-    condition_ids,
-    parse_descriptor_markup,
-    target_ids,
-    text_ids,
-    uno_diagonal_ids,
-)
-from idcrafter.core.regularization import (
-    attention_mass_map,
-    idar_loss,
-    leakage,
-    masks_to_token_assignment,
-    region_loss,
-)
-from idcrafter.core.temperature import DynamicTemperature, apply_temperature
+from __future__ import annotations
 
-__all__ = [
-    "DynamicTemperature",
-    "MoELoRAConfig",
-    "MoELoRALinear",
-    "TokenLayout",
-    "apply_temperature",
-    "attention",
-    "attention_mass_map",
-    "ccpa_descriptor_ids",
-    "condition_ids",
-    "idar_loss",
-    "inject_moe_lora",
-    "leakage",
-    "load_moe_lora",
-    "masks_to_token_assignment",
-    "parse_descriptor_markup",
-    "record_routing",
-    "ref_attention_share",
-    "region_loss",
-    "save_diffusers_lora",
-    "save_moe_lora",
-    "target_ids",
-    "text_ids",
-    "uno_diagonal_ids",
-]
+import importlib
+
+_EXPORTS = {
+    "attention": "attention",
+    "ref_attention_share": "attention",
+    "TokenLayout": "layout",
+    "MoELoRAConfig": "lora_config",
+    "MoELoRALinear": "moe_lora",
+    "inject_moe_lora": "moe_lora",
+    "load_moe_lora": "moe_lora",
+    "record_routing": "moe_lora",
+    "save_diffusers_lora": "moe_lora",
+    "save_moe_lora": "moe_lora",
+    "ccpa_descriptor_ids": "positions",
+    "condition_ids": "positions",
+    "parse_descriptor_markup": "categories",
+    "target_ids": "positions",
+    "text_ids": "positions",
+    "uno_diagonal_ids": "positions",
+    "attention_mass_map": "regularization",
+    "idar_loss": "regularization",
+    "leakage": "regularization",
+    "masks_to_token_assignment": "regularization",
+    "region_loss": "regularization",
+    "DynamicTemperature": "temperature",
+    "apply_temperature": "temperature",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"idcrafter.core.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'idcrafter.core' has no attribute {name!r}")

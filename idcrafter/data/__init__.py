@@ -6,55 +6,45 @@ Check a manifest with
 `python -m idcrafter.data.validate manifest.jsonl`.
 """
 
-from idcrafter.data.buckets import (
-    DEFAULT_BUCKETS,
-    Bucket,
-    CoverCrop,
-    apply_cover_crop,
-    buckets_for_area,
-    cover_crop_box,
-    nearest_bucket,
-    resize_and_crop,
-    resize_and_crop_masks,
-)
-from idcrafter.data.cache import CacheMismatchError, FeatureCache, build_cache, cache_fingerprint
-from idcrafter.data.dataset import BucketBatchSampler, VideoDataset, collate
-from idcrafter.data.manifest import ManifestError, Sample, Subject, load_manifest, manifest_stats
-from idcrafter.data.video import (
-    VideoInfo,
-    VideoTooShort,
-    load_clip,
-    media_size,
-    probe_video,
-    sample_frame_indices,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_BUCKETS",
-    "Bucket",
-    "BucketBatchSampler",
-    "CacheMismatchError",
-    "CoverCrop",
-    "FeatureCache",
-    "ManifestError",
-    "Sample",
-    "Subject",
-    "VideoDataset",
-    "VideoInfo",
-    "VideoTooShort",
-    "apply_cover_crop",
-    "build_cache",
-    "buckets_for_area",
-    "cache_fingerprint",
-    "collate",
-    "cover_crop_box",
-    "load_clip",
-    "load_manifest",
-    "manifest_stats",
-    "media_size",
-    "nearest_bucket",
-    "probe_video",
-    "resize_and_crop",
-    "resize_and_crop_masks",
-    "sample_frame_indices",
-]
+import importlib
+
+# Names are imported on first use: the manifest reader and validator load without torch.
+_EXPORTS = {
+    "Bucket": "buckets",
+    "BucketBatchSampler": "dataset",
+    "CacheMismatchError": "cache",
+    "CoverCrop": "buckets",
+    "DEFAULT_BUCKETS": "buckets",
+    "FeatureCache": "cache",
+    "ManifestError": "manifest",
+    "Sample": "manifest",
+    "Subject": "manifest",
+    "VideoDataset": "dataset",
+    "VideoInfo": "video",
+    "VideoTooShort": "video",
+    "apply_cover_crop": "buckets",
+    "buckets_for_area": "buckets",
+    "build_cache": "cache",
+    "cache_fingerprint": "cache",
+    "collate": "dataset",
+    "cover_crop_box": "buckets",
+    "load_clip": "video",
+    "load_manifest": "manifest",
+    "manifest_stats": "manifest",
+    "media_size": "video",
+    "nearest_bucket": "buckets",
+    "probe_video": "video",
+    "resize_and_crop": "buckets",
+    "resize_and_crop_masks": "buckets",
+    "sample_frame_indices": "video",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"idcrafter.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'idcrafter.data' has no attribute {name!r}")

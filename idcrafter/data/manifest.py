@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idcrafter.utils.cli import InputError, path_problem
 from idcrafter.utils.jsonl import read_jsonl
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "is_video_path",
     "load_manifest",
     "manifest_stats",
+    "read_samples",
 ]
 
 SAMPLE_KEYS = frozenset({"id", "video", "image", "prompt", "subjects", "fps", "split"})
@@ -132,8 +134,9 @@ class _LineParser:
             self.problems.append(f"{what} must be a non-empty path string, got {_type_name(value)}")
             return None
         path = Path(os.path.abspath(self.base / value))
-        if self.check_files and not path.is_file():
-            self.problems.append(f"{what} {value!r} does not exist ({path})")
+        problem = path_problem(path) if self.check_files else None
+        if problem:
+            self.problems.append(f"{what} {value!r} {problem} ({path})")
         return path
 
     def text(self, record: dict, key: str, what: str, required: bool) -> str | None:
@@ -250,6 +253,24 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> tuple[li
         seen[sample.id] = number
         samples.append(sample)
     return samples, errors
+
+
+def read_samples(path: str | os.PathLike, flag: str = "--data", max_subjects: int | None = None) -> list[Sample]:
+    """The samples of a manifest a run trains on: InputError naming `flag`, the count of bad lines
+    and the first one (fix the manifest before a long run), saying it holds no sample, or (with
+    `max_subjects`) that some samples have more subjects than the model takes."""
+    samples, errors = load_manifest(path)
+    if errors:
+        first = errors[0]
+        raise InputError(f"{flag} {path}: {len(errors)} bad lines (line {first.line}: {first.message}); "
+                         f"run `python -m idcrafter.data.validate {path}`")
+    if not samples:
+        raise InputError(f"{flag} {path}: no samples")
+    too_many = [s.id for s in samples if max_subjects is not None and len(s.subjects) > max_subjects]
+    if too_many:
+        raise InputError(f"{flag} {path}: {len(too_many)} samples have more than {max_subjects} subjects "
+                         f"(first: {too_many[0]})")
+    return samples
 
 
 def manifest_stats(samples: Iterable[Sample]) -> dict[str, Any]:

@@ -135,7 +135,9 @@ def install(model: Path, toyid: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from idcrafter.utils.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyworld")
     p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=64)

@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+# Sampling steps beyond the schedulers' 1000 training timesteps (Wan and FLUX) only repeat timesteps.
+MAX_SAMPLING_STEPS = 1000
+# Guidance scales are single digits in practice; far beyond, the guided velocity overflows the
+# sampler (a scale of 1e308 gave an all-black video).
+MAX_GUIDANCE = 100.0
 # torch.Generator.manual_seed and numpy's default_rng both take any seed in [0, 2**64).
 SEED_MAX = 2**64 - 1
 
@@ -211,12 +216,12 @@ def check_output_file(path: str | os.PathLike, what: str, suffixes: Iterable[str
     """A file the run can write at the end: a known suffix, not an existing folder, in a folder
     that exists or can be created and that can be written. Creates nothing."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
     if suffixes is not None:
         suffixes = tuple(suffixes)
         if path.suffix.lower() not in suffixes:
             raise InputError(f"{what} {path}: the output must end in {' or '.join(suffixes)}")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a folder; give a file name")
     if os.path.lexists(path) and not path.exists():
         problem = path_problem(path) or "cannot be resolved"
         raise InputError(f"{what} {path} {problem}")
@@ -247,6 +252,8 @@ def check_dtype(text: str, what: str = "--dtype") -> str:
 
 def check_device(text: str, what: str = "--device") -> str:
     """'cpu', 'cuda' or 'cuda:N' naming a device this machine has; InputError otherwise."""
+    if text == "cpu":
+        return text  # the common case, without importing torch
     import torch
 
     try:

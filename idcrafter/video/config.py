@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from idcrafter.utils.cli import MAX_SAMPLING_STEPS, InputError, check_int
 
 # WanTransformer3DModel configs of the released checkpoints (diffusers layout), and a tiny one.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -137,6 +140,70 @@ class IDCrafterConfig:
     @classmethod
     def load(cls, path: str | Path) -> IDCrafterConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# File names of an ID-Crafter adapter folder (and the folder's name inside a model folder). Kept here,
+# free of diffusers, so validating a request does not import the model code.
+ADAPTER_SUBFOLDER = "idcrafter_adapter"
+ADAPTER_CONFIG = "idcrafter_config.json"
+ADAPTER_WEIGHTS = "idcrafter_adapter.safetensors"
+# (temporal, spatial) downsampling of the Wan 2.1 VAE, full size and the tiny test one alike.
+WAN_VAE_FACTORS = (4, 8)
+
+
+def read_adapter_config(folder: str | Path) -> tuple[IDCrafterConfig, dict]:
+    """(config, the whole JSON) of an adapter folder; FileNotFoundError without the file,
+    ValueError (JSONDecodeError included) for a file that is not an ID-Crafter adapter config."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {folder}: no {ADAPTER_CONFIG}")
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: no 'config' object (not an ID-Crafter adapter config)")
+    if not isinstance(meta.get("base", {}), dict):
+        raise ValueError(f"{path}: 'base' must be an object")
+    return IDCrafterConfig.from_dict(meta["config"]), meta
+
+
+def vae_scale_factors(vae_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(temporal, spatial) downsampling of a Wan VAE, or of the toy world's codec, from its config:
+    the explicit `scale_factor_*` entries when present, else Wan's `temperal_downsample` layout
+    (one spatial halving per stage, a temporal one where the flag is set)."""
+    down = list(vae_config.get("temperal_downsample") or [])
+    temporal = vae_config.get("scale_factor_temporal") or 2 ** sum(bool(d) for d in down)
+    spatial = vae_config.get("scale_factor_spatial") or 2 ** len(down)
+    return int(temporal), int(spatial)
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """The largest request a model can take: Wan's rotary embedding has `rope_max_seq_len` positions
+    per axis, so latent frames / patch and latent rows / patch beyond it crash inside the model."""
+
+    max_frames: int
+    max_height: int
+    max_width: int
+    max_steps: int = MAX_SAMPLING_STEPS
+
+    @classmethod
+    def from_configs(cls, wan: dict, vae: dict) -> VideoLimits:
+        positions = int(wan.get("rope_max_seq_len", 1024))
+        p_t, p_h, p_w = wan.get("patch_size", (1, 2, 2))
+        temporal, spatial = vae_scale_factors(vae)
+        return cls(max_frames=(positions * p_t - 1) * temporal + 1, max_height=positions * p_h * spatial,
+                   max_width=positions * p_w * spatial)
+
+    def check(self, height: int, width: int, frames: int, steps: int,
+              names: tuple[str, str, str] = ("--size", "--frames", "--steps")) -> None:
+        """InputError naming the option (`names`: size, frames, steps) for a request past a bound."""
+        size_name, frames_name, steps_name = names
+        if height > self.max_height or width > self.max_width:
+            raise InputError(f"{size_name} {height}x{width}: this model's rotary position range covers at most "
+                             f"{self.max_height}x{self.max_width}")
+        if frames > self.max_frames:
+            raise InputError(f"{frames_name} {frames}: this model's rotary position range covers at most "
+                             f"{self.max_frames} frames")
+        check_int(steps, steps_name, 1, self.max_steps)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

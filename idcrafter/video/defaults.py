@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.config import ADAPTER_SUBFOLDER, IDCrafterConfig, read_adapter_config
 
 DEFAULT_SEED = 0
 TOYWORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "model"
@@ -28,9 +28,7 @@ def builtin_config(preset: str | None = None) -> IDCrafterConfig:
     """The config of the built-in model for `preset` (None: whichever is built in)."""
     preset = preset or builtin_name()
     if preset == "toyworld" and toyworld_available():
-        from idcrafter.video.transformer import IDCrafterTransformer
-
-        return IDCrafterTransformer.read_adapter_config(TOYWORLD_MODEL / "idcrafter_adapter")[0]
+        return read_adapter_config(TOYWORLD_MODEL / ADAPTER_SUBFOLDER)[0]
     return IDCrafterConfig.from_preset(preset)
 
 

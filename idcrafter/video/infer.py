@@ -1,7 +1,9 @@
 """One video from the command line: request validation, the plan, and the run.
 
 Everything `scripts/infer.py` does is here, so it can be called from Python too. Validation
-reads nothing heavy: references are opened, counts and sizes checked, before any model loads.
+reads nothing heavy and writes nothing: references are opened, counts, numbers and sizes checked
+against the bounds the model sets, model and adapter folders checked for missing parts and
+truncated weights, and the output place tried, before any model loads.
 """
 
 from __future__ import annotations
@@ -10,9 +12,28 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError, parse_size
-from idcrafter.utils.media import load_rgb, read_video
-from idcrafter.video.config import PRESETS, IDCrafterConfig
+from idcrafter.utils.cli import (
+    MAX_GUIDANCE,
+    InputError,
+    check_device,
+    check_dtype,
+    check_input_dir,
+    check_input_file,
+    check_int,
+    check_number,
+    check_output_file,
+    parse_size,
+)
+from idcrafter.utils.media import VIDEO_CODECS, load_rgb, read_video, video_suffix_problem
+from idcrafter.video.config import (
+    ADAPTER_CONFIG,
+    ADAPTER_SUBFOLDER,
+    PRESETS,
+    WAN_VAE_FACTORS,
+    IDCrafterConfig,
+    VideoLimits,
+    read_adapter_config,
+)
 
 DEFAULT_MODEL = "built-in"
 
@@ -42,28 +63,63 @@ class InferenceRequest:
     resolved: dict = field(default_factory=dict)
 
 
+def _read_config(folder: Path, what: str) -> dict:
+    from idcrafter.utils.folders import read_json_object
+
+    return read_json_object(folder / "config.json", what)
+
+
+def model_limits(config: IDCrafterConfig, model: str | Path | None) -> VideoLimits:
+    """The bounds of the model a request runs: from the folder's transformer and VAE configs when
+    there is a folder (the built-in toy model's included), else from the preset's components."""
+    from idcrafter.video.defaults import TOYWORLD_MODEL, toyworld_available
+
+    folder = Path(model) if model is not None else None
+    if folder is None and config.preset == "toyworld" and toyworld_available():
+        folder = TOYWORLD_MODEL
+    if folder is not None:
+        return VideoLimits.from_configs(_read_config(folder / "transformer", "--model transformer"),
+                                        _read_config(folder / "vae", "--model vae"))
+    if config.latent_channels == 16:
+        temporal, spatial = WAN_VAE_FACTORS
+    else:  # the toy world's pixel-unshuffle codec: 3 * f^2 channels, no temporal downsampling
+        temporal, spatial = 1, round((config.latent_channels / 3) ** 0.5)
+    return VideoLimits.from_configs(config.wan, {"scale_factor_temporal": temporal, "scale_factor_spatial": spatial})
+
+
+def read_adapter(adapter: Path, flag: str) -> IDCrafterConfig:
+    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise."""
+    from idcrafter.utils.folders import check_adapter_folder
+
+    check_adapter_folder(adapter, flag, ADAPTER_CONFIG)
+    try:
+        return read_adapter_config(adapter)[0]
+    except (ValueError, TypeError) as err:  # the file is a JSON object: its fields are not
+        raise InputError(f"{flag} {adapter}: bad {ADAPTER_CONFIG} ({str(err).splitlines()[0]})") from None
+
+
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
-    """The ID-Crafter config the run will use: from the adapter when given, else the preset."""
+    """The ID-Crafter config the run will use: from the adapter when given, else the preset.
+
+    Checks the model folder (every part there, every weights file whole) and the adapter folder
+    on the way; a --preset that disagrees with the adapter's config is refused, not overridden.
+    """
+    from idcrafter.utils.folders import check_model_folder
     from idcrafter.video.defaults import builtin_config
-    from idcrafter.video.pipeline import ADAPTER_SUBFOLDER
-    from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer
 
     if req.preset is not None and req.preset not in PRESETS:
         raise InputError(f"--preset {req.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     adapter = Path(req.adapter) if req.adapter else None
     if req.model is not None:
         model = Path(req.model)
-        if not (model / "transformer").is_dir():
-            raise InputError(f"--model {model}: not a Wan diffusers folder (no transformer/ subfolder)")
+        check_model_folder(model, "--model", required=("transformer", "vae", "text_encoder", "tokenizer"))
         if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
             adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:
-        if not (adapter / ADAPTER_CONFIG).is_file():
-            raise InputError(f"--adapter {adapter}: no {ADAPTER_CONFIG} in that folder")
-        try:
-            config, _ = IDCrafterTransformer.read_adapter_config(adapter)
-        except (ValueError, KeyError, json.JSONDecodeError) as err:
-            raise InputError(f"--adapter {adapter}: unreadable config ({err})") from None
+        config = read_adapter(adapter, "--adapter")
+        if req.preset is not None and req.preset != config.preset:
+            raise InputError(f"--preset {req.preset} conflicts with the adapter {adapter}, trained as preset "
+                             f"{config.preset!r}; leave --preset out")
         return config
     if req.model is None:
         if req.preset not in (None, "tiny", "toyworld"):
@@ -74,45 +130,50 @@ def model_config(req: InferenceRequest) -> IDCrafterConfig:
 
 def validate(req: InferenceRequest) -> IDCrafterConfig:
     """Check the request; fill `req.resolved` with the settings the run will use."""
-    if not req.prompt or not req.prompt.strip():
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InputError("--prompt is empty")
     if not req.refs:
         raise InputError("--refs: give at least one reference image")
+    check_output_file(req.out, "--out", VIDEO_CODECS)
+    problem = video_suffix_problem(Path(req.out).suffix)
+    if problem:
+        raise InputError(f"--out {req.out}: {problem}")
+    check_dtype(req.dtype)
+    check_device(req.device)
+    check_int(req.seed, "--seed", 0, 2**64 - 1)
     config = model_config(req)
     if len(req.refs) > config.max_subjects:
         raise InputError(f"--refs: {len(req.refs)} references, this model supports at most {config.max_subjects}")
+    if req.vlm is not None:
+        check_input_dir(req.vlm, "--vlm")
+        if not config.use_vlm:
+            raise InputError(f"--vlm {req.vlm}: this model was trained without the VLM encoder; leave --vlm out")
+    elif config.use_vlm:
+        raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
     for ref in req.refs:
         load_rgb(ref)
-    height, width = parse_size(req.size) if req.size else (config.height, config.width)
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise InputError(f"--size {height}x{width}: height and width must be positive multiples of 16")
+    height, width = parse_size(req.size, multiple=16) if req.size else (config.height, config.width)
     frames = req.frames if req.frames is not None else config.num_frames
-    if frames < 1 or (frames - 1) % 4:
+    check_int(frames, "--frames", 1)
+    if (frames - 1) % 4:
         raise InputError(f"--frames {frames}: the frame count must be 4n+1 (e.g. 9, 17, 81)")
     steps = req.steps if req.steps is not None else config.num_inference_steps
-    if steps < 1:
-        raise InputError(f"--steps {steps}: must be at least 1")
-    if not 0 < req.strength <= 1:
-        raise InputError(f"--strength {req.strength}: must be in (0, 1]")
+    model_limits(config, req.model).check(height, width, frames, steps)
+    guidance = {}
+    for name in ("guidance_image", "guidance_text"):
+        value = getattr(req, name)
+        value = getattr(config, name) if value is None else value
+        guidance[name] = check_number(value, f"--{name.replace('_', '-')}", 0.0, MAX_GUIDANCE)
+    check_number(req.strength, "--strength", 0.0, 1.0, lo_open=True)
     if req.edit_video is not None:
+        check_input_file(req.edit_video, "--edit-video")
         video = read_video(req.edit_video, frames)
         if len(video) < frames:
             raise InputError(f"--edit-video {req.edit_video}: {len(video)} frames, {frames} needed")
-    if Path(req.out).suffix.lower() != ".mp4":
-        raise InputError(f"--out {req.out}: the output must be an .mp4 file")
-    if req.dtype not in ("float32", "bfloat16", "float16"):
-        raise InputError(f"--dtype {req.dtype}: use float32, bfloat16 or float16")
-    if req.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {req.device}: CUDA is not available on this machine")
     req.resolved = dict(
         model=req.model or f"{DEFAULT_MODEL} ({config.preset})",
         adapter=str(req.adapter) if req.adapter else None,
-        height=height, width=width, frames=frames, steps=steps, fps=config.fps,
-        guidance_image=config.guidance_image if req.guidance_image is None else req.guidance_image,
-        guidance_text=config.guidance_text if req.guidance_text is None else req.guidance_text,
+        height=height, width=width, frames=frames, steps=steps, fps=config.fps, **guidance,
         max_subjects=config.max_subjects, num_blocks=config.num_blocks,
     )
     return config
@@ -145,12 +206,12 @@ def load_pipeline(req: InferenceRequest):
 
 
 def run(req: InferenceRequest) -> Path:
-    """Validate, load, generate, write the mp4 atomically; returns the output path."""
+    """Validate, load, generate, write the video atomically; returns the output path."""
+    validate(req)  # before importing torch: bad input stops fast
     import torch
 
     from idcrafter.utils.media import write_video
 
-    validate(req)
     r = req.resolved
     pipe = load_pipeline(req)
     out = pipe(

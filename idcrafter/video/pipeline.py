@@ -27,10 +27,8 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.attention import SubjectStream
-from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.config import ADAPTER_SUBFOLDER, IDCrafterConfig, VideoLimits, vae_scale_factors
 from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer, to_velocity
-
-ADAPTER_SUBFOLDER = "idcrafter_adapter"
 
 
 def load_vae(folder: Path):
@@ -66,8 +64,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler, vlm=vlm
         )
-        self.vae_scale_spatial = int(getattr(vae.config, "scale_factor_spatial", None) or 2 ** len(vae.config.temperal_downsample))
-        self.vae_scale_temporal = int(getattr(vae.config, "scale_factor_temporal", None) or 2 ** sum(vae.config.temperal_downsample))
+        self.vae_scale_temporal, self.vae_scale_spatial = vae_scale_factors(vae.config)
         self.offload = False
 
     # ------------------------------------------------------------------ construction
@@ -242,6 +239,9 @@ class IDCrafterPipeline(DiffusionPipeline):
             raise ValueError(f"size {height}x{width}: height and width must be positive multiples of 16")
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_temporal:
             raise ValueError(f"num_frames {num_frames} must be {self.vae_scale_temporal}n+1")
+        # past the rotary range the transformer fails deep inside; say so here (InputError is a ValueError)
+        limits = VideoLimits.from_configs(dict(self.transformer.wan.config), dict(self.vae.config))
+        limits.check(height, width, num_frames, 1, names=("size", "num_frames", "steps"))
         if not 0 < strength <= 1:
             raise ValueError(f"strength {strength} must be in (0, 1]")
 

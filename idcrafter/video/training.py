@@ -51,10 +51,13 @@ class VideoModelArgs:
 class VideoTrainingSpec:
     """Loading, data, conditioning and loss of ID-Crafter training."""
 
-    def __init__(self, model_args: VideoModelArgs, data_args: VideoDataArgs, policy: str = "new-modules"):
+    def __init__(self, model_args: VideoModelArgs, data_args: VideoDataArgs, policy: str = "new-modules",
+                 samples: list | None = None):
+        """`samples`: the manifest's samples when the caller has read them already (`read_samples`)."""
         self.m = model_args
         self.d = data_args
         self.policy = policy
+        self.samples = samples
         if model_args.adapter is not None:
             self.config, _ = IDCrafterTransformer.read_adapter_config(model_args.adapter)
         else:
@@ -104,20 +107,20 @@ class VideoTrainingSpec:
         return model.trainable_parameters(policy)
 
     # ------------------------------------------------------------------ data
+    def load_samples(self) -> list:
+        """The manifest's samples, validated (cached); InputError naming the first bad line, or
+        for a manifest without samples. Scripts call it before DeepSpeed starts."""
+        if self.samples is None:
+            from idcrafter.data.manifest import read_samples
+
+            self.samples = read_samples(self.d.data)
+        return self.samples
+
     def build_data(self, rank: int, world_size: int, seed: int, batch_size: int):
         from idcrafter.data.buckets import Bucket
         from idcrafter.data.dataset import BucketBatchSampler, VideoDataset, collate
-        from idcrafter.data.manifest import load_manifest
 
-        samples, errors = load_manifest(self.d.data)
-        if errors:
-            first = errors[0]
-            raise InputError(
-                f"--data {self.d.data}: {len(errors)} bad lines (line {first.line}: {first.message}); "
-                f"run `python -m idcrafter.data.validate {self.d.data}`"
-            )
-        if not samples:
-            raise InputError(f"--data {self.d.data}: no samples")
+        samples = self.load_samples()
         cache = None
         if self.d.cache:
             from idcrafter.data.cache import FeatureCache

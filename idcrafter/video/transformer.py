@@ -33,12 +33,10 @@ from idcrafter.video.attention import (
     SubjectStream,
     SubjectTower,
 )
-from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, IDCrafterConfig, read_adapter_config
 from idcrafter.video.subject_encoder import SubjectEncoder
 from idcrafter.video.vlm import VLMConnector
 
-ADAPTER_WEIGHTS = "idcrafter_adapter.safetensors"
-ADAPTER_CONFIG = "idcrafter_config.json"
 LORA_SUBFOLDER = "lora"
 # Linear layers of every Wan block that the `new-modules+lora` policy adapts.
 WAN_LORA_TARGETS = (
@@ -283,13 +281,7 @@ class IDCrafterTransformer(nn.Module):
                 self.wan.save_pretrained(tmp / "transformer")
         return folder
 
-    @staticmethod
-    def read_adapter_config(folder: str | Path) -> tuple[IDCrafterConfig, dict]:
-        path = Path(folder) / ADAPTER_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter folder {folder}: no {ADAPTER_CONFIG}")
-        meta = json.loads(path.read_text())
-        return IDCrafterConfig.from_dict(meta["config"]), meta
+    read_adapter_config = staticmethod(read_adapter_config)
 
     def load_adapter(self, folder: str | Path) -> None:
         """Load adapter weights saved by `save_adapter`; a mismatch with the base model fails clearly."""
