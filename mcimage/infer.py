@@ -30,6 +30,7 @@ from idcrafter.utils.cli import (
     check_int,
     check_number,
     check_output_file,
+    check_preset,
     parse_size,
 )
 from mcimage.config import (
@@ -37,6 +38,7 @@ from mcimage.config import (
     ADAPTER_SUBFOLDER,
     PRESETS,
     MCImageConfig,
+    check_adapter_fits,
     check_categories,
     read_adapter_config,
 )
@@ -112,15 +114,24 @@ def is_image_request(preset: str | None = None, model: str | None = None, adapte
     return False
 
 
-def read_adapter(adapter: Path, flag: str) -> MCImageConfig:
-    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise."""
-    from idcrafter.utils.folders import check_adapter_folder
+def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str | None = None) -> MCImageConfig:
+    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise.
+
+    `preset`: the --preset the user gave, refused when the adapter was trained as another one.
+    `base`: the FLUX folder it will load onto, whose transformer must have the adapter's architecture.
+    """
+    from idcrafter.utils.folders import check_adapter_folder, read_json_object
 
     check_adapter_folder(adapter, flag, ADAPTER_CONFIG_NAME)
     try:
-        return read_adapter_config(adapter)
+        config = read_adapter_config(adapter)
     except (ValueError, TypeError, KeyError) as err:  # the file is a JSON object: its fields are not
         raise InputError(f"{flag} {adapter}: unreadable adapter config ({str(err).splitlines()[0]})") from None
+    check_preset(config.preset, preset, adapter)
+    if base is not None:
+        flux = read_json_object(base / "transformer" / "config.json", "--model transformer")
+        check_adapter_fits(config, flux, adapter, base / "transformer")
+    return config
 
 
 def model_config(req: ImageInferenceRequest) -> MCImageConfig:
@@ -143,11 +154,7 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
         if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file():
             adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:
-        config = read_adapter(adapter, "--adapter")
-        if req.preset is not None and req.preset != config.preset:
-            raise InputError(f"--preset {req.preset} conflicts with the adapter {adapter}, trained as preset "
-                             f"{config.preset!r}; leave --preset out")
-        return config
+        return read_adapter(adapter, "--adapter", model, req.preset)
     if model is None:
         preset = req.preset or DEFAULT_PRESET
         if not preset.startswith(("tiny", "toyworld")):

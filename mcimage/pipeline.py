@@ -37,7 +37,7 @@ from PIL import Image
 from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image, to_rgb
-from mcimage.config import ADAPTER_SUBFOLDER, MCImageConfig, check_categories
+from mcimage.config import ADAPTER_SUBFOLDER, MCImageConfig, check_adapter_fits, check_categories
 from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
 
 __all__ = [
@@ -173,10 +173,6 @@ def prompt_descriptors(
     return clean, per_prompt[0]
 
 
-def _as_list(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
 @dataclass
 class MCImagePipelineOutput(BaseOutput):
     """images: list of PIL ("pil"), np.ndarray [B, H, W, 3] in [0, 1] ("np"), or packed latents ("latent")."""
@@ -256,12 +252,7 @@ class MCImagePipeline(DiffusionPipeline):
         arch = {k: v for k, v in flux.config.items() if not k.startswith("_")}
         if adapter is not None:
             # An adapter trained on another architecture fails to load anyway; say why up front.
-            diff = sorted(k for k, v in config.flux.items() if k in arch and _as_list(arch[k]) != _as_list(v))
-            if diff:
-                raise ValueError(
-                    f"{adapter}: adapter was trained on a different FLUX architecture than {base / 'transformer'} "
-                    f"({', '.join(f'{k}: {config.flux[k]} vs {arch[k]}' for k in diff[:3])})"
-                )
+            check_adapter_fits(config, arch, adapter, base / "transformer")
         transformer = MCImageTransformer(flux, dataclasses.replace(config, flux=arch))
         if adapter is not None:
             try:

@@ -42,6 +42,7 @@ from idcrafter.core.positions import (
     uno_diagonal_ids,
 )
 from idcrafter.flow.matching import velocity_from_sample
+from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
 from mcimage.config import (
     ADAPTER_CONFIG_NAME,
@@ -444,17 +445,17 @@ class MCImageTransformer(nn.Module):
         """Load weights written by `save_adapter`; names and shapes must match exactly."""
         path = Path(folder) / ADAPTER_WEIGHTS_NAME
         if not path.is_file():
-            raise ValueError(f"{path}: adapter weights not found")
+            raise InputError(f"{path}: adapter weights not found")
         tensors = load_file(str(path))
         params = self._added_parameters("adapter")
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"{path}: adapter does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}")
+                raise InputError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))

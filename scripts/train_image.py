@@ -89,10 +89,7 @@ def validate(args) -> None:
     if args.base is not None:
         check_model_folder(args.base, "--base", required=("transformer", "vae"))
     if args.adapter is not None:
-        config = read_adapter(Path(args.adapter), "--adapter")
-        if args.preset is not None and args.preset != config.preset:
-            raise InputError(f"--preset {args.preset} conflicts with the adapter {args.adapter}, trained as preset "
-                             f"{config.preset!r}; leave --preset out")
+        read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
     if args.attn_loss_weight > 0 and args.stage == "single":
         raise InputError("--attn-loss-weight needs samples with several subjects; use --stage multi or all")
     check_size(*parse_size(args.size, "--size", multiple=16))

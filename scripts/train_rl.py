@@ -122,11 +122,7 @@ def branch_config(args):
         adapter = adapter or (sub if sub.is_dir() else None)
     if adapter is None:
         return config_class.from_preset(args.preset or default)
-    config = read_adapter(adapter, "--adapter")
-    if args.preset is not None and args.preset != config.preset:
-        raise InputError(f"--preset {args.preset} conflicts with the adapter {adapter}, trained as preset "
-                         f"{config.preset!r}; leave --preset out")
-    return config
+    return read_adapter(adapter, "--adapter", Path(args.base) if args.base else None, args.preset)
 
 
 def validate(args):

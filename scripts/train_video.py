@@ -69,10 +69,7 @@ def validate(args) -> list:
         check_model_folder(args.base, "--base", required=("transformer", "vae", "text_encoder", "tokenizer"))
         wan = json.loads((Path(args.base) / "transformer" / "config.json").read_text())
     if args.adapter is not None:
-        config = read_adapter(Path(args.adapter), "--adapter")
-        if args.preset is not None and args.preset != config.preset:
-            raise InputError(f"--preset {args.preset} conflicts with the adapter {args.adapter}, trained as preset "
-                             f"{config.preset!r}; leave --preset out")
+        config = read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
     else:
         config = IDCrafterConfig.from_preset(args.preset or "tiny")
     frames = args.frames if args.frames is not None else config.num_frames

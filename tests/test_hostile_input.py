@@ -62,8 +62,12 @@ def damaged_models(root: Path) -> dict[str, Path]:
     config = copy("adapter_nan_guidance") / "idcrafter_adapter" / "idcrafter_config.json"
     config.write_text(config.read_text().replace('"guidance_image": 2.0', '"guidance_image": NaN'))
     (copy("adapter_list") / "idcrafter_adapter" / "idcrafter_config.json").write_text("[1, 2]")
+    config = copy("adapter_other_preset") / "idcrafter_adapter" / "idcrafter_config.json"  # says tiny, is toy-sized
+    config.write_text(config.read_text().replace('"preset": "toyworld"', '"preset": "tiny"'))
     with (copy("adapter_truncated") / "idcrafter_adapter" / "idcrafter_adapter.safetensors").open("r+b") as f:
         f.truncate(f.seek(0, 2) - 100)
+    flux = copy("image_other_architecture", TOY_IMAGE) / "transformer" / "config.json"
+    flux.write_text(flux.read_text().replace('"attention_head_dim": 32', '"attention_head_dim": 16'))
     image = copy("image_adapter_types", TOY_IMAGE) / "mcimage_adapter" / "mcimage_config.json"
     meta = json.loads(image.read_text())
     meta["config"]["ref_size"] = [32]
@@ -132,6 +136,8 @@ def cases(tmp: Path, models: dict[str, Path], data: dict[str, Path], readonly: P
         ("vlm_for_a_model_without_vlm", ["--vlm", str(tmp)], "trained without the VLM encoder"),
         ("preset_against_adapter", ["--preset", "tiny", "--adapter", str(TOY_VIDEO / "idcrafter_adapter")],
          "conflicts with the adapter"),
+        ("adapter_for_another_base", ["--adapter", str(models["adapter_other_preset"] / "idcrafter_adapter"),
+                                      "--preset", "tiny"], "trained for a base model with dim=128"),
         ("ref_float_image", ["--refs", str(floats)], "unsupported image mode 'F'"),
         ("ref_is_folder", ["--refs", str(tmp)], "is a folder, not a file"),
         ("ref_symlink_loop", ["--refs", str(loop)], "symbolic link loop"),
@@ -146,6 +152,8 @@ def cases(tmp: Path, models: dict[str, Path], data: dict[str, Path], readonly: P
         ("size_huge", ["--size", "160000x160000"], "at most 4096 pixels a side"),
         ("steps_huge", ["--steps", "5000"], "--steps must be in [1, 1000]"),
         ("adapter_wrong_types", ["--model", str(models["image_adapter_types"])], "'ref_size' needs 2 values"),
+        ("adapter_for_another_base", ["--model", str(models["image_other_architecture"])],
+         "different FLUX architecture"),
         ("float_reference", ["--refs", str(floats)], "unsupported image mode 'F'"),
     ]
     out_cases += [(f"image_{name}", [*image, "--out", out(name, ".png"), *extra], 2, needle, Path(out(name, ".png")))
@@ -233,7 +241,8 @@ def _case_names() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fake = {k: tmp for k in ("truncated_transformer", "no_vae", "only_transformer", "adapter_string_number",
-                                 "adapter_nan_guidance", "adapter_list", "adapter_truncated", "image_adapter_types")}
+                                 "adapter_nan_guidance", "adapter_list", "adapter_truncated", "image_adapter_types",
+                                 "adapter_other_preset", "image_other_architecture")}
         data = {k: tmp / k for k in ("good", "bad", "empty", "undecodable")}
         return [c[0] for c in cases(tmp, fake, data, tmp / "readonly")]
 

@@ -239,6 +239,14 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_preset(trained: str, requested: str | None, adapter: str | os.PathLike) -> None:
+    """A --preset given with an adapter must be the one it was trained as: its config wins, so
+    another preset would be silently ignored."""
+    if requested is not None and requested != trained:
+        raise InputError(f"--preset {requested} conflicts with the adapter {adapter}, trained as preset "
+                         f"{trained!r}; leave --preset out")
+
+
 # ------------------------------------------------------------------------------------------ devices
 
 DTYPES = ("float32", "bfloat16", "float16")

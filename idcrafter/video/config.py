@@ -165,6 +165,26 @@ def read_adapter_config(folder: str | Path) -> tuple[IDCrafterConfig, dict]:
     return IDCrafterConfig.from_dict(meta["config"]), meta
 
 
+def base_signature(wan: Mapping[str, Any]) -> dict[str, int]:
+    """What an adapter records of the Wan transformer it was trained on, from that transformer's
+    config: an adapter loads only onto a base with the same signature."""
+    return {
+        "dim": int(wan["num_attention_heads"]) * int(wan["attention_head_dim"]),
+        "heads": int(wan["num_attention_heads"]),
+        "num_layers": int(wan["num_layers"]),
+        "in_channels": int(wan["in_channels"]),
+    }
+
+
+def check_adapter_fits(meta: Mapping[str, Any], wan: Mapping[str, Any], adapter: str | Path) -> None:
+    """InputError when an adapter's recorded base (`meta["base"]`) differs from this Wan config."""
+    ours = base_signature(wan)
+    for key, value in (meta.get("base") or {}).items():
+        if ours.get(key) != value:
+            raise InputError(f"adapter {adapter} was trained for a base model with {key}={value}, "
+                             f"this base model has {key}={ours.get(key)}")
+
+
 def vae_scale_factors(vae_config: Mapping[str, Any]) -> tuple[int, int]:
     """(temporal, spatial) downsampling of a Wan VAE, or of the toy world's codec, from its config:
     the explicit `scale_factor_*` entries when present, else Wan's `temperal_downsample` layout

@@ -22,6 +22,7 @@ from idcrafter.utils.cli import (
     check_int,
     check_number,
     check_output_file,
+    check_preset,
     parse_size,
 )
 from idcrafter.utils.media import VIDEO_CODECS, load_rgb, read_video, video_suffix_problem
@@ -32,6 +33,7 @@ from idcrafter.video.config import (
     WAN_VAE_FACTORS,
     IDCrafterConfig,
     VideoLimits,
+    check_adapter_fits,
     read_adapter_config,
 )
 
@@ -69,14 +71,22 @@ def _read_config(folder: Path, what: str) -> dict:
     return read_json_object(folder / "config.json", what)
 
 
+def base_folder(model: str | Path | None, preset: str | None) -> Path | None:
+    """The diffusers folder a run's base components come from: --model, or the built-in toy-world
+    model when that is the built-in one; None when the base is built from a preset (tiny)."""
+    from idcrafter.video.defaults import TOYWORLD_MODEL, builtin_name, toyworld_available
+
+    if model is not None:
+        return Path(model)
+    if (preset or builtin_name()) == "toyworld" and toyworld_available():
+        return TOYWORLD_MODEL
+    return None
+
+
 def model_limits(config: IDCrafterConfig, model: str | Path | None) -> VideoLimits:
     """The bounds of the model a request runs: from the folder's transformer and VAE configs when
     there is a folder (the built-in toy model's included), else from the preset's components."""
-    from idcrafter.video.defaults import TOYWORLD_MODEL, toyworld_available
-
-    folder = Path(model) if model is not None else None
-    if folder is None and config.preset == "toyworld" and toyworld_available():
-        folder = TOYWORLD_MODEL
+    folder = base_folder(model, config.preset)
     if folder is not None:
         return VideoLimits.from_configs(_read_config(folder / "transformer", "--model transformer"),
                                         _read_config(folder / "vae", "--model vae"))
@@ -87,15 +97,33 @@ def model_limits(config: IDCrafterConfig, model: str | Path | None) -> VideoLimi
     return VideoLimits.from_configs(config.wan, {"scale_factor_temporal": temporal, "scale_factor_spatial": spatial})
 
 
-def read_adapter(adapter: Path, flag: str) -> IDCrafterConfig:
-    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise."""
+def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str | None = None) -> IDCrafterConfig:
+    """The config of an adapter folder whose parts are whole; InputError naming `flag` otherwise.
+
+    `preset`: the --preset the user gave, refused when the adapter was trained as another one (the
+    adapter's config would silently win). Also checks that the adapter fits the base it will load
+    onto: the transformer of the adapter's own `transformer/` (a full fine-tune), else of the
+    `base` folder, else of the preset's (tiny when none is given).
+    """
     from idcrafter.utils.folders import check_adapter_folder
 
     check_adapter_folder(adapter, flag, ADAPTER_CONFIG)
     try:
-        return read_adapter_config(adapter)[0]
+        config, meta = read_adapter_config(adapter)
     except (ValueError, TypeError) as err:  # the file is a JSON object: its fields are not
         raise InputError(f"{flag} {adapter}: bad {ADAPTER_CONFIG} ({str(err).splitlines()[0]})") from None
+    check_preset(config.preset, preset, adapter)
+    if (adapter / "transformer" / "config.json").is_file():
+        base_wan = _read_config(adapter / "transformer", f"{flag} transformer")
+    elif base is not None:
+        base_wan = _read_config(base / "transformer", "--model transformer")
+    else:
+        base_wan = IDCrafterConfig.from_preset(preset or "tiny").wan
+    try:
+        check_adapter_fits(meta, base_wan, adapter)
+    except (KeyError, TypeError) as err:  # a transformer config without the fields every Wan config has
+        raise InputError(f"{flag} {adapter}: the base transformer config is not a Wan config ({err!r})") from None
+    return config
 
 
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
@@ -116,11 +144,7 @@ def model_config(req: InferenceRequest) -> IDCrafterConfig:
         if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
             adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:
-        config = read_adapter(adapter, "--adapter")
-        if req.preset is not None and req.preset != config.preset:
-            raise InputError(f"--preset {req.preset} conflicts with the adapter {adapter}, trained as preset "
-                             f"{config.preset!r}; leave --preset out")
-        return config
+        return read_adapter(adapter, "--adapter", base_folder(req.model, req.preset), req.preset)
     if req.model is None:
         if req.preset not in (None, "tiny", "toyworld"):
             raise InputError(f"--preset {req.preset}: no built-in model; pass --model (a Wan diffusers folder)")

@@ -24,6 +24,7 @@ from torch import nn
 
 from idcrafter.core.moe_lora import MoELoRAConfig, inject_moe_lora, load_moe_lora, save_moe_lora
 from idcrafter.flow.matching import velocity_from_sample
+from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
@@ -33,7 +34,14 @@ from idcrafter.video.attention import (
     SubjectStream,
     SubjectTower,
 )
-from idcrafter.video.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, IDCrafterConfig, read_adapter_config
+from idcrafter.video.config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    IDCrafterConfig,
+    base_signature,
+    check_adapter_fits,
+    read_adapter_config,
+)
 from idcrafter.video.subject_encoder import SubjectEncoder
 from idcrafter.video.vlm import VLMConnector
 
@@ -250,13 +258,7 @@ class IDCrafterTransformer(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.adapter.state_dict().items()}
 
     def _base_signature(self) -> dict:
-        c = self.wan.config
-        return {
-            "dim": c.num_attention_heads * c.attention_head_dim,
-            "heads": c.num_attention_heads,
-            "num_layers": c.num_layers,
-            "in_channels": c.in_channels,
-        }
+        return base_signature(self.wan.config)
 
     def save_adapter(
         self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None, include_base: bool = False
@@ -287,12 +289,7 @@ class IDCrafterTransformer(nn.Module):
         """Load adapter weights saved by `save_adapter`; a mismatch with the base model fails clearly."""
         folder = Path(folder)
         _, meta = self.read_adapter_config(folder)
-        ours = self._base_signature()
-        for key, value in meta["base"].items():
-            if ours.get(key) != value:
-                raise ValueError(
-                    f"adapter {folder} was trained for a base model with {key}={value}, this base model has {key}={ours.get(key)}"
-                )
+        check_adapter_fits(meta, self.wan.config, folder)
         if (folder / "transformer").is_dir():  # fully fine-tuned: the base weights travel with the adapter
             tuned = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=self.dtype)
             self.wan.load_state_dict(tuned.state_dict())
@@ -301,13 +298,13 @@ class IDCrafterTransformer(nn.Module):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"adapter {folder} does not match this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
         for key, tensor in state.items():
             if tensor.shape != expected[key].shape:
-                raise ValueError(
+                raise InputError(
                     f"adapter {folder}: {key} has shape {list(tensor.shape)} in the file but {list(expected[key].shape)} in the model"
                 )
         self.adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
