@@ -4,40 +4,30 @@ Depends on torch and diffusers only; never imports `idcrafter.video` or `mcimage
 imported on first use, so the torch-free parts (`categories`, `lora_config`) load without torch.
 """
 
-from __future__ import annotations
+from idcrafter.utils.lazy import lazy_exports
 
-import importlib
-
-_EXPORTS = {
-    "attention": "attention",
-    "ref_attention_share": "attention",
-    "TokenLayout": "layout",
-    "MoELoRAConfig": "lora_config",
-    "MoELoRALinear": "moe_lora",
-    "inject_moe_lora": "moe_lora",
-    "load_moe_lora": "moe_lora",
-    "record_routing": "moe_lora",
-    "save_diffusers_lora": "moe_lora",
-    "save_moe_lora": "moe_lora",
-    "ccpa_descriptor_ids": "positions",
-    "condition_ids": "positions",
-    "parse_descriptor_markup": "categories",
-    "target_ids": "positions",
-    "text_ids": "positions",
-    "uno_diagonal_ids": "positions",
-    "attention_mass_map": "regularization",
-    "idar_loss": "regularization",
-    "leakage": "regularization",
-    "masks_to_token_assignment": "regularization",
-    "region_loss": "regularization",
-    "DynamicTemperature": "temperature",
-    "apply_temperature": "temperature",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"idcrafter.core.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'idcrafter.core' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "attention": "idcrafter.core.attention",
+    "ref_attention_share": "idcrafter.core.attention",
+    "TokenLayout": "idcrafter.core.layout",
+    "MoELoRAConfig": "idcrafter.core.lora_config",
+    "MoELoRALinear": "idcrafter.core.moe_lora",
+    "inject_moe_lora": "idcrafter.core.moe_lora",
+    "load_moe_lora": "idcrafter.core.moe_lora",
+    "record_routing": "idcrafter.core.moe_lora",
+    "save_diffusers_lora": "idcrafter.core.moe_lora",
+    "save_moe_lora": "idcrafter.core.moe_lora",
+    "ccpa_descriptor_ids": "idcrafter.core.positions",
+    "condition_ids": "idcrafter.core.positions",
+    "parse_descriptor_markup": "idcrafter.core.categories",
+    "target_ids": "idcrafter.core.positions",
+    "text_ids": "idcrafter.core.positions",
+    "uno_diagonal_ids": "idcrafter.core.positions",
+    "attention_mass_map": "idcrafter.core.regularization",
+    "idar_loss": "idcrafter.core.regularization",
+    "leakage": "idcrafter.core.regularization",
+    "masks_to_token_assignment": "idcrafter.core.regularization",
+    "region_loss": "idcrafter.core.regularization",
+    "DynamicTemperature": "idcrafter.core.temperature",
+    "apply_temperature": "idcrafter.core.temperature",
+})

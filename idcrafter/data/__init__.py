@@ -6,45 +6,34 @@ Check a manifest with
 `python -m idcrafter.data.validate manifest.jsonl`.
 """
 
-from __future__ import annotations
+from idcrafter.utils.lazy import lazy_exports
 
-import importlib
-
-# Names are imported on first use: the manifest reader and validator load without torch.
-_EXPORTS = {
-    "Bucket": "buckets",
-    "BucketBatchSampler": "dataset",
-    "CacheMismatchError": "cache",
-    "CoverCrop": "buckets",
-    "DEFAULT_BUCKETS": "buckets",
-    "FeatureCache": "cache",
-    "ManifestError": "manifest",
-    "Sample": "manifest",
-    "Subject": "manifest",
-    "VideoDataset": "dataset",
-    "VideoInfo": "video",
-    "VideoTooShort": "video",
-    "apply_cover_crop": "buckets",
-    "buckets_for_area": "buckets",
-    "build_cache": "cache",
-    "cache_fingerprint": "cache",
-    "collate": "dataset",
-    "cover_crop_box": "buckets",
-    "load_clip": "video",
-    "load_manifest": "manifest",
-    "manifest_stats": "manifest",
-    "media_size": "video",
-    "nearest_bucket": "buckets",
-    "probe_video": "video",
-    "resize_and_crop": "buckets",
-    "resize_and_crop_masks": "buckets",
-    "sample_frame_indices": "video",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"idcrafter.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'idcrafter.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "Bucket": "idcrafter.data.buckets",
+    "BucketBatchSampler": "idcrafter.data.dataset",
+    "CacheMismatchError": "idcrafter.data.cache",
+    "CoverCrop": "idcrafter.data.buckets",
+    "DEFAULT_BUCKETS": "idcrafter.data.buckets",
+    "FeatureCache": "idcrafter.data.cache",
+    "ManifestError": "idcrafter.data.manifest",
+    "Sample": "idcrafter.data.manifest",
+    "Subject": "idcrafter.data.manifest",
+    "VideoDataset": "idcrafter.data.dataset",
+    "VideoInfo": "idcrafter.data.video",
+    "VideoTooShort": "idcrafter.data.video",
+    "apply_cover_crop": "idcrafter.data.buckets",
+    "buckets_for_area": "idcrafter.data.buckets",
+    "build_cache": "idcrafter.data.cache",
+    "cache_fingerprint": "idcrafter.data.cache",
+    "collate": "idcrafter.data.dataset",
+    "cover_crop_box": "idcrafter.data.buckets",
+    "load_clip": "idcrafter.data.video",
+    "load_manifest": "idcrafter.data.manifest",
+    "manifest_stats": "idcrafter.data.manifest",
+    "media_size": "idcrafter.data.video",
+    "nearest_bucket": "idcrafter.data.buckets",
+    "probe_video": "idcrafter.data.video",
+    "resize_and_crop": "idcrafter.data.buckets",
+    "resize_and_crop_masks": "idcrafter.data.buckets",
+    "sample_frame_indices": "idcrafter.data.video",
+})

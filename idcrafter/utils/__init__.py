@@ -4,11 +4,9 @@ Names are imported on first use, so a command-line tool that stops on bad input 
 `idcrafter.utils.cli`) does so before torch is imported.
 """
 
-from __future__ import annotations
+from idcrafter.utils.lazy import lazy_exports
 
-import importlib
-
-_EXPORTS = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "MissingDependencyError": "idcrafter.utils.deps",
     "is_available": "idcrafter.utils.deps",
     "require": "idcrafter.utils.deps",
@@ -17,12 +15,4 @@ _EXPORTS = {
     "get_logger": "idcrafter.utils.logging",
     "setup_logging": "idcrafter.utils.logging",
     "seed_everything": "idcrafter.utils.seed",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'idcrafter.utils' has no attribute {name!r}")
+})
