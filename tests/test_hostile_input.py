@@ -27,6 +27,17 @@ TOY_VIDEO = ROOT / "idcrafter" / "assets" / "toyworld" / "model"
 TOY_IMAGE = ROOT / "idcrafter" / "assets" / "toyimage" / "model"
 
 
+def launcher_env() -> dict[str, str]:
+    """What a one-process launch sets (torchrun, deepspeed, tests/test_train_video.py), with a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return dict(os.environ, PYTHONPATH=str(ROOT / "tests"), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def make_readonly(folder: Path) -> bool:
     """Make `folder` unwritable, also for root (chattr +i), and say whether it worked."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +99,10 @@ def write_data(root: Path) -> dict[str, Path]:
     lines = good.read_text().splitlines()
     lines.append(lines[0].replace('"s0"', '"s9"').replace("refs/0_0.png", "refs/broken.png"))
     undecodable.write_text("\n".join(lines) + "\n")
-    return {"good": good, "bad": bad, "empty": empty, "undecodable": undecodable}
+    images = root / "data" / "images.jsonl"  # one-subject image samples for the image branch
+    images.write_text(json.dumps({"id": "i0", "image": "refs/0_0.png", "prompt": "a red square",
+                                  "subjects": [{"image": "refs/0_1.png", "category": "face"}]}) + "\n")
+    return {"good": good, "bad": bad, "empty": empty, "undecodable": undecodable, "images": images}
 
 
 def cases(tmp: Path, models: dict[str, Path], data: dict[str, Path], readonly: Path | None):
@@ -182,7 +196,7 @@ def cases(tmp: Path, models: dict[str, Path], data: dict[str, Path], readonly: P
                                                                   "--resume", "auto"], 2, "cannot write in",
                           readonly / "metrics.jsonl"))
 
-    rl = ["scripts/train_rl.py", "--data", str(data["good"]), "--no-progress"]
+    rl = ["scripts/train_rl.py", "--data", str(data["good"]), "--no-progress", "--reward", "toyid=1"]
     rls = [
         ("noise_level_nan", ["--noise-level", "nan"], "--noise-level: must be a finite number"),
         ("noise_level_zero", ["--noise-level", "0"], "--noise-level: must be in (0, 5]"),
@@ -193,16 +207,16 @@ def cases(tmp: Path, models: dict[str, Path], data: dict[str, Path], readonly: P
     out_cases += [(f"train_rl_{name}", [*rl, "--output", run_folder(f"rl_{name}"), *extra], 2, needle,
                    Path(run_folder(f"rl_{name}"))) for name, extra, needle in rls]
     out_cases += [
-        ("train_image_lr_nan", ["scripts/train_image.py", "--data", str(data["good"]), "--output", run_folder("img"),
+        ("train_image_lr_nan", ["scripts/train_image.py", "--data", str(data["images"]), "--output", run_folder("img"),
                                 "--lr", "nan"], 2, "--lr: must be a finite number", Path(run_folder("img"))),
-        ("train_image_size_huge", ["scripts/train_image.py", "--data", str(data["good"]), "--output",
+        ("train_image_size_huge", ["scripts/train_image.py", "--data", str(data["images"]), "--output",
                                    run_folder("img2"), "--size", "8192x8192"], 2, "at most 4096", Path(run_folder("img2"))),
         ("evaluate_device", ["scripts/evaluate.py", "--toyworld", "--out", run_folder("eval"), "--device", "tpu"], 2,
          "--device 'tpu'", Path(run_folder("eval"))),
         ("cache_device", ["scripts/cache_features.py", "--data", str(data["good"]), "--out", run_folder("cache"),
                           "--device", "cuda:9"], 2, "--device cuda:9", Path(run_folder("cache"))),
         ("validate_empty_manifest", ["-m", "idcrafter.data.validate", str(data["empty"])], 2, "holds no samples", None),
-        ("validate_undecodable_reference", ["-m", "idcrafter.data.validate", "--no-progress", str(data["undecodable"])],
+        ("validate_undecodable_reference", ["-m", "idcrafter.data.validate", str(data["undecodable"])],
          1, "line 3: subjects[0].image", None),
         ("usage_error_is_one_line", ["scripts/infer.py", "--refs", REF], 2, "required: --prompt, --out", None),
     ]
@@ -216,12 +230,10 @@ def results(tmp_path_factory):
     readonly_root = tmp / "readonly"
     readonly = readonly_root if make_readonly(readonly_root) else None
     all_cases = cases(tmp, damaged_models(tmp / "models"), write_data(tmp), readonly)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-
     def run(case):
         try:
             return subprocess.run([sys.executable, *case[1]], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                  env=env)
+                                  env=launcher_env())
         except subprocess.TimeoutExpired as err:  # a refusal takes a second; this ran on instead
             return subprocess.CompletedProcess(err.cmd, None, "", f"timed out after {err.timeout} s")
 
@@ -243,7 +255,7 @@ def _case_names() -> list[str]:
         fake = {k: tmp for k in ("truncated_transformer", "no_vae", "only_transformer", "adapter_string_number",
                                  "adapter_nan_guidance", "adapter_list", "adapter_truncated", "image_adapter_types",
                                  "adapter_other_preset", "image_other_architecture")}
-        data = {k: tmp / k for k in ("good", "bad", "empty", "undecodable")}
+        data = {k: tmp / k for k in ("good", "bad", "empty", "undecodable", "images")}
         return [c[0] for c in cases(tmp, fake, data, tmp / "readonly")]
 
 
