@@ -57,17 +57,15 @@ def validate(args) -> list:
     from idcrafter.utils.cli import check_input_dir, parse_size
     from idcrafter.utils.folders import check_model_folder
     from idcrafter.video.config import PRESETS, IDCrafterConfig
-    from idcrafter.video.infer import VideoLimits, read_adapter
+    from idcrafter.video.infer import model_limits, read_adapter
 
     if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     check_run_paths(args)
     if args.cache is not None:
         check_input_dir(args.cache, "--cache")
-    wan = None
     if args.base is not None:
         check_model_folder(args.base, "--base", required=("transformer", "vae", "text_encoder", "tokenizer"))
-        wan = json.loads((Path(args.base) / "transformer" / "config.json").read_text())
     if args.adapter is not None:
         config = read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
     else:
@@ -76,14 +74,7 @@ def validate(args) -> list:
     if (frames - 1) % 4:
         raise InputError(f"--frames {frames}: must be 4n+1")
     height, width = parse_size(args.size, multiple=16) if args.size else (config.height, config.width)
-    if args.base is not None:
-        vae = json.loads((Path(args.base) / "vae" / "config.json").read_text())
-        limits = VideoLimits.from_configs(wan, vae)
-    else:
-        from idcrafter.video.infer import model_limits
-
-        limits = model_limits(config, None)
-    limits.check(height, width, frames, 1)
+    model_limits(config, args.base).check(height, width, frames, 1)
     return read_samples(args.data)
 
 
