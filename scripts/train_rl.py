@@ -129,7 +129,7 @@ def validate(args):
     """Everything that can be checked before DeepSpeed starts; returns the model config."""
     from idcrafter.data.manifest import read_samples
     from idcrafter.train.cli import check_run_paths
-    from idcrafter.utils.cli import check_device, check_input_dir
+    from idcrafter.utils.cli import check_device
 
     check_run_paths(args, ("data", "eval_data"))
     if args.trainable not in POLICIES[args.branch]:
@@ -155,12 +155,9 @@ def validate(args):
         for flag in ("size", "ref_size", "categories"):
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag.replace('_', '-')} applies to the image branch only")
-        if args.vlm is not None:
-            check_input_dir(args.vlm, "--vlm")
-            if not config.use_vlm:
-                raise InputError(f"--vlm {args.vlm}: this model was trained without the VLM encoder; leave --vlm out")
-        elif config.use_vlm:
-            raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+        from idcrafter.video.infer import check_vlm
+
+        check_vlm(args.vlm, config)
     for name in ("data", "eval_data"):
         if getattr(args, name) is not None:
             read_samples(getattr(args, name), f"--{name.replace('_', '-')}", config.max_subjects)

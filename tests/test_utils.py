@@ -130,3 +130,26 @@ def test_copy_as_float16_converts_floats_outside_kept_folders(tmp_path):
     assert converted["n"].dtype == torch.int64 and kept["w"].dtype == torch.float32
     assert (dest / "model_index.json").is_file() and not (dest / "stale.txt").exists()
     assert load_file(str(src / "transformer" / "m.safetensors"))["w"].dtype == torch.float32  # source untouched
+
+
+def test_safetensors_check_agrees_with_the_safetensors_loader(tmp_path):
+    """Our header-only check (no tensors read) against safetensors' own loader: the whole file passes
+    both; every truncation is refused by ours and fails (or loses tensors) in the loader."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from idcrafter.utils.cli import InputError
+    from idcrafter.utils.folders import check_safetensors
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": torch.randn(7, 5), "b": torch.arange(11, dtype=torch.int64)}, str(whole), metadata={"format": "pt"})
+    check_safetensors(whole, "--adapter")
+    assert set(load_file(str(whole))) == {"a", "b"}
+    data = whole.read_bytes()
+    for cut in sorted({1, 7, 8, 20, len(data) // 2, len(data) - 8, len(data) - 1}):
+        part = tmp_path / f"cut{cut}.safetensors"
+        part.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=f"{part.name}"):
+            check_safetensors(part, "--adapter")
+        with pytest.raises((SafetensorError, OSError, RuntimeError)):
+            load_file(str(part))

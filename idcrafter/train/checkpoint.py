@@ -271,7 +271,7 @@ def _weights_only_engine_class():
 def safe_checkpoint_engine(engine):
     """A weights-only copy of the engine's checkpoint engine, to assign to `engine.checkpoint_engine`.
 
-    deepspeed's TorchCheckpointEngine.load calls torch.load(weights_only=False), and every file
+    deepspeed's TorchCheckpointEngine.load unpickles with weights_only=False, and every file
     `engine.load_checkpoint` reads goes through `engine.checkpoint_engine.load` (model and optimizer
     states, runtime/engine.py and runtime/state_dict_factory.py). The direct torch.load calls
     elsewhere in deepspeed (zero/stage3.py, checkpoint/*, utils/zero_to_fp32.py) serve universal

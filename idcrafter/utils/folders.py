@@ -104,10 +104,11 @@ def check_model_folder(folder: str | os.PathLike, what: str, required: Iterable[
     for name in dict.fromkeys([*required, *named]):
         part = folder / name
         problem = path_problem(part, "folder")
+        if problem and name == "transformer":
+            raise InputError(f"{what} {folder}: not a Wan or FLUX diffusers folder (transformer/ {problem})")
         if problem:
-            kind = "a Wan or FLUX diffusers folder" if name == "transformer" else f"its model_index.json lists {name!r}"
-            raise InputError(f"{what} {folder}: not {kind} ({name}/ {problem})" if name == "transformer"
-                             else f"{what} {folder}: {kind}, but {name}/ {problem}")
+            source = "its model_index.json lists" if name in named else "the model needs"
+            raise InputError(f"{what} {folder}: {source} {name!r}, but {name}/ {problem}")
         if name.rstrip("_0123456789") in _NO_WEIGHTS:
             continue
         if (part / "config.json").exists() or name in required:

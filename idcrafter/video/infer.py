@@ -126,6 +126,17 @@ def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str
     return config
 
 
+def check_vlm(vlm: str | None, config: IDCrafterConfig) -> None:
+    """--vlm exactly when the model was trained with the VLM encoder: without it such a model runs
+    without its semantic tokens, and with it a model trained without one would ignore it."""
+    if vlm is not None:
+        check_input_dir(vlm, "--vlm")
+        if not config.use_vlm:
+            raise InputError(f"--vlm {vlm}: this model was trained without the VLM encoder; leave --vlm out")
+    elif config.use_vlm:
+        raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+
+
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
     """The ID-Crafter config the run will use: from the adapter when given, else the preset.
 
@@ -168,12 +179,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
     config = model_config(req)
     if len(req.refs) > config.max_subjects:
         raise InputError(f"--refs: {len(req.refs)} references, this model supports at most {config.max_subjects}")
-    if req.vlm is not None:
-        check_input_dir(req.vlm, "--vlm")
-        if not config.use_vlm:
-            raise InputError(f"--vlm {req.vlm}: this model was trained without the VLM encoder; leave --vlm out")
-    elif config.use_vlm:
-        raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+    check_vlm(req.vlm, config)
     for ref in req.refs:
         load_rgb(ref)
     height, width = parse_size(req.size, multiple=16) if req.size else (config.height, config.width)
