@@ -11,11 +11,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from idcrafter.rewards import CompositeReward, RewardModel, build_reward, list_rewards
-from idcrafter.rewards.common import load_image_processor, sample_frames
+from idcrafter.rewards import (
+    IMAGE_OBJECT_WEIGHTS,
+    IMAGE_WEIGHTS,
+    VIDEO_WEIGHTS,
+    CompositeReward,
+    RewardModel,
+    build_reward,
+    list_rewards,
+)
+from idcrafter.rewards.common import SubjectReward, load_image_processor, sample_frames
 from idcrafter.rewards.identity import combine_identity_scores
 
-NAMES = ["aesthetic", "clip_image", "clip_text", "dino_image", "face", "natural", "nexus", "toyid"]
+NAMES = ["aesthetic", "clip_image", "clip_text", "dino_image", "face", "hps", "natural", "nexus", "object", "toyid"]
 RNG = np.random.default_rng(0)
 
 
@@ -68,6 +76,59 @@ def test_composite_is_the_weighted_sum_of_its_components():
     assert out.scores.tolist() == pytest.approx(expected, abs=1e-6)
 
 
+def test_paper_weights():
+    # ID-Crafter: 0.6 (0.5 face + 0.5 nexus) + 0.4 (0.6 aesthetic + 0.4 natural).
+    assert VIDEO_WEIGHTS == pytest.approx({"face": 0.3, "nexus": 0.3, "aesthetic": 0.24, "natural": 0.16})
+    # MultiCrafter supp. Sec. B: w_id / w_text / w_aes = 0.5 / 1.4 / 0.7 (people), w_id = 1.0 (objects); R_aes = HPS v2.
+    assert IMAGE_WEIGHTS == {"face": 0.5, "clip_text": 1.4, "hps": 0.7}
+    assert IMAGE_OBJECT_WEIGHTS == {"object": 1.0, "clip_text": 1.4, "hps": 0.7}
+
+
+class FrameTable(SubjectReward):
+    """Per-frame, per-subject scores given by hand: the frame-level combination alone."""
+
+    name = "table"
+
+    def __init__(self, tables, alpha):
+        super().__init__()
+        self.tables, self.alpha = tables, alpha
+
+    def frame_scores(self, samples, prompts, refs, meta, warnings):
+        return [np.asarray(t, np.float64) for t in self.tables]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_subject_rewards_average_the_frame_level_reward(alpha):
+    # ID-Crafter eq. 7 per frame, averaged over frames (App. A.2, eq. S.12): the min is each frame's worst subject.
+    tables = [[[0.9, 0.1], [0.2, 0.8]], [[0.6, 0.4, 0.5]], np.zeros((2, 0))]
+    out = FrameTable(tables, alpha)(*batch(3))
+    frame = [(1 - alpha) * (0.9 + 0.1) / 2 + alpha * 0.1, (1 - alpha) * (0.2 + 0.8) / 2 + alpha * 0.2]
+    expected = [(frame[0] + frame[1]) / 2, (1 - alpha) * 0.5 + alpha * 0.4, 0.0]
+    assert out.scores.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.components["table_mean"].tolist() == pytest.approx([0.5, 0.5, 0.0], abs=1e-6)
+    assert out.components["table_min"].tolist() == pytest.approx([0.15, 0.4, 0.0], abs=1e-6)
+    # Not the clip-level form (min over subjects of the frame means, 0.45 here) unless alpha = 0.
+    clip_level = (1 - alpha) * 0.5 + alpha * combine_identity_scores(np.mean(tables[0], 0), "min")
+    assert (out.scores[0].item() == pytest.approx(clip_level, abs=1e-6)) == (alpha == 0.0)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"alpha": 1.5}, "alpha must be in"), ({"alpha": "x"}, "alpha must be a number"),
+    ({"alpha": float("nan")}, "alpha must be in"), ({"mode": "max"}, "mode must be one of"),
+    ({"mode": "mean", "alpha": 0.5}, "pass alpha only"),
+])
+def test_alpha_and_mode_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match) as err:
+        build_reward("face", **options)
+    assert "'face'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mode_still_names_an_alpha():
+    assert [build_reward("face", mode=m).alpha for m in ("mean", "mean_min", "min")] == [0.0, 0.5, 1.0]
+    assert build_reward("face", mode="min", alpha=1).alpha == 1.0
+    assert build_reward("face").alpha == 0.5 and build_reward("face", alpha="0.25").alpha == 0.25
+
+
 @pytest.mark.parametrize("spec, match", [
     ("toyid=0,clip_text=0", "positive"),
     ("toyid=-1,clip_text=2", "toyid"),
@@ -96,7 +157,9 @@ def test_missing_paths_are_one_line_errors_naming_reward_and_option(tmp_path):
              ("aesthetic", {"clip_path": tmp_path}, "path"), ("aesthetic", {"path": tmp_path}, "clip_path"),
              ("nexus", {"embedder_path": tmp_path}, "path"), ("nexus", {"path": tmp_path}, "embedder_path"),
              ("natural", {}, "path"), ("toyid", {"path": tmp_path / "nothing"}, "path"),
-             ("face", {"backend": "insightface"}, "root")]
+             ("face", {"backend": "insightface"}, "root"), ("object", {"embedder_path": tmp_path}, "path"),
+             ("object", {"path": tmp_path}, "embedder_path"), ("hps", {"tokenizer_path": tmp_path}, "path"),
+             ("hps", {"path": tmp_path, "tokenizer_path": tmp_path / "nothing"}, "tokenizer_path")]
     for name, options, option in cases:
         with pytest.raises(ValueError) as err:
             build_reward(name, **options)
@@ -135,8 +198,13 @@ def test_toyid_matches_the_toy_scorer(tmp_path):
     assert out.scores[0].item() == pytest.approx(expected.mean(), abs=1e-6)
     assert out.components["toyid_min"][0].item() == pytest.approx(expected.min(), abs=1e-6)
     assert out.scores[1].item() == 0.0 and out.warnings == Counter({"no sprite in a frame": 3})
-    out = build_reward("toyid", path=tmp_path / "toyid", mode="mean_min")([clip.frames], [""], [refs])
-    assert out.scores[0].item() == pytest.approx(combine_identity_scores(expected, "mean_min"), abs=1e-6)
+    # alpha 0.5: the worst sprite of each frame, averaged over frames (ToyIDScorer keeps per-frame scores too).
+    scorer = ToyIDScorer(embedder)
+    per_frame = np.stack([scorer.subject_scores(f[None], refs) for f in clip.frames])
+    out = build_reward("toyid", path=tmp_path / "toyid", alpha=0.5)([clip.frames], [""], [refs])
+    expected_half = np.mean([0.5 * row.mean() + 0.5 * row.min() for row in per_frame])
+    assert out.scores[0].item() == pytest.approx(expected_half, abs=1e-6)
+    assert per_frame.mean(0) == pytest.approx(expected, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ CLIP / DINO
@@ -352,8 +420,11 @@ def test_nexus_equals_the_direct_crop_cosine(gdino_folder, clip_folder):
         assert boxes.tolist() == [box] and scores[0] == pytest.approx(score, abs=1e-6)
     result = reward([clip], ["a cat and a dog"], [refs], meta=[{"categories": ["Cat", "dog"]}])
     assert result.scores.item() == pytest.approx(expected.mean(), abs=1e-5)
-    assert result.components["nexus_min"].item() == pytest.approx(expected.mean(1).min(), abs=1e-5)
+    assert result.components["nexus_min"].item() == pytest.approx(expected.min(0).mean(), abs=1e-5)  # per frame
     assert not result.warnings
+    result = build_reward("nexus", path=gdino_folder, embedder_path=clip_folder, box_threshold=0.0, alpha=0.5)(
+        [clip], [""], [refs], meta=[{"categories": ["cat", "dog"]}])
+    assert result.scores.item() == pytest.approx(0.5 * expected.mean() + 0.5 * expected.min(0).mean(), abs=1e-5)
 
 
 def test_nexus_no_detection_is_zero_with_a_warning(gdino_folder, clip_folder, dino_folder):
@@ -376,6 +447,132 @@ def test_nexus_gives_subjects_of_one_category_distinct_boxes(gdino_folder, clip_
     out = reward([clip], [""], [refs], meta=[{"categories": ["person", "dog", "person"]}])
     assert torch.isfinite(out.scores).all() and 0.0 <= out.scores.item() <= 1.0 and not out.warnings
     assert out.components["nexus_min"].item() <= out.scores.item() <= out.components["nexus"].item() + 1e-7
+
+
+# ------------------------------------------------------------------------------------ object
+@pytest.fixture(scope="module")
+def blind_gdino_folder(gdino_folder, tmp_path_factory):
+    """The tiny Grounding-DINO with an image processor that rescales pixels by 0: it sees a constant
+    image, so its boxes are the same for every image of a size and the pictures can be built around them."""
+    import shutil
+
+    from transformers import BertTokenizer, GroundingDinoImageProcessorPil, GroundingDinoProcessor
+
+    folder = tmp_path_factory.mktemp("gdino_blind") / "gdino"
+    shutil.copytree(gdino_folder, folder)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}, rescale_factor=0.0),
+        tokenizer=BertTokenizer.from_pretrained(gdino_folder)).save_pretrained(folder)
+    return folder
+
+
+def dino_direct(folder):
+    from transformers import BitImageProcessorPil, Dinov2Model
+
+    model, processor = Dinov2Model.from_pretrained(folder).eval(), BitImageProcessorPil.from_pretrained(folder)
+
+    @torch.no_grad()
+    def cls(xs):
+        return unit(model(**processor(images=list(xs), return_tensors="pt")).last_hidden_state[:, 0])
+
+    return cls
+
+
+def crop(image, box):
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return image[y0:y1, x0:x1].copy()
+
+
+@pytest.fixture(scope="module")
+def object_scene(blind_gdino_folder, dino_folder):
+    reward = build_reward("object", path=blind_gdino_folder, embedder_path=dino_folder, box_threshold=0.0,
+                          nms_iou=0.3, extra_boxes=2)
+    image = video(1, seed=61)[0]
+    # Candidates as the reward asks for them: one subject per category + 2 extra, best first.
+    found = reward.detector.detect([image], {"cat": 3, "dog": 3})[0]
+    blank = reward.detector.detect([np.zeros_like(image)], {"cat": 3, "dog": 3})[0]
+    assert all(np.array_equal(found[c][0], blank[c][0]) for c in found)  # the detector cannot see the pixels
+    cats, dogs = found["cat"][0], found["dog"][0]
+    assert len(cats) == 3 and len(dogs) == 3
+    return dict(reward=reward, image=image, cats=cats, dogs=dogs, cls=dino_direct(dino_folder))
+
+
+def test_object_matches_each_reference_to_its_own_candidate_box(object_scene, blind_gdino_folder, dino_folder):
+    reward, image, cats, dogs = (object_scene[k] for k in ("reward", "image", "cats", "dogs"))
+    # The references are what the image holds in the cat's second-best and the dog's third-best boxes.
+    refs = [crop(image, cats[1]), crop(image, dogs[2])]
+    warnings = Counter()
+    matched = reward.match(image[None], refs, {"categories": ["cat", "dog"]}, warnings)
+    assert matched.boxes[0].tolist() == [cats[1].tolist(), dogs[2].tolist()] and not warnings
+    assert matched.scores[0] == pytest.approx([1.0, 1.0], abs=1e-5)
+    out = reward([image[None]], ["a cat and a dog"], [refs], meta=[{"categories": ["cat", "dog"]}])
+    assert out.scores.item() == pytest.approx(1.0, abs=1e-5) and out.components["object_min"].item() > 1 - 1e-5
+    # NexusScore takes the best-scoring box of each category, whatever it holds.
+    cls = object_scene["cls"]
+    direct = [max(float(cls([refs[0]]) @ cls([crop(image, cats[0])]).T), 0.0),
+              max(float(cls([refs[1]]) @ cls([crop(image, dogs[0])]).T), 0.0)]
+    nexus = build_reward("nexus", path=blind_gdino_folder, embedder="dino", embedder_path=dino_folder,
+                         box_threshold=0.0)([image[None]], [""], [refs], meta=[{"categories": ["cat", "dog"]}])
+    assert nexus.scores.item() == pytest.approx(np.mean(direct), abs=1e-5) and max(direct) < 0.999
+
+
+def test_object_tells_two_subjects_of_one_category_apart(object_scene):
+    reward, image = object_scene["reward"], object_scene["image"]
+    # The prompt is now "dog." and two dogs ask for 2 + 2 candidates: other boxes than with "cat. dog.".
+    dogs = reward.detector.detect([image], {"dog": 4})[0]["dog"][0]
+    refs = [crop(image, dogs[2]), crop(image, dogs[0])]  # listed in the other order than the detector ranks them
+    matched = reward.match(image[None], refs, {"categories": ["dog", "dog"]}, Counter())
+    assert matched.boxes[0].tolist() == [dogs[2].tolist(), dogs[0].tolist()]
+    assert matched.scores[0] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_object_score_is_the_best_candidate_cosine_combined_by_alpha(object_scene, alpha):
+    reward, image, cats, dogs, cls = (object_scene[k] for k in ("reward", "image", "cats", "dogs", "cls"))
+    stranger = video(1, 40, 40, seed=62)[0]  # a dog reference that is nowhere in the image
+    refs = [crop(image, cats[0]), stranger]
+    best_dog = max(max(float(cls([stranger]) @ cls([crop(image, b)]).T), 0.0) for b in dogs)
+    reward.alpha = alpha
+    try:
+        out = reward([image[None]], [""], [refs], meta=[{"categories": ["cat", "dog"]}])
+    finally:
+        reward.alpha = 0.0
+    assert out.components["object_mean"].item() == pytest.approx((1.0 + best_dog) / 2, abs=1e-5)
+    assert out.components["object_min"].item() == pytest.approx(min(1.0, best_dog), abs=1e-5)
+    assert out.scores.item() == pytest.approx((1 - alpha) * (1.0 + best_dog) / 2 + alpha * best_dog, abs=1e-5)
+
+
+def test_object_frames_average_and_a_missing_subject_scores_zero(object_scene, blind_gdino_folder, dino_folder):
+    reward, image, cls = object_scene["reward"], object_scene["image"], object_scene["cls"]
+    other = video(1, seed=63)[0]  # a second frame where neither reference is
+    # The candidates of this two-frame batch (near-tied detector scores may order differently in a batch of one).
+    found = reward.detector.detect([image, other], {"cat": 3, "dog": 3})
+    assert all(np.array_equal(found[0][c][0], found[1][c][0]) for c in ("cat", "dog"))
+    cats, dogs = found[0]["cat"][0], found[0]["dog"][0]
+    refs = [crop(image, cats[2]), crop(image, dogs[1])]
+    second = [max(max(float(cls([r]) @ cls([crop(other, b)]).T), 0.0) for b in boxes)
+              for r, boxes in zip(refs, (cats, dogs))]
+    out = reward([np.stack([image, other])], [""], [refs], meta=[{"categories": ["cat", "dog"]}])
+    assert out.scores.item() == pytest.approx((1.0 + np.mean(second)) / 2, abs=1e-5)
+    assert out.components["object_min"].item() == pytest.approx((1.0 + min(second)) / 2, abs=1e-5)
+    blind = build_reward("object", path=blind_gdino_folder, embedder_path=dino_folder, box_threshold=1.01)
+    out = blind([image[None], image[None]], ["", ""], [refs, []], meta=[{"categories": []}, {}])  # [] = "object"
+    assert out.scores.tolist() == [0.0, 0.0]
+    assert out.warnings == Counter({"no detection of a subject in a frame": 2, "no reference images": 1})
+
+
+def test_the_object_composite_builds_from_the_named_weights(blind_gdino_folder, dino_folder, clip_folder, tmp_path):
+    from idcrafter.rewards.clip import CLIPTextReward
+    from idcrafter.rewards.hps import HPSReward
+    from idcrafter.rewards.objects import ObjectReward
+
+    (tmp_path / "hps.pt").write_bytes(b"")
+    options = {"object": {"path": blind_gdino_folder, "embedder_path": dino_folder},
+               "clip_text": {"path": clip_folder}, "hps": {"path": tmp_path / "hps.pt", "tokenizer_path": clip_folder}}
+    composite = CompositeReward(IMAGE_OBJECT_WEIGHTS, options=options)
+    assert [type(m) for m in composite.models.values()] == [ObjectReward, CLIPTextReward, HPSReward]
+    assert composite.weights == {"object": 1.0, "clip_text": 1.4, "hps": 0.7}
+    assert CompositeReward("object=1.0,clip_text=1.4,hps=0.7", options=options).weights == composite.weights
 
 
 # ------------------------------------------------------------------------------------ natural

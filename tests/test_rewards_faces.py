@@ -149,11 +149,31 @@ def test_no_face_is_zero_with_warnings_never_nan(scene):
     assert warnings == Counter({"no face in a reference": 1})
 
 
+def test_face_reward_averages_the_frame_level_reward(scene, scored):
+    # A clip of the photo with face 0 blanked, then with the big face replaced by another person's: per
+    # frame (1 - alpha) mean_k + alpha min_k, averaged over the frames (ID-Crafter eq. 7 and S.12).
+    assert scene["big"] != 0  # so the two frames lose different people
+    clip = np.stack([scene["images"]["blanked"], scene["images"]["duplicated"]])
+    alpha = 0.25  # alpha weighs the worst subject
+    out = FaceReward(backend=scene["backend"], alpha=alpha, max_frames=None)([clip], [""], [scene["refs"]])
+    frames = [scored["blanked"][0], scored["duplicated"][0]]
+    expected = np.mean([(1 - alpha) * f.mean() + alpha * f.min() for f in frames])
+    assert out.scores.item() == pytest.approx(expected, abs=1e-6)
+    assert out.components["face_mean"].item() == pytest.approx(np.mean([f.mean() for f in frames]), abs=1e-6)
+    assert out.components["face_min"].item() == pytest.approx(frames[1].min() / 2, abs=1e-6)  # blanked frame: 0
+    # Not the clip-level form, whose min is taken over the references' frame means.
+    clip_level = (1 - alpha) * np.mean(frames) + alpha * np.min(np.mean(frames, 0))
+    assert out.scores.item() < clip_level - 0.01
+
+
 def test_build_reward_options():
-    reward = build_reward("face", backend="dlib", upsample=0, stride=2, max_frames=3, mode="mean")
+    reward = build_reward("face", backend="dlib", upsample=0, stride=2, max_frames=3, alpha=0.25)
     assert isinstance(reward.backend, DlibFaceBackend) and reward.backend.upsample == 0
-    assert (reward.stride, reward.max_frames, reward.mode) == (2, 3, "mean")
+    assert (reward.stride, reward.max_frames, reward.alpha) == (2, 3, 0.25)
+    assert build_reward("face").alpha == 0.5 and build_reward("face", mode="mean").alpha == 0.0
     with pytest.raises(ValueError, match="face.*upsampl|face.*bad option"):
         build_reward("face", upsampl=0)
     with pytest.raises(ValueError, match="mode"):
         build_reward("face", mode="max")
+    with pytest.raises(ValueError, match="alpha"):
+        build_reward("face", alpha=-0.1)

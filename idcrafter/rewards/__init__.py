@@ -1,4 +1,4 @@
-"""Rewards for online RL (DESIGN 7): identity matching, face / subject / quality scorers.
+"""Rewards for online RL (DESIGN 7): identity matching, face / object / subject / quality scorers.
 
 `idcrafter.rewards.identity` holds the matching core shared by the multi-ID face reward (ArcFace or
 dlib embeddings of detected faces) and the toy world's ToyID metric. Heavy scorer backends are
@@ -6,6 +6,7 @@ imported inside their factories, so importing this package needs only torch, num
 """
 
 from idcrafter.rewards.base import (
+    IMAGE_OBJECT_WEIGHTS,
     IMAGE_WEIGHTS,
     VIDEO_WEIGHTS,
     CompositeReward,
@@ -19,6 +20,7 @@ from idcrafter.rewards.base import (
 
 __all__ = [
     "CompositeReward",
+    "IMAGE_OBJECT_WEIGHTS",
     "IMAGE_WEIGHTS",
     "RewardModel",
     "RewardOutput",

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "CompositeReward",
+    "IMAGE_OBJECT_WEIGHTS",
     "IMAGE_WEIGHTS",
     "RewardModel",
     "RewardOutput",
@@ -120,10 +121,15 @@ def build_reward(name: str, **options) -> RewardModel:
 
 
 # ------------------------------------------------------------------------------------ composite
-# DESIGN 7, flattened: R = 0.6 (0.5 R_face + 0.5 R_subject) + 0.4 (0.6 R_aes + 0.4 R_nat).
+# ID-Crafter (sec. 3 eq. 5-8, App. A.2 eq. S.13), flattened:
+#   R = 0.6 (0.5 R_face + 0.5 R_subject) + 0.4 (0.6 R_aes + 0.4 R_nat),
+# R_subject = NexusScore, R_aes = the LAION aesthetic MLP (`aesthetic`), R_nat = NaturalScore.
 VIDEO_WEIGHTS: dict[str, float] = {"face": 0.3, "nexus": 0.3, "aesthetic": 0.24, "natural": 0.16}
-# MultiCrafter, people: R = 0.5 R_id + 1.4 R_clip + 0.7 R_hps (aesthetic stands in for HPS); objects: w_id = 1.0.
-IMAGE_WEIGHTS: dict[str, float] = {"face": 0.5, "clip_text": 1.4, "aesthetic": 0.7}
+# MultiCrafter supp. Sec. B, multi-human: R = w_id R_id + w_text R_clip + w_aes R_aes = 0.5 / 1.4 / 0.7,
+# R_id the Hungarian multi-ID face reward, R_clip CLIP-T, R_aes HPS v2 (`hps`).
+IMAGE_WEIGHTS: dict[str, float] = {"face": 0.5, "clip_text": 1.4, "hps": 0.7}
+# MultiCrafter supp. Sec. B, multi-object: w_id = 1.0 with the object identity reward, w_text, w_aes unchanged.
+IMAGE_OBJECT_WEIGHTS: dict[str, float] = {"object": 1.0, "clip_text": 1.4, "hps": 0.7}
 
 
 def parse_weights(spec: str | Mapping[str, float]) -> dict[str, float]:

@@ -3,7 +3,8 @@
     clip_text  = mean_f cos(CLIP_img(frame_f), CLIP_txt(prompt))
     clip_image = mean_{r, f} cos(CLIP_img(ref_r), CLIP_img(frame_f))
     dino_image = mean_{r, f} cos(DINOv2_cls(ref_r), DINOv2_cls(frame_f))
-    aesthetic  = mean_f MLP(unit(CLIP_img(frame_f))) / scale          (LAION improved predictor, ViT-L/14)
+    aesthetic  = mean_f MLP(unit(CLIP_img(frame_f))) / scale          (LAION improved predictor, ViT-L/14;
+                                                                        ID-Crafter's R_aes, MultiCrafter's is `hps`)
 
 Frames are sampled with `stride` / `max_frames` (`sample_frames`). Models are transformers classes
 loaded from a local folder at the first call; images go through the PIL image processors, so
@@ -253,6 +254,8 @@ def load_aesthetic_mlp(path: str | os.PathLike) -> AestheticMLP:
 class AestheticReward(_FrameReward):
     """LAION aesthetic score of the sampled frames, averaged, divided by `scale` (10: about [0, 1]).
 
+    ID-Crafter's R_aes (weight 0.24 in `VIDEO_WEIGHTS`); MultiCrafter's image composite uses HPS v2
+    (`hps`, `idcrafter.rewards.hps`) instead.
     Options: path (the MLP file, .safetensors or .pth), clip_path (the CLIP folder: ViT-L/14 for
     LAION's released heads), scale (None: the raw 1-10 score), device, dtype, stride, max_frames.
     """

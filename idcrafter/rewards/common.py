@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from idcrafter.rewards.base import RewardModel, RewardOutput, check_batch
-from idcrafter.rewards.identity import COMBINE_MODES, combine_identity_scores
+from idcrafter.rewards.identity import COMBINE_MODES, MODE_ALPHA, frame_identity_reward
 
 __all__ = [
     "SubjectReward",
+    "check_alpha",
     "check_frame_options",
     "check_mode",
     "load_image_processor",
@@ -52,6 +53,29 @@ def check_mode(reward: str, mode: str) -> str:
     if mode not in COMBINE_MODES:
         raise ValueError(f"reward {reward!r}: mode must be one of {', '.join(COMBINE_MODES)}, got {mode!r}")
     return mode
+
+
+def check_alpha(reward: str, alpha: float | str | None, mode: str | None, default: float) -> float:
+    """The weight alpha of the min term (R = (1 - alpha) mean_k + alpha min_k, ID-Crafter eq. 7 / Tab. S.7).
+
+    `mode` is the older name for the same choice ("mean" = alpha 0, "mean_min" = 0.5, "min" = 1), still
+    accepted; giving both with different meanings, or an alpha outside [0, 1], is a one-line ValueError.
+    """
+    if mode is not None:
+        check_mode(reward, mode)
+        if alpha is not None and float(alpha) != MODE_ALPHA[mode]:
+            raise ValueError(f"reward {reward!r}: mode={mode!r} means alpha={MODE_ALPHA[mode]}, but alpha={alpha} "
+                             "was given too; pass alpha only")
+        return MODE_ALPHA[mode]
+    if alpha is None:
+        return float(default)
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward {reward!r}: alpha must be a number in [0, 1], got {alpha!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"reward {reward!r}: alpha must be in [0, 1] (0 = mean over subjects, 1 = min), got {alpha}")
+    return value
 
 
 def sample_frames(video: np.ndarray, stride: int = 1, max_frames: int | None = None) -> np.ndarray:
@@ -93,30 +117,38 @@ def load_image_processor(path: str | os.PathLike):
 
 
 class SubjectReward(RewardModel, abc.ABC):
-    """A reward made of per-subject scores: combined by `mode`, logged as `{name}_mean` / `{name}_min`.
+    """A reward made of per-subject, per-frame scores s_fk (ID-Crafter eq. 7 and S.12):
 
-    Subclasses implement `subject_scores` (one float array [R_i] per sample, R_i = its references).
+        R = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk]
+
+    logged with its two terms, `{name}_mean` = mean_f mean_k s_fk and `{name}_min` = mean_f min_k s_fk
+    (so R = (1 - alpha) {name}_mean + alpha {name}_min). Subclasses implement `frame_scores`.
     """
 
-    mode: str = "mean_min"
+    alpha: float = 0.5
 
     @abc.abstractmethod
+    def frame_scores(self, samples: list[np.ndarray], prompts: list[str], refs: list[list[np.ndarray]],
+                     meta: list[dict], warnings: Counter) -> list[np.ndarray]:
+        """One float array [F_i, R_i] per sample: each sampled frame's score of each reference."""
+
     def subject_scores(self, samples: list[np.ndarray], prompts: list[str], refs: list[list[np.ndarray]],
                        meta: list[dict], warnings: Counter) -> list[np.ndarray]:
-        """One float array [R_i] per sample: each reference's score."""
+        """One float array [R_i] per sample: each reference's score averaged over the sampled frames."""
+        return [s.mean(0) if len(s) else np.zeros(s.shape[1]) for s in
+                self.frame_scores(samples, prompts, refs, meta, warnings)]
 
     def __call__(self, samples, prompts, refs, meta=None) -> RewardOutput:
         check_batch(samples, prompts, refs, meta)
         warnings: Counter = Counter()
-        per_subject = self.subject_scores(list(samples), list(prompts), [list(r) for r in refs],
-                                          list(meta) if meta is not None else [{} for _ in samples], warnings)
-        components = {
-            self.name: [combine_identity_scores(s, self.mode) for s in per_subject],
-            f"{self.name}_mean": [combine_identity_scores(s, "mean") for s in per_subject],
-            f"{self.name}_min": [combine_identity_scores(s, "min") for s in per_subject],
-        }
-        components = {k: torch.tensor(v, dtype=torch.float32).reshape(len(per_subject)) for k, v in components.items()}
+        per_frame = self.frame_scores(list(samples), list(prompts), [list(r) for r in refs],
+                                      list(meta) if meta is not None else [{} for _ in samples], warnings)
+        terms = np.array([frame_identity_reward(np.asarray(s, np.float64), self.alpha)
+                          for s in per_frame], np.float64).reshape(len(per_frame), 3)
+        components = {self.name: terms[:, 0], f"{self.name}_mean": terms[:, 1], f"{self.name}_min": terms[:, 2]}
+        components = {k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()}
         return RewardOutput(components[self.name], components, warnings)
 
     def score(self, samples, prompts, refs, meta, warnings) -> Sequence[float]:
-        return [combine_identity_scores(s, self.mode) for s in self.subject_scores(samples, prompts, refs, meta, warnings)]
+        return [frame_identity_reward(np.asarray(s, np.float64), self.alpha)[0]
+                for s in self.frame_scores(samples, prompts, refs, meta, warnings)]

@@ -2,8 +2,13 @@
 
     refs   [R, D]  = embedding of the largest face in each reference image
     dets_f [M_f, D] = embeddings of the faces detected in sampled frame f
-    s_k            = mean_f  hungarian(cosine(refs, dets_f) clipped at 0)[k]     (0 where unmatched)
-    R_face         = 0.5 mean_k s_k + 0.5 min_k s_k                               (mode "mean_min")
+    s_fk           = hungarian(cosine(refs, dets_f) clipped at 0)[k]             (0 where unmatched)
+    R_face         = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk]          (alpha = 0.5)
+
+R_face is ID-Crafter's eq. 7 (alpha weighs the worst subject; Tab. S.7 ablates 0 = mean only to
+1 = min only and keeps 0.5) taken per frame and averaged over the sampled frames (App. A.2, eq.
+S.12: the frame-level rewards averaged over the video). MultiCrafter's image reward uses the same
+Hungarian multi-ID matching (w_id = 0.5 for people, supp. Sec. B); an image is one frame.
 
 A backend only supplies boxes and embeddings; the matching is `idcrafter.rewards.identity`.
 - `DlibFaceBackend`: dlib's HOG detector, 68-point landmarks and its ResNet face descriptor (128-d),
@@ -31,8 +36,8 @@ import numpy as np
 import torch
 
 from idcrafter.rewards.base import register_reward
-from idcrafter.rewards.common import SubjectReward, check_frame_options, check_mode, sample_frames
-from idcrafter.rewards.identity import video_identity_scores
+from idcrafter.rewards.common import SubjectReward, check_alpha, check_frame_options, sample_frames
+from idcrafter.rewards.identity import frame_identity_scores
 from idcrafter.utils.deps import require
 
 __all__ = ["DetectedFaces", "DlibFaceBackend", "FaceBackend", "FaceReward", "InsightFaceBackend", "make_face_backend"]
@@ -196,21 +201,24 @@ def make_face_backend(backend: str | FaceBackend, device: str | torch.device = "
 
 @register_reward("face")
 class FaceReward(SubjectReward):
-    """Multi-ID face reward: per-reference face similarity under Hungarian matching, over sampled frames.
+    """Multi-ID face reward: per-reference face similarity under Hungarian matching, per sampled frame,
+    R = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk] (ID-Crafter eq. 7 and S.12).
 
-    Options: backend ("dlib" | "insightface" | a FaceBackend), mode ("mean_min" | "mean" | "min"),
-    stride / max_frames (frame sampling, see `sample_frames`), clip_min (similarity floor, 0),
-    device, and the backend's own options (dlib: upsample, num_jitters; insightface: root, model_name,
-    det_size, det_thresh). Components: face, face_mean, face_min.
+    Options: backend ("dlib" | "insightface" | a FaceBackend), alpha (weight of the worst subject,
+    0.5; ID-Crafter Tab. S.7: 0 = mean only, 1 = min only), mode (the older name: "mean" = alpha 0,
+    "mean_min" = 0.5, "min" = 1), stride / max_frames (frame sampling, see `sample_frames`), clip_min
+    (similarity floor, 0), device, and the backend's own options (dlib: upsample, num_jitters;
+    insightface: root, model_name, det_size, det_thresh).
+    Components: face, face_mean (mean_f mean_k s_fk), face_min (mean_f min_k s_fk).
     """
 
     name = "face"
 
-    def __init__(self, backend: str | FaceBackend = "dlib", mode: str = "mean_min", stride: int = 1,
-                 max_frames: int | None = 8, clip_min: float = 0.0, device: str | torch.device = "cpu",
-                 **backend_options):
+    def __init__(self, backend: str | FaceBackend = "dlib", alpha: float | None = None, mode: str | None = None,
+                 stride: int = 1, max_frames: int | None = 8, clip_min: float = 0.0,
+                 device: str | torch.device = "cpu", **backend_options):
         super().__init__(device)
-        self.mode = check_mode(self.name, mode)
+        self.alpha = check_alpha(self.name, alpha, mode, default=0.5)
         self.stride, self.max_frames = check_frame_options(self.name, stride, max_frames)
         self.clip_min = float(clip_min)
         self.backend = make_face_backend(backend, device, **backend_options)
@@ -229,9 +237,10 @@ class FaceReward(SubjectReward):
                 self._ref_cache.popitem(last=False)
         return self._ref_cache[key]
 
-    def sample_scores(self, video: np.ndarray, refs: list[np.ndarray], warnings: Counter) -> np.ndarray:
-        """Per-reference scores [R] of one video uint8 [F, H, W, 3]."""
-        scores = np.zeros(len(refs), np.float64)
+    def sample_frame_scores(self, video: np.ndarray, refs: list[np.ndarray], warnings: Counter) -> np.ndarray:
+        """Per-frame, per-reference scores [F, R] of one video uint8 [F, H, W, 3] (F: the sampled frames)."""
+        frames = sample_frames(video, self.stride, self.max_frames)
+        scores = np.zeros((len(frames), len(refs)), np.float64)
         if not refs:
             warnings["no reference images"] += 1
             return scores
@@ -240,15 +249,20 @@ class FaceReward(SubjectReward):
         if len(found) < len(refs):
             warnings["no face in a reference"] += len(refs) - len(found)
         dets = []
-        for frame in sample_frames(video, self.stride, self.max_frames):
+        for frame in frames:
             faces = self.backend.detect(frame)
             if len(faces) == 0:
                 warnings["no face in a frame"] += 1
             dets.append(faces.embeddings)
         if found:
             refs_matrix = np.stack([ref_emb[k] for k in found]).astype(np.float64)
-            scores[found] = video_identity_scores(refs_matrix, dets, self.clip_min)
+            scores[:, found] = frame_identity_scores(refs_matrix, dets, self.clip_min)
         return scores
 
-    def subject_scores(self, samples, prompts, refs, meta, warnings):
-        return [self.sample_scores(video, r, warnings) for video, r in zip(samples, refs)]
+    def sample_scores(self, video: np.ndarray, refs: list[np.ndarray], warnings: Counter) -> np.ndarray:
+        """Per-reference scores [R] of one video, averaged over the sampled frames."""
+        scores = self.sample_frame_scores(video, refs, warnings)
+        return scores.mean(0) if len(scores) else np.zeros(len(refs))
+
+    def frame_scores(self, samples, prompts, refs, meta, warnings):
+        return [self.sample_frame_scores(video, r, warnings) for video, r in zip(samples, refs)]

@@ -8,7 +8,11 @@ detected faces / identities; everything after that lives here and is shared:
     clipped    = max(similarity, clip_min)                   (DESIGN: cosine clipped at 0)
     assignment = linear_sum_assignment(clipped, maximize)    (one detection per reference at most)
     score_k    = clipped[k, assignment(k)], or 0 when reference k is left unmatched (M < R)
-    R_face     = 0.5 mean_k score_k + 0.5 min_k score_k
+    R_frame    = (1 - alpha) mean_k score_k + alpha min_k score_k      (ID-Crafter eq. 7, alpha = 0.5)
+    R          = mean over the sampled frames of R_frame                 (ID-Crafter App. A.2, eq. S.12)
+
+alpha weighs the worst-kept subject: ID-Crafter's Tab. S.7 ablates it from 0.0 ("average only") to
+1.0 ("minimum only") and finds 0.5 best.
 
 Arrays may be numpy arrays or torch tensors; each function returns the kind it was given. The
 assignment is solved on the CPU in float64 (scipy); torch scores are gathered from the input
@@ -26,12 +30,15 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "COMBINE_MODES",
+    "MODE_ALPHA",
     "combine_identity_scores",
     "cosine_similarity_matrix",
+    "frame_identity_reward",
     "frame_identity_scores",
     "hungarian_assignment",
     "hungarian_identity_reward",
     "hungarian_identity_scores",
+    "mean_min_score",
     "video_identity_scores",
 ]
 
@@ -39,6 +46,8 @@ Array = Union[np.ndarray, torch.Tensor]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 COMBINE_MODES = ("mean", "min", "mean_min")
+# The named modes as the weight alpha of the min term: R = (1 - alpha) mean_k + alpha min_k.
+MODE_ALPHA = {"mean": 0.0, "min": 1.0, "mean_min": 0.5}
 
 
 def _to_numpy64(x: Array | Sequence[float]) -> np.ndarray:
@@ -144,24 +153,59 @@ def hungarian_identity_scores(similarity: ArrayT, clip_min: float | None = 0.0) 
     return scores
 
 
-def combine_identity_scores(scores: Array | Sequence[float], mode: str = "mean_min") -> float:
-    """Collapse per-reference scores [R] into one reward.
-
-    "mean": mean_k s_k; "min": min_k s_k (the worst-kept identity); "mean_min":
-    0.5 mean_k s_k + 0.5 min_k s_k (DESIGN 7, R_face). No references -> 0.0.
-    """
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"mode must be one of {COMBINE_MODES}, got {mode!r}")
+def mean_min_score(scores: Array | Sequence[float], alpha: float = 0.5) -> float:
+    """(1 - alpha) mean_k s_k + alpha min_k s_k of per-reference scores [R] (ID-Crafter eq. 7; alpha
+    weighs the worst subject: 0 = mean only, 1 = min only, 0.5 the paper's choice). No references -> 0.0."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     s = _to_numpy64(scores)
     if s.ndim != 1:
         raise ValueError(f"scores must be 1-D [R], got shape {s.shape}")
     if s.size == 0:
         return 0.0
-    if mode == "mean":
+    if alpha == 0.0:
         return float(s.mean())
-    if mode == "min":
+    if alpha == 1.0:
         return float(s.min())
-    return float(0.5 * s.mean() + 0.5 * s.min())
+    return float((1.0 - alpha) * s.mean() + alpha * s.min())
+
+
+def combine_identity_scores(scores: Array | Sequence[float], mode: str = "mean_min") -> float:
+    """Collapse per-reference scores [R] into one reward.
+
+    "mean": mean_k s_k; "min": min_k s_k (the worst-kept identity); "mean_min":
+    0.5 mean_k s_k + 0.5 min_k s_k (DESIGN 7, R_face). No references -> 0.0.
+    `mean_min_score` takes the weight itself (alpha; these modes are alpha 0, 1 and 0.5).
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"mode must be one of {COMBINE_MODES}, got {mode!r}")
+    return mean_min_score(scores, MODE_ALPHA[mode])
+
+
+def frame_identity_reward(per_frame: Array, alpha: float = 0.5) -> tuple[float, float, float]:
+    """The frame-level identity reward averaged over a video (ID-Crafter App. A.2, eq. S.12).
+
+    per_frame: [F, R] per-frame, per-reference scores (`frame_identity_scores`) -> (reward, mean term,
+    min term) with reward = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk]
+                          = (1 - alpha) mean term + alpha min term,
+    mean term = mean_f mean_k s_fk and min term = mean_f min_k s_fk (the worst subject of each frame,
+    averaged). No frames or no references -> zeros. For a still image (F = 1) this is `mean_min_score`.
+    """
+    s = _to_numpy64(per_frame)
+    if s.ndim != 2:
+        raise ValueError(f"per_frame must be 2-D [F, R], got shape {s.shape}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if s.size == 0:
+        return 0.0, 0.0, 0.0
+    mean_term, min_term = float(s.mean(1).mean()), float(s.min(1).mean())
+    if alpha == 0.0:
+        return mean_term, mean_term, min_term
+    if alpha == 1.0:
+        return min_term, mean_term, min_term
+    return (1.0 - alpha) * mean_term + alpha * min_term, mean_term, min_term
 
 
 def _like_refs(dets: Array | None, refs: Array) -> Array | None:
@@ -234,10 +278,12 @@ def hungarian_identity_reward(
     mode: str = "mean_min",
     clip_min: float | None = 0.0,
 ) -> float:
-    """The multi-ID reward: frame-averaged per-reference scores, then combined across references.
+    """A clip-level identity score: frame-averaged per-reference scores, then combined across references.
 
     ref_embeddings: [R, D]; frame_detections: F entries of [M_f, D] (a still image is F = 1).
     Averages over frames first and takes the min across references after, so "min" is the worst
-    identity over the whole clip rather than the worst identity of each frame.
+    identity over the whole clip rather than the worst identity of each frame. The RL rewards
+    (`face`, `nexus`, `object`, `toyid`) instead average the frame-level reward
+    (`frame_identity_reward`, ID-Crafter eq. S.12); both agree on a still image.
     """
     return combine_identity_scores(video_identity_scores(ref_embeddings, frame_detections, clip_min), mode)

@@ -5,14 +5,16 @@ box per subject is cropped and embedded with CLIP or DINOv2, and compared with t
 
     text      = "cat. dog."                                 (the sample's categories, deduplicated)
     p[q, c]   = max over the tokens of category c of sigmoid(logits[q, token])     (query q)
-    boxes_c   = the n_c highest-p queries with p >= box_threshold, greedy IoU <= nms_iou
-                (n_c = how many subjects have category c: one box each)
-    s_k       = mean_f  hungarian(cosine(ref_k, crops_c,f) clipped at 0)[k]   (0 where no box)
-    Nexus     = mean_k s_k                                   (mode "mean"; "min", "mean_min")
+    boxes_c   = the n_c + extra highest-p queries with p >= box_threshold, greedy IoU <= nms_iou
+                (n_c = how many subjects have category c; NexusScore: extra = 0, one box each)
+    s_fk      = hungarian(cosine(ref_k, crops_c,f) clipped at 0)[k]    (refs and boxes of category c;
+                0 where no box)
+    Nexus     = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk]    (alpha 0: the mean over subjects)
 
 With one subject per category this is "the best box per subject"; subjects sharing a category
 (two people) get distinct boxes by the same Hungarian matching as the face reward. A subject with
-no box in a frame scores 0 there and is counted in the warnings.
+no box in a frame scores 0 there and is counted in the warnings. `GroundedSubjectReward` holds all
+of this; the `object` reward (`idcrafter.rewards.objects`) is the same with candidate boxes.
 
 Not implemented: the optional SAM mask of the original NexusScore (crops are boxes, not masked).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +32,20 @@ from idcrafter.rewards.base import register_reward
 from idcrafter.rewards.clip import make_image_embedder
 from idcrafter.rewards.common import (
     SubjectReward,
+    check_alpha,
     check_frame_options,
-    check_mode,
     model_dtype,
     require_path,
     sample_frames,
 )
-from idcrafter.rewards.identity import video_identity_scores
+from idcrafter.rewards.identity import (
+    cosine_similarity_matrix,
+    hungarian_assignment,
+    hungarian_identity_scores,
+)
 
-__all__ = ["GroundingDINODetector", "NexusReward", "box_iou", "crop_box", "grounding_text", "pixel_boxes"]
+__all__ = ["GroundedSubjectReward", "GroundingDINODetector", "NexusReward", "SubjectMatches", "box_iou", "crop_box",
+           "grounding_text", "pixel_boxes"]
 
 
 def grounding_text(categories: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -145,59 +153,101 @@ class GroundingDINODetector:
         return result
 
 
+@dataclass
+class SubjectMatches:
+    """The matching of one video: scores float64 [F, R] (0 where unmatched) and boxes int64 [F, R, 4]
+    (x0, y0, x1, y1) of the detection each reference took in each sampled frame (-1 where none)."""
+
+    scores: np.ndarray
+    boxes: np.ndarray
+
+
+class GroundedSubjectReward(SubjectReward):
+    """Subjects found by their category word with Grounding-DINO, embedded crops matched to the references.
+
+    Per sampled frame and category c: up to n_c + `extra_boxes` boxes (n_c = the references of
+    category c), every box cropped and embedded, then the references of c matched to the crops of c
+    by the Hungarian assignment of the face reward (cosine clipped at `clip_min`); a reference left
+    without a box scores 0 there. R = mean_f [(1 - alpha) mean_k s_fk + alpha min_k s_fk].
+    """
+
+    extra_boxes: int = 0
+
+    def __init__(self, path=None, embedder: str = "clip", embedder_path=None, box_threshold: float = 0.35,
+                 nms_iou: float = 0.5, alpha: float | None = None, mode: str | None = None, default_alpha: float = 0.0,
+                 extra_boxes: int = 0, clip_min: float = 0.0, stride: int = 1, max_frames: int | None = 8,
+                 device: str | torch.device = "cpu", dtype=None):
+        super().__init__(device)
+        self.detector = GroundingDINODetector(path, device, dtype, box_threshold, nms_iou, reward=self.name)
+        self.embedder = make_image_embedder(embedder, embedder_path, device, dtype, reward=self.name)
+        self.alpha = check_alpha(self.name, alpha, mode, default=default_alpha)
+        try:
+            self.extra_boxes, self.clip_min = int(extra_boxes), float(clip_min)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward {self.name!r}: extra_boxes must be an integer and clip_min a number, "
+                             f"got {extra_boxes!r}, {clip_min!r}") from None
+        if self.extra_boxes < 0:
+            raise ValueError(f"reward {self.name!r}: extra_boxes must be >= 0, got {extra_boxes}")
+        self.stride, self.max_frames = check_frame_options(self.name, stride, max_frames)
+
+    def categories(self, meta: dict, count: int) -> list[str]:
+        """meta["categories"] (one per reference, lower-cased) or, when absent or empty, "object" for each."""
+        cats = meta.get("categories") if meta else None
+        if cats is None or (not isinstance(cats, str) and len(cats) == 0):
+            return ["object"] * count
+        if isinstance(cats, str) or len(cats) != count:
+            raise ValueError(f"reward {self.name!r}: meta['categories'] must list one word per reference ({count}), "
+                             f"got {cats!r}")
+        return [" ".join(str(c).lower().split()).rstrip(".") or "object" for c in cats]
+
+    def match(self, video: np.ndarray, refs: list[np.ndarray], meta: dict, warnings: Counter) -> SubjectMatches:
+        """Detect, crop, embed and match the subjects of one video uint8 [F, H, W, 3] (see the class doc)."""
+        frames = list(sample_frames(video, self.stride, self.max_frames))
+        scores = np.zeros((len(frames), len(refs)), np.float64)
+        boxes = np.full((len(frames), len(refs), 4), -1, np.int64)
+        if not refs:
+            warnings["no reference images"] += 1
+            return SubjectMatches(scores, boxes)
+        cats = self.categories(meta, len(refs))
+        counts = Counter(cats)
+        detections = self.detector.detect(frames, {c: n + self.extra_boxes for c, n in counts.items()})
+        crops = [(f, c, b) for f, found in enumerate(detections) for c, (bs, _) in found.items() for b in bs]
+        emb = self.embedder.images(list(refs) + [crop_box(frames[f], b) for f, _, b in crops])
+        ref_emb, crop_emb = emb[: len(refs)], emb[len(refs):]
+        for category in counts:
+            members = [k for k, c in enumerate(cats) if c == category]
+            for f in range(len(frames)):
+                rows = [i for i, (g, c, _) in enumerate(crops) if g == f and c == category]
+                if len(rows) < len(members):
+                    warnings["no detection of a subject in a frame"] += len(members) - len(rows)
+                if not rows:
+                    continue
+                sim = cosine_similarity_matrix(ref_emb[members].double(), crop_emb[rows].double()).numpy()
+                scores[f, members] = hungarian_identity_scores(sim, self.clip_min)
+                for k, j in zip(members, hungarian_assignment(sim, self.clip_min)):
+                    if j is not None:
+                        boxes[f, k] = crops[rows[j]][2]
+        return SubjectMatches(scores, boxes)
+
+    def frame_scores(self, samples, prompts, refs, meta, warnings):
+        return [self.match(v, r, m, warnings).scores for v, r, m in zip(samples, refs, meta)]
+
+
 @register_reward("nexus")
-class NexusReward(SubjectReward):
+class NexusReward(GroundedSubjectReward):
     """NexusScore: Grounding-DINO box per subject (by meta["categories"], default "object"), crop
-    vs reference cosine with CLIP or DINOv2, averaged over sampled frames.
+    vs reference cosine with CLIP or DINOv2, averaged over subjects and sampled frames.
 
     Options: path (Grounding-DINO folder), embedder ("clip" | "dino"), embedder_path (its folder),
-    box_threshold (0.35), nms_iou (0.5), mode ("mean" | "min" | "mean_min"), stride, max_frames,
-    device, dtype. Components: nexus, nexus_mean, nexus_min.
+    box_threshold (0.35), nms_iou (0.5), alpha (weight of the worst subject, 0: the mean; as `face`),
+    mode (the older name: "mean" | "min" | "mean_min"), stride, max_frames, device, dtype.
+    Components: nexus, nexus_mean, nexus_min.
     """
 
     name = "nexus"
 
     def __init__(self, path=None, embedder: str = "clip", embedder_path=None, box_threshold: float = 0.35,
-                 nms_iou: float = 0.5, mode: str = "mean", stride: int = 1, max_frames: int | None = 8,
-                 device: str | torch.device = "cpu", dtype=None):
-        super().__init__(device)
-        self.detector = GroundingDINODetector(path, device, dtype, box_threshold, nms_iou, reward=self.name)
-        self.embedder = make_image_embedder(embedder, embedder_path, device, dtype, reward=self.name)
-        self.mode = check_mode(self.name, mode)
-        self.stride, self.max_frames = check_frame_options(self.name, stride, max_frames)
-
-    @staticmethod
-    def categories(meta: dict, count: int) -> list[str]:
-        """meta["categories"] (one per reference, lower-cased) or "object" for each."""
-        cats = meta.get("categories") if meta else None
-        if cats is None:
-            return ["object"] * count
-        if isinstance(cats, str) or len(cats) != count:
-            raise ValueError(f"reward 'nexus': meta['categories'] must list one word per reference ({count}), got {cats!r}")
-        return [" ".join(str(c).lower().split()).rstrip(".") or "object" for c in cats]
-
-    def sample_scores(self, video: np.ndarray, refs: list[np.ndarray], meta: dict, warnings: Counter) -> np.ndarray:
-        scores = np.zeros(len(refs), np.float64)
-        if not refs:
-            warnings["no reference images"] += 1
-            return scores
-        cats = self.categories(meta, len(refs))
-        frames = list(sample_frames(video, self.stride, self.max_frames))
-        detections = self.detector.detect(frames, dict(Counter(cats)))
-        crops = [(f, c, crop_box(frames[f], b)) for f, found in enumerate(detections)
-                 for c, (boxes, _) in found.items() for b in boxes]
-        emb = self.embedder.images([r for r in refs] + [crop for _, _, crop in crops])
-        ref_emb, crop_emb = emb[: len(refs)], emb[len(refs):]
-        for category in dict.fromkeys(cats):
-            members = [k for k, c in enumerate(cats) if c == category]
-            per_frame = []
-            for f in range(len(frames)):
-                rows = [i for i, (g, c, _) in enumerate(crops) if g == f and c == category]
-                if len(rows) < len(members):
-                    warnings["no detection of a subject in a frame"] += len(members) - len(rows)
-                per_frame.append(crop_emb[rows] if rows else None)
-            scores[members] = video_identity_scores(ref_emb[members], per_frame).numpy()
-        return scores
-
-    def subject_scores(self, samples, prompts, refs, meta, warnings):
-        return [self.sample_scores(v, r, m, warnings) for v, r, m in zip(samples, refs, meta)]
+                 nms_iou: float = 0.5, alpha: float | None = None, mode: str | None = None, stride: int = 1,
+                 max_frames: int | None = 8, device: str | torch.device = "cpu", dtype=None):
+        super().__init__(path, embedder, embedder_path, box_threshold, nms_iou, alpha, mode, default_alpha=0.0,
+                         extra_boxes=0, stride=stride, max_frames=max_frames, device=device, dtype=dtype)

@@ -4,6 +4,6 @@ Each scorer module imports its heavy backend (dlib, insightface, transformers mo
 its model first loads, so registering them all is cheap.
 """
 
-from idcrafter.rewards import clip, faces, natural, nexus, toyid  # noqa: F401
+from idcrafter.rewards import clip, faces, hps, natural, nexus, objects, toyid  # noqa: F401
 
-__all__ = ["clip", "faces", "natural", "nexus", "toyid"]
+__all__ = ["clip", "faces", "hps", "natural", "nexus", "objects", "toyid"]

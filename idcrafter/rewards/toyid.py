@@ -16,12 +16,12 @@ import idcrafter
 from idcrafter.rewards.base import register_reward
 from idcrafter.rewards.common import (
     SubjectReward,
+    check_alpha,
     check_frame_options,
-    check_mode,
     require_path,
     sample_frames,
 )
-from idcrafter.rewards.identity import video_identity_scores
+from idcrafter.rewards.identity import frame_identity_scores
 
 __all__ = ["DEFAULT_TOYID_PATH", "ToyIDReward"]
 
@@ -32,13 +32,14 @@ DEFAULT_TOYID_PATH = Path(idcrafter.__file__).resolve().parent / "assets" / "toy
 @register_reward("toyid")
 class ToyIDReward(SubjectReward):
     """Options: path (a folder saved by `ToyIDEmbedder.save`; default: the committed toy-world one),
-    mode ("mean" by default | "min" | "mean_min"), stride, max_frames (None: every frame), device.
-    Components: toyid, toyid_mean, toyid_min."""
+    alpha (weight of the worst subject per frame, 0: the mean over subjects; as `face`), mode (the
+    older name: "mean" | "min" | "mean_min"), stride, max_frames (None: every frame), device.
+    Components: toyid, toyid_mean, toyid_min (per-frame mean / min over subjects, averaged)."""
 
     name = "toyid"
 
-    def __init__(self, path: str | Path | None = None, mode: str = "mean", stride: int = 1,
-                 max_frames: int | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | Path | None = None, alpha: float | None = None, mode: str | None = None,
+                 stride: int = 1, max_frames: int | None = None, device: str | torch.device = "cpu"):
         super().__init__(device)
         if path is None and not (DEFAULT_TOYID_PATH / "toyid.json").is_file():
             raise ValueError(f"reward 'toyid': no path given and the default {DEFAULT_TOYID_PATH} is missing; "
@@ -46,7 +47,7 @@ class ToyIDReward(SubjectReward):
         self.path = require_path(self.name, path or DEFAULT_TOYID_PATH, "a folder saved by ToyIDEmbedder.save")
         if not (self.path / "toyid.json").is_file():
             raise ValueError(f"reward 'toyid': path={str(self.path)!r} has no toyid.json (save it with ToyIDEmbedder.save)")
-        self.mode = check_mode(self.name, mode)
+        self.alpha = check_alpha(self.name, alpha, mode, default=0.0)
         self.stride, self.max_frames = check_frame_options(self.name, stride, max_frames)
         self.scorer = None
 
@@ -58,17 +59,19 @@ class ToyIDReward(SubjectReward):
             self.scorer = ToyIDScorer(ToyIDEmbedder.load(self.path), self.device)
         return self.scorer
 
-    def sample_scores(self, video: np.ndarray, refs: list[np.ndarray], warnings: Counter) -> np.ndarray:
-        """Per-reference scores [R] of one video: `ToyIDScorer.subject_scores` plus warning counts."""
+    def sample_frame_scores(self, video: np.ndarray, refs: list[np.ndarray], warnings: Counter) -> np.ndarray:
+        """Per-frame, per-reference scores [F, R] of one video (their frame mean is
+        `ToyIDScorer.subject_scores`), plus warning counts."""
         scorer = self.load()
+        frames = sample_frames(video, self.stride, self.max_frames)
         if not refs:
             warnings["no reference images"] += 1
-            return np.zeros(0)
-        dets = [scorer.frame_embeddings(f) for f in sample_frames(video, self.stride, self.max_frames)]
+            return np.zeros((len(frames), 0))
+        dets = [scorer.frame_embeddings(f) for f in frames]
         empty = sum(len(d) == 0 for d in dets)
         if empty:
             warnings["no sprite in a frame"] += empty
-        return video_identity_scores(scorer.reference_embeddings(refs), dets).numpy()
+        return frame_identity_scores(scorer.reference_embeddings(refs), dets).numpy()
 
-    def subject_scores(self, samples, prompts, refs, meta, warnings):
-        return [self.sample_scores(video, r, warnings) for video, r in zip(samples, refs)]
+    def frame_scores(self, samples, prompts, refs, meta, warnings):
+        return [self.sample_frame_scores(video, r, warnings) for video, r in zip(samples, refs)]
