@@ -6,6 +6,11 @@
         --max-steps 20000 --lr 1e-5 --attn-loss-weight 0.3 --gradient-checkpointing --resume auto
     deepspeed --hostfile hosts.txt scripts/train_video.py ...        # many nodes
 
+With --vlm QWEN_DIR (a Qwen2.5-VL folder) the VLM semantic encoder trains as well (ID-Crafter
+Sec. 3.2): the frozen VLM reads each sample's prompt and references on every rank (or its states
+come from a feature cache built with the same --vlm), and the connector joins the adapter, which
+records the VLM folder for inference and RL.
+
 Without --base the preset's transformer starts from random weights (tests, toy models). Writes
 OUTPUT/checkpoints (DeepSpeed, for --resume), OUTPUT/adapter (for inference), OUTPUT/tensorboard,
 OUTPUT/metrics.jsonl, OUTPUT/training.png and OUTPUT/summary.json.
@@ -32,6 +37,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter folder to start from")
     p.add_argument("--data", required=True, help="JSONL manifest")
     p.add_argument("--cache", default=None, help="feature cache folder (idcrafter.data.cache) to read encodings from")
+    p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder: train with the VLM semantic encoder "
+                   "(default: the adapter's recorded VLM when the adapter has one)")
     add_run_arguments(p)
     p.add_argument("--trainable", default="new-modules", choices=("new-modules", "new-modules+lora", "full"))
     p.add_argument("--lora-rank", type=integer(1, 4096), default=64)
@@ -57,7 +64,7 @@ def validate(args) -> list:
     from idcrafter.utils.cli import check_input_dir, parse_size
     from idcrafter.utils.folders import check_model_folder
     from idcrafter.video.config import PRESETS, IDCrafterConfig
-    from idcrafter.video.infer import model_limits, read_adapter
+    from idcrafter.video.infer import check_vlm, model_limits, read_adapter, vlm_hidden_size, vlm_identity
 
     if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
@@ -70,6 +77,29 @@ def validate(args) -> list:
         config = read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
     else:
         config = IDCrafterConfig.from_preset(args.preset or "tiny")
+    if args.vlm is not None:
+        size = vlm_hidden_size(args.vlm)
+        if config.use_vlm and config.vlm_dim != size:
+            raise InputError(f"--vlm {args.vlm}: hidden size {size}, but --adapter {args.adapter}'s VLM connector "
+                             f"reads {config.vlm_dim} (it was trained with another VLM)")
+    elif config.use_vlm:  # an adapter with a connector keeps training it, on the VLM it recorded
+        args.vlm = check_vlm(None, config, args.adapter, args.base)
+    if args.vlm is not None and (args.hierarchy or config.hierarchy) == "plain":
+        raise InputError("--vlm: the plain ablation has no cross-modal attention to read VLM tokens")
+    if args.cache is not None:
+        from idcrafter.data.cache import stored_encoders
+
+        encoders = stored_encoders(args.cache)
+        have, want = (encoders or {}).get("vlm"), vlm_identity(args.vlm) if args.vlm else None
+        if encoders is not None and have != want:
+            if have is None:
+                raise InputError(f"--cache {args.cache} holds no VLM states (built without --vlm); rebuild it with "
+                                 f"scripts/cache_features.py --vlm {args.vlm}")
+            if want is None:
+                raise InputError(f"--cache {args.cache} holds the VLM states of {have}: pass --vlm {have}, or use a "
+                                 "cache built without --vlm")
+            raise InputError(f"--cache {args.cache} holds the VLM states of {have}, not of --vlm {want}; rebuild it "
+                             "with this --vlm")
     frames = args.frames if args.frames is not None else config.num_frames
     if (frames - 1) % 4:
         raise InputError(f"--frames {frames}: must be 4n+1")
@@ -90,7 +120,8 @@ def main(argv=None) -> int:
         spec = VideoTrainingSpec(
             VideoModelArgs(preset=args.preset or "tiny", base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
                            attn_loss_weight=args.attn_loss_weight, init_seed=args.seed,
-                           drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy),
+                           drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy,
+                           vlm=args.vlm),
             VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width,
                           cache=args.cache),
             policy=args.trainable, samples=samples,

@@ -8,9 +8,13 @@ Layout of a cache folder:
     shard-<writer>-00000.safetensors
 
 Typical keys: `latents` (VAE latents of the clip [C, t, h, w]), `ref_latents` ([N, C, 1, h', w']),
-`text_states`, `vlm_states` / `vlm_mask`. The `fingerprint` (see `cache_fingerprint`) records the
-settings the features were made with; opening a cache with a different fingerprint is refused, so
-latents made at another frame count, bucket set or encoder are never trained on by mistake.
+`text_states`, and with a VLM its states [L, D] and masks [L] of the three inputs training's
+condition dropout needs: `vlm_states` / `vlm_mask` (prompt and references), `vlm_ref_states` /
+`vlm_ref_mask` (references, empty prompt) and `vlm_text_states` / `vlm_text_mask` (prompt, no
+images). The `fingerprint` (see `cache_fingerprint`) records the settings the features were made
+with; opening a cache with a different fingerprint is refused, so latents made at another frame
+count, bucket set or encoder are never trained on by mistake. `stored_encoders` reads a folder's
+record without torch, for checks before anything loads.
 
 Writes are atomic: a shard is renamed into place before the index that names it, and the index
 is replaced by rename, so a crash leaves at worst an unreferenced shard, never a dangling index.
@@ -23,20 +27,22 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from idcrafter.data.buckets import Bucket
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
 
-__all__ = ["CACHE_KEYS", "CacheMismatchError", "FeatureCache", "build_cache", "cache_fingerprint"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CACHE_KEYS", "CacheMismatchError", "FeatureCache", "build_cache", "cache_fingerprint", "stored_encoders"]
 
 logger = get_logger(__name__)
 
-CACHE_KEYS = ("latents", "ref_latents", "text_states", "text_mask", "vlm_states", "vlm_mask")
+CACHE_KEYS = ("latents", "ref_latents", "text_states", "text_mask", "vlm_states", "vlm_mask", "vlm_ref_states",
+              "vlm_ref_mask", "vlm_text_states", "vlm_text_mask")
 FORMAT = "idcrafter-feature-cache"
 VERSION = 1
 _WRITER = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -67,6 +73,20 @@ def cache_fingerprint(
         **extra,
     }
     return json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stored_encoders(folder: str | os.PathLike) -> dict | None:
+    """The `encoders` record of the fingerprint a cache folder was built with, or None when the
+    folder holds no index yet. Reads JSON only (no torch), so scripts check it before loading."""
+    for path in FeatureCache.index_files(Path(folder)):
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(index["fingerprint"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"feature cache index {path} cannot be read ({err.__class__.__name__}: {err})") from None
+        encoders = record.get("encoders") if isinstance(record, dict) else None
+        return dict(encoders) if isinstance(encoders, dict) else {}
+    return None
 
 
 class FeatureCache:
@@ -106,10 +126,14 @@ class FeatureCache:
     def index_path(self) -> Path:
         return self.folder / ("index.json" if self.writer is None else f"index-{self.writer}.json")
 
-    def _index_files(self) -> list[Path]:
-        if not self.folder.is_dir():
+    @staticmethod
+    def index_files(folder: Path) -> list[Path]:
+        if not folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if re.fullmatch(r"index(-[A-Za-z0-9_.-]+)?\.json", p.name))
+        return sorted(p for p in folder.iterdir() if re.fullmatch(r"index(-[A-Za-z0-9_.-]+)?\.json", p.name))
+
+    def _index_files(self) -> list[Path]:
+        return self.index_files(self.folder)
 
     def reload(self) -> None:
         """Re-read every index in the folder (e.g. after other writers finished)."""
@@ -155,6 +179,8 @@ class FeatureCache:
             raise ValueError(f"FeatureCache({self.folder}): give a fingerprint before writing to a new cache")
         if not isinstance(sample_id, str) or not sample_id:
             raise ValueError(f"sample id must be a non-empty string, got {sample_id!r}")
+        import torch
+
         stored = {}
         for key, value in tensors.items():
             if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -247,6 +273,7 @@ def build_cache(
     Samples already in the cache are skipped without decoding when `skip_existing`, so an
     interrupted build resumes. Returns counts: written, existing, failed.
     """
+    import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 

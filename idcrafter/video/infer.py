@@ -24,6 +24,7 @@ from idcrafter.utils.cli import (
     check_output_file,
     check_preset,
     parse_size,
+    path_problem,
 )
 from idcrafter.utils.media import VIDEO_CODECS, load_rgb, read_video, video_suffix_problem
 from idcrafter.video.config import (
@@ -126,15 +127,79 @@ def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str
     return config
 
 
-def check_vlm(vlm: str | None, config: IDCrafterConfig) -> None:
-    """--vlm exactly when the model was trained with the VLM encoder: without it such a model runs
-    without its semantic tokens, and with it a model trained without one would ignore it."""
+def vlm_hidden_size(folder: str | Path, flag: str = "--vlm") -> int:
+    """D_vlm of a Qwen2.5-VL folder, read from its config.json (`text_config.hidden_size`; older
+    checkpoints keep it at the top level), with its safetensors files checked whole. InputError
+    naming `flag` for a folder that is not a Qwen2.5-VL model. Reads JSON and file headers only."""
+    from idcrafter.utils.folders import check_safetensors, read_json_object
+
+    folder = check_input_dir(folder, flag)
+    problem = path_problem(folder / "config.json")
+    if problem:
+        raise InputError(f"{flag} {folder}: not a Qwen2.5-VL model folder (config.json {problem})")
+    data = read_json_object(folder / "config.json", f"{flag} {folder}")
+    if data.get("model_type") != "qwen2_5_vl":
+        raise InputError(f"{flag} {folder}: config.json is for model_type {data.get('model_type')!r}, "
+                         "not a Qwen2.5-VL model (qwen2_5_vl)")
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+    size = text.get("hidden_size", data.get("hidden_size"))
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InputError(f"{flag} {folder}: config.json gives no hidden size (text_config.hidden_size)")
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights, flag)
+    return size
+
+
+def vlm_identity(folder: str | Path) -> str:
+    """What adapters and feature caches record of a VLM folder: its absolute path."""
+    return str(Path(folder).resolve())
+
+
+def recorded_vlm(adapter: str | Path | None) -> str | None:
+    """The VLM folder an adapter was trained with (`vlm_folder` in its JSON metadata), or None."""
+    if adapter is None or not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        meta = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_adapter has already named a broken file
+    folder = meta.get("vlm_folder") if isinstance(meta, dict) else None
+    return folder if isinstance(folder, str) and folder else None
+
+
+def check_vlm(vlm: str | None, config: IDCrafterConfig, adapter: str | Path | None = None,
+              base: str | Path | None = None) -> str | None:
+    """The VLM folder a run uses, or None for a model trained without the VLM encoder.
+
+    --vlm exactly when the model was trained with the VLM encoder: without it such a model would run
+    without its semantic tokens, and with it a model trained without one would ignore it. Without
+    --vlm, a VLM model uses the folder its adapter recorded at training (`adapter`, else
+    `base`/idcrafter_adapter) when that folder exists. The folder's hidden size must be the one the
+    adapter's connector reads. InputError (one line) otherwise; reads JSON and file headers only.
+    """
     if vlm is not None:
         check_input_dir(vlm, "--vlm")
         if not config.use_vlm:
             raise InputError(f"--vlm {vlm}: this model was trained without the VLM encoder; leave --vlm out")
-    elif config.use_vlm:
-        raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+        folder, flag = Path(vlm), "--vlm"
+    elif not config.use_vlm:
+        return None
+    else:
+        if adapter is None and base is not None and (Path(base) / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
+            adapter = Path(base) / ADAPTER_SUBFOLDER
+        recorded = recorded_vlm(adapter)
+        if recorded is None:
+            raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
+        problem = path_problem(recorded, "folder")
+        if problem:
+            raise InputError(f"this model was trained with the VLM encoder {recorded}, which {problem} here: "
+                             "pass --vlm (a Qwen2.5-VL folder)")
+        folder, flag = Path(recorded), "the adapter's VLM folder"
+    size = vlm_hidden_size(folder, flag)
+    if size != config.vlm_dim:
+        raise InputError(f"{flag} {folder}: hidden size {size}, but this model's VLM connector reads "
+                         f"{config.vlm_dim} (it was trained with another VLM)")
+    return str(folder)
 
 
 def model_config(req: InferenceRequest) -> IDCrafterConfig:
@@ -179,7 +244,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
     config = model_config(req)
     if len(req.refs) > config.max_subjects:
         raise InputError(f"--refs: {len(req.refs)} references, this model supports at most {config.max_subjects}")
-    check_vlm(req.vlm, config)
+    vlm = check_vlm(req.vlm, config, req.adapter, req.model)
     for ref in req.refs:
         load_rgb(ref)
     height, width = parse_size(req.size, multiple=16) if req.size else (config.height, config.width)
@@ -204,7 +269,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         model=req.model or f"{DEFAULT_MODEL} ({config.preset})",
         adapter=str(req.adapter) if req.adapter else None,
         height=height, width=width, frames=frames, steps=steps, fps=config.fps, **guidance,
-        max_subjects=config.max_subjects, num_blocks=config.num_blocks,
+        max_subjects=config.max_subjects, num_blocks=config.num_blocks, vlm=vlm,
     )
     return config
 
@@ -223,15 +288,22 @@ def load_pipeline(req: InferenceRequest):
     from idcrafter.video.pipeline import IDCrafterPipeline
 
     dtype = getattr(torch, req.dtype)
+    vlm = req.resolved.get("vlm", req.vlm)  # validate() resolves it: --vlm, or the adapter's recorded folder
     if req.model is None:
         pipe = default_pipeline(req.preset, adapter=req.adapter)
+        if vlm is not None:
+            from idcrafter.video.vlm import VLMSemanticEncoder
+
+            pipe.register_modules(vlm=VLMSemanticEncoder.from_pretrained(vlm, dtype=dtype))
     else:
-        pipe = IDCrafterPipeline.from_pretrained(req.model, adapter=req.adapter, torch_dtype=dtype, vlm=req.vlm)
+        pipe = IDCrafterPipeline.from_pretrained(req.model, adapter=req.adapter, torch_dtype=dtype, vlm=vlm)
     pipe.transformer.to(dtype)
     pipe.enable_cpu_offload(req.cpu_offload)
     if not req.cpu_offload:
         pipe.to(req.device)
         pipe.transformer.to(req.device)
+        if pipe.vlm is not None:  # not an nn.Module, so pipe.to leaves it where it loaded
+            pipe.vlm.to(req.device)
     return pipe
 
 

@@ -7,6 +7,14 @@ Flow-matching Euler sampling with the Wan shift and three-pass guidance (DESIGN 
 v_uncond sees neither subjects nor the prompt (the negative prompt stands in for text), v_ref sees
 the subjects only, v_ref_txt both. The subject stream (stages 1-2 and stage-3 keys/values) and the
 text/VLM conditioning are computed once per call and reused by every step and pass.
+
+With the VLM encoder (ID-Crafter Sec. 3.2), each pass's VLM tokens come from exactly what that pass
+conditions on, the same inputs training's condition dropout gives the VLM
+(`VideoTrainingSpec.vlm_conditions`):
+    v_uncond   no VLM token: no subject, no prompt (its stage 3 has no key and adds nothing)
+    v_ref      VLM(references, empty prompt)
+    v_ref_txt  VLM(references, prompt)
+and without references the text pass reads VLM(prompt, no images), the negative pass nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
-from idcrafter.video.attention import SubjectStream
+from idcrafter.video.attention import LayerKV, SubjectStream
 from idcrafter.video.config import ADAPTER_SUBFOLDER, IDCrafterConfig, VideoLimits, vae_scale_factors
 from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer, to_velocity
 
@@ -39,6 +47,26 @@ def load_vae(folder: Path):
 
         return PixelUnshuffleCodec.from_pretrained(folder)
     return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def concat_streams(streams: Sequence[SubjectStream]) -> SubjectStream:
+    """The rows of several streams of the same references as one batch. Key sequences of different
+    lengths (VLM tokens of different prompts) are right-padded with masked keys."""
+    kv = []
+    for layers in zip(*(s.kv for s in streams)):
+        axis = layers[0].k.ndim - 2  # the key axis: k [B, H, L, Dh]; the plain ablation's tokens [B, L, D]
+        length = max(layer.k.shape[axis] for layer in layers)
+        ks, vs, keeps = [], [], []
+        for layer in layers:
+            b, n = layer.k.shape[0], layer.k.shape[axis]
+            keep = layer.keep if layer.keep is not None else torch.ones(b, n, dtype=torch.bool, device=layer.k.device)
+            pad = [0, 0] * (layer.k.ndim - 1 - axis) + [0, length - n]
+            ks.append(torch.nn.functional.pad(layer.k, pad))
+            vs.append(None if layer.v is None else torch.nn.functional.pad(layer.v, pad))
+            keeps.append(torch.nn.functional.pad(keep, (0, length - n), value=False))
+        kv.append(LayerKV(torch.cat(ks), None if vs[0] is None else torch.cat(vs), torch.cat(keeps)))
+    first = streams[0]
+    return SubjectStream(kv, first.ref_ranges, torch.cat([s.subject_mask for s in streams]), first.captures)
 
 
 @dataclass
@@ -106,6 +134,7 @@ class IDCrafterPipeline(DiffusionPipeline):
             from idcrafter.video.vlm import VLMSemanticEncoder
 
             vlm_encoder = VLMSemanticEncoder.from_pretrained(vlm, dtype=torch_dtype)
+            transformer.vlm_folder = str(Path(vlm).resolve())
         return cls(tokenizer, text_encoder.eval(), vae.eval(), transformer.eval(), scheduler, vlm=vlm_encoder)
 
     def save_pretrained(self, folder: str | Path, **_: object) -> Path:
@@ -209,24 +238,72 @@ class IDCrafterPipeline(DiffusionPipeline):
         fitted = [fit_on_canvas(img, height, width) for img in images]
         return torch.stack([image_to_tensor(img) for img in fitted])[:, :, None], images
 
+    @property
+    def uses_vlm(self) -> bool:
+        """Whether the passes read VLM tokens: a VLM component and a model with a VLM connector."""
+        return self.vlm is not None and self.transformer.adapter.vlm_connector is not None
+
     @torch.no_grad()
     def encode_subject_inputs(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> dict:
-        """The frozen encoders' part of the subject stream: reference latents [1, N, C, 1, h, w]
-        and, with a VLM, its states of prompt + references (`vlm_states`, `vlm_mask`)."""
+        """The frozen encoders' part of the subject streams, once per call.
+
+        Returns `subjects`, the reference latents [1, N, C, 1, h, w], and, when the passes read VLM
+        tokens (`uses_vlm`), the VLM states of the two passes that see the references, padded
+        together: `vlm_states` [2, L, D_vlm] and `vlm_mask` [2, L], row 0 for v_ref (the references
+        with the empty prompt), row 1 for v_ref_txt (the references with `prompt`). Otherwise the
+        two are None.
+        """
         pixels, images = self.prepare_references(refs, *self.config_idc.ref_canvas(height, width))
         inputs = {"subjects": self.encode_video(pixels, device)[None], "vlm_states": None, "vlm_mask": None}
-        if self.vlm is not None and self.transformer.adapter.vlm_connector is not None:
-            out = self.vlm.encode([prompt], [images])
+        if self.uses_vlm:
+            out = self.vlm.encode(["", prompt], [images, images])
             inputs.update(vlm_states=out.states.to(device), vlm_mask=out.mask.to(device))
         return inputs
 
+    @staticmethod
+    def subject_streams(transformer: IDCrafterTransformer, inputs: dict) -> tuple[SubjectStream, SubjectStream | None]:
+        """(v_ref_txt's stream, v_ref's stream) from `encode_subject_inputs`; v_ref's is None when it
+        is the same stream (no VLM tokens). Not under no_grad: RL trains through it.
+
+        Both passes share the references, so one call encodes them as a batch of two whose VLM
+        tokens (row 0: empty prompt, row 1: the prompt) are padded to one length.
+        """
+        subjects = inputs["subjects"].to(transformer.dtype)
+        if inputs["vlm_states"] is None:
+            return transformer.encode_subjects(subjects), None
+        pair = transformer.encode_subjects(torch.cat([subjects, subjects]), None, inputs["vlm_states"], inputs["vlm_mask"])
+        return pair.select([1]), pair.select([0])
+
     @torch.no_grad()
-    def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
-        """References (+ VLM states of prompt and references) -> the subject stream, once per call."""
+    def encode_guidance_streams(
+        self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device
+    ) -> tuple[SubjectStream, SubjectStream | None]:
+        """(v_ref_txt's stream, v_ref's stream or None when it is the same), once per call."""
         inputs = self.encode_subject_inputs(refs, prompt, height, width, device)
         with self._on(self.transformer, device) as transformer:
-            return transformer.encode_subjects(inputs["subjects"].to(transformer.dtype), None, inputs["vlm_states"],
-                                               inputs["vlm_mask"])
+            return self.subject_streams(transformer, inputs)
+
+    @torch.no_grad()
+    def encode_subjects(self, refs: Sequence, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream:
+        """References (+ VLM states of prompt and references) -> the stream of v_ref_txt, the pass
+        that sees both (`encode_guidance_streams` gives v_ref's as well)."""
+        return self.encode_guidance_streams(refs, prompt, height, width, device)[0]
+
+    @torch.no_grad()
+    def encode_text_stream(self, prompt: str, height: int, width: int, device: torch.device) -> SubjectStream | None:
+        """Without references, the stream of the pass that conditions on the prompt: VLM(prompt, no
+        images) beside one masked placeholder subject, which is what training gives a sample whose
+        subjects were dropped. None when the passes read no VLM tokens."""
+        if not self.uses_vlm:
+            return None
+        out = self.vlm.encode([prompt], [[]])
+        rh, rw = self.config_idc.ref_canvas(height, width)
+        s = self.vae_scale_spatial
+        with self._on(self.transformer, device) as transformer:
+            placeholder = torch.zeros(1, 1, self.vae.config.z_dim, 1, rh // s, rw // s, device=device,
+                                      dtype=transformer.dtype)
+            absent = torch.zeros(1, 1, dtype=torch.bool, device=device)
+            return transformer.encode_subjects(placeholder, absent, out.states.to(device), out.mask.to(device))
 
     # ------------------------------------------------------------------ sampling
     def check_inputs(self, prompt: str, refs: Sequence, height: int, width: int, num_frames: int, strength: float) -> None:
@@ -255,13 +332,19 @@ class IDCrafterPipeline(DiffusionPipeline):
         s_img: float,
         s_txt: float,
         batched: SubjectStream | None,
+        ref_stream: SubjectStream | None = None,
+        text_stream: SubjectStream | None = None,
     ) -> torch.Tensor:
         """The three-pass guided velocity v_u + s_img (v_ref - v_u) + s_txt (v_ref_txt - v_ref).
 
         latents [B, C, F, h, w]; t: scalar or [B] timesteps (sigma * 1000); text / negative
-        [1 or B, L, D]; stream with B rows. `batched` is the stream laid out for one batch of
-        the three passes (`guidance_stream`), or None to run them one by one. Not under
-        no_grad: RL post-training differentiates through it.
+        [1 or B, L, D]; `stream`: v_ref_txt's stream with B rows; `ref_stream`: v_ref's (references
+        and the VLM tokens of the empty prompt), None when it is `stream` (no VLM tokens). v_uncond
+        reads no stream. `batched` is the passes laid out as one batch (`guidance_stream` of the
+        same streams), or None to run them one by one. Without references (`stream` None) it is
+        classifier-free guidance on the text, whose text pass reads `text_stream` (VLM tokens of the
+        prompt alone, `encode_text_stream`) when given. Not under no_grad: RL post-training
+        differentiates through it.
         """
         b = latents.shape[0]
         timestep = t.to(latents.device).float().reshape(-1).expand(b)
@@ -273,7 +356,10 @@ class IDCrafterPipeline(DiffusionPipeline):
 
         if stream is None:  # no references: ordinary classifier-free guidance on the text
             if s_txt == 1.0:
-                return model(latents, timestep, text)
+                return model(latents, timestep, text, subject_stream=text_stream)
+            if text_stream is not None:
+                v_neg = model(latents, timestep, negative)
+                return v_neg + s_txt * (model(latents, timestep, text, subject_stream=text_stream) - v_neg)
             pair = model(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
             v_neg, v_txt = pair.chunk(2)
             return v_neg + s_txt * (v_txt - v_neg)
@@ -285,18 +371,23 @@ class IDCrafterPipeline(DiffusionPipeline):
             v_uncond, v_ref, v_ref_txt = v.chunk(3)
         else:
             v_uncond = model(latents, timestep, negative)
-            v_ref = model(latents, timestep, negative, subject_stream=stream)
+            v_ref = model(latents, timestep, negative, subject_stream=stream if ref_stream is None else ref_stream)
             v_ref_txt = model(latents, timestep, text, subject_stream=stream)
         return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
 
     @staticmethod
-    def guidance_stream(stream: SubjectStream | None, batched: bool = True) -> SubjectStream | None:
-        """Rows [uncond x B, ref x B, ref_txt x B] of the batched passes; the uncond rows see no subject."""
+    def guidance_stream(
+        stream: SubjectStream | None, batched: bool = True, ref_stream: SubjectStream | None = None
+    ) -> SubjectStream | None:
+        """Rows [uncond x B, ref x B, ref_txt x B] of the batched passes: the uncond rows see no
+        subject and no VLM token, the ref rows `ref_stream` (None: `stream`), the ref_txt rows `stream`."""
         if stream is None or not batched:
             return None
         b = stream.batch_size
         rows = torch.arange(3 * b) < b
-        return stream.select(list(range(b)) * 3).drop_rows(rows)
+        if ref_stream is None:
+            return stream.select(list(range(b)) * 3).drop_rows(rows)
+        return concat_streams([ref_stream, ref_stream, stream]).drop_rows(rows)
 
     @torch.no_grad()
     def __call__(
@@ -316,6 +407,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         strength: float = 1.0,
         batched_guidance: bool = True,
         subject_stream: SubjectStream | None = None,
+        ref_subject_stream: SubjectStream | None = None,
         recompute_subjects_each_step: bool = False,
         output_type: str = "np",
         callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -333,7 +425,9 @@ class IDCrafterPipeline(DiffusionPipeline):
                 to `strength` (1.0 = pure noise) and denoised with the new subjects / prompt.
             batched_guidance: run the three passes as one batch of 3 (faster) or one by one
                 (less memory); the results are the same.
-            subject_stream: a precomputed stream (skips encoding the references).
+            subject_stream: a precomputed stream of v_ref_txt (skips encoding the references);
+                ref_subject_stream: v_ref's stream to go with it (default: the same stream, which
+                is right for models without VLM tokens; see `encode_guidance_streams`).
             recompute_subjects_each_step: re-encode the subjects at every step (benchmarks and
                 tests only; the result is identical, only slower).
             output_type: "np", "pil" or "latent".
@@ -351,9 +445,11 @@ class IDCrafterPipeline(DiffusionPipeline):
 
         text = self.encode_prompt([prompt], device)
         negative = self.encode_prompt([negative_prompt], device)
-        stream = subject_stream
+        stream, ref_stream, text_stream = subject_stream, ref_subject_stream, None
         if stream is None and len(refs) > 0:
-            stream = self.encode_subjects(refs, prompt, height, width, device)
+            stream, ref_stream = self.encode_guidance_streams(refs, prompt, height, width, device)
+        elif stream is None:
+            text_stream = self.encode_text_stream(prompt, height, width, device)
 
         latent_shape = (
             1, self.vae.config.z_dim, (num_frames - 1) // self.vae_scale_temporal + 1,
@@ -379,14 +475,15 @@ class IDCrafterPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(0)
             latents = noise
 
-        three = self.guidance_stream(stream, batched_guidance)  # once per call, not per step
+        three = self.guidance_stream(stream, batched_guidance, ref_stream)  # once per call, not per step
         with self._on(self.transformer, device) as transformer:
             dtype = transformer.dtype
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if recompute_subjects_each_step and len(refs) > 0:
-                    stream = self.encode_subjects(refs, prompt, height, width, device)
-                    three = self.guidance_stream(stream, batched_guidance)
-                v = self.guided_velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three)
+                    stream, ref_stream = self.encode_guidance_streams(refs, prompt, height, width, device)
+                    three = self.guidance_stream(stream, batched_guidance, ref_stream)
+                v = self.guided_velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three,
+                                         ref_stream=ref_stream, text_stream=text_stream)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback is not None:
                     callback(i, latents)

@@ -35,7 +35,8 @@ class PromptItem:
 class VideoCondition:
     text: torch.Tensor  # [1, L, D]
     negative: torch.Tensor  # [1, L, D]
-    stream: object  # SubjectStream with one row, or None
+    stream: object  # SubjectStream with one row (v_ref_txt's), or None
+    ref_stream: object = None  # v_ref's: references + VLM tokens of the empty prompt; None: `stream`
 
 
 class VideoRLSpec:
@@ -63,6 +64,7 @@ class VideoRLSpec:
             from idcrafter.video.vlm import VLMSemanticEncoder
 
             self.pipe.register_modules(vlm=VLMSemanticEncoder.from_pretrained(self.vlm, device=device, dtype=dtype))
+            model.vlm_folder = str(Path(self.vlm).resolve())  # the exported adapter records the VLM it ran with
         self.config = model.config
         self.flow_shift = self.config.flow_shift
         self.device = device
@@ -90,19 +92,20 @@ class VideoRLSpec:
 
     # ------------------------------------------------------------------ conditioning and policy
     def condition(self, model, item: PromptItem, device: torch.device) -> VideoCondition:
-        """Text, negative prompt and the subject stream (with the VLM states when the pipeline has
-        a VLM), once per group. The stream carries grad when grad is on and the adapter trains."""
+        """Text, negative prompt and the subject streams (with a VLM, v_ref's VLM tokens read the
+        references with the empty prompt, v_ref_txt's the prompt too: `IDCrafterPipeline`), once per
+        group. The streams carry grad when grad is on and the adapter trains."""
         pipe, cfg = self.pipe, self.config
         with torch.no_grad():
             text = pipe.encode_prompt([item.prompt], device)
             negative = pipe.encode_prompt([self.negative_prompt], device)
             inputs = pipe.encode_subject_inputs(list(item.refs), item.prompt, cfg.height, cfg.width, device) if item.refs else None
-        stream = None
+        stream = ref_stream = None
         if inputs is not None:
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.adapter.parameters())
             with torch.set_grad_enabled(grad):
-                stream = model.encode_subjects(inputs["subjects"].to(model.dtype), None, inputs["vlm_states"], inputs["vlm_mask"])
-        return VideoCondition(text, negative, stream)
+                stream, ref_stream = pipe.subject_streams(model, inputs)
+        return VideoCondition(text, negative, stream, ref_stream)
 
     def velocity(self, model, cond: VideoCondition):
         """The guided velocity of `model`, which is the pipeline's transformer (the engine's module)."""
@@ -117,9 +120,11 @@ class VideoRLSpec:
             b = x.shape[0]
             if b not in layouts:
                 stream = None if cond.stream is None else cond.stream.select([0] * b)
-                layouts[b] = (stream, pipe.guidance_stream(stream, True))
-            stream, batched = layouts[b]
-            v = pipe.guided_velocity(x.to(dtype), sigma * 1000.0, text, negative, stream, self.s_img, self.s_txt, batched)
+                ref = None if cond.ref_stream is None else cond.ref_stream.select([0] * b)
+                layouts[b] = (stream, ref, pipe.guidance_stream(stream, True, ref))
+            stream, ref, batched = layouts[b]
+            v = pipe.guided_velocity(x.to(dtype), sigma * 1000.0, text, negative, stream, self.s_img, self.s_txt, batched,
+                                     ref_stream=ref)
             return v.float()
 
         return velocity

@@ -3,10 +3,16 @@
 Loss (DESIGN 6): z_t = (1 - t) z_0 + t eps with logit-normal t and the Wan shift, target
 v = eps - z_0, L = mean ||v_theta - v||^2 + lambda * L_attn, where L_attn is the IDAR region loss
 on the stage-3 shares of the first K blocks, for samples that carry subject masks.
+
+With a VLM (`VideoModelArgs.vlm`, ID-Crafter Sec. 3.2 and App. A), the frozen Qwen2.5-VL reads each
+sample's prompt and reference images (or its states come from the feature cache), the trainable
+connector maps them to the DiT width, and the tokens join the subject keys of stage 3. Which input
+the VLM reads follows the condition dropout: see `VideoTrainingSpec.vlm_conditions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +52,12 @@ class VideoModelArgs:
     drop_subjects: float = 0.1
     drop_text: float = 0.1
     hierarchy: str | None = None  # override for ablations: full, stage3, plain
+    # Qwen2.5-VL folder: train the VLM connector (use_vlm). The VLM itself stays frozen.
+    vlm: str | None = None
+
+
+# Which VLM input each dropout case reads, and the cache keys of its states ("" = `vlm_states`).
+VLM_INPUTS = {"full": "", "ref": "ref_", "text": "text_"}
 
 
 class VideoTrainingSpec:
@@ -62,6 +74,17 @@ class VideoTrainingSpec:
             self.config, _ = IDCrafterTransformer.read_adapter_config(model_args.adapter)
         else:
             self.config = IDCrafterConfig.from_preset(model_args.preset)
+        self.start_config = self.config  # what the model is built as, before a VLM connector joins
+        if model_args.vlm is not None:
+            from idcrafter.video.infer import vlm_hidden_size
+
+            size = vlm_hidden_size(model_args.vlm)
+            if self.config.use_vlm and self.config.vlm_dim != size:
+                raise InputError(f"--vlm {model_args.vlm}: hidden size {size}, but the adapter's VLM connector reads "
+                                 f"{self.config.vlm_dim} (it was trained with another VLM)")
+            self.config = dataclasses.replace(self.config, use_vlm=True, vlm_dim=size)
+        self.vlm_encoder = None  # loaded on first use: a run from a complete feature cache never needs it
+        self._by_id: dict | None = None
         wan = self.config.wan
         if model_args.base is not None:
             import json
@@ -82,16 +105,23 @@ class VideoTrainingSpec:
         if self.m.base is not None:
             pipe = IDCrafterPipeline.from_pretrained(self.m.base, adapter=self.m.adapter, torch_dtype=dtype)
         else:
-            pipe = IDCrafterPipeline.from_components(build_components(self.config, seed=self.m.init_seed))
+            pipe = IDCrafterPipeline.from_components(build_components(self.start_config, seed=self.m.init_seed))
             if self.m.adapter is not None:
                 pipe.transformer.load_adapter(self.m.adapter)
         model = pipe.transformer
         if self.m.hierarchy and self.m.hierarchy != model.config.hierarchy:
-            import dataclasses
-
             config = dataclasses.replace(model.config, hierarchy=self.m.hierarchy)
             model = IDCrafterTransformer(model.wan, config)  # a fresh adapter of the other kind
             pipe.register_modules(transformer=model)
+        if self.m.vlm is not None:
+            if model.adapter.vlm_connector is None:
+                # Seeded apart from the global RNG, so every rank starts from the same connector.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.m.init_seed)
+                    model.add_vlm_connector(self.config.vlm_dim)
+            from idcrafter.video.infer import vlm_identity
+
+            model.vlm_folder = vlm_identity(self.m.vlm)  # recorded in the exported adapter
         self.config = model.config
         if "lora" in self.policy and model.lora_config is None:
             model.add_lora(rank=self.m.lora_rank)
@@ -140,11 +170,20 @@ class VideoTrainingSpec:
         from idcrafter.data.cache import cache_fingerprint
 
         base = str(Path(self.m.base).resolve()) if self.m.base else f"random:{self.config.preset}:{self.m.init_seed}"
-        return cache_fingerprint({"vae": base, "text_encoder": base}, self.num_frames, Bucket(self.height, self.width),
-                                 tuple(self.ref_size), text_length=self.config.text_length, fps=self.d.fps)
+        encoders = {"vae": base, "text_encoder": base}
+        extra = {}
+        if self.m.vlm is not None:  # absent without a VLM, so caches built before VLM training still open
+            from idcrafter.video.infer import vlm_identity
+            from idcrafter.video.vlm import DEFAULT_MAX_IMAGE_SIDE, INSTRUCTION
+
+            encoders["vlm"] = vlm_identity(self.m.vlm)
+            extra["vlm_input"] = {"instruction": INSTRUCTION, "max_image_side": DEFAULT_MAX_IMAGE_SIDE}
+        return cache_fingerprint(encoders, self.num_frames, Bucket(self.height, self.width), tuple(self.ref_size),
+                                 text_length=self.config.text_length, fps=self.d.fps, **extra)
 
     def build_cache(self, folder: str | Path, device: torch.device, progress: bool = True) -> dict[str, int]:
-        """Encode every sample once (VAE latents, reference latents, UMT5 states) into a FeatureCache."""
+        """Encode every sample once (VAE latents, reference latents, UMT5 states, and with a VLM the
+        states of its three dropout inputs, see `vlm_conditions`) into a FeatureCache."""
         from idcrafter.data.buckets import Bucket
         from idcrafter.data.cache import FeatureCache, build_cache
         from idcrafter.data.dataset import VideoDataset, collate
@@ -160,8 +199,18 @@ class VideoTrainingSpec:
             batch = collate([item])
             cond = self.prepare(batch, device)
             n = int(batch["subject_mask"][0].sum())
-            return {"latents": cond["latents"][0].cpu(), "ref_latents": cond["ref_latents"][0, :n].cpu(),
-                    "text_states": cond["text"][0].float().cpu()}
+            tensors = {"latents": cond["latents"][0].cpu(), "ref_latents": cond["ref_latents"][0, :n].cpu(),
+                       "text_states": cond["text"][0].float().cpu()}
+            if self.config.use_vlm:
+                # One VLM call per input, as training makes for a batch of one: cached and computed
+                # states are then the same numbers.
+                images = self.reference_images([item["id"]])[0]
+                inputs = {"full": (item["prompt"], images), "ref": ("", images), "text": (item["prompt"], [])}
+                for kind, (prompt, refs) in inputs.items():
+                    out = self.vlm().encode([prompt], [refs])
+                    tensors[f"vlm_{VLM_INPUTS[kind]}states"] = out.states[0].cpu()
+                    tensors[f"vlm_{VLM_INPUTS[kind]}mask"] = out.mask[0].cpu()
+            return tensors
 
         with FeatureCache(folder, fingerprint=self.cache_fingerprint()) as cache:
             return build_cache(dataset, encode, cache, progress=progress)
@@ -184,6 +233,12 @@ class VideoTrainingSpec:
         text = batch["text_states"].to(device) if "text_states" in batch else pipe.encode_prompt(batch["prompts"], device)
         conditions = {"latents": latents, "ref_latents": ref_latents, "text": text,
                       "subject_mask": batch["subject_mask"].to(device)}
+        if self.config.use_vlm:
+            if "vlm_states" in batch:  # from the feature cache: every dropout input is there
+                conditions["vlm_cached"] = {kind: (batch[f"vlm_{key}states"].to(device), batch[f"vlm_{key}mask"].to(device))
+                                            for kind, key in VLM_INPUTS.items()}
+            else:  # the VLM runs in `loss`, on only the input each row's dropout leaves
+                conditions["vlm_inputs"] = (list(batch["prompts"]), self.reference_images(batch["ids"]))
         if self.m.attn_loss_weight > 0 and batch.get("masks") is not None and bool(batch["has_masks"].any()):
             f, h, w = latents.shape[2:]
             p = pipe.transformer.wan.config.patch_size
@@ -204,12 +259,13 @@ class VideoTrainingSpec:
         drop_subjects = (torch.rand(b, generator=generator) < self.m.drop_subjects).to(z0.device)
         text = torch.where(drop_text[:, None, None], self.empty_text.to(text), text)
         subject_mask = subject_mask & ~drop_subjects[:, None]
+        vlm_states, vlm_mask = self.vlm_conditions(conditions, drop_text, drop_subjects)
         capture = {} if "assignment" in conditions else None
         z_t = add_noise(z0, noise, t).to(dtype)
         pred = model(
             z_t, t * 1000, text.to(dtype), return_dict=False,
             subjects=conditions["ref_latents"].to(dtype), subject_mask=subject_mask,
-            attention_capture=capture,
+            vlm_states=vlm_states, vlm_mask=vlm_mask, attention_capture=capture,
         )[0]
         pred = to_velocity(self.config, pred, z_t, t)
         loss = flow_loss(pred, flow_target(z0, noise))
@@ -221,10 +277,80 @@ class VideoTrainingSpec:
             loss = loss + self.m.attn_loss_weight * l_attn
         return loss, metrics
 
+    # ------------------------------------------------------------------ VLM
+    def vlm(self):
+        """The frozen Qwen2.5-VL, loaded on first use on this rank (bf16 on a GPU, float32 on a CPU)."""
+        if self.m.vlm is None:
+            raise InputError("this model was trained with the VLM encoder: give the VLM folder (--vlm)")
+        if self.vlm_encoder is None:
+            from idcrafter.video.vlm import VLMSemanticEncoder
+
+            device = getattr(self, "device", torch.device("cpu"))
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self.vlm_encoder = VLMSemanticEncoder.from_pretrained(self.m.vlm, device=device, dtype=dtype)
+        return self.vlm_encoder
+
+    def reference_images(self, ids: list[str]) -> list[list]:
+        """Each sample's reference images as the VLM reads them at inference (whole files, RGB)."""
+        from idcrafter.utils.media import load_rgb
+
+        if self._by_id is None:
+            self._by_id = {s.id: s for s in self.load_samples()}
+        return [[load_rgb(s.image) for s in self._by_id[i].subjects] for i in ids]
+
+    def vlm_conditions(self, conditions: dict, drop_text: torch.Tensor, drop_subjects: torch.Tensor
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """VLM states [B, L, D_vlm] and mask [B, L] of what each row's condition dropout leaves.
+
+        The VLM never sees a dropped condition, and each case is the input of one sampling pass
+        (`IDCrafterPipeline.guided_velocity`), so guidance runs on passes training has seen:
+            prompt and subjects kept:  VLM(prompt, references)       v_ref_txt
+            prompt dropped:            VLM("", references)           v_ref (empty prompt, as UMT5 gets)
+            subjects dropped:          VLM(prompt, no images)        the text pass of a call without references
+            both dropped:              no VLM token (mask all False) v_uncond
+        With no subject and no VLM token, stage 3 has no key and adds nothing: v_uncond is the base
+        model on the empty (at inference: negative) prompt, as for a model without the VLM. A VLM call on an empty chat
+        would carry no information and would cost a call. (None, None) without the VLM encoder.
+        """
+        if not self.config.use_vlm:
+            return None, None
+        # (prompt dropped, subjects dropped) -> the input the VLM reads
+        which = {(False, False): "full", (True, False): "ref", (False, True): "text", (True, True): None}
+        kinds = [which[(t, s)] for t, s in zip(drop_text.tolist(), drop_subjects.tolist())]
+        rows: list[torch.Tensor | None] = [None] * len(kinds)
+        if "vlm_cached" in conditions:
+            for i, kind in enumerate(kinds):
+                if kind is not None:
+                    states, mask = conditions["vlm_cached"][kind]
+                    rows[i] = states[i][mask[i]]
+        else:
+            prompts, images = conditions["vlm_inputs"]
+            todo = [i for i, kind in enumerate(kinds) if kind is not None]
+            if todo:
+                out = self.vlm().encode(["" if kinds[i] == "ref" else prompts[i] for i in todo],
+                                        [[] if kinds[i] == "text" else images[i] for i in todo])
+                for i, states in zip(todo, out.unpadded()):
+                    rows[i] = states
+        device = conditions["latents"].device
+        found = [r for r in rows if r is not None]
+        dtype = found[0].dtype if found else torch.float32
+        # At least one (masked) position, so the connector always runs and always has a gradient.
+        length = max([1] + [r.shape[0] for r in found])
+        states = torch.zeros(len(rows), length, self.config.vlm_dim, dtype=dtype, device=device)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            if r is not None:
+                states[i, : r.shape[0]] = r.to(device)
+                mask[i, : r.shape[0]] = True
+        return states, mask
+
     # ------------------------------------------------------------------ files
     def export(self, model: IDCrafterTransformer, folder: Path) -> None:
         """The adapter; with the `full` policy also the fine-tuned base transformer (folder/transformer)."""
         model.save_adapter(folder, include_base=self.policy == "full")
 
     def describe(self) -> dict:
-        return {"preset": self.config.preset, "num_frames": self.num_frames, "size": [self.height, self.width]}
+        info = {"preset": self.config.preset, "num_frames": self.num_frames, "size": [self.height, self.width]}
+        if self.m.vlm is not None:
+            info["vlm"] = self.m.vlm
+        return info

@@ -10,6 +10,7 @@ Called without subjects, the hook is inactive and the stock model runs untouched
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +108,9 @@ class IDCrafterTransformer(nn.Module):
             plain = config.hierarchy == "plain" and layer < self.num_blocks
             block.attn2.set_processor(SubjectCrossAttnProcessor(WanAttnProcessor(), stage3, layer, plain_keys=plain))
         self.lora_config: MoELoRAConfig | None = None
+        # The VLM folder the connector was trained with; save_adapter records it so inference and
+        # RL find the VLM without being told (`idcrafter.video.infer.check_vlm`).
+        self.vlm_folder: str | None = None
         self._pending: SubjectStream | None = None
         self._active = False
         wan.condition_embedder.register_forward_hook(self._attach_subjects)
@@ -133,6 +137,19 @@ class IDCrafterTransformer(nn.Module):
             if hasattr(module, "lora_A"):
                 module.to(device=self.device, dtype=self.dtype)
         return names
+
+    def add_vlm_connector(self, vlm_dim: int) -> VLMConnector:
+        """Switch on the VLM encoder for a model built without it (a fresh, trainable connector).
+
+        Training with a VLM starts here from a preset or from an adapter trained without one; an
+        adapter that has a connector keeps its own. Initialised from the global RNG.
+        """
+        if self.adapter.vlm_connector is not None:
+            raise ValueError("add_vlm_connector: this model already has a VLM connector")
+        dim = self.wan.config.num_attention_heads * self.wan.config.attention_head_dim
+        self.config = dataclasses.replace(self.config, use_vlm=True, vlm_dim=int(vlm_dim))
+        self.adapter.vlm_connector = VLMConnector(int(vlm_dim), dim).to(device=self.device, dtype=self.dtype)
+        return self.adapter.vlm_connector
 
     def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
         """Set requires_grad for a policy and return the trainable parameters.
@@ -267,13 +284,16 @@ class IDCrafterTransformer(nn.Module):
 
         Base weights are not included unless `include_base` (after full fine-tuning): then the
         transformer is saved in diffusers format under `folder/transformer`, and loading the
-        adapter onto any base uses it in place of the base's transformer.
+        adapter onto any base uses it in place of the base's transformer. A model with the VLM
+        encoder records the VLM folder it was trained with (`vlm_folder`, an absolute path).
         """
         folder = Path(folder)
         state = state_dict if state_dict is not None else self.adapter_state_dict()
         with atomic_write_dir(folder) as tmp:
             save_file({k: v.cpu() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             meta = {"config": self.config.to_dict(), "base": self._base_signature(), "num_blocks": self.num_blocks}
+            if self.config.use_vlm and self.vlm_folder:
+                meta["vlm_folder"] = self.vlm_folder
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
             if self.lora_config is not None:
                 save_moe_lora(self.wan, tmp / LORA_SUBFOLDER, self.lora_config)
@@ -288,8 +308,12 @@ class IDCrafterTransformer(nn.Module):
     def load_adapter(self, folder: str | Path) -> None:
         """Load adapter weights saved by `save_adapter`; a mismatch with the base model fails clearly."""
         folder = Path(folder)
-        _, meta = self.read_adapter_config(folder)
+        trained, meta = self.read_adapter_config(folder)
         check_adapter_fits(meta, self.wan.config, folder)
+        if trained.use_vlm and self.adapter.vlm_connector is None:
+            # An adapter trained with the VLM encoder brings its connector, also onto a model built
+            # from a preset without one (the built-in tiny model of scripts/infer.py).
+            self.add_vlm_connector(trained.vlm_dim)
         if (folder / "transformer").is_dir():  # fully fine-tuned: the base weights travel with the adapter
             tuned = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=self.dtype)
             self.wan.load_state_dict(tuned.state_dict())
@@ -308,6 +332,8 @@ class IDCrafterTransformer(nn.Module):
                     f"adapter {folder}: {key} has shape {list(tensor.shape)} in the file but {list(expected[key].shape)} in the model"
                 )
         self.adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+        recorded = meta.get("vlm_folder")
+        self.vlm_folder = recorded if self.config.use_vlm and isinstance(recorded, str) else None
         if (folder / LORA_SUBFOLDER).is_dir():
             self.lora_config = load_moe_lora(self.wan, folder / LORA_SUBFOLDER)
 

@@ -40,6 +40,7 @@ from idcrafter.utils.logging import get_logger
 from idcrafter.utils.media import to_rgb
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_SIDE",
     "INSTRUCTION",
     "QWEN_SPECIAL_TOKENS",
     "TINY_CHAT_TEMPLATE",
@@ -62,6 +63,8 @@ INSTRUCTION = "Describe the subjects in the images and how they appear in this s
 
 # Qwen's vision patch (14) times the spatial merge (2): one vision token per 28 x 28 pixels.
 VISION_PATCH_MULTIPLE = 28
+# Longest side a reference is resized to: at most 16 x 16 = 256 vision tokens per reference.
+DEFAULT_MAX_IMAGE_SIDE = 448
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -288,7 +291,7 @@ class VLMSemanticEncoder:
         model: Qwen2_5_VLForConditionalGeneration,
         processor: Qwen2_5_VLProcessor,
         model_id: str | None = None,
-        max_image_side: int = 448,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         instruction: str = INSTRUCTION,
     ):
         if max_image_side < VISION_PATCH_MULTIPLE:
