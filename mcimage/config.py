@@ -49,7 +49,9 @@ FLUX_CONFIGS: dict[str, dict[str, Any]] = {
     "flux-kontext": _FLUX_12B,
 }
 
-_POSITION_MODES = ("uno", "condition")
+# "index" and "temporal" are One-for-All's ablation variants Var. 1 and Var. 2 (Sec. 4.5, Tab. 4).
+_POSITION_MODES = ("uno", "condition", "index", "temporal")
+_CATEGORY_BINDINGS = ("true", "random")
 _ADAPTERS = ("none", "lora", "moe_lora")
 _BLOCK_SELECTIONS = ("all", "none", "double", "single")
 
@@ -62,7 +64,18 @@ class MCImageConfig:
         base_model: Hugging Face id (or folder) of the FLUX pipeline the preset is trained on.
         position_ids: "uno" (MultiCrafter: reference k on the diagonal after the target and the
             earlier references, time index 0) or "condition" (One-for-All eq. 2: time index 1,
-            category diagonal block c).
+            category diagonal block c); One-for-All's ablations (Sec. 4.5, Tab. 4): "index" (Var. 1: every
+            reference on the target's own grid, u = (0, 0, 0), told apart by a learned per-category
+            embedding added to its tokens, zero at initialisation) and "temporal" (Var. 2: the
+            category on the virtual time axis only, u = (c, 0, 0)).
+        category_binding: "true" (One-for-All Sec. 3.2: each reference keeps its own category, so
+            each category block learns the references it shows: "category-position binding is
+            essential", App. G.5.1) or, as an ablation only, "random" (each step gives single-subject
+            references a random category from `category_weights`).
+        category_weights: {category: weight} resampling of the training pairs by the category of
+            their subject (One-for-All App. H: 2:2:2:1 for face, upper, lower, bag); None: none.
+        multi_learning_rate: the learning rate of multi-subject training (MultiCrafter supp. Sec. B:
+            1e-5 after single-subject pre-training at `learning_rate`); None: `learning_rate`.
         condition_base_offset: with "condition", also shift every reference block (and the CCPA
             centroids) by the target grid size, as the paper's wording allows.
         ccpa: put item-descriptor text tokens at their category's reference centroid (eq. 3);
@@ -91,6 +104,9 @@ class MCImageConfig:
 
     base_model: str = "black-forest-labs/FLUX.1-dev"
     position_ids: str = "uno"
+    category_binding: str = "true"
+    category_weights: dict[str, float] | None = None
+    multi_learning_rate: float | None = None
     condition_base_offset: bool = False
     ccpa: bool = False
     max_subjects: int = 4
@@ -123,6 +139,22 @@ class MCImageConfig:
         self.flux = copy.deepcopy(dict(self.flux))  # presets share their nested lists
         if self.position_ids not in _POSITION_MODES:
             raise ValueError(f"MCImageConfig: position_ids must be one of {_POSITION_MODES}, got {self.position_ids!r}")
+        if self.category_binding not in _CATEGORY_BINDINGS:
+            raise ValueError(f"MCImageConfig: category_binding must be one of {_CATEGORY_BINDINGS}, "
+                             f"got {self.category_binding!r}")
+        if self.category_weights is not None:
+            from idcrafter.core.categories import canonical_category
+
+            weights = {}
+            for name, weight in dict(self.category_weights).items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                    raise ValueError(f"MCImageConfig: category_weights[{name!r}] must be a number >= 0, got {weight!r}")
+                weights[canonical_category(name)] = float(weight)
+            if not any(weights.values()):
+                raise ValueError("MCImageConfig: category_weights are all 0")
+            self.category_weights = weights
+        if self.category_binding == "random" and not self.category_weights:
+            raise ValueError("MCImageConfig: category_binding 'random' draws from category_weights; give them")
         if self.ccpa and self.position_ids != "condition":
             raise ValueError("MCImageConfig: ccpa needs position_ids='condition' (CCPA centroids are eq. 2 blocks)")
         if self.condition_base_offset and self.position_ids != "condition":
@@ -154,6 +186,11 @@ class MCImageConfig:
             raise ValueError("MCImageConfig: flux config needs in_channels (packed latent channels)")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def uses_categories(self) -> bool:
+        """Whether references are placed by their category (One-for-All and its variants)."""
+        return self.position_ids in ("condition", "index", "temporal")
+
     @property
     def capture_blocks(self) -> str | list[str]:
         """The `install_processors` capture selection: IDAR blocks, or none when IDAR is off."""
@@ -210,20 +247,33 @@ class MCImageConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+# Each default names its source: "MC" = the MultiCrafter paper and supplement, "OfA" = One-for-All.
 _MULTICRAFTER: dict[str, Any] = dict(
-    base_model="black-forest-labs/FLUX.1-dev", position_ids="uno", ccpa=False, dam=False,
-    idar=True, idar_blocks="double", idar_lambda=0.3, adapter="moe_lora", num_experts=4,
-    lora_rank=16, lora_alpha=16.0, learning_rate=3e-5, weight_decay=1e-2,
-    num_inference_steps=28, guidance_scale=3.5,
+    # MC supp. Sec. B follows UNO [68], an in-context FLUX.1-dev model with diagonal reference ids
+    base_model="black-forest-labs/FLUX.1-dev", position_ids="uno",
+    ccpa=False, dam=False,  # One-for-All's modules, not MultiCrafter's
+    idar=True, idar_blocks="double",  # MC Fig. 2: attention bleeding in the double blocks; IDAR regularises them
+    idar_lambda=0.3,  # MC supp. Sec. B: lambda = 0.3 in multi-subject training
+    adapter="moe_lora", num_experts=4,  # MC supp. Tab. S-3: 4 experts best
+    lora_rank=16, lora_alpha=16.0,  # not given by the paper: our choice
+    learning_rate=3e-5, weight_decay=1e-2,  # MC supp. Sec. B: single-subject pre-training, AdamW
+    multi_learning_rate=1e-5,  # MC supp. Sec. B: "we decrease the learning rate to 1e-5" (multi-subject)
+    num_inference_steps=28, guidance_scale=3.5,  # not given by the paper: FLUX.1-dev's own defaults
 )
 _ONE_FOR_ALL: dict[str, Any] = dict(
-    base_model="black-forest-labs/FLUX.1-Kontext-dev", position_ids="condition", ccpa=True,
-    dam=True, dam_blocks="all", idar=False, adapter="lora", num_experts=1, lora_rank=512,
-    lora_alpha=512.0, learning_rate=5e-6, weight_decay=0.0, num_inference_steps=25, guidance_scale=6.0,
+    base_model="black-forest-labs/FLUX.1-Kontext-dev",  # OfA Sec. 4.1: FLUX.1-Kontext-dev backbone
+    position_ids="condition", category_binding="true",  # OfA Sec. 3.2 eq. 2: category-position binding
+    category_weights={"face": 2.0, "upper": 2.0, "lower": 2.0, "bag": 1.0},  # OfA App. H: 2:2:2:1 resampling
+    ccpa=True,  # OfA Sec. 3.3
+    dam=True, dam_blocks="all",  # OfA Sec. 3.4: DAM in the MM-attention blocks
+    idar=False,  # MultiCrafter's loss, not One-for-All's
+    adapter="lora", num_experts=1, lora_rank=512, lora_alpha=512.0,  # OfA Sec. 4.1: LoRA of rank 512
+    learning_rate=5e-6,  # OfA Sec. 4.1
+    weight_decay=0.0,  # not given by the paper: our choice
+    num_inference_steps=25, guidance_scale=6.0,  # OfA Sec. 4.1: 25 sampling steps, guidance 6.0
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # MultiCrafter stage 1 (single subject) lr; stages 2-3 lower it (1e-5) from the trainer's config.
     "multicrafter": dict(_MULTICRAFTER, preset="multicrafter", flux=FLUX_CONFIGS["flux-dev"]),
     "one-for-all": dict(_ONE_FOR_ALL, preset="one-for-all", flux=FLUX_CONFIGS["flux-kontext"]),
     # Tiny random backbones for CPU tests: same methods, small adapters.
@@ -252,11 +302,11 @@ def check_categories(config: MCImageConfig, num_refs: int, categories) -> tuple[
     """
     from idcrafter.core.positions import canonical_category
 
-    condition = config.position_ids == "condition"
+    condition = config.uses_categories
     if categories is None:
         if condition and num_refs:
-            raise ValueError(f"condition position ids need a category per reference (categories=[...]); got "
-                             f"{num_refs} references and no categories")
+            raise ValueError(f"{config.position_ids} position ids need a category per reference (categories=[...]); "
+                             f"got {num_refs} references and no categories")
         return None
     categories = list(categories)
     if len(categories) != num_refs:

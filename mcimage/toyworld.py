@@ -43,17 +43,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOYID = ROOT / "idcrafter" / "assets" / "toyworld" / "toyid"
 SIZE, REF_SIZE = 64, 32
-EVAL_CATEGORIES = ("face", "upper", "lower")
+# One-for-All's four categories, each with its own look in the toy world (world.CATEGORY_STYLES).
+CATEGORIES = ("face", "upper", "lower", "bag")
 NOISE_LEVELS = (0.3, 0.5, 0.7)
 
-# name -> (preset, data set, extra train_image.py flags)
-ROWS: dict[str, tuple[str, str, list[str]]] = {
-    "in_context": ("toyworld-multicrafter", "train", ["--set", "adapter=none", "idar=false"]),
-    "idar": ("toyworld-multicrafter", "train", ["--set", "adapter=none", "--attn-loss-weight", "0.3"]),
-    "idar_moe": ("toyworld-multicrafter", "train", ["--attn-loss-weight", "0.3"]),
-    "one_for_all": ("toyworld-one-for-all", "single", ["--random-categories", *EVAL_CATEGORIES]),
+# name -> (preset, training data, held-out data, extra train_image.py flags). The One-for-All rows
+# train on single-subject pairs of the category world, where a subject's category shows in its
+# shape, size and place, and are evaluated on 2-3 subjects of held-out identities there.
+ROWS: dict[str, tuple[str, str, str, list[str]]] = {
+    "in_context": ("toyworld-multicrafter", "train", "held_out", ["--set", "adapter=none", "idar=false"]),
+    "idar": ("toyworld-multicrafter", "train", "held_out", ["--set", "adapter=none", "--attn-loss-weight", "0.3"]),
+    "idar_moe": ("toyworld-multicrafter", "train", "held_out", ["--attn-loss-weight", "0.3"]),
     # Control for One-for-All's claim: the in-context baseline trained on the same single-subject data.
-    "in_context_single": ("toyworld-multicrafter", "single", ["--set", "adapter=none", "idar=false"]),
+    "in_context_single": ("toyworld-multicrafter", "single", "held_out", ["--set", "adapter=none", "idar=false"]),
+    # One-for-All as published: each reference keeps its category (Sec. 3.2), pairs resampled 2:2:2:1.
+    "one_for_all": ("toyworld-one-for-all", "single_categories", "held_out_categories", []),
+    # The ablation: a random category each step, whatever the reference shows.
+    "one_for_all_random": ("toyworld-one-for-all", "single_categories", "held_out_categories",
+                           ["--set", "category_binding=random"]),
 }
 
 
@@ -62,16 +69,20 @@ def log(message: str) -> None:
 
 
 def write_data(out: Path, train: int, held_out: int, seed: int = 0) -> dict[str, Path]:
-    """train (1-3 subjects), single (1 subject, One-for-All) and held_out (2-3 subjects) manifests."""
+    """train (1-3 subjects), single (1 subject) and held_out (2-3 subjects) manifests, and the same
+    for the category world (single_categories, held_out_categories: One-for-All's rows)."""
     from idcrafter.toyworld.world import write_image_dataset
 
-    specs = {"train": (train, seed, "train", (1, 3)), "single": (train, seed + 2, "train", (1, 1)),
-             "held_out": (held_out, seed + 1, "held_out", (2, 3))}
+    specs = {"train": (train, seed, "train", (1, 3), None), "single": (train, seed + 2, "train", (1, 1), None),
+             "held_out": (held_out, seed + 1, "held_out", (2, 3), None),
+             "single_categories": (train, seed + 3, "train", (1, 1), CATEGORIES),
+             "held_out_categories": (held_out, seed + 4, "held_out", (2, 3), CATEGORIES)}
     paths = {}
-    for name, (count, s, pool, subjects) in specs.items():
+    for name, (count, s, pool, subjects, categories) in specs.items():
         path = out / "data" / name / "manifest.jsonl"
         if not path.is_file():
-            write_image_dataset(path.parent, count, seed=s, pool=pool, size=SIZE, ref_size=REF_SIZE, subjects=subjects)
+            write_image_dataset(path.parent, count, seed=s, pool=pool, size=SIZE, ref_size=REF_SIZE, subjects=subjects,
+                                categories=categories)
         paths[name] = path
     return paths
 
@@ -84,7 +95,7 @@ def _free_port() -> int:
 
 def train_row(out: Path, name: str, data: Path, steps: int, batch_size: int, lr: float, seed: int) -> Path:
     """Run scripts/train_image.py for one row (skipped when its summary exists) -> the model folder."""
-    preset, _, flags = ROWS[name]
+    preset, _, _, flags = ROWS[name]
     run = out / f"run_{name}"
     if not (run / "summary.json").is_file():
         cmd = [sys.executable, str(ROOT / "scripts" / "train_image.py"), "--preset", preset, "--data", str(data),
@@ -118,14 +129,14 @@ def _rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def eval_categories(pipe, count: int) -> list[str] | None:
-    """Condition ids need a category per reference; UNO ids take none."""
-    return list(EVAL_CATEGORIES[:count]) if pipe.mc_config.position_ids == "condition" else None
+def eval_categories(pipe, sample) -> list[str] | None:
+    """The sample's own categories when the model places references by category; UNO ids take none."""
+    return [s.category for s in sample.subjects] if pipe.mc_config.uses_categories else None
 
 
-def generate(pipe, prompt: str, refs: list, seed: int) -> np.ndarray:
-    """One image uint8 [H, W, 3] for a held-out prompt and its reference files."""
-    out = pipe(prompt, refs, categories=eval_categories(pipe, len(refs)), height=SIZE, width=SIZE,
+def generate(pipe, prompt: str, refs: list, seed: int, categories: list[str] | None = None) -> np.ndarray:
+    """One image uint8 [H, W, 3] for a held-out prompt, its reference files and their categories."""
+    out = pipe(prompt, refs, categories=categories, height=SIZE, width=SIZE,
                ref_size=(REF_SIZE, REF_SIZE), seed=seed, output_type="np",
                max_sequence_length=pipe.mc_config.text_length)
     return (out.images[0] * 255).round().astype(np.uint8)
@@ -144,7 +155,7 @@ def evaluate_identity(pipe, manifest: Path, toyid: Path = TOYID, limit: int = 32
     counts = [len(r) for r in refs]
     rows, images = [], []
     for i, sample in enumerate(samples):
-        image = generate(pipe, sample.prompt, [s.image for s in sample.subjects], seed + i)
+        image = generate(pipe, sample.prompt, [s.image for s in sample.subjects], seed + i, eval_categories(pipe, sample))
         images.append(image)
         other = refs[shuffled_partner(counts, i)]
         truth = _rgb(sample.media)
@@ -200,7 +211,7 @@ def held_out_attention(pipe, manifest: Path, limit: int = 16, seed: int = 0) -> 
                 noise = torch.randn(z0.shape, generator=g)
                 capture = {}
                 v = model(add_noise(z0, noise, t), refs[None], text, pooled, t, None, target_hw=grid,
-                          ref_hws=[ref_hw] * n, categories=eval_categories(pipe, n), attention_capture=capture)
+                          ref_hws=[ref_hw] * n, categories=eval_categories(pipe, samples[i]), attention_capture=capture)
                 losses.append(float(flow_loss(v, flow_target(z0, noise))))
                 leaks.append(float(leakage(list(capture.values()), assignment)))
     finally:
@@ -220,7 +231,7 @@ def share_maps(pipe, sample, seed: int = 0) -> np.ndarray:
     try:
         refs = [s.image for s in sample.subjects]
         n = len(refs)
-        image = generate(pipe, sample.prompt, refs, seed)
+        image = generate(pipe, sample.prompt, refs, seed, eval_categories(pipe, sample))
         pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
         scaling, shift = pipe._latent_affine()
         z0, grid = pack_latents((pipe.vae.encode(pixels).latent_dist.mode() - shift) * scaling)
@@ -231,14 +242,14 @@ def share_maps(pipe, sample, seed: int = 0) -> np.ndarray:
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
         capture = {}
         model((1 - t) * z0 + t * noise, ref_tokens, text, pooled, t, None, target_hw=grid, ref_hws=ref_hws,
-              categories=eval_categories(pipe, n), attention_capture=capture)
+              categories=eval_categories(pipe, sample), attention_capture=capture)
         share = torch.stack(list(capture.values())).mean(0)[0]  # [N, L]
         return share.reshape(n, *grid).numpy()
     finally:
         model.set_capture_config(config)
 
 
-def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0) -> Path:
+def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0, name: str = "ablation.png") -> Path:
     """One line per row: references, the generated image, each subject's attention-share map."""
     import matplotlib
 
@@ -254,7 +265,7 @@ def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0
     fig, axes = plt.subplots(len(pipes), 2 * n + 1, figsize=(1.6 * (2 * n + 1), 1.7 * len(pipes)), squeeze=False)
     for r, (name, pipe) in enumerate(pipes.items()):
         maps = share_maps(pipe, sample, seed)
-        image = generate(pipe, sample.prompt, [s.image for s in sample.subjects], seed)
+        image = generate(pipe, sample.prompt, [s.image for s in sample.subjects], seed, eval_categories(pipe, sample))
         panels = [(_rgb(s.image), f"ref {k + 1}") for k, s in enumerate(sample.subjects)] + [(image, name)]
         panels += [(maps[k], f"share {k + 1}") for k in range(n)]
         for c, (panel, title) in enumerate(panels):
@@ -264,7 +275,7 @@ def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0
             ax.axis("off")
     fig.suptitle(sample.prompt[:90], fontsize=7)
     fig.tight_layout()
-    path = out / "ablation.png"
+    path = out / name
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -289,8 +300,9 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
         started = time.perf_counter()
         model = train_row(out, name, data[ROWS[name][1]], steps, batch_size, lr, seed)
         pipe = load_pipeline(model)
-        ident = evaluate_identity(pipe, data["held_out"], toyid, limit=eval_limit, seed=seed)["summary"]
-        attn = held_out_attention(pipe, data["held_out"], limit=min(eval_limit, 16), seed=seed)
+        held_out = data[ROWS[name][2]]
+        ident = evaluate_identity(pipe, held_out, toyid, limit=eval_limit, seed=seed)["summary"]
+        attn = held_out_attention(pipe, held_out, limit=min(eval_limit, 16), seed=seed)
         table[name] = {"toyid_mean": ident["gen_toyid_mean"], "toyid_min": ident["gen_toyid_min"],
                        "toyid_mean_shuffled": ident["gen_shuffled_toyid_mean"],
                        "toyid_mean_2subj": ident.get("gen_toyid_mean_2subj", float("nan")),
@@ -311,7 +323,10 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
               "eval_samples": eval_limit, "rows": table}
     previous.write_text(json.dumps(report, indent=2))
     (out / "ablation.md").write_text(format_table(report) + "\n")
-    figure(out, {name: pipes[name] for name in table}, data["held_out"], seed=seed)
+    for held_out in dict.fromkeys(ROWS[name][2] for name in table):  # one figure per held-out set
+        rows_here = {name: pipes[name] for name in table if ROWS[name][2] == held_out}
+        figure(out, rows_here, data[held_out], seed=seed, name="ablation.png" if held_out == "held_out"
+               else f"ablation_{held_out.removeprefix('held_out_')}.png")
     return report
 
 

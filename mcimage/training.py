@@ -6,9 +6,11 @@ the IDAR region loss on the ref-restricted shares of the chosen (double) blocks 
 
 The progressive recipe is a sequence of runs: `stage="single"` (single-subject samples only), then
 `stage="multi"` (samples with two or more subjects) with lambda = 0.3, started from the first run's
-adapter. One-for-All trains on single-subject pairs with `random_categories`: every step gives the
-subjects categories drawn (distinct within a sample) from the list, so every category block of the
-condition ids (eq. 2) learns from every kind of reference.
+adapter (MultiCrafter supp. Sec. B). One-for-All trains on single-subject pairs of any category, each
+reference keeping its true category, so each category's position block (eq. 2) learns the
+references that category shows (Sec. 3.2), with the pairs resampled by category
+(`config.category_weights`, 2:2:2:1 in App. H). `config.category_binding = "random"` (a random
+category per step, whatever the reference shows) is kept as an ablation only.
 
 FLUX shares one set of position ids across a batch. Batches are therefore drawn from one subject
 count; samples that still need different ids (other categories or descriptors) run as separate
@@ -56,6 +58,35 @@ def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
     return float(get("shift", 1.0))
 
 
+def equal_forwards(groups: list[tuple[tuple, list[int]]], device: torch.device) -> list[tuple[tuple, list[int], float]]:
+    """The forwards of one micro-batch, as many on every rank: [(key, rows, weight)].
+
+    FLUX shares one set of position ids per forward, so samples with other ids (categories,
+    descriptors) run as separate forwards; under ZeRO-3 every forward gathers parameters with a
+    collective, and ranks running different numbers of forwards would wait for each other forever.
+    Each rank therefore splits its largest groups (the loss is a sample-count-weighted mean, so a
+    split changes nothing) until it has as many as the rank with most; a rank with fewer samples
+    than that (some failed to decode) adds forwards of weight 0, which still take part in backward.
+    """
+    import torch.distributed as dist
+
+    target = len(groups)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = torch.tensor([target], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        target = int(count.item())
+    out = [(key, rows, 1.0) for key, rows in groups]
+    while len(out) < target:
+        largest = max(range(len(out)), key=lambda k: len(out[k][1]))
+        key, rows, weight = out[largest]
+        if len(rows) < 2:  # every group is one sample: repeat one at weight 0
+            out.append((out[0][0], out[0][1], 0.0))
+            continue
+        half = len(rows) // 2
+        out[largest:largest + 1] = [(key, rows[:half], weight), (key, rows[half:], weight)]
+    return out
+
+
 @dataclass
 class ImageDataArgs:
     data: str
@@ -63,7 +94,6 @@ class ImageDataArgs:
     width: int = 512
     ref_size: tuple[int, int] | None = None  # canvas of the references (default: the target size)
     stage: str = "all"  # all, single (one subject) or multi (two or more)
-    random_categories: tuple[str, ...] | None = None  # One-for-All: categories drawn per step
 
 
 @dataclass
@@ -72,7 +102,9 @@ class ImageModelArgs:
     base: str | None = None  # FLUX diffusers folder; None: the preset's random components
     adapter: str | None = None  # start from this adapter (its config wins over the preset)
     init_seed: int = 0
-    attn_loss_weight: float = 0.0  # lambda of IDAR; > 0 turns share capture on
+    # lambda of IDAR; > 0 turns share capture on. None: the preset's idar_lambda (MultiCrafter supp.
+    # Sec. B: 0.3) when IDAR is on and samples have several subjects, else 0.
+    attn_loss_weight: float | None = None
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
     guidance: float | None = None  # distilled-guidance value fed in training (default: the preset's)
@@ -96,6 +128,10 @@ class ImageTrainingSpec:
         else:
             raise InputError(f"--preset {model_args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
         overrides = dict(model_args.overrides)
+        if model_args.attn_loss_weight is None:
+            idar = overrides.get("idar", config.idar)
+            lam = overrides.get("idar_lambda", config.idar_lambda)
+            model_args.attn_loss_weight = float(lam) if idar and data_args.stage != "single" else 0.0
         if model_args.attn_loss_weight > 0:
             overrides.setdefault("idar", True)
         if overrides:
@@ -106,12 +142,6 @@ class ImageTrainingSpec:
         self.config = config
         if model_args.attn_loss_weight > 0 and not config.idar:
             raise InputError("--attn-loss-weight > 0 needs IDAR share capture (config idar=True)")
-        self.random_categories = None
-        if data_args.random_categories:
-            try:
-                self.random_categories = tuple(canonical_category(c) for c in data_args.random_categories)
-            except ValueError as err:
-                raise InputError(f"--random-categories: {err}") from None
         flux = config.flux
         if model_args.base is not None:
             import json
@@ -198,18 +228,42 @@ class ImageTrainingSpec:
         if too_many:
             raise InputError(f"--data {self.d.data}: {len(too_many)} samples have more than "
                              f"{self.config.max_subjects} subjects (first: {too_many[0]})")
-        if self.config.position_ids == "condition" and self.random_categories is None:
-            for s in samples:  # condition ids need one known, distinct category per reference
+        cfg = self.config
+        if cfg.uses_categories and cfg.category_binding == "true":
+            for s in samples:  # category ids need one known, distinct category per reference
                 try:
-                    check_categories(self.config, len(s.subjects), [x.category for x in s.subjects])
+                    check_categories(cfg, len(s.subjects), [x.category for x in s.subjects])
                 except ValueError as err:
-                    raise InputError(f"--data {self.d.data}: sample {s.id}: {err} (or pass --random-categories)") from None
-        if self.random_categories is not None:
+                    raise InputError(f"--data {self.d.data}: line {s.line} ({s.id}): {err}") from None
+        if cfg.category_binding == "random":
+            drawable = sum(w > 0 for w in cfg.category_weights.values())
             most = max(len(s.subjects) for s in samples)
-            if most > len(self.random_categories):
-                raise InputError(f"--random-categories has {len(self.random_categories)} categories but samples have "
-                                 f"up to {most} subjects")
+            if most > drawable:
+                raise InputError(f"category_binding random draws from {drawable} categories but samples have up to "
+                                 f"{most} subjects")
+        self.sample_weights(samples)  # its problems too are reported before DeepSpeed starts
         return samples
+
+    def sample_weights(self, samples: list) -> list[float] | None:
+        """Resampling weights, one per sample, that draw the categories in the ratio of
+        `config.category_weights` (a sample of category c: w_c / n_c); None without weights.
+
+        Applies to single-subject pairs (One-for-All's training data) with true categories; a
+        category of the data that the weights leave out is an error (say 0 to leave it out)."""
+        cfg = self.config
+        if not cfg.category_weights or cfg.category_binding == "random":
+            return None
+        multi = [s for s in samples if len(s.subjects) != 1]
+        if multi:
+            raise InputError(f"--data {self.d.data}: category resampling is for single-subject pairs and "
+                             f"{len(multi)} samples have several subjects (first: line {multi[0].line}); use "
+                             "--stage single or --category-weights none")
+        cats = [canonical_category(s.subjects[0].category) for s in samples]
+        missing = sorted(set(cats) - set(cfg.category_weights))
+        if missing:
+            raise InputError(f"--category-weights has no weight for {', '.join(missing)} (categories of the data)")
+        counts = {c: cats.count(c) for c in set(cats)}
+        return [cfg.category_weights[c] / counts[c] for c in cats]
 
     def build_data(self, rank: int, world_size: int, seed: int, batch_size: int):
         from idcrafter.data.buckets import Bucket
@@ -218,9 +272,14 @@ class ImageTrainingSpec:
         samples = self.load_samples()
         dataset = VideoDataset(samples, num_frames=1, buckets=[Bucket(self.height, self.width)],
                                ref_size=self.ref_size, max_subjects=self.config.max_subjects, seed=seed)
-        # Batches of one subject count share their position ids: one forward per step, not one per count.
-        keys = [None if key is None else (*key, len(s.subjects)) for key, s in zip(dataset.bucket_ids(), samples)]
-        sampler = BucketBatchSampler(keys, batch_size, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        # Batches of one subject count (and, with true categories, one category tuple) share their
+        # position ids: one forward per step, not one per kind of sample.
+        by_category = self.config.uses_categories and self.config.category_binding == "true"
+        keys = [None if key is None else (*key, len(s.subjects),
+                                          tuple(canonical_category(x.category) for x in s.subjects) if by_category else ())
+                for key, s in zip(dataset.bucket_ids(), samples)]
+        sampler = BucketBatchSampler(keys, batch_size, num_replicas=world_size, rank=rank, seed=seed, drop_last=True,
+                                     weights=self.sample_weights(samples))
         self.dataset = dataset
         return dataset, sampler, collate
 
@@ -240,8 +299,8 @@ class ImageTrainingSpec:
             if not text:
                 continue
             start = prompt.find(text)
-            if start < 0:
-                continue  # a descriptor the caption does not contain has no tokens to place
+            if start < 0:  # the manifest check refuses such samples (idcrafter.data.manifest)
+                raise ValueError(f"descriptor {text!r} is not in the prompt {prompt!r}")
             spans.append(DescriptorSpan(category, start, start + len(text), text))
         if not spans:
             return {}
@@ -278,15 +337,18 @@ class ImageTrainingSpec:
         Random categories are drawn once per subject count in the batch (distinct within a sample),
         so samples with the same count share ids and run in one forward.
         """
+        cfg = self.config
         drawn: dict[int, tuple[str, ...]] = {}
         out = []
         for count, cats in zip(cond["counts"], cond["categories"]):
-            if self.random_categories is not None:
+            if cfg.category_binding == "random":  # the ablation: a random category, whatever the reference shows
                 if count not in drawn:
-                    pick = torch.randperm(len(self.random_categories), generator=generator)[:count].tolist()
-                    drawn[count] = tuple(self.random_categories[i] for i in pick)
+                    names = list(cfg.category_weights)
+                    probs = torch.tensor([cfg.category_weights[n] for n in names], dtype=torch.float64)
+                    pick = torch.multinomial(probs, count, replacement=False, generator=generator).tolist()
+                    drawn[count] = tuple(names[i] for i in pick)
                 out.append(drawn[count])
-            elif self.config.position_ids == "condition":
+            elif cfg.uses_categories:
                 out.append(tuple(canonical_category(c) for c in cats[:count]))
             else:
                 out.append(None)
@@ -315,9 +377,10 @@ class ImageTrainingSpec:
 
         loss_flow = z0.new_zeros((), dtype=torch.float32)
         loss_attn, leak, attn_weight = z0.new_zeros((), dtype=torch.float32), 0.0, 0.0
-        for (n, cats, descriptors), rows in groups.items():
+        forwards = equal_forwards(list(groups.items()), z0.device)
+        for (n, cats, descriptors), rows, weight in forwards:
             idx = torch.tensor(rows, device=z0.device)
-            share = len(rows) / b
+            share = weight * len(rows) / b
             # One subject has nothing to leak to (its share is 1): no capture, no IDAR term.
             capture = {} if "assignment" in cond and n > 1 else None
             pred = model(
@@ -335,7 +398,7 @@ class ImageTrainingSpec:
                     leak += share * float(l_leak)
                     attn_weight += share
         loss = loss_flow
-        metrics = {"loss_flow": loss_flow.detach(), "forwards": float(len(groups))}
+        metrics = {"loss_flow": loss_flow.detach(), "forwards": float(len(forwards))}
         if "assignment" in cond:
             # Every rank logs the same keys; a step without multi-subject samples reports 0 for both.
             loss = loss + self.m.attn_loss_weight * loss_attn
@@ -358,5 +421,5 @@ class ImageTrainingSpec:
     def describe(self) -> dict:
         return {"preset": self.config.preset, "stage": self.d.stage, "size": [self.height, self.width],
                 "ref_size": list(self.ref_size), "attn_loss_weight": self.m.attn_loss_weight,
-                "random_categories": list(self.random_categories or [])}
+                "category_binding": self.config.category_binding, "category_weights": self.config.category_weights}
 

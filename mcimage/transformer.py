@@ -36,6 +36,8 @@ from idcrafter.core.layout import TokenLayout
 from idcrafter.core.moe_lora import inject_moe_lora
 from idcrafter.core.positions import (
     canonical_category,
+    category_index,
+    category_time_ids,
     condition_ids,
     target_ids,
     text_ids,
@@ -159,11 +161,14 @@ def build_sequence(
     hws = [_grid_of(length, None if ref_hws is None else ref_hws[k], f"reference {k}") for k, length in enumerate(ref_lens)]
 
     cats = check_categories(config, n, categories)
-    condition = config.position_ids == "condition"
 
     base_offset = target_hw if config.condition_base_offset else None
-    if condition:
+    if config.position_ids == "condition":
         refs = [condition_ids(c, hw, base_offset=base_offset) for c, hw in zip(cats or (), hws)]
+    elif config.position_ids == "temporal":  # One-for-All Var. 2: u = (c, 0, 0)
+        refs = [category_time_ids(c, hw) for c, hw in zip(cats or (), hws)]
+    elif config.position_ids == "index":  # One-for-All Var. 1: u = (0, 0, 0), categories by embedding
+        refs = [target_ids(*hw) for hw in hws]
     else:
         refs = uno_diagonal_ids(target_hw, hws)
     img_ids = torch.cat([target_ids(*target_hw), *refs], dim=0)
@@ -222,6 +227,15 @@ class MCImageTransformer(nn.Module):
         )
         adapter = config.adapter_config()
         self.adapter_modules: list[str] = inject_moe_lora(flux, adapter) if adapter is not None else []
+        # One-for-All's Var. 1: the references share the target's positions and are told apart by a
+        # learned vector per category added to their (packed latent) tokens; x_embedder is linear, so
+        # this is an index embedding of the hidden states too. Zero at initialisation.
+        self.category_embedding = None
+        if config.position_ids == "index":
+            from idcrafter.core.categories import CATEGORY_IDS
+
+            rows = max(CATEGORY_IDS.values()) + 1
+            self.category_embedding = nn.Parameter(torch.zeros(rows, flux.config.in_channels))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -320,6 +334,8 @@ class MCImageTransformer(nn.Module):
         if attention_capture is not None and not refs:
             raise ValueError("attention_capture needs at least one reference (shares are over reference tokens)")
         device = hidden_states.device
+        if self.category_embedding is not None and refs:
+            refs = [r + self.category_embedding[category_index(c)].to(r.dtype) for r, c in zip(refs, seq.categories)]
         x = torch.cat([hidden_states, *refs], dim=1) if refs else hidden_states
         capture = (
             capture_ref_shares(self.flux, seq.layout, chunk_size=self.config.share_chunk_size)
@@ -388,13 +404,16 @@ class MCImageTransformer(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def _added_parameters(self, kind: str) -> dict[str, nn.Parameter]:
-        """Parameters mcimage added to `flux`, named as in `flux.named_parameters()`."""
+        """Parameters mcimage added to `flux`, named as in `flux.named_parameters()`, and the
+        wrapper's own (`category_embedding`, One-for-All's Var. 1) under kind "adapter"."""
         out = {}
         for name, p in self.flux.named_parameters():
             is_lora = ".lora_" in name
             is_dam = ".processor.temperature." in name
             if (kind in ("lora", "adapter") and is_lora) or (kind in ("dam", "adapter") and is_dam):
                 out[name] = p
+        if kind == "adapter" and self.category_embedding is not None:
+            out["category_embedding"] = self.category_embedding
         return out
 
     def trainable_parameters(self, policy: str = "adapter") -> dict[str, nn.Parameter]:
@@ -407,6 +426,8 @@ class MCImageTransformer(nn.Module):
             raise ValueError(f"trainable_parameters: unknown policy {policy!r}; use one of {_POLICIES}")
         if policy == "all":
             selected = dict(self.flux.named_parameters())
+            if self.category_embedding is not None:
+                selected["category_embedding"] = self.category_embedding
         elif policy == "none":
             selected = {}
         else:
@@ -417,6 +438,8 @@ class MCImageTransformer(nn.Module):
                     f"(adapter={self.config.adapter!r}, dam={self.config.dam})"
                 )
         self.flux.requires_grad_(False)
+        if self.category_embedding is not None:
+            self.category_embedding.requires_grad_(False)
         for p in selected.values():
             p.requires_grad_(True)
         return selected

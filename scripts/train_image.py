@@ -4,16 +4,21 @@
 MultiCrafter's progressive recipe (two runs, the second from the first's adapter):
 
     deepspeed --num_gpus 8 scripts/train_image.py --preset multicrafter --base FLUX.1-dev \\
-        --data data/images.jsonl --stage single --lr 3e-5 --max-steps 40000 --output runs/mc_single \\
+        --data data/images.jsonl --stage single --max-steps 40000 --output runs/mc_single \\
         --deepspeed_config ds_configs/zero3.json --gradient-checkpointing
     deepspeed --num_gpus 8 scripts/train_image.py --preset multicrafter --base FLUX.1-dev \\
-        --adapter runs/mc_single/adapter --data data/images.jsonl --stage multi --lr 1e-5 \\
-        --attn-loss-weight 0.3 --output runs/mc_multi --deepspeed_config ds_configs/zero3.json
+        --adapter runs/mc_single/adapter --data data/images.jsonl --stage multi --max-steps 25000 \\
+        --output runs/mc_multi --deepspeed_config ds_configs/zero3.json
 
-One-for-All, single-subject pairs, each step giving the subject a random category:
+The preset carries the paper's settings (MultiCrafter supp. Sec. B): lr 3e-5 for single-subject
+pre-training, 1e-5 and the IDAR loss at lambda 0.3 for multi-subject training; `--lr` and
+`--attn-loss-weight` override them.
+
+One-for-All, single-subject pairs of any category, each keeping its own category (Sec. 3.2), the
+pairs resampled 2:2:2:1 by face / upper / lower / bag (App. H; `--category-weights`):
 
     deepspeed --num_gpus 8 scripts/train_image.py --preset one-for-all --base FLUX.1-Kontext-dev \\
-        --data data/pairs.jsonl --stage single --random-categories face upper lower bag --output runs/ofa
+        --data data/pairs.jsonl --stage single --output runs/ofa
 
 The manifest (DESIGN 8) has image samples: {"id", "image", "prompt", "subjects": [{"image",
 "mask"?, "category", "descriptor"?}]}. Without --base the preset's components start from random
@@ -48,10 +53,12 @@ def build_parser() -> ArgumentParser:
     add_run_arguments(p, lr=None, weight_decay=None)
     p.add_argument("--stage", default="all", choices=("all", "single", "multi"),
                    help="all, single (one-subject samples) or multi (two or more)")
-    p.add_argument("--attn-loss-weight", type=number(0, 100), default=0.0,
-                   help="lambda of the IDAR loss (0.3 in MultiCrafter)")
-    p.add_argument("--random-categories", nargs="+", default=None,
-                   help="One-for-All: give the subjects random distinct categories from this list every step")
+    p.add_argument("--attn-loss-weight", type=number(0, 100), default=None,
+                   help="lambda of the IDAR loss (default: the preset's, 0.3 for MultiCrafter, in the stages with "
+                        "several subjects; 0 for single-subject training)")
+    p.add_argument("--category-weights", default=None, metavar="CAT=W,...|none",
+                   help="resample single-subject pairs by category (default: the preset's; One-for-All 2:2:2:1 "
+                        "face=2,upper=2,lower=2,bag=1); none: no resampling")
     p.add_argument("--size", default="512x512", help="HEIGHTxWIDTH of the targets")
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
     p.add_argument("--trainable", default="adapter", choices=POLICIES, help="adapter (LoRA/MoE-LoRA + DAM), lora, dam or all")
@@ -76,6 +83,39 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def parse_category_weights(text: str | None) -> dict[str, float] | None | str:
+    """--category-weights: "face=2,upper=2,lower=2,bag=1" -> {name: weight}; "none" -> None;
+    not given -> "preset" (the config keeps its own)."""
+    if text is None:
+        return "preset"
+    if text.strip().lower() == "none":
+        return None
+    from idcrafter.core.categories import canonical_category
+    from idcrafter.utils.cli import check_number
+
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise InputError(f"--category-weights {text!r}: expected CATEGORY=WEIGHT,... or none")
+        try:
+            weights[canonical_category(name)] = check_number(float(value), f"--category-weights {name}", 0)
+        except ValueError as err:  # unknown category, not a number (InputError is a ValueError)
+            raise InputError(f"--category-weights {text!r}: {str(err).splitlines()[0]}") from None
+    if not any(weights.values()):
+        raise InputError(f"--category-weights {text!r}: every weight is 0")
+    return weights
+
+
+def overrides(args) -> dict:
+    """--set overrides plus --category-weights."""
+    out = parse_overrides(args.overrides)
+    weights = parse_category_weights(args.category_weights)
+    if weights != "preset":
+        out["category_weights"] = weights
+    return out
+
+
 def validate(args) -> None:
     """Everything that can be checked before a model loads or a file is written."""
     from idcrafter.train.cli import check_run_paths
@@ -90,12 +130,12 @@ def validate(args) -> None:
         check_model_folder(args.base, "--base", required=("transformer", "vae"))
     if args.adapter is not None:
         read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
-    if args.attn_loss_weight > 0 and args.stage == "single":
+    if args.attn_loss_weight and args.stage == "single":
         raise InputError("--attn-loss-weight needs samples with several subjects; use --stage multi or all")
     check_size(*parse_size(args.size, "--size", multiple=16))
     if args.ref_size is not None:
         check_size(*parse_size(args.ref_size, "--ref-size", multiple=16), "--ref-size")
-    parse_overrides(args.overrides)
+    overrides(args)
 
 
 def main(argv=None) -> int:
@@ -109,9 +149,8 @@ def main(argv=None) -> int:
         spec = ImageTrainingSpec(
             ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
                            init_seed=args.seed, attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
-                           overrides=parse_overrides(args.overrides)),
-            ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage,
-                          random_categories=tuple(args.random_categories) if args.random_categories else None),
+                           overrides=overrides(args)),
+            ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage),
             policy=args.trainable,
         )
         spec.load_samples()  # manifest problems are reported before DeepSpeed starts
@@ -124,7 +163,9 @@ def main(argv=None) -> int:
 
     setup_logging()
     cfg = spec.config
-    run_args = train_args(args, lr=args.lr if args.lr is not None else cfg.learning_rate,
+    # MultiCrafter supp. Sec. B: multi-subject training at a lower rate than single-subject pre-training.
+    preset_lr = cfg.multi_learning_rate if args.stage == "multi" and cfg.multi_learning_rate else cfg.learning_rate
+    run_args = train_args(args, lr=args.lr if args.lr is not None else preset_lr,
                           weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay)
     try:
         summary = Trainer(spec, run_args).run()

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Online RL post-training (Flow-GRPO / GSPO with a sliding SDE window) on DeepSpeed.
+"""Online RL post-training (Flow-GRPO / GSPO with an SDE window) on DeepSpeed.
 
     deepspeed scripts/train_rl.py --branch video --base BASE [--adapter ADAPTER] \\
         --data prompts.jsonl --eval-data held_out.jsonl --output runs/rl \\
         --reward "face=0.3,nexus=0.3,aesthetic=0.24,natural=0.16" --reward-option face.backend=dlib
-    deepspeed scripts/train_rl.py --branch image --objective gspo --preset multicrafter \\
+    deepspeed scripts/train_rl.py --branch image --preset multicrafter \\
         --base FLUX.1-dev --adapter runs/mc_multi/adapter --data prompts.jsonl --output runs/ippo \\
         --reward "face=0.5,clip_text=1.4,aesthetic=0.7" --size 512x512 --max-steps 300
 
-The image branch (MultiCrafter's IPPO) defaults to the image composite of DESIGN 7 and the sliding
-window T = 16, w = 2, tau = 50, s = 1.
+Defaults follow each paper. Video (ID-Crafter App. A.2, Tab. S.6): Flow-GRPO (the per-step
+objective) with the SDE at every sampling step (`--window full`, noise level a = 1.0), refining
+the identity modules (`--trainable new-modules`), lr 1e-5, AdamW (0.9, 0.95), gradient norm 1.0.
+Image (MultiCrafter supp. Sec. B, IPPO): GSPO on the sliding window T = 16, w = 2, tau = 50, s = 1,
+300 steps, the MoE-LoRA trained (`--trainable lora`). The KL reference (`--kl-weight`) is the
+policy as it was when RL started in both branches.
 
 The data is a standard manifest (DESIGN 8): only each line's prompt and subject images are used.
 --reward takes name=weight pairs (default: the video composite of DESIGN 7); --reward-option
@@ -37,6 +41,23 @@ from idcrafter.utils.cli import (  # noqa: E402
 )
 
 BRANCHES = ("video", "image")
+# Per branch, what the paper it implements does (module docstring): objective, window, trainable set.
+BRANCH_DEFAULTS = {"video": dict(objective="grpo", window="full", trainable="new-modules"),
+                   "image": dict(objective="gspo", window=2, trainable="lora")}
+
+
+def window_width(text: str) -> int | str:
+    """argparse type of --window: 'full' or a width in [1, 1000]."""
+    return "full" if text == "full" else integer(1, MAX_SAMPLING_STEPS)(text)
+
+
+def resolve_branch_defaults(args) -> None:
+    """Fill the options left out with the branch's paper defaults; --window full becomes T."""
+    for key, value in BRANCH_DEFAULTS[args.branch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.window == "full":
+        args.window = args.num_steps
 POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
 
 
@@ -54,11 +75,13 @@ def build_parser() -> ArgumentParser:
     add_run_arguments(p, max_steps=100, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
     p.add_argument("--reward", default=None, help="name=weight,... (default: the branch's composite)")
     p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE")
-    p.add_argument("--objective", default="grpo", choices=("grpo", "gspo"))
+    p.add_argument("--objective", default=None, choices=("grpo", "gspo"),
+                   help="grpo (per-step ratios) or gspo (sequence ratio); default: grpo for video, gspo for image")
     p.add_argument("--group-size", type=integer(2, 1024), default=4)
     p.add_argument("--groups", type=integer(1, 1024), default=1, help="groups per rank and iteration")
     p.add_argument("--num-steps", type=integer(1, MAX_SAMPLING_STEPS), default=16, help="T sampling steps of a rollout")
-    p.add_argument("--window", type=integer(1, MAX_SAMPLING_STEPS), default=2, help="w SDE steps that are trained")
+    p.add_argument("--window", type=window_width, default=None,
+                   help="w SDE steps that are trained, or 'full' (every step); default: full for video, 2 for image")
     p.add_argument("--window-every", type=integer(1), default=50, help="tau: iterations between window moves")
     p.add_argument("--window-stride", type=integer(1, MAX_SAMPLING_STEPS), default=1, help="s: steps the window moves")
     p.add_argument("--window-start", type=integer(0, MAX_SAMPLING_STEPS), default=0)
@@ -72,8 +95,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
     p.add_argument("--guidance-image", type=number(0, 100), default=None)
     p.add_argument("--guidance-text", type=number(0, 100), default=None)
-    p.add_argument("--trainable", default="lora", help="video: lora, new-modules+lora, new-modules or full; "
-                   "image: lora, adapter, dam or all")
+    p.add_argument("--trainable", default=None, help="video: new-modules (default), lora, new-modules+lora or full; "
+                   "image: lora (default: the MoE-LoRA), adapter, dam or all")
     p.add_argument("--size", default=None, help="image branch: HEIGHTxWIDTH of the samples (default 512x512)")
     p.add_argument("--ref-size", default=None, help="image branch: HEIGHTxWIDTH canvas of the references")
     p.add_argument("--categories", nargs="+", default=None,
@@ -132,10 +155,9 @@ def validate(args):
     from idcrafter.utils.cli import check_device
 
     check_run_paths(args, ("data", "eval_data"))
+    resolve_branch_defaults(args)
     if args.trainable not in POLICIES[args.branch]:
         raise InputError(f"--trainable {args.trainable!r}: use {', '.join(POLICIES[args.branch])}")
-    if args.kl_weight > 0 and "lora" not in args.trainable:
-        raise InputError("--kl-weight needs a LoRA policy: the reference policy is the model with LoRA off")
     if args.device is not None:
         check_device(args.device)
     if args.window > args.num_steps or args.window_start > args.num_steps - args.window:
@@ -157,7 +179,7 @@ def validate(args):
                 raise InputError(f"--{flag.replace('_', '-')} applies to the image branch only")
         from idcrafter.video.infer import check_vlm
 
-        check_vlm(args.vlm, config)
+        args.vlm = check_vlm(args.vlm, config, args.adapter, args.base)  # --vlm, or the adapter's recorded folder
     for name in ("data", "eval_data"):
         if getattr(args, name) is not None:
             read_samples(getattr(args, name), f"--{name.replace('_', '-')}", config.max_subjects)
@@ -175,7 +197,7 @@ def build_spec(args):
         try:
             return ImageRLSpec(
                 ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
-                               init_seed=args.seed),
+                               init_seed=args.seed, attn_loss_weight=0.0),  # RL has no SFT loss: no capture
                 data=args.data, eval_data=args.eval_data, policy=args.trainable, height=height, width=width,
                 ref_size=ref_size, categories=tuple(args.categories) if args.categories else None,
             )

@@ -99,7 +99,7 @@ def write_manifest(path: Path, records: list) -> Path:
 def good_records() -> list[dict]:
     return [
         {
-            "id": "two", "video": "videos/good.mp4", "prompt": "a square and a bar", "fps": 30, "split": "train",
+            "id": "two", "video": "videos/good.mp4", "prompt": "the white square and a bar", "fps": 30, "split": "train",
             "subjects": [
                 {"image": "refs/a.png", "mask": "masks/good_a.mp4", "category": "square", "bbox": [8, 24, 24, 40],
                  "descriptor": "the white square"},
@@ -150,6 +150,7 @@ def bad_manifest(files: Path) -> tuple[Path, dict[int, str]]:
         sample(21, fps=-3),  # 21
         sample(22, fps="30"),  # 22
         good[2],  # 23
+        sample(24, subjects=[{**subject, "descriptor": "a red hat"}]),  # 24: CCPA places a phrase of the prompt
     ]
     expected = {
         3: "not valid JSON",
@@ -172,6 +173,7 @@ def bad_manifest(files: Path) -> tuple[Path, dict[int, str]]:
         20: "needs x0 < x1 and y0 < y1",
         21: "fps must be a positive number",
         22: "fps must be a positive number",
+        24: "subjects[0].descriptor 'a red hat' does not occur in the prompt",
     }
     return write_manifest(files / "bad.jsonl", records), expected
 
@@ -375,7 +377,7 @@ class _Records(logging.Handler):
 def test_dataset_items(dataset_samples):
     ds = VideoDataset(dataset_samples, num_frames=9, fps=16, buckets=TINY_BUCKETS, ref_size=(32, 24))
     item = ds[0]
-    assert item["id"] == "two" and item["prompt"] == "a square and a bar"
+    assert item["id"] == "two" and item["prompt"] == "the white square and a bar"
     assert item["categories"] == ["square", "bar"] and item["descriptors"] == ["the white square", None]
     assert item["bucket"] == (32, 64)
     video, refs, masks = item["video"], item["refs"], item["masks"]
@@ -451,7 +453,7 @@ def test_collate_pads_subjects_and_drops_failures(dataset_samples):
     ds = VideoDataset(dataset_samples, num_frames=9, fps=16, buckets=TINY_BUCKETS, ref_size=(32, 24))
     ids = [s.id for s in ds.samples]
     batch = collate([ds[1], ds[ids.index("corrupt")], ds[0]])
-    assert batch["ids"] == ["one", "two"] and batch["prompts"] == ["a square", "a square and a bar"]
+    assert batch["ids"] == ["one", "two"] and batch["prompts"] == ["a square", "the white square and a bar"]
     assert batch["num_skipped"] == 1 and batch["bucket"] == (32, 64)
     assert batch["video"].shape == (2, 3, 9, 32, 64)
     assert batch["refs"].shape == (2, 2, 3, 32, 24) and torch.all(batch["refs"][0, 1] == 0)

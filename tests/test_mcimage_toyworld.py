@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("toyimage")
     held = write_image_dataset(root / "held", 6, seed=1, pool="held_out", size=toyworld.SIZE, ref_size=toyworld.REF_SIZE,
-                               subjects=(2, 3))
+                               subjects=(2, 3), categories=toyworld.CATEGORIES)
     models = {}
     for preset in ("toyworld-multicrafter", "toyworld-one-for-all"):
         pipe = MCImagePipeline.from_components(build_tiny_components(MCImageConfig.from_preset(preset), seed=0))
@@ -58,7 +58,9 @@ def test_held_out_attention_and_share_maps(setup, preset):
     # Shares over the references only: every token's shares sum to 1 across subjects.
     np.testing.assert_allclose(maps.sum(0), 1.0, atol=1e-5)
     assert {n: p.capture for n, p in pipe.transformer.processors.items()} == before  # capture restored
-    assert toyworld.eval_categories(pipe, n) == (list(toyworld.EVAL_CATEGORIES[:n]) if "one-for-all" in preset else None)
+    # One-for-All places each reference by its own category (the manifest's); UNO ids take none.
+    expected = [s.category for s in sample.subjects] if "one-for-all" in preset else None
+    assert toyworld.eval_categories(pipe, sample) == expected
 
 
 def test_figure_and_table(setup, tmp_path):
@@ -75,7 +77,10 @@ def test_figure_and_table(setup, tmp_path):
 def test_rows_are_consistent():
     from mcimage.config import PRESETS
 
-    for name, (preset, data, _flags) in toyworld.ROWS.items():
-        assert preset in PRESETS and data in ("train", "single"), name
-    assert toyworld.ROWS["one_for_all"][1] == "single" and "--random-categories" in toyworld.ROWS["one_for_all"][2]
+    for name, (preset, data, held_out, _flags) in toyworld.ROWS.items():
+        assert preset in PRESETS and data in ("train", "single", "single_categories"), name
+        assert held_out == ("held_out_categories" if data == "single_categories" else "held_out"), name
+    # One-for-All as published keeps each reference's category; the random assignment is the ablation.
+    assert toyworld.ROWS["one_for_all"][3] == []
+    assert toyworld.ROWS["one_for_all_random"][3] == ["--set", "category_binding=random"]
     assert Path(toyworld.TOYID / "toyid.json").is_file()

@@ -389,3 +389,22 @@ def test_routing_change_hand_numbers():
     change = routing_change(p_a, p_b)
     torch.testing.assert_close(change, torch.tensor([0.25 / (0.5 + 1e-6), 0.0, 0.25 / (0.25 + 1e-6), 0.0]))
     torch.testing.assert_close(routing_change(p_a[:3], p_b[:3], eps=0.0), torch.tensor([0.5, 0.0, 1.0]))
+
+
+def test_moe_lora_contributes_tells_a_fresh_adapter_from_a_trained_one():
+    """RL's KL reference: switching the adapters off is the starting policy only while B = 0."""
+    from idcrafter.core.moe_lora import moe_lora_contributes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    inject_moe_lora(model, MoELoRAConfig(rank=2, num_experts=2, target_modules=("0", "2")))
+    x = torch.randn(5, 8)
+    assert not moe_lora_contributes(model)
+    with moe_lora_disabled(model):
+        off = model(x)
+    torch.testing.assert_close(model(x), off)  # fresh: off == on
+    with torch.no_grad():
+        model[2].lora_B[1, 0, 0] = 0.5
+    assert moe_lora_contributes(model)
+    with moe_lora_disabled(model):
+        torch.testing.assert_close(model(x), off)  # off is unchanged by B ...
+    assert (model(x) - off).abs().max() > 1e-4  # ... and on now differs from it

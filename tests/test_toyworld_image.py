@@ -255,3 +255,36 @@ def test_toy_presets_build_the_codec_and_predict_clean_samples(preset):
     expected = torch.stack([(x_t[0] - x0_hat[0]) / 0.6, (x_t[1] - x0_hat[1]) / 0.05])
     torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(v, x0_hat)  # the conversion is not the identity
+
+
+def test_category_world_gives_each_category_its_look(tmp_path):
+    """One-for-All's binding needs categories that show: every subject's shape is one of its
+    category's, its sprite size and vertical place follow the category's style, and the manifest
+    names its category."""
+    import json
+
+    from idcrafter.toyworld.world import CATEGORY_STYLES
+
+    cats = ("face", "upper", "lower", "bag")
+    path = write_image_dataset(tmp_path, 40, seed=3, size=SIZE, ref_size=REF, subjects=(1, 3), categories=cats)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    meta = json.loads((tmp_path / "identities.json").read_text())["samples"]
+    seen = set()
+    for line, record in zip(lines, meta):
+        names = [s["category"] for s in line["subjects"]]
+        assert names == record["categories"] and len(set(names)) == len(names)
+        for name, key, (x0, y0, x1, y1) in zip(names, record["identities"], record["boxes"]):
+            style = CATEGORY_STYLES[name]
+            assert key.split("-")[0] in style.shapes
+            seen.add(name)
+            # the drawn shape sits inside its sprite box, so its centre is near the box centre
+            centre = (y0 + y1) / 2 / SIZE
+            lo, hi = style.band
+            assert lo - 0.15 <= centre <= hi + 0.15, (name, centre)
+            side = max(x1 - x0, y1 - y0) / SIZE
+            assert side <= style.size[1] + 0.02, (name, side)
+    assert seen == set(cats)
+    # the same call without categories draws exactly the old one-kind world
+    plain = write_image_dataset(tmp_path / "plain", 3, seed=3, size=SIZE, ref_size=REF, subjects=(1, 3))
+    old = [json.loads(line) for line in plain.read_text().splitlines()]
+    assert {s["category"] for line in old for s in line["subjects"]} == {"toy"}

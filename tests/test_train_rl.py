@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 from tiny_data import write_manifest
@@ -50,7 +51,7 @@ def test_two_ranks_zero3_two_iterations(setup, tmp_path):
     out = tmp_path / "run"
     proc = train_rl(out, data, "--max-steps", "2", "--save-every", "2", "--reward", "toyid=1",
                     "--reward-option", f"toyid.path={root / 'toyid'}", "--kl-weight", "0.01", "--eval-data", str(data),
-                    "--eval-every", "2", "--eval-limit", "2", "--normalise-rewards", ranks=2)
+                    "--eval-every", "2", "--eval-limit", "2", "--normalise-rewards", "--trainable", "lora", ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
@@ -79,7 +80,8 @@ def test_bad_arguments_exit_2(setup, tmp_path):
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--objective", "ppo"], "objective"),
         (["--group-size", "1"], "--group-size"),
-        (["--kl-weight", "0.1", "--trainable", "new-modules"], "LoRA"),
+        (["--window", "half"], "--window"),
+        (["--trainable", "dam"], "--trainable"),
     ]
     for extra, needle in cases:
         proc = train_rl(tmp_path / "bad", data, "--max-steps", "1", "--reward-option", f"toyid.path={root / 'toyid'}",
@@ -87,3 +89,35 @@ def test_bad_arguments_exit_2(setup, tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert needle in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
         assert not (tmp_path / "bad").exists()
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+
+
+def test_video_defaults_train_the_identity_modules_against_the_starting_policy(setup, tmp_path):
+    """ID-Crafter's RL by default: Flow-GRPO on every sampling step, the identity modules trained,
+    the KL reference the policy as RL found it (a frozen copy of those modules, saved with the
+    checkpoints). At the first update the policy is that reference (KL 0); after it, it is not.
+    A run resumed from its step-1 checkpoint reproduces the uninterrupted run's step 2."""
+    root, data = setup
+    common = ["--reward", "toyid=1", "--reward-option", f"toyid.path={root / 'toyid'}", "--kl-weight", "0.1",
+              "--save-every", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out, extra in ((straight, ["--max-steps", "2"]), (split, ["--max-steps", "1"]),
+                       (split, ["--max-steps", "2", "--resume", "auto"])):
+        proc = train_rl(out, data, *common, *extra, "--window", "full")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["policy"] == "new-modules" and summary["objective"] == "grpo"
+    rows = rows_of(straight)
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0
+    assert all(r["window_start"] == 0 for r in rows)
+    assert (straight / "checkpoints" / "step_00000001" / "start_policy_rank0.pt").is_file()
+    again = rows_of(split)
+    assert [r["step"] for r in again] == [1, 2]
+    for key in ("kl", "reward", "policy_loss"):
+        np.testing.assert_allclose(again[1][key], rows[1][key], rtol=1e-5, atol=1e-9)
+    # The identity modules trained: the exported cross-modal output projections left zero.
+    state = load_file(str(straight / "adapter" / "idcrafter_adapter.safetensors"))
+    assert float(state["cross_modal_attn.0.to_out.weight"].abs().max()) > 0

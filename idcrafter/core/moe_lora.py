@@ -287,6 +287,12 @@ def load_balancing_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([loss.float() for loss in losses]).sum()
 
 
+def moe_lora_contributes(model: nn.Module) -> bool:
+    """Whether any MoE-LoRA layer of `model` changes its output (a layer with B = 0 does not):
+    with only LoRA training, switching the adapters off is then *not* the starting model."""
+    return any(bool(layer.lora_B.detach().abs().max() > 0) for layer in moe_lora_layers(model).values())
+
+
 @contextlib.contextmanager
 def moe_lora_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model (adapters off), e.g. as the KL reference in online RL."""

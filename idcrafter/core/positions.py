@@ -47,6 +47,7 @@ __all__ = [
     "DescriptorSpan",
     "canonical_category",
     "category_index",
+    "category_time_ids",
     "ccpa_descriptor_ids",
     "condition_ids",
     "descriptor_token_indices",
@@ -121,6 +122,13 @@ def uno_diagonal_ids(target_hw: Sequence[int], ref_hws: Sequence[Sequence[int]])
         out.append(_grid_ids(h, w, 0, h_shift, w_shift))
         h_shift, w_shift = h_shift + h, w_shift + w
     return out
+
+
+def category_time_ids(category: str, ref_hw: Sequence[int]) -> torch.Tensor:
+    """One-for-All's Var. 2 (Sec. 4.5, Tab. 4): the category on the virtual time axis only,
+    u = (t, 0, 0): token (i, j) -> (c, i, j). [h_ref*w_ref, 3]."""
+    h, w = _check_hw(ref_hw, "ref_hw")
+    return _grid_ids(h, w, category_index(category), 0, 0)
 
 
 def condition_ids(

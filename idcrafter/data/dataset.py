@@ -453,6 +453,11 @@ class BucketBatchSampler(Sampler[list[int]]):
     batch k, exactly where a run stopped after k steps of this epoch; it applies to one
     iteration only, so later epochs start at 0. Samples whose key is None are left out.
 
+    With `weights` (one per sample) an epoch is instead as many samples as there are usable ones,
+    drawn with replacement with probability proportional to the weight (from (seed, epoch), so a
+    resumed run draws the same), then batched by key the same way: resampling such as One-for-All's
+    2:2:2:1 category balance.
+
     Args:
         dataset_or_bucket_ids: a dataset with `bucket_ids()` or one hashable key per sample.
     """
@@ -466,6 +471,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = True,
         skip_batches: int = 0,
+        weights: Sequence[float] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
@@ -479,6 +485,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         for index, key in enumerate(keys):
             if key is not None:
                 self.groups.setdefault(key, []).append(index)
+        self.weights = None
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (len(keys),) or not np.all(np.isfinite(weights)) or (weights < 0).any():
+                raise ValueError(f"weights must be {len(keys)} finite non-negative numbers, one per sample")
+            usable = [i for indices in self.groups.values() for i in indices]
+            if weights[usable].sum() <= 0:
+                raise ValueError("weights: the usable samples all have weight 0")
+            self.weights, self._usable = weights, usable
         self.batch_size = batch_size
         self.num_replicas = num_replicas
         self.rank = rank
@@ -494,8 +509,16 @@ class BucketBatchSampler(Sampler[list[int]]):
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches of `epoch` in global order (batch j goes to rank j % num_replicas)."""
         rng = np.random.default_rng([self.seed, epoch])
+        groups = self.groups
+        if self.weights is not None:
+            p = self.weights[self._usable] / self.weights[self._usable].sum()
+            drawn = rng.choice(self._usable, size=len(self._usable), replace=True, p=p)
+            key_of = {i: key for key, indices in self.groups.items() for i in indices}
+            groups = {key: [] for key in self.groups}
+            for i in drawn.tolist():
+                groups[key_of[i]].append(i)
         batches: list[list[int]] = []
-        for indices in self.groups.values():
+        for indices in groups.values():
             order = [indices[i] for i in rng.permutation(len(indices))]
             for begin in range(0, len(order), self.batch_size):
                 chunk = order[begin : begin + self.batch_size]

@@ -219,6 +219,10 @@ class _LineParser:
             self.problems.append("subjects is empty (a sample needs at least one subject)")
         else:
             parsed = [self.subject(s, k) for k, s in enumerate(subjects)]
+        for k, subject in enumerate(parsed):
+            # CCPA places a descriptor's own prompt tokens (One-for-All Sec. 3.3): it must be in the prompt.
+            if subject is not None and subject.descriptor and prompt and subject.descriptor not in prompt:
+                self.problems.append(f"subjects[{k}].descriptor {subject.descriptor!r} does not occur in the prompt")
         if self.problems:
             return None
         return Sample(

@@ -7,7 +7,7 @@ One iteration on every rank:
    the next group samples (off the training step);
 3. group-normalised advantages; re-score the window steps under the current policy with grad and
    take one optimizer step per inner epoch on the clipped GRPO (per step) or GSPO (per sequence)
-   objective, plus beta * KL to the reference policy (the LoRA adapter disabled);
+   objective, plus beta * KL to the reference policy: the policy as it was when RL started;
 4. log reward components, KL, clip fraction and window position; checkpoint and export as SFT does.
 
 The generic parts (distributed set-up, engine, checkpoints, resume, export, metric logs) come
@@ -133,10 +133,40 @@ class RLTrainer(Trainer):
         self.dataset = None
         self.sigmas = sigma_schedule(self.rl.num_steps, self.spec.flow_shift)
 
+    def build_model(self) -> None:
+        """The policy, and how the KL reference (the policy at the start of RL) is computed: with
+        only a LoRA training that starts at zero contribution, switching the LoRA off is that
+        policy exactly and free; otherwise (identity modules, or a LoRA trained before) a frozen
+        copy of the trainable weights is swapped in (`ParameterSnapshot`, saved with checkpoints)."""
+        super().build_model()
+        from idcrafter.core.moe_lora import moe_lora_contributes
+
+        self.reference_by_lora_off = self.args.trainable == "lora" and not moe_lora_contributes(self.model)
+        if self.rank == 0 and self.rl.kl_weight > 0:
+            logger.info("KL reference: the starting policy, as %s", "the model with its fresh LoRA off"
+                        if self.reference_by_lora_off else "a frozen copy of the trainable weights")
+
     def build_engine(self) -> None:
         # One optimizer step per inner epoch: DeepSpeed accumulates over the groups of an iteration.
         self.args.grad_accum = self.rl.groups
         super().build_engine()
+        self.start_policy = None
+        if self.rl.kl_weight > 0 and not self.reference_by_lora_off:
+            from idcrafter.train.ema import ParameterSnapshot
+
+            self.start_policy = ParameterSnapshot(self.params)
+
+    def snapshots(self) -> dict:
+        found = super().snapshots()
+        if self.start_policy is not None:
+            found["start_policy"] = self.start_policy
+        return found
+
+    def reference_policy(self) -> contextlib.AbstractContextManager:
+        """The block in which the model computes the KL reference policy."""
+        if self.start_policy is not None:
+            return self.start_policy.applied()
+        return self.spec.reference(self.engine.module)
 
     def _item_iterator(self):
         """Items in a per-(seed, epoch) order, this rank's share, resumable from `position`."""
@@ -204,7 +234,9 @@ class RLTrainer(Trainer):
                 cond = self.spec.condition(self.engine.module, item, self.device)
                 reference = None
                 if rl.kl_weight > 0:
-                    reference = _ReferenceVelocity(self.spec, self.engine.module, cond)
+                    with self.reference_policy(), torch.no_grad():  # the reference's own conditioning
+                        ref_cond = self.spec.condition(self.engine.module, item, self.device)
+                    reference = _ReferenceVelocity(self.reference_policy, self.spec.velocity(self.engine.module, ref_cond))
                 logp, kl = window_log_probs(self.spec.velocity(self.engine.module, cond), rollout, rl.noise_level,
                                             reference=reference)
                 loss, s = objective(logp, rollout.log_probs, adv, rl.clip_eps)
@@ -282,11 +314,11 @@ class RLTrainer(Trainer):
 
 
 class _ReferenceVelocity:
-    """The policy's velocity with the adapter (LoRA) switched off: the KL reference."""
+    """The KL reference's velocity: `velocity` evaluated inside `policy()` (the starting policy)."""
 
-    def __init__(self, spec: RLSpec, model: nn.Module, cond: Any):
-        self.spec, self.model, self.cond = spec, model, cond
+    def __init__(self, policy, velocity):
+        self.policy, self.velocity = policy, velocity
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with self.spec.reference(self.model):
-            return self.spec.velocity(self.model, self.cond)(x, sigma)
+        with self.policy():
+            return self.velocity(x, sigma)

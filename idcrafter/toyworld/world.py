@@ -36,6 +36,7 @@ from idcrafter.utils.io import atomic_write
 
 __all__ = [
     "CATEGORY",
+    "CATEGORY_STYLES",
     "FPS",
     "IDENTITY_WORDS",
     "MAX_SUBJECTS",
@@ -45,6 +46,7 @@ __all__ = [
     "SHAPES",
     "TEXTURES",
     "TEXTURE_ORIENTATIONS",
+    "CategoryStyle",
     "Clip",
     "Identity",
     "Motion",
@@ -108,6 +110,26 @@ IDENTITY_WORDS = frozenset(
     | {"white", "grey", "gray", "pink", "violet", "colour", "color", "coloured", "colored", "striped",
        "dotted", "checkered", "round", "circular", "triangular", "square", "rectangle", "hexagonal"}
 )
+
+@dataclass(frozen=True)
+class CategoryStyle:
+    """What a category looks like in the toy image world: the shapes its identities have, its
+    sprite side as a fraction of the frame, and the band of the frame (top to bottom, fractions)
+    its centre sits in. One-for-All binds each category to a position block (Sec. 3.2); that only
+    teaches something when a category's subjects share an appearance, as faces, garments and bags do."""
+
+    shapes: tuple[str, ...]
+    size: tuple[float, float]
+    band: tuple[float, float]
+
+
+# Faces round and high, upper garments broad in the middle, lower garments pointed and low, bags small.
+CATEGORY_STYLES: dict[str, CategoryStyle] = {
+    "face": CategoryStyle(("circle", "ring", "hexagon"), (0.35, 0.42), (0.2, 0.35)),
+    "upper": CategoryStyle(("square", "cross"), (0.42, 0.5), (0.45, 0.6)),
+    "lower": CategoryStyle(("triangle", "diamond"), (0.35, 0.42), (0.7, 0.82)),
+    "bag": CategoryStyle(("star",), (0.2, 0.26), (0.3, 0.8)),
+}
 
 _SUPERSAMPLE = 4  # sprites are drawn at 4x and box-filtered down: smooth edges at 16-24 px
 _SPRITE_FRACTION = (0.35, 0.45)  # sprite side / frame side
@@ -466,16 +488,25 @@ def check_num_frames(num_frames: int) -> None:
         raise ValueError(f"num_frames {num_frames} must be 4n+1 (e.g. 1, 9, 17, 81) for the Wan VAE")
 
 
-def sample_motion(size: int, rng: np.random.Generator, kind: str | None = None, depth: int = 0) -> Motion:
+def sample_motion(size: int, rng: np.random.Generator, kind: str | None = None, depth: int = 0,
+                  style: CategoryStyle | None = None) -> Motion:
     """A random constant-velocity motion of a sprite of 35-45% of the frame side, kept inside the
     frame; moving sprites cross at least half of the free range. kind None: uniform over
-    left-to-right, right-to-left, up, down, diagonal (one of four), still."""
+    left-to-right, right-to-left, up, down, diagonal (one of four), still. `style` (a still
+    category's): its sprite size, and its centre inside the style's vertical band."""
     if kind is None:
         kind = str(rng.choice(["left_to_right", "right_to_left", "up", "down", "diagonal", "still"]))
         if kind == "diagonal":
             kind = str(rng.choice(_DIAGONALS))
-    side = max(4, int(round(rng.uniform(*_SPRITE_FRACTION) * size)))
+    if style is not None and kind != "still":
+        raise ValueError("category styles place still sprites only (the toy image world)")
+    side = max(4, int(round(rng.uniform(*(style.size if style else _SPRITE_FRACTION)) * size)))
     free = float(size - side)
+    if style is not None:
+        x = float(rng.uniform(0.0, free))
+        y = float(np.clip(rng.uniform(*style.band) * size - side / 2.0, 0.0, free))
+        angle = float(rng.uniform(-_MAX_TILT / 2, _MAX_TILT / 2))
+        return Motion(kind, (x, y), (x, y), side, angle, angle, depth)
 
     def travel(sign: int) -> tuple[float, float]:
         a, b = rng.uniform(0.0, 0.25 * free), rng.uniform(0.75 * free, free)
@@ -613,6 +644,7 @@ def make_clip(
     background: np.ndarray | tuple[int, int, int] | None = None,
     motions: Sequence[Motion] | None = None,
     motion_kind: str | None = None,
+    styles: Sequence[CategoryStyle | None] | None = None,
 ) -> Clip:
     """A clip of 1-3 identities moving over a background -> `Clip` (frames uint8 [F, size, size, 3]).
 
@@ -643,7 +675,8 @@ def make_clip(
         best = None
         for _ in range(_LAYOUT_TRIES):
             order = rng.permutation(len(identities))
-            candidate = [sample_motion(size, rng, motion_kind, depth=int(order[k])) for k in range(len(identities))]
+            candidate = [sample_motion(size, rng, motion_kind, depth=int(order[k]),
+                                       style=None if styles is None else styles[k]) for k in range(len(identities))]
             rgb, alpha = _render_layers(identities, candidate, num_frames, size)
             weights = _visible_weights(alpha, [m.depth for m in candidate])
             whole = np.maximum((alpha > 0.5).sum(axis=(2, 3)), 1)
@@ -679,6 +712,7 @@ class ToySample:
     identities: tuple[Identity, ...]
     clip: Clip
     references: tuple[np.ndarray, ...]
+    categories: tuple[str, ...] = ()
 
 
 def sample_rng(seed: int, pool: str, index: int) -> np.random.Generator:
@@ -706,17 +740,34 @@ def make_sample(
     split_seed: int = 0,
     held_out_fraction: float = 0.2,
     motion_kind: str | None = None,
+    categories: Sequence[str] | None = None,
 ) -> ToySample:
     """Sample `index` of the dataset that `write_dataset` writes with the same arguments
-    (`write_image_dataset`: num_frames 1, motion_kind "still")."""
+    (`write_image_dataset`: num_frames 1, motion_kind "still").
+
+    categories: draw each subject's category (distinct within a sample) from these names of
+    `CATEGORY_STYLES`, its identity from the category's shapes and its layout from the category's
+    style (still images only); `ToySample.categories` records them. None: one kind of subject."""
     lo, hi = _check_subjects(subjects)
     rng = sample_rng(seed, pool, index)
     candidates = split_pools(split_seed, held_out_fraction)[POOLS.index(pool)]
     count = int(rng.integers(lo, hi + 1))
-    identities = tuple(candidates[int(i)] for i in rng.choice(len(candidates), size=count, replace=False))
-    clip = make_clip(identities, num_frames, size, rng, motion_kind=motion_kind)
+    if categories is None:
+        identities = tuple(candidates[int(i)] for i in rng.choice(len(candidates), size=count, replace=False))
+        cats, styles = (CATEGORY,) * count, None
+    else:
+        if count > len(categories):
+            raise ValueError(f"{count} subjects need {count} distinct categories, got {list(categories)}")
+        cats = tuple(str(c) for c in rng.choice(list(categories), size=count, replace=False))
+        styles = [CATEGORY_STYLES[c] for c in cats]
+        identities = []
+        for style in styles:
+            pool_k = [i for i in candidates if i.shape in style.shapes and i not in identities]
+            identities.append(pool_k[int(rng.integers(len(pool_k)))])
+        identities = tuple(identities)
+    clip = make_clip(identities, num_frames, size, rng, motion_kind=motion_kind, styles=styles)
     references = tuple(make_reference(identity, ref_size, rng) for identity in identities)
-    return ToySample(f"{pool}-{index:05d}", identities, clip, references)
+    return ToySample(f"{pool}-{index:05d}", identities, clip, references, cats)
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -803,8 +854,13 @@ def write_image_dataset(
     subjects: tuple[int, int] = (1, 3),
     split_seed: int = 0,
     held_out_fraction: float = 0.2,
+    categories: Sequence[str] | None = None,
 ) -> Path:
     """The toy world's image variant: still frames of the same identities -> `manifest.jsonl`.
+
+    categories: subjects of these `CATEGORY_STYLES` categories (each with its own shapes, size and
+    band of the frame; the manifest names each subject's category), for One-for-All's category
+    binding; None: one kind of subject (category "toy").
 
     Each sample is one frame of 1-3 still identities ("stays in the top left corner", ...):
     folder/images/<id>.png, folder/refs/<id>_<k>.png, folder/masks/<id>_<k>.png (visible mask,
@@ -824,18 +880,18 @@ def write_image_dataset(
     lines, records = [], []
     for index in range(num_samples):
         sample = make_sample(index, seed, pool, 1, size, ref_size, subjects, split_seed, held_out_fraction,
-                             motion_kind="still")
+                             motion_kind="still", categories=categories)
         _write_png(sample.clip.frames[0], folder / "images" / f"{sample.id}.png")
         entries = []
         for k, reference in enumerate(sample.references):
             _write_png(reference, folder / "refs" / f"{sample.id}_{k}.png")
             _write_png(sample.clip.masks[k, 0].astype(np.uint8) * 255, folder / "masks" / f"{sample.id}_{k}.png")
             entries.append({"image": f"refs/{sample.id}_{k}.png", "mask": f"masks/{sample.id}_{k}.png",
-                            "category": CATEGORY})
+                            "category": sample.categories[k]})
         lines.append(json.dumps({"id": sample.id, "image": f"images/{sample.id}.png", "prompt": sample.clip.prompt,
                                  "subjects": entries, "split": pool}))
         records.append({"id": sample.id, "identities": [i.key for i in sample.identities],
-                        "boxes": sample.clip.boxes[:, 0].tolist()})
+                        "categories": list(sample.categories), "boxes": sample.clip.boxes[:, 0].tolist()})
     meta = {"seed": seed, "pool": pool, "split_seed": split_seed, "held_out_fraction": held_out_fraction,
             "size": size, "ref_size": ref_size, "samples": records}
     _write_text(json.dumps(meta, indent=1) + "\n", folder / "identities.json")

@@ -66,8 +66,13 @@ def step_folders(ckpt_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda p: tag_step(p.name), reverse=True)
 
 
+def snapshot_file(name: str, rank: int) -> str:
+    """A rank's copy of a parameter snapshot: `ema_rank{r}.pt`, `start_policy_rank{r}.pt`, ..."""
+    return f"{name}_rank{rank}.pt"
+
+
 def ema_file(rank: int) -> str:
-    return f"ema_rank{rank}.pt"
+    return snapshot_file("ema", rank)
 
 
 def state_file(rank: int) -> str:
@@ -298,13 +303,14 @@ def safe_checkpoint_engine(engine):
 # ------------------------------------------------------------------------------------------ per-rank state
 
 
-def write_rank_state(folder: Path, rank: int, state: dict[str, int], ema: dict | None) -> None:
-    """What the trainer itself needs back from this rank (atomically: a kill leaves no half file)."""
+def write_rank_state(folder: Path, rank: int, state: dict[str, int], snapshots: dict[str, dict]) -> None:
+    """What the trainer itself needs back from this rank (atomically: a kill leaves no half file):
+    its position, and each named parameter snapshot's state (EMA, RL's start policy)."""
     with atomic_write(folder / state_file(rank)) as tmp:
         tmp.write_text(json.dumps(state))
-    if ema is not None:
-        with atomic_write(folder / ema_file(rank)) as tmp:
-            torch.save(ema, tmp)
+    for name, snapshot in snapshots.items():
+        with atomic_write(folder / snapshot_file(name, rank)) as tmp:
+            torch.save(snapshot, tmp)
 
 
 def read_rank_state(folder: Path, rank: int) -> dict[str, int]:
@@ -347,12 +353,20 @@ def check_rank_files(marker: Marker) -> None:
             raise Incomplete(f"{state_file(rank)} is not listed in {MARKER}")
 
 
-def check_compatible(tag: str, marker: Marker, world_size: int, ema: bool) -> None:
-    """A complete checkpoint this run can continue: same world size, EMA state when EMA is on."""
+# What each parameter snapshot a run keeps is, for the message when a checkpoint lacks it.
+SNAPSHOT_REASONS = {
+    "ema": "its run had no --ema-decay; resume it without --ema-decay or start a new --output",
+    "start_policy": "its run had no --kl-weight; resume it without --kl-weight or start a new --output",
+}
+
+
+def check_compatible(tag: str, marker: Marker, world_size: int, snapshots: tuple[str, ...] = ()) -> None:
+    """A complete checkpoint this run can continue: same world size, and every parameter snapshot
+    this run keeps (EMA, RL's start policy) saved by every rank."""
     check_world_size(tag, marker, world_size)
-    if ema and any(ema_file(r) not in marker.files for r in range(marker.world_size)):
-        raise InputError(f"checkpoint {tag} has no EMA state (its run had no --ema-decay); "
-                         "resume it without --ema-decay or start a new --output")
+    for name in snapshots:
+        if any(snapshot_file(name, r) not in marker.files for r in range(marker.world_size)):
+            raise InputError(f"checkpoint {tag} has no {name} state ({SNAPSHOT_REASONS.get(name, 'its run kept none')})")
 
 
 def check_world_size(tag: str, marker: Marker, world_size: int) -> None:
@@ -362,12 +376,12 @@ def check_world_size(tag: str, marker: Marker, world_size: int) -> None:
                          f"relaunch with {marker.world_size} ranks or start a new --output")
 
 
-def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, ema: bool = False) -> ResumeChoice:
+def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, snapshots: tuple[str, ...] = ()) -> ResumeChoice:
     """The checkpoint `--resume auto|TAG` means (call on rank 0; `Trainer` broadcasts the result).
 
     auto: the newest complete folder, walking back past unfinished or damaged ones (they are
     returned in `skipped` with the reason); none: start fresh. The newest complete checkpoint of
-    another world size (or without the EMA state this run keeps) is an error rather than something
+    another world size (or without a parameter snapshot this run keeps) is an error rather than something
     to walk past: resuming an older one, or starting over, would silently drop the newest progress. TAG: that checkpoint, or an InputError
     naming what is wrong and the complete tags there are. A pickle that needs a global other than
     DeepSpeed's is an InputError in both modes.
@@ -382,7 +396,7 @@ def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, ema: bool = 
             except Incomplete as why:
                 skipped.append((folder.name, str(why)))
                 continue
-            check_compatible(folder.name, marker, world_size, ema)
+            check_compatible(folder.name, marker, world_size, snapshots)
             return ResumeChoice(folder.name, marker, tuple(skipped))
         return ResumeChoice(None, None, tuple(skipped))
     tag = resume
@@ -399,5 +413,5 @@ def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, ema: bool = 
     except Incomplete as why:
         raise InputError(f"--resume {tag}: the checkpoint is incomplete ({why}); "
                          f"complete checkpoints: {available}") from None
-    check_compatible(tag, marker, world_size, ema)
+    check_compatible(tag, marker, world_size, snapshots)
     return ResumeChoice(tag, marker, ())

@@ -95,3 +95,34 @@ class MetricLog:
         if self.enabled:
             self.writer.close()
             self._jsonl.close()
+
+
+class DrawLog:
+    """Every sample a rank trained on: `draws/rank{r}.jsonl`, one line per micro-batch,
+    {"step", "ids", "categories"}, so a run's data order and its category balance can be audited.
+    A resumed run continues from the resumed step like `MetricLog` (later lines dropped)."""
+
+    def __init__(self, folder: str | Path, rank: int, resume_step: int | None = None):
+        self.path = Path(folder) / "draws" / f"rank{rank}.jsonl"
+        self.resume_step = resume_step
+        self._file = None  # opened at the first draw: trainers without batches (RL) write nothing
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = kept_lines(self.path.read_text() if self.path.is_file() else "", self.resume_step)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
+        return self.path.open("a")
+
+    def log(self, step: int, batch: dict) -> None:
+        if self._file is None:
+            self._file = self._open()
+        counts = batch["subject_mask"].sum(1).tolist()
+        row = {"step": step, "ids": list(batch["ids"]),
+               "categories": [list(c[:n]) for c, n in zip(batch["categories"], counts)]}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

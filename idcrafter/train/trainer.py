@@ -26,7 +26,7 @@ from torch import nn
 from idcrafter.train import checkpoint as ckpt
 from idcrafter.train.ds_config import prepare_ds_config, zero_stage
 from idcrafter.train.ema import ShardedEMA
-from idcrafter.train.metrics import MetricLog
+from idcrafter.train.metrics import DrawLog, MetricLog
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
@@ -154,7 +154,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 decision[0] = ckpt.choose_checkpoint(self.ckpt_dir, self.args.resume, self.world_size,
-                                                     ema=bool(self.args.ema_decay))
+                                                     snapshots=self.snapshot_names())
             except InputError as err:
                 decision[0] = str(err)
         self.dist.broadcast_object_list(decision, src=0)
@@ -228,18 +228,28 @@ class Trainer:
                              f"{ckpt.MARKER} for step {choice.marker.step}")
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.skipped_batches = state["skipped_batches"]
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt.safe_load(folder / ckpt.ema_file(self.rank), map_location="cpu"))
+        for name, snapshot in self.snapshots().items():
+            ckpt.check_compatible(choice.tag, choice.marker, self.world_size, (name,))
+            snapshot.load_state_dict(ckpt.safe_load(folder / ckpt.snapshot_file(name, self.rank), map_location="cpu"))
         self.resumed_from = choice.tag
         if self.rank == 0:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", choice.tag, self.step, self.epoch,
                         self.position)
 
+    def snapshot_names(self) -> tuple[str, ...]:
+        """The parameter snapshots this run keeps in its checkpoints (known before the model loads)."""
+        return ("ema",) if self.args.ema_decay else ()
+
+    def snapshots(self) -> dict:
+        """{name: ParameterSnapshot} saved with every checkpoint and restored on resume."""
+        return {"ema": self.ema} if self.ema is not None else {}
+
     def open_logs(self) -> None:
         """The first write to the run folder: logs continue from the resumed step (later rows of an
         interrupted attempt dropped) or start over."""
-        self.log = MetricLog(self.output, enabled=self.rank == 0,
-                             resume_step=self.step if self.resumed_from else None)
+        resume_step = self.step if self.resumed_from else None
+        self.log = MetricLog(self.output, enabled=self.rank == 0, resume_step=resume_step)
+        self.draws = DrawLog(self.output, self.rank, resume_step)
 
     progress_name = "train"
     progress_key = "loss"  # the metric shown on the progress bar
@@ -290,6 +300,7 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro in range(self.args.grad_accum):
             batch = next(self._batches)
+            self.draws.log(self.step + 1, batch)
             conditions = self.spec.prepare(batch, self.device)
             generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, micro, self.rank))
             loss, metrics = self.spec.loss(self.engine, conditions, generator)
@@ -315,7 +326,7 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         state = {"step": self.step, "epoch": self.epoch, "position": self.position,
                  "skipped_batches": self.skipped_batches}
-        ckpt.write_rank_state(folder, self.rank, state, self.ema.state_dict() if self.ema is not None else None)
+        ckpt.write_rank_state(folder, self.rank, state, {k: v.state_dict() for k, v in self.snapshots().items()})
         self.dist.barrier()
         if self.rank == 0:
             ckpt.write_marker(folder, self.step, self.world_size, zero_stage(self.ds_config))
@@ -369,6 +380,7 @@ class Trainer:
             if summary["failed_samples"]:
                 logger.warning("%d samples failed to decode and were skipped", summary["failed_samples"])
         self.log.close()
+        self.draws.close()
         return summary
 
     # ------------------------------------------------------------------ helpers
