@@ -314,15 +314,20 @@ def routing_statistics(
     ref_size: tuple[int, int] | None = None,
     max_sequence_length: int = 512,
     descriptor_tokens=None,
+    blocks: str = "all",
 ) -> RoutingStats:
-    """Generate one image and record every routed MoE-LoRA layer's mean gates ([L, E]).
+    """Generate one image and record every routed MoE-LoRA layer's mean gates ([L, E]) in `blocks`
+    ("all", "double": MultiCrafter supp. Sec. F's choice, or "single").
 
     Raises:
-        ValueError: the transformer has no MoE-LoRA layer with more than one expert.
+        ValueError: the transformer has no MoE-LoRA layer with more than one expert (in `blocks`).
     """
-    layers = [name for name, m in moe_lora_layers(pipe.transformer).items() if m.num_experts > 1]
+    routed = [name for name, m in moe_lora_layers(pipe.transformer).items() if m.num_experts > 1]
+    keep = set(_select(blocks, [name.removeprefix("flux.") for name in routed]))
+    layers = [name for name in routed if name.removeprefix("flux.") in keep]
     if not layers:
-        raise ValueError(f"the model (adapter={pipe.mc_config.adapter!r}) has no MoE-LoRA layers with a router")
+        raise ValueError(f"the model (adapter={pipe.mc_config.adapter!r}) has no MoE-LoRA layers with a router"
+                         + ("" if blocks == "all" else f" in the {blocks} blocks"))
     with record_routing(pipe.transformer) as record:
         pipe(
             prompt, refs, categories, height=height, width=width, num_inference_steps=steps, seed=seed,
@@ -335,20 +340,40 @@ def routing_statistics(
     return RoutingStats(prompt=prompt, layers=tuple(layers), probs=probs)
 
 
+def routing_change_over_seeds(
+    pipe: MCImagePipeline, prompt_a: str, prompt_b: str, seeds: Sequence[int], **kwargs
+) -> tuple[RoutingStats, RoutingStats, np.ndarray]:
+    """MultiCrafter supp. Sec. F: the routing change between two prompts averaged over seeds (4 in
+    the paper, on the double blocks), everything else fixed. Returns the gates of each prompt
+    averaged over the seeds and the mean over seeds of each seed's change |P_A - P_B| / (P_A + eps)
+    [L, E]. `kwargs` go to `routing_statistics` (refs, size, `blocks`, ...)."""
+    if not seeds:
+        raise ValueError("routing_change_over_seeds: give at least one seed")
+    runs = [(routing_statistics(pipe, prompt_a, seed=s, **kwargs), routing_statistics(pipe, prompt_b, seed=s, **kwargs))
+            for s in seeds]
+    change = np.mean([routing_change(torch.from_numpy(a.probs), torch.from_numpy(b.probs)).numpy() for a, b in runs], 0)
+    mean_a = RoutingStats(prompt_a, runs[0][0].layers, np.mean([a.probs for a, _ in runs], 0).astype(np.float32))
+    mean_b = RoutingStats(prompt_b, runs[0][1].layers, np.mean([b.probs for _, b in runs], 0).astype(np.float32))
+    return mean_a, mean_b, change.astype(np.float32)
+
+
 def routing_change_figure(
-    stats_a: RoutingStats, stats_b: RoutingStats, path: str | os.PathLike, eps: float = 1e-6
+    stats_a: RoutingStats, stats_b: RoutingStats, path: str | os.PathLike, eps: float = 1e-6,
+    change: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write the routing-change figure (PNG, atomically) and return the change matrix [L, E].
 
     Three heatmaps, layers x experts: the gates of prompt A, of prompt B, and
-    `routing_change(P_A, P_B) = |P_A - P_B| / (P_A + eps)`.
+    `routing_change(P_A, P_B) = |P_A - P_B| / (P_A + eps)` (or `change` when given, e.g. the
+    mean over seeds of `routing_change_over_seeds`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if stats_a.layers != stats_b.layers or stats_a.probs.shape != stats_b.probs.shape:
         raise ValueError("routing_change_figure: the two statistics come from different models (layers differ)")
-    change = routing_change(torch.from_numpy(stats_a.probs), torch.from_numpy(stats_b.probs), eps=eps).numpy()
+    if change is None:
+        change = routing_change(torch.from_numpy(stats_a.probs), torch.from_numpy(stats_b.probs), eps=eps).numpy()
     layers, experts = change.shape
     fig = Figure(figsize=(11.0, min(2.0 + 0.18 * layers, 40.0)), dpi=100)
     FigureCanvasAgg(fig)

@@ -5,8 +5,10 @@
         --refs dog.png [cat.png] [--categories ...] [--model FOLDER --adapter ADAPTER | --preset tiny-multicrafter] \\
         --out DIR [--attention]
 
-Writes DIR/routing_change.png (gates of each prompt and |P_A - P_B| / (P_A + eps), layers x experts)
-and DIR/routing.json (per-layer mean gates of each prompt and the change matrix). With --attention
+As MultiCrafter's supplement (Sec. F) measures it: the routing change |P_A - P_B| / (P_A + eps) of
+each seed, averaged over --seeds seeds (4), on the double blocks' routed layers (--blocks). Writes
+DIR/routing_change.png (gates of each prompt averaged over the seeds and the mean change, layers x
+experts) and DIR/routing.json (the same numbers, and the seeds). With --attention
 also DIR/attention_maps.png and DIR/attention_maps.npz (the per-subject attention maps of prompt A).
 Without --model a random tiny model of --preset runs on the CPU (for trying the tool, not results).
 """
@@ -46,7 +48,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--attention", action="store_true", help="also write the per-subject attention maps")
     p.add_argument("--size", default=None, help="HEIGHTxWIDTH (default 512x512, 32x32 for tiny presets)")
     p.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="denoising steps (default: from the model config)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise (same for both prompts)")
+    p.add_argument("--seed", type=seed, default=0, help="first seed of the initial noise (same for both prompts)")
+    p.add_argument("--seeds", type=integer(1, 64), default=4,
+                   help="seeds the routing change is averaged over: --seed, --seed + 1, ... (MultiCrafter supp. Sec. F: 4)")
+    p.add_argument("--blocks", default="double", choices=("double", "single", "all"),
+                   help="routed layers of these blocks (MultiCrafter supp. Sec. F: the double blocks)")
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
     p.add_argument("--t", type=number(0, 1, lo_open=True), default=0.5, help="--attention: re-noising time in (0, 1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -153,7 +159,7 @@ def write(pipe, args, height: int, width: int) -> None:
     from mcimage.analysis import (
         attention_figure,
         routing_change_figure,
-        routing_statistics,
+        routing_change_over_seeds,
         subject_attention_maps,
     )
     from mcimage.presets import TINY_T5_LENGTH
@@ -163,15 +169,19 @@ def write(pipe, args, height: int, width: int) -> None:
     common = dict(refs=args.refs, categories=args.categories, height=height, width=width, seed=args.seed,
                   steps=args.steps, max_sequence_length=text_length,
                   ref_size=_size(args.ref_size, False, "--ref-size") if args.ref_size else None)
-    stats_a = routing_statistics(pipe, args.prompt_a, **common)
-    stats_b = routing_statistics(pipe, args.prompt_b, **common)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    routing = {k: v for k, v in common.items() if k != "seed"}
+    stats_a, stats_b, change = routing_change_over_seeds(pipe, args.prompt_a, args.prompt_b, seeds,
+                                                         blocks=args.blocks, **routing)
     att = subject_attention_maps(pipe, args.prompt_a, t=args.t, **common) if args.attention else None
 
     out = Path(args.out)
-    change = routing_change_figure(stats_a, stats_b, out / "routing_change.png")
+    routing_change_figure(stats_a, stats_b, out / "routing_change.png", change=change)
     payload = {
         "prompt_a": args.prompt_a,
         "prompt_b": args.prompt_b,
+        "seeds": seeds,
+        "blocks": args.blocks,
         "layers": list(stats_a.layers),
         "experts": int(change.shape[1]),
         "gates_a": stats_a.probs.tolist(),

@@ -30,6 +30,7 @@ from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, numbe
 
 def build_parser() -> ArgumentParser:
     from idcrafter.train.cli import add_run_arguments
+    from idcrafter.video.config import HIERARCHIES
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="tiny, toyworld, wan-1.3b or wan-14b (default: tiny, or the adapter's)")
@@ -48,7 +49,9 @@ def build_parser() -> ArgumentParser:
                    help="probability of training without subjects (for guidance)")
     p.add_argument("--drop-text", type=number(0, 1, hi_open=True), default=0.1,
                    help="probability of training with the empty prompt (for guidance)")
-    p.add_argument("--hierarchy", default=None, choices=("full", "stage3", "plain"), help="ablations (default: full)")
+    p.add_argument("--hierarchy", default=None, choices=HIERARCHIES,
+                   help="ablations of ID-Crafter Tab. S.5: no-intra, no-inter, no-cross (w/o stage 1 / 2 / 3), "
+                        "stage3 (vanilla), plain (default: full)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--frames", type=integer(1), default=None, help="frames per clip, 4n+1 (default: preset)")
     p.add_argument("--fps", type=integer(1, 240), default=16, help="frame rate clips are sampled at")
@@ -63,7 +66,7 @@ def validate(args) -> list:
     from idcrafter.train.cli import check_run_paths
     from idcrafter.utils.cli import check_input_dir, parse_size
     from idcrafter.utils.folders import check_model_folder
-    from idcrafter.video.config import PRESETS, IDCrafterConfig
+    from idcrafter.video.config import PRESETS, STAGE3_HIERARCHIES, IDCrafterConfig
     from idcrafter.video.infer import check_vlm, model_limits, read_adapter, vlm_hidden_size, vlm_identity
 
     if args.preset is not None and args.preset not in PRESETS:
@@ -84,8 +87,9 @@ def validate(args) -> list:
                              f"reads {config.vlm_dim} (it was trained with another VLM)")
     elif config.use_vlm:  # an adapter with a connector keeps training it, on the VLM it recorded
         args.vlm = check_vlm(None, config, args.adapter, args.base)
-    if args.vlm is not None and (args.hierarchy or config.hierarchy) == "plain":
-        raise InputError("--vlm: the plain ablation has no cross-modal attention to read VLM tokens")
+    if args.vlm is not None and (args.hierarchy or config.hierarchy) not in STAGE3_HIERARCHIES:
+        raise InputError(f"--vlm: the {args.hierarchy or config.hierarchy} ablation has no cross-modal attention "
+                         "to read VLM tokens")
     if args.cache is not None:
         from idcrafter.data.cache import stored_encoders
 

@@ -168,6 +168,23 @@ def test_routing_statistics_and_change(tmp_path, pipe):
         assert png.format == "PNG"
 
 
+def test_routing_change_over_seeds_is_the_mean_of_each_seeds_change(pipe):
+    """MultiCrafter supp. Sec. F: per-seed change ratios averaged over seeds, double blocks only."""
+    from mcimage.analysis import routing_change_over_seeds
+
+    kw = {**{k: v for k, v in KW.items() if k != "seed"}, "blocks": "double"}
+    mean_a, mean_b, change = routing_change_over_seeds(pipe, "a red thing", "a blue box on a table", [0, 1],
+                                                       refs=_refs(), **kw)
+    runs = [(routing_statistics(pipe, "a red thing", _refs(), **{**kw, "seed": s}),
+             routing_statistics(pipe, "a blue box on a table", _refs(), **{**kw, "seed": s})) for s in (0, 1)]
+    per_seed = [np.abs(a.probs - b.probs) / (a.probs + 1e-6) for a, b in runs]
+    np.testing.assert_allclose(change, np.mean(per_seed, 0), rtol=1e-5)
+    np.testing.assert_allclose(mean_a.probs, (runs[0][0].probs + runs[1][0].probs) / 2, rtol=1e-6)
+    assert mean_a.layers and all(n.startswith("flux.transformer_blocks.") for n in mean_a.layers)
+    every = routing_statistics(pipe, "a red thing", _refs(), **KW)
+    assert len(every.layers) > len(mean_a.layers)  # the single blocks' routed layers are left out
+
+
 def test_routing_needs_moe_lora():
     pipe = MCImagePipeline.from_components(build_tiny_components(MCImageConfig.from_preset("tiny-one-for-all"), seed=0))
     with pytest.raises(ValueError, match="has no MoE-LoRA layers"):
@@ -192,12 +209,15 @@ def test_cli_writes_figures_and_json(tmp_path, ref_files):
     rc = _script("analyze_routing").main([
         "--prompt-a", "a red thing", "--prompt-b", "a blue box on a table", "--refs", *ref_files,
         "--preset", "tiny-multicrafter", "--size", "32x32", "--steps", "2", "--out", str(out), "--attention",
+        "--seeds", "1",  # one seed: the change is that of the recorded gates (several: test above)
     ])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "attention_maps.npz", "attention_maps.png", "routing.json", "routing_change.png",
     ]
     data = json.loads((out / "routing.json").read_text())
+    assert data["seeds"] == [0] and data["blocks"] == "double"
+    assert data["layers"] and all(n.startswith("flux.transformer_blocks.") for n in data["layers"])
     gates_a, gates_b, change = (np.array(data[k]) for k in ("gates_a", "gates_b", "change"))
     assert gates_a.shape == (len(data["layers"]), data["experts"]) == change.shape
     np.testing.assert_allclose(gates_a.sum(1), 1, atol=1e-5)

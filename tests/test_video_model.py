@@ -204,3 +204,47 @@ def test_ablation_hierarchies(hierarchy):
         assert sorted(capture) == ["blocks.0.attn2", "blocks.1.attn2"]
     for share in capture.values():
         torch.testing.assert_close(share.sum(1), torch.ones(2, 48), atol=1e-5, rtol=0)
+
+
+def _with_weights_of(full, config):
+    """A model of `config` on the same Wan weights, holding `full`'s adapter weights where it has them."""
+    torch.manual_seed(0)
+    model = IDCrafterTransformer.from_wan(WanTransformer3DModel(**config.wan), config).eval()
+    model.wan.load_state_dict(full.wan.state_dict())
+    state = full.adapter.state_dict()
+    mine = model.adapter.state_dict()
+    model.adapter.load_state_dict({k: state[k] for k in mine})
+    return model, sorted(set(state) - set(mine))
+
+
+@pytest.mark.parametrize("hierarchy, removed", [("no-intra", "intra"), ("no-inter", "inter_subject"), ("no-cross", "cross_modal")])
+def test_tab_s5_ablations_remove_exactly_their_stage(hierarchy, removed):
+    """ID-Crafter Tab. S.5's "w/o Stage 1/2/3": the stage's weights are gone and the output is the
+    full model's with that stage switched off: stage 1 or 2 by zeroing its output projection or
+    gate in the full model (an independent way to remove it); stage 3 replaced by the tower's
+    tokens as extra keys of the text cross-attention. At initialisation w/o stage 1 or 2 is the
+    base model (stage 3 starts at zero)."""
+    config = IDCrafterConfig.from_preset("tiny", hierarchy=hierarchy)
+    stock, fresh = stock_and_ours(config=config)
+    x, subjects = inputs()
+    with torch.no_grad():
+        base = stock(**x, return_dict=False)[0]
+        if hierarchy != "no-cross":
+            torch.testing.assert_close(fresh(**x, return_dict=False, subjects=subjects)[0], base, atol=1e-5, rtol=0)
+    _, full = stock_and_ours()
+    perturb_adapter(full)
+    variant, gone = _with_weights_of(full, config)
+    assert gone and all(removed in k for k in gone), gone
+    with torch.no_grad():
+        got = variant(**x, return_dict=False, subjects=subjects)[0]
+        with_all = full(**x, return_dict=False, subjects=subjects)[0]
+        assert (got - with_all).abs().max() > 1e-3  # the stage mattered
+        if hierarchy != "no-cross":
+            for layer in full.adapter.subject_tower.layers:  # switch the stage off inside the full model
+                zero = layer.intra_subject_attn.to_out if hierarchy == "no-intra" else layer.inter_subject_gate
+                zero.weight.zero_()
+                zero.bias.zero_()
+            torch.testing.assert_close(got, full(**x, return_dict=False, subjects=subjects)[0], atol=1e-5, rtol=0)
+        else:
+            assert len(variant.adapter.cross_modal_attn) == 0 and len(variant.adapter.subject_tower.layers) == 2
+            assert (got - base).abs().max() > 1e-3  # the tower's tokens reach the video through the text keys

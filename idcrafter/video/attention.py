@@ -80,28 +80,38 @@ class _Attention(nn.Module):
 
 
 class SubjectTowerLayer(nn.Module):
-    """Stages 1-2 on subject tokens F [B, N, T, D] with subject_mask [B, N] (False = padding)."""
+    """Stages 1-2 on subject tokens F [B, N, T, D] with subject_mask [B, N] (False = padding).
 
-    def __init__(self, dim: int, heads: int):
+    `intra` / `inter` False leave a stage out (its modules are not built): ID-Crafter Tab. S.5's
+    "w/o Stage 1" and "w/o Stage 2".
+    """
+
+    def __init__(self, dim: int, heads: int, intra: bool = True, inter: bool = True):
         super().__init__()
-        self.norm_intra = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.intra_subject_attn = _Attention(dim, heads)
-        self.norm_inter = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # The gate W_g starts at zero, which alone makes stage 2 contribute nothing at step 0. Its
-        # attention keeps a live output projection: with both zero, each one's gradient is a
-        # multiple of the other and neither could ever move.
-        self.inter_subject_attn = _Attention(dim, heads, zero_out=False)
-        self.inter_subject_gate = nn.Linear(dim, dim)  # W_g
-        nn.init.zeros_(self.inter_subject_gate.weight)
-        nn.init.zeros_(self.inter_subject_gate.bias)
+        self.intra, self.inter = intra, inter
+        if intra:
+            self.norm_intra = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.intra_subject_attn = _Attention(dim, heads)
+        if inter:
+            self.norm_inter = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            # The gate W_g starts at zero, which alone makes stage 2 contribute nothing at step 0. Its
+            # attention keeps a live output projection: with both zero, each one's gradient is a
+            # multiple of the other and neither could ever move.
+            self.inter_subject_attn = _Attention(dim, heads, zero_out=False)
+            self.inter_subject_gate = nn.Linear(dim, dim)  # W_g
+            nn.init.zeros_(self.inter_subject_gate.weight)
+            nn.init.zeros_(self.inter_subject_gate.bias)
 
     def forward(self, feats: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
         b, n, t, d = feats.shape
-        # 1. intra-subject: each subject attends to its own tokens only.
-        x = self.norm_intra(feats).flatten(0, 1)  # [B*N, T, D]
-        attn = self.intra_subject_attn
-        out = attention(attn.query(x), *attn.key_value(x))
-        feats = feats + attn.to_out(_merge_heads(out)).unflatten(0, (b, n))
+        if self.intra:
+            # 1. intra-subject: each subject attends to its own tokens only.
+            x = self.norm_intra(feats).flatten(0, 1)  # [B*N, T, D]
+            attn = self.intra_subject_attn
+            out = attention(attn.query(x), *attn.key_value(x))
+            feats = feats + attn.to_out(_merge_heads(out)).unflatten(0, (b, n))
+        if not self.inter:
+            return feats
         # 2. gated inter-subject: subject k reads the other (existing) subjects' tokens.
         x = self.norm_inter(feats).flatten(1, 2)  # [B, N*T, D]
         attn = self.inter_subject_attn
@@ -116,9 +126,9 @@ class SubjectTowerLayer(nn.Module):
 class SubjectTower(nn.Module):
     """K tower layers: tokens [B, N, T, D] -> [F^0, ..., F^{K-1}], each [B, N, T, D]."""
 
-    def __init__(self, dim: int, heads: int, num_layers: int):
+    def __init__(self, dim: int, heads: int, num_layers: int, intra: bool = True, inter: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([SubjectTowerLayer(dim, heads) for _ in range(num_layers)])
+        self.layers = nn.ModuleList([SubjectTowerLayer(dim, heads, intra, inter) for _ in range(num_layers)])
         self.gradient_checkpointing = False
 
     def forward(self, feats: torch.Tensor, subject_mask: torch.Tensor) -> list[torch.Tensor]:

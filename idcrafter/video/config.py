@@ -37,6 +37,12 @@ WAN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The method and the ablations of ID-Crafter's Tab. S.5 (see `IDCrafterConfig.hierarchy`).
+HIERARCHIES = ("full", "no-intra", "no-inter", "no-cross", "stage3", "plain")
+TOWER_HIERARCHIES = ("full", "no-intra", "no-inter", "no-cross")  # stages 1-2 run (one of them ablated)
+STAGE3_HIERARCHIES = ("full", "no-intra", "no-inter", "stage3")  # the video reads subjects through stage 3
+
+
 @dataclass
 class IDCrafterConfig:
     """What ID-Crafter adds to a Wan transformer, and its sampling defaults.
@@ -56,9 +62,11 @@ class IDCrafterConfig:
         ref_size: side of the square canvas references are fitted onto before encoding (None:
             the output size). The toy world uses a smaller canvas so a reference shows its
             subject at about the size it has in the video.
-        hierarchy: "full" (stages 1-3, the method), or for ablations "stage3" (cross-modal
-            attention on the encoded references, no subject tower) and "plain" (reference tokens
-            appended to the keys of the stock text cross-attention: no new attention at all).
+        hierarchy: "full" (stages 1-3, the method), or the ablations of ID-Crafter's Tab. S.5:
+            "no-intra" (w/o stage 1), "no-inter" (w/o stage 2), "no-cross" (w/o stage 3: the
+            tower's subject tokens join the keys of the stock text cross-attention), "stage3"
+            (vanilla attention: stage 3 on the encoded references, no tower), and "plain"
+            (reference tokens appended to the text keys: no new attention at all).
         prediction: what the transformer outputs: "velocity" (Wan's v = eps - x0) or "sample"
             (x0; converted to v = (z_t - x0) / t), which suits large pixel-patch tokens.
         preset: the name this config came from (informational).
@@ -91,8 +99,10 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_subjects < 1:
             raise ValueError(f"IDCrafterConfig: max_subjects must be >= 1, got {self.max_subjects}")
-        if self.hierarchy not in ("full", "stage3", "plain"):
-            raise ValueError(f"IDCrafterConfig: hierarchy must be full, stage3 or plain, got {self.hierarchy!r}")
+        if self.hierarchy not in HIERARCHIES:
+            raise ValueError(f"IDCrafterConfig: hierarchy must be one of {', '.join(HIERARCHIES)}, got {self.hierarchy!r}")
+        if self.use_vlm and not self.uses_stage3:
+            raise ValueError(f"IDCrafterConfig: hierarchy {self.hierarchy!r} has no cross-modal attention to read VLM tokens")
         if self.prediction not in ("velocity", "sample"):
             raise ValueError(f"IDCrafterConfig: prediction must be velocity or sample, got {self.prediction!r}")
         if self.use_vlm and not self.vlm_dim:
@@ -105,6 +115,16 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: ref_size must be a positive multiple of 16, got {self.ref_size}")
         if isinstance(self.wan.get("patch_size"), list):
             self.wan["patch_size"] = tuple(self.wan["patch_size"])
+
+    @property
+    def uses_tower(self) -> bool:
+        """Stages 1-2 (the subject tower) run, with one of them when ablating the other."""
+        return self.hierarchy in TOWER_HIERARCHIES
+
+    @property
+    def uses_stage3(self) -> bool:
+        """The video tokens read the subjects through stage 3's own cross-attention."""
+        return self.hierarchy in STAGE3_HIERARCHIES
 
     def ref_canvas(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width) references are fitted onto: ref_size, else the output size."""

@@ -51,7 +51,7 @@ class VideoModelArgs:
     # negative/empty prompt (v_uncond, v_ref).
     drop_subjects: float = 0.1
     drop_text: float = 0.1
-    hierarchy: str | None = None  # override for ablations: full, stage3, plain
+    hierarchy: str | None = None  # override for ablations (IDCrafterConfig.hierarchy)
     # Qwen2.5-VL folder: train the VLM connector (use_vlm). The VLM itself stays frozen.
     vlm: str | None = None
 

@@ -71,9 +71,10 @@ class IDCrafterAdapter(nn.Module):
     def __init__(self, config: IDCrafterConfig, dim: int, heads: int, num_blocks: int):
         super().__init__()
         self.subject_encoder = SubjectEncoder(config.latent_channels, dim, config.max_subjects, config.subject_patch)
-        tower_layers = num_blocks if config.hierarchy == "full" else 0
-        self.subject_tower = SubjectTower(dim, heads, tower_layers)
-        stage3 = num_blocks if config.hierarchy != "plain" else 0
+        tower_layers = num_blocks if config.uses_tower else 0
+        self.subject_tower = SubjectTower(dim, heads, tower_layers, intra=config.hierarchy != "no-intra",
+                                          inter=config.hierarchy != "no-inter")
+        stage3 = num_blocks if config.uses_stage3 else 0
         self.cross_modal_attn = nn.ModuleList([CrossModalAttention(dim, heads) for _ in range(stage3)])
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
@@ -105,7 +106,7 @@ class IDCrafterTransformer(nn.Module):
         self.adapter.to(dtype=next(wan.parameters()).dtype, device=next(wan.parameters()).device)
         for layer, block in enumerate(wan.blocks):
             stage3 = self.adapter.cross_modal_attn[layer] if layer < len(self.adapter.cross_modal_attn) else None
-            plain = config.hierarchy == "plain" and layer < self.num_blocks
+            plain = not config.uses_stage3 and layer < self.num_blocks  # plain, no-cross: subjects as text keys
             block.attn2.set_processor(SubjectCrossAttnProcessor(WanAttnProcessor(), stage3, layer, plain_keys=plain))
         self.lora_config: MoELoRAConfig | None = None
         # The VLM folder the connector was trained with; save_adapter records it so inference and
@@ -213,14 +214,14 @@ class IDCrafterTransformer(nn.Module):
                 raise ValueError("vlm_states given but this model was built without the VLM (use_vlm=False)")
             vlm = self.adapter.vlm_connector(vlm_states.to(self.dtype), vlm_mask)
         ranges = [(k * t, (k + 1) * t) for k in range(n)]
-        if self.config.hierarchy == "plain":  # ablation: the tokens themselves become extra text keys
-            keep = subject_mask.repeat_interleave(t, dim=1)
-            tokens = [LayerKV(feats.flatten(1, 2), None, keep)] * self.num_blocks
-            return SubjectStream(kv=tokens, ref_ranges=ranges, subject_mask=subject_mask)
-        if self.config.hierarchy == "full":
+        if self.config.uses_tower:
             per_layer = self.adapter.subject_tower(feats, subject_mask)
-        else:  # stage3 ablation: every layer reads the encoded references
+        else:  # stage3 and plain ablations: every layer reads the encoded references
             per_layer = [feats] * self.num_blocks
+        if not self.config.uses_stage3:  # plain, no-cross: the tokens themselves become extra text keys
+            keep = subject_mask.repeat_interleave(t, dim=1)
+            tokens = [LayerKV(f.flatten(1, 2), None, keep) for f in per_layer]
+            return SubjectStream(kv=tokens, ref_ranges=ranges, subject_mask=subject_mask)
         kv = [attn.kv(f, subject_mask, vlm, vlm_mask) for attn, f in zip(self.adapter.cross_modal_attn, per_layer)]
         return SubjectStream(kv=kv, ref_ranges=ranges, subject_mask=subject_mask)
 
