@@ -6,7 +6,7 @@
         --reward "face=0.3,nexus=0.3,aesthetic=0.24,natural=0.16" --reward-option face.backend=dlib
     deepspeed scripts/train_rl.py --branch image --preset multicrafter \\
         --base FLUX.1-dev --adapter runs/mc_multi/adapter --data prompts.jsonl --output runs/ippo \\
-        --reward "face=0.5,clip_text=1.4,aesthetic=0.7" --size 512x512 --max-steps 300
+        --reward "face=0.5,clip_text=1.4,hps=0.7" --size 512x512 --max-steps 300
 
 Defaults follow each paper. Video (ID-Crafter App. A.2, Tab. S.6): Flow-GRPO (the per-step
 objective) with the SDE at every sampling step (`--window full`, noise level a = 1.0), refining
@@ -74,6 +74,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval-data", default=None, help="manifest of held-out prompts and references")
     add_run_arguments(p, max_steps=100, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
     p.add_argument("--reward", default=None, help="name=weight,... (default: the branch's composite)")
+    p.add_argument("--subjects", default=None, choices=("people", "objects"),
+                   help="image branch: the default composite for people (face 0.5, clip_text 1.4, hps 0.7) or objects "
+                        "(object 1.0, clip_text 1.4, hps 0.7), MultiCrafter supp. Sec. B")
     p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE")
     p.add_argument("--objective", default=None, choices=("grpo", "gspo"),
                    help="grpo (per-step ratios) or gspo (sequence ratio); default: grpo for video, gspo for image")
@@ -174,7 +177,7 @@ def validate(args):
                 name = f"--{flag.replace('_', '-')}"
                 check_size(*parse_size(getattr(args, flag), name, multiple=16), name)
     else:
-        for flag in ("size", "ref_size", "categories"):
+        for flag in ("size", "ref_size", "categories", "subjects"):
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag.replace('_', '-')} applies to the image branch only")
         from idcrafter.video.infer import check_vlm
@@ -219,6 +222,7 @@ def main(argv=None) -> int:
     try:
         validate(args)
         from idcrafter.rewards.base import (
+            IMAGE_OBJECT_WEIGHTS,
             IMAGE_WEIGHTS,
             VIDEO_WEIGHTS,
             CompositeReward,
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
         from idcrafter.rl.trainer import RLArgs
 
         try:
-            default = VIDEO_WEIGHTS if args.branch == "video" else IMAGE_WEIGHTS
+            default = VIDEO_WEIGHTS if args.branch == "video" else \
+                IMAGE_OBJECT_WEIGHTS if args.subjects == "objects" else IMAGE_WEIGHTS
             weights = parse_weights(args.reward) if args.reward else dict(default)
             unknown = sorted(set(weights) - set(list_rewards()))
             if unknown:
