@@ -263,10 +263,10 @@ def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0
     sample = next((s for s in samples[index:] if len(s.subjects) == 3), samples[index])
     n = len(sample.subjects)
     fig, axes = plt.subplots(len(pipes), 2 * n + 1, figsize=(1.6 * (2 * n + 1), 1.7 * len(pipes)), squeeze=False)
-    for r, (name, pipe) in enumerate(pipes.items()):
+    for r, (row, pipe) in enumerate(pipes.items()):
         maps = share_maps(pipe, sample, seed)
         image = generate(pipe, sample.prompt, [s.image for s in sample.subjects], seed, eval_categories(pipe, sample))
-        panels = [(_rgb(s.image), f"ref {k + 1}") for k, s in enumerate(sample.subjects)] + [(image, name)]
+        panels = [(_rgb(s.image), f"ref {k + 1}") for k, s in enumerate(sample.subjects)] + [(image, row)]
         panels += [(maps[k], f"share {k + 1}") for k in range(n)]
         for c, (panel, title) in enumerate(panels):
             ax = axes[r, c]
@@ -300,9 +300,9 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
         started = time.perf_counter()
         model = train_row(out, name, data[ROWS[name][1]], steps, batch_size, lr, seed)
         pipe = load_pipeline(model)
-        held_out = data[ROWS[name][2]]
-        ident = evaluate_identity(pipe, held_out, toyid, limit=eval_limit, seed=seed)["summary"]
-        attn = held_out_attention(pipe, held_out, limit=min(eval_limit, 16), seed=seed)
+        manifest = data[ROWS[name][2]]
+        ident = evaluate_identity(pipe, manifest, toyid, limit=eval_limit, seed=seed)["summary"]
+        attn = held_out_attention(pipe, manifest, limit=min(eval_limit, 16), seed=seed)
         table[name] = {"toyid_mean": ident["gen_toyid_mean"], "toyid_min": ident["gen_toyid_min"],
                        "toyid_mean_shuffled": ident["gen_shuffled_toyid_mean"],
                        "toyid_mean_2subj": ident.get("gen_toyid_mean_2subj", float("nan")),
@@ -323,10 +323,10 @@ def run_ablation(out: Path, steps: int, batch_size: int, lr: float, seed: int, t
               "eval_samples": eval_limit, "rows": table}
     previous.write_text(json.dumps(report, indent=2))
     (out / "ablation.md").write_text(format_table(report) + "\n")
-    for held_out in dict.fromkeys(ROWS[name][2] for name in table):  # one figure per held-out set
-        rows_here = {name: pipes[name] for name in table if ROWS[name][2] == held_out}
-        figure(out, rows_here, data[held_out], seed=seed, name="ablation.png" if held_out == "held_out"
-               else f"ablation_{held_out.removeprefix('held_out_')}.png")
+    for split in dict.fromkeys(ROWS[name][2] for name in table):  # one figure per held-out set
+        rows_here = {name: pipes[name] for name in table if ROWS[name][2] == split}
+        figure(out, rows_here, data[split], seed=seed,
+               name="ablation.png" if split == "held_out" else f"ablation_{split.removeprefix('held_out_')}.png")
     return report
 
 

@@ -66,8 +66,9 @@ def test_held_out_attention_and_share_maps(setup, preset):
 def test_figure_and_table(setup, tmp_path):
     held, models = setup
     pipes = {"a": toyworld.load_pipeline(models["toyworld-multicrafter"])}
-    path = toyworld.figure(tmp_path, pipes, held)
-    assert path.stat().st_size > 5000
+    path = toyworld.figure(tmp_path, pipes, held, name="ablation_categories.png")
+    assert path == tmp_path / "ablation_categories.png"  # named as asked, not after a row
+    assert path.stat().st_size > 5000 and [p.name for p in tmp_path.iterdir()] == [path.name]
     row = {"toyid_mean": 0.5, "toyid_min": 0.25, "toyid_mean_shuffled": 0.1, "toyid_mean_2subj": 0.6,
            "toyid_mean_3subj": 0.4, "leakage": 0.3, "recon_loss": 0.2}
     table = toyworld.format_table({"rows": {"a": row}})

@@ -73,16 +73,21 @@ class IDCrafterConfig:
         wan: WanTransformer3DModel config used when a base model is built from scratch.
     """
 
+    # ID-Crafter supp. A.1: the three stages are "inserted within the first 20 layers of the DiT".
     num_blocks: int = 20
     max_subjects: int = 3
     use_vlm: bool = False
     vlm_dim: int | None = None
     latent_channels: int = 16
     subject_patch: int = 2
+    # ID-Crafter Sec. 4.1: "Euler sampler with 50 steps and classifier-free guidance ... scale 2.5"
+    # (one scale for the image and the text condition).
     guidance_image: float = 2.5
     guidance_text: float = 2.5
     num_inference_steps: int = 50
+    # The paper does not state a shift; 3.0 is Wan 2.1's own 480p sampling shift.
     flow_shift: float = 3.0
+    # ID-Crafter Sec. 4.1 trains and samples at 480p; 81 frames at 16 fps is Wan 2.1's clip.
     height: int = 480
     width: int = 832
     num_frames: int = 81
