@@ -9,10 +9,17 @@ identities with two and three subjects:
     in_context      reference tokens in context, UNO ids, no IDAR, no adapter (full fine-tuning)
     idar            + IDAR (lambda 0.3 on the double blocks' ref-restricted shares)
     idar_moe        + MoE-LoRA (E = 4): MultiCrafter
-    one_for_all     condition ids (eq. 2) + CCPA + DAM, trained on single-subject pairs with random
-                    categories, evaluated with one category per subject (face, upper, lower)
-    in_context_single  the in_context row trained on the same single-subject pairs (the control
-                    for One-for-All's single-to-multi generalisation)
+    in_context_single  the in_context row trained on the single-subject pairs (the control for
+                    One-for-All's single-to-multi generalisation)
+    one_for_all     condition ids (eq. 2) + CCPA + DAM, trained on single-subject pairs of the
+                    category world, each reference keeping its true category, pairs resampled
+                    2:2:2:1 (face, upper, lower, bag); evaluated on 2-3 subjects of that world
+    one_for_all_random  the same with category_binding=random (a random category block each step,
+                    whatever the reference shows): the binding ablation
+
+In the category world a subject's category shows in its sprite (world.CATEGORY_STYLES): faces are
+circles, rings or hexagons high in the frame, upper garments large squares or crosses in the
+middle, lower garments triangles or diamonds low, bags small stars anywhere.
 
 Every row trains the whole model from the same random base (`--trainable all`): the adapter rows
 measure the MoE-LoRA / LoRA + DAM as extra capacity trained with the base, not as adapters on a

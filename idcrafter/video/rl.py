@@ -2,9 +2,9 @@
 
 The policy's velocity is the pipeline's three-pass guided velocity, so RL optimises the sampler
 users run. Text, negative prompt and the subject stream are encoded once per group; in the
-update the stream is recomputed with grad when the adapter trains (policy `new-modules+lora`)
-and reused without grad when only LoRA trains (policy `lora`, the default: its reference policy
-is exactly the starting model).
+update the stream is recomputed with grad when the adapter trains (`--trainable new-modules`, the
+default, ID-Crafter App. A.2, or `new-modules+lora`) and reused without grad when only a LoRA
+trains (`--trainable lora`).
 """
 
 from __future__ import annotations
