@@ -2,7 +2,7 @@
 
 - `subject_attention_maps`: generate an image, re-noise it to time t, run one transformer forward
   with IDAR share capture and read, per subject, the share of attention its reference tokens get
-  from every target token (DESIGN 3.2), averaged over the captured blocks -> maps [N, h, w].
+  from every target token (docs/design.md 3.2), averaged over the captured blocks -> maps [N, h, w].
 - `attention_figure`: reference thumbnails, the image and one overlay per subject (PNG).
 - `routing_statistics` / `routing_change_figure`: mean MoE-LoRA gates [L, E] over one
   generation, and the routing-change heatmap |P_A - P_B| / (P_A + eps) between two prompts.
@@ -317,7 +317,7 @@ def routing_statistics(
     blocks: str = "all",
 ) -> RoutingStats:
     """Generate one image and record every routed MoE-LoRA layer's mean gates ([L, E]) in `blocks`
-    ("all", "double": MultiCrafter supp. Sec. F's choice, or "single").
+    ("all", "double": MultiCrafter supp. Sec. H's choice, or "single").
 
     Raises:
         ValueError: the transformer has no MoE-LoRA layer with more than one expert (in `blocks`).
@@ -343,7 +343,7 @@ def routing_statistics(
 def routing_change_over_seeds(
     pipe: MCImagePipeline, prompt_a: str, prompt_b: str, seeds: Sequence[int], **kwargs
 ) -> tuple[RoutingStats, RoutingStats, np.ndarray]:
-    """MultiCrafter supp. Sec. F: the routing change between two prompts averaged over seeds (4 in
+    """MultiCrafter supp. Sec. H: the routing change between two prompts averaged over seeds (4 in
     the paper, on the double blocks), everything else fixed. Returns the gates of each prompt
     averaged over the seeds and the mean over seeds of each seed's change |P_A - P_B| / (P_A + eps)
     [L, E]. `kwargs` go to `routing_statistics` (refs, size, `blocks`, ...)."""

@@ -6,7 +6,7 @@
                         MM-attention block; plain LoRA of rank 512.
     tiny-multicrafter   the same methods on a tiny random FluxTransformer2DModel (CPU tests).
     tiny-one-for-all
-    toyworld-multicrafter   the toy image world (DESIGN 9): a small FLUX on the pixel-unshuffle
+    toyworld-multicrafter   the toy image world (docs/design.md 9): a small FLUX on the pixel-unshuffle
     toyworld-one-for-all    codec, clean-sample prediction, 20 steps, no guidance embedding.
 
 `MCImageConfig.from_preset(name, **overrides)`, `to_dict` / `from_dict`, `save` / `load` (JSON).

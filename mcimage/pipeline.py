@@ -7,7 +7,7 @@ context tokens at every Euler step. Guidance is FLUX's distilled guidance embedd
 
 Prompts may mark item descriptors, `a man <face>with short hair</face>`: the tags are always
 stripped before text encoding; with `config.ccpa` the descriptor's T5 tokens are placed at their
-category's reference centroid (DESIGN 3.5, eq. 3).
+category's reference centroid (docs/design.md 3.5, eq. 3).
 
 On disk a pipeline is a stock FLUX diffusers folder plus `mcimage_adapter/`:
 

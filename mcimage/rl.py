@@ -77,8 +77,8 @@ class ImageRLSpec:
 
     @contextlib.contextmanager
     def reference(self, model):
-        """The reference policy: (MoE-)LoRA off. DAM temperatures stay as they are, which is why the
-        KL term is offered only with the `lora` policy (trained DAM would make it inexact)."""
+        """The starting policy when RL trains a fresh (MoE-)LoRA only: that LoRA off. The trainer
+        uses a frozen copy of the starting weights instead in every other case."""
         with moe_lora_disabled(model):
             yield
 

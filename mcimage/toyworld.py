@@ -1,4 +1,4 @@
-"""The toy image world: MultiCrafter / One-for-All trained and measured on a CPU (DESIGN 9).
+"""The toy image world: MultiCrafter / One-for-All trained and measured on a CPU (docs/design.md 9).
 
 Still frames of the toy world's identities (`idcrafter.toyworld.world.write_image_dataset`), the
 lossless pixel-unshuffle codec as VAE, ToyID (the toy world's ArcFace) as identity metric and
@@ -292,9 +292,10 @@ def figure(out: Path, pipes: dict, manifest: Path, index: int = 0, seed: int = 0
 def format_table(report: dict) -> str:
     cols = ["toyid_mean", "toyid_min", "toyid_mean_shuffled", "toyid_mean_2subj", "toyid_mean_3subj", "leakage",
             "recon_loss"]
-    lines = ["row            " + "  ".join(f"{c:>19}" for c in cols)]
+    width = max([len("row"), *map(len, report["rows"])]) + 2
+    lines = [f"{'row':<{width}}" + "  ".join(f"{c:>19}" for c in cols)]
     for name, row in report["rows"].items():
-        lines.append(f"{name:<15}" + "  ".join(f"{row[c]:>19.3f}" for c in cols))
+        lines.append(f"{name:<{width}}" + "  ".join(f"{row[c]:>19.3f}" for c in cols))
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """MultiCrafter / One-for-All as a `TrainingSpec` for the generic DeepSpeed trainer (`idcrafter.train.trainer`).
 
-Loss (DESIGN 6): z_t = (1 - t) z_0 + t eps on packed FLUX latents, logit-normal t with the
+Loss (docs/design.md 6): z_t = (1 - t) z_0 + t eps on packed FLUX latents, logit-normal t with the
 scheduler's shift, target v = eps - z_0, L = mean ||v_theta - v||^2 + lambda L_attn, where L_attn is
 the IDAR region loss on the ref-restricted shares of the chosen (double) blocks for samples with masks.
 

@@ -5,7 +5,7 @@
         --refs dog.png [cat.png] [--categories ...] [--model FOLDER --adapter ADAPTER | --preset tiny-multicrafter] \\
         --out DIR [--attention]
 
-As MultiCrafter's supplement (Sec. F) measures it: the routing change |P_A - P_B| / (P_A + eps) of
+As MultiCrafter's supplement (Sec. H) measures it: the routing change |P_A - P_B| / (P_A + eps) of
 each seed, averaged over --seeds seeds (4), on the double blocks' routed layers (--blocks). Writes
 DIR/routing_change.png (gates of each prompt averaged over the seeds and the mean change, layers x
 experts) and DIR/routing.json (the same numbers, and the seeds). With --attention
@@ -50,9 +50,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="denoising steps (default: from the model config)")
     p.add_argument("--seed", type=seed, default=0, help="first seed of the initial noise (same for both prompts)")
     p.add_argument("--seeds", type=integer(1, 64), default=4,
-                   help="seeds the routing change is averaged over: --seed, --seed + 1, ... (MultiCrafter supp. Sec. F: 4)")
+                   help="seeds the routing change is averaged over: --seed, --seed + 1, ... (MultiCrafter supp. Sec. H: 4)")
     p.add_argument("--blocks", default="double", choices=("double", "single", "all"),
-                   help="routed layers of these blocks (MultiCrafter supp. Sec. F: the double blocks)")
+                   help="routed layers of these blocks (MultiCrafter supp. Sec. H: the double blocks)")
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
     p.add_argument("--t", type=number(0, 1, lo_open=True), default=0.5, help="--attention: re-noising time in (0, 1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

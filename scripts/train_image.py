@@ -20,7 +20,7 @@ pairs resampled 2:2:2:1 by face / upper / lower / bag (App. H; `--category-weigh
     deepspeed --num_gpus 8 scripts/train_image.py --preset one-for-all --base FLUX.1-Kontext-dev \\
         --data data/pairs.jsonl --stage single --output runs/ofa
 
-The manifest (DESIGN 8) has image samples: {"id", "image", "prompt", "subjects": [{"image",
+The manifest (docs/design.md 8) has image samples: {"id", "image", "prompt", "subjects": [{"image",
 "mask"?, "category", "descriptor"?}]}. Without --base the preset's components start from random
 weights (tests, the toy world). Writes OUTPUT/checkpoints (DeepSpeed, for --resume), OUTPUT/adapter
 (for inference; with --trainable all also OUTPUT/adapter/pipeline), OUTPUT/tensorboard,

@@ -10,13 +10,15 @@
 
 Defaults follow each paper. Video (ID-Crafter App. A.2, Tab. S.6): Flow-GRPO (the per-step
 objective) with the SDE at every sampling step (`--window full`, noise level a = 1.0), refining
-the identity modules (`--trainable new-modules`), lr 1e-5, AdamW (0.9, 0.95), gradient norm 1.0.
-Image (MultiCrafter supp. Sec. B, IPPO): GSPO on the sliding window T = 16, w = 2, tau = 50, s = 1,
-300 steps, the MoE-LoRA trained (`--trainable lora`). The KL reference (`--kl-weight`) is the
-policy as it was when RL started in both branches.
+the identity modules (`--trainable new-modules`), lr 1e-5, AdamW (0.9, 0.95), gradient norm 1.0,
+800 steps (the length of its Fig. S.7). Image (MultiCrafter supp. Sec. B, IPPO): GSPO on the sliding
+window T = 16, w = 2, tau = 50, s = 1, 300 steps, the MoE-LoRA trained (`--trainable lora`). The KL
+reference (`--kl-weight`) is the policy as it was when RL started in both branches: the model with
+its LoRA off when RL trains a fresh LoRA (exactly that policy), else a frozen copy of the trained
+weights.
 
-The data is a standard manifest (DESIGN 8): only each line's prompt and subject images are used.
---reward takes name=weight pairs (default: the video composite of DESIGN 7); --reward-option
+The data is a standard manifest (docs/design.md 8): only each line's prompt and subject images are used.
+--reward takes name=weight pairs (default: the video composite of docs/design.md 7); --reward-option
 passes NAME.KEY=VALUE to one reward model (paths of its weights, device, ...). Writes TensorBoard
 logs, training.png and reward_curve.png, checkpoints (resume with --resume auto) and the adapter.
 """
@@ -41,9 +43,10 @@ from idcrafter.utils.cli import (  # noqa: E402
 )
 
 BRANCHES = ("video", "image")
-# Per branch, what the paper it implements does (module docstring): objective, window, trainable set.
-BRANCH_DEFAULTS = {"video": dict(objective="grpo", window="full", trainable="new-modules"),
-                   "image": dict(objective="gspo", window=2, trainable="lora")}
+# Per branch, what the paper it implements does (module docstring): objective, window, trainable set,
+# length (ID-Crafter Fig. S.7 plots 800 RL steps; MultiCrafter supp. Sec. B: "300 steps").
+BRANCH_DEFAULTS = {"video": dict(objective="grpo", window="full", trainable="new-modules", max_steps=800),
+                   "image": dict(objective="gspo", window=2, trainable="lora", max_steps=300)}
 
 
 def window_width(text: str) -> int | str:
@@ -72,7 +75,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter folder to start from")
     p.add_argument("--data", required=True, help="manifest of training prompts and references")
     p.add_argument("--eval-data", default=None, help="manifest of held-out prompts and references")
-    add_run_arguments(p, max_steps=100, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
+    add_run_arguments(p, max_steps=None, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
     p.add_argument("--reward", default=None, help="name=weight,... (default: the branch's composite)")
     p.add_argument("--subjects", default=None, choices=("people", "objects"),
                    help="image branch: the default composite for people (face 0.5, clip_text 1.4, hps 0.7) or objects "
@@ -91,7 +94,7 @@ def build_parser() -> ArgumentParser:
     # a scales the SDE step's std, a * sqrt(sigma / (1 - sigma)); Flow-GRPO uses 0.7, 1 is ours.
     p.add_argument("--noise-level", type=number(0, 5, lo_open=True), default=1.0, help="a of the SDE step, in (0, 5]")
     p.add_argument("--clip-eps", type=number(0, 1, lo_open=True, hi_open=True), default=1e-4)
-    p.add_argument("--kl-weight", type=number(0, 100), default=0.0, help="beta of the KL to the reference (LoRA off)")
+    p.add_argument("--kl-weight", type=number(0, 100), default=0.0, help="beta of the KL to the policy at the start of RL")
     p.add_argument("--inner-epochs", type=integer(1, 100), default=1)
     p.add_argument("--normalise-rewards", action="store_true",
                    help="normalise each reward within its group before weighting (instead of weighting raw scores)")

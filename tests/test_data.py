@@ -233,7 +233,7 @@ def test_validate_cli_counts_and_exit_codes(files, capsys):
         )
         for k, args in cases.items()
     }
-    # DESIGN 2: the data package does not pull in the video model code (nor diffusers) on import
+    # docs/design.md 2: the data package does not pull in the video model code (nor diffusers) on import
     procs["import"] = subprocess.Popen(
         [sys.executable, "-c", "import sys, idcrafter.data, idcrafter.data.validate; "
          "print(sorted(m for m in sys.modules if m.startswith(('idcrafter.video', 'mcimage', 'diffusers'))))"],

@@ -1,4 +1,5 @@
-"""Multi-ID matching core (DESIGN 7): Hungarian scores against brute force, edge cases, aggregation."""
+"""Multi-ID matching core (docs/design.md 7): Hungarian scores against brute force, edge cases,
+aggregation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DESIGN 2: the shared parts never import the branches; the image branch never imports the video one."""
+"""docs/design.md 2: the shared parts never import the branches; the image branch never imports the
+video one."""
 
 from __future__ import annotations
 

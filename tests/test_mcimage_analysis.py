@@ -169,7 +169,7 @@ def test_routing_statistics_and_change(tmp_path, pipe):
 
 
 def test_routing_change_over_seeds_is_the_mean_of_each_seeds_change(pipe):
-    """MultiCrafter supp. Sec. F: per-seed change ratios averaged over seeds, double blocks only."""
+    """MultiCrafter supp. Sec. H: per-seed change ratios averaged over seeds, double blocks only."""
     from mcimage.analysis import routing_change_over_seeds
 
     kw = {**{k: v for k, v in KW.items() if k != "seed"}, "blocks": "double"}

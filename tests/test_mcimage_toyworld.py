@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,12 @@ def test_figure_and_table(setup, tmp_path):
     assert path.stat().st_size > 5000 and [p.name for p in tmp_path.iterdir()] == [path.name]
     row = {"toyid_mean": 0.5, "toyid_min": 0.25, "toyid_mean_shuffled": 0.1, "toyid_mean_2subj": 0.6,
            "toyid_mean_3subj": 0.4, "leakage": 0.3, "recon_loss": 0.2}
-    table = toyworld.format_table({"rows": {"a": row}})
-    assert table.splitlines()[1].split()[1:] == ["0.500", "0.250", "0.100", "0.600", "0.400", "0.300", "0.200"]
+    table = toyworld.format_table({"rows": {"a": row, "one_for_all_random": row}})
+    lines = table.splitlines()
+    assert lines[1].split()[1:] == ["0.500", "0.250", "0.100", "0.600", "0.400", "0.300", "0.200"]
+    # Columns line up whatever the row names' lengths: every value ends where its header ends.
+    ends = [m.end() for m in re.finditer(r"\S+", lines[0])][1:]
+    assert all([m.end() for m in re.finditer(r"\S+", line)][1:] == ends for line in lines[1:])
 
 
 def test_rows_are_consistent():

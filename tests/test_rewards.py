@@ -1,4 +1,4 @@
-"""Rewards (DESIGN 7): registry and weighted composite, and each scorer on tiny random models of the
+"""Rewards (docs/design.md 7): registry and weighted composite, and each scorer on tiny random models of the
 real transformers classes, saved to disk and loaded through the reward by path. Each scorer is
 checked against the same quantity computed here with the model called directly."""
 

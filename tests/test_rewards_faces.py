@@ -1,4 +1,4 @@
-"""The multi-ID face reward on a real group photo with real dlib weights (DESIGN 7).
+"""The multi-ID face reward on a real group photo with real dlib weights (docs/design.md 7).
 
 The photo is insightface's sample `t1.jpg` (six people); the references are crops of each detected
 face. Then: (i) the photo itself, (ii) the largest and the smallest face swapped, (iii) one face

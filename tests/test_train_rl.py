@@ -121,3 +121,23 @@ def test_video_defaults_train_the_identity_modules_against_the_starting_policy(s
     # The identity modules trained: the exported cross-modal output projections left zero.
     state = load_file(str(straight / "adapter" / "idcrafter_adapter.safetensors"))
     assert float(state["cross_modal_attn.0.to_out.weight"].abs().max()) > 0
+
+
+@pytest.mark.parametrize("branch, expected", [
+    # ID-Crafter App. A.2 / Tab. S.6 and its Fig. S.7 (800 steps); MultiCrafter supp. Sec. B (IPPO).
+    ("video", dict(objective="grpo", window=20, trainable="new-modules", max_steps=800)),
+    ("image", dict(objective="gspo", window=2, trainable="lora", max_steps=300)),
+])
+def test_branch_defaults_are_the_papers(branch, expected, monkeypatch):
+    """Options left out take the branch's paper values (--window full becomes the step count);
+    options given keep theirs."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_rl as script
+
+    base = ["--branch", branch, "--data", "d.jsonl", "--output", "o", "--num-steps", "20"]
+    args = script.build_parser().parse_args(base)
+    script.resolve_branch_defaults(args)
+    assert {k: getattr(args, k) for k in expected} == expected
+    args = script.build_parser().parse_args([*base, "--max-steps", "7", "--window", "3", "--objective", "grpo"])
+    script.resolve_branch_defaults(args)
+    assert (args.max_steps, args.window, args.objective) == (7, 3, "grpo")

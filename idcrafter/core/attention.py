@@ -2,7 +2,7 @@
 
 `attention` is the single dispatch point (flash-attn on CUDA when installed, else torch SDPA), so
 no model code imports a kernel. `ref_attention_share` computes what the IDAR loss supervises
-(DESIGN 3.2) without ever forming an L x L matrix.
+(docs/design.md 3.2) without ever forming an L x L matrix.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def ref_attention_share(
     checkpointed: bool | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ref-restricted attention share (DESIGN 3.2), mean over heads.
+    """Ref-restricted attention share (docs/design.md 3.2), mean over heads.
 
         share_h(i, k) = sum_{j in R_k} exp(s q_i.k_j) / sum_{j in R_1 u ... u R_N} exp(s q_i.k_j)
         share(i, k)   = mean_h share_h(i, k),   s = scale / tau_i

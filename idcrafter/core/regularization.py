@@ -1,4 +1,4 @@
-"""IDAR: mask-supervised attention regularisation and the leakage metric (DESIGN 3.3).
+"""IDAR: mask-supervised attention regularisation and the leakage metric (docs/design.md 3.3).
 
     L_attn  = mean over layers, over target tokens i inside some M_k, of -log share(i, k(i))
     leakage = mean over the same tokens of (1 - share(i, k(i)))

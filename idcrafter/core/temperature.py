@@ -1,4 +1,4 @@
-"""Dynamic Attention Modulation (One-for-All, DESIGN 3.4).
+"""Dynamic Attention Modulation (One-for-All, docs/design.md 3.4).
 
     tau = softplus(MLP(W_q f)) + t_min,   attention = softmax(Q K^T / (sqrt(d) * tau))
 

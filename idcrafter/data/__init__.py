@@ -1,4 +1,4 @@
-"""Training data (DESIGN 8): the JSONL manifest, clip sampling and decoding, resolution buckets,
+"""Training data (docs/design.md 8): the JSONL manifest, clip sampling and decoding, resolution buckets,
 the dataset with its collate function and bucket batch sampler, and the encoder-feature cache.
 
 Never imports `idcrafter.video` or `mcimage` (image and video IO come from `idcrafter.utils.media`).

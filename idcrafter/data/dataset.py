@@ -1,7 +1,7 @@
 """Training samples as tensors: `VideoDataset`, `collate`, and `BucketBatchSampler`.
 
 A sample that cannot be decoded (corrupt or too-short video, unreadable image or mask) is skipped
-and counted, never silently replaced by another sample (DESIGN 8): `__getitem__` returns None,
+and counted, never silently replaced by another sample (docs/design.md 8): `__getitem__` returns None,
 records the reason in `dataset.failures`, logs one warning per sample, and `collate` drops it.
 With DataLoader workers each worker holds its own `failures`; the main process sees the count as
 `batch["num_skipped"]`, and `failure_log` (a JSONL file all workers append to) keeps the reasons.

@@ -1,4 +1,4 @@
-"""The training manifest (DESIGN 8): JSONL, one sample a line, every line validated.
+"""The training manifest (docs/design.md 8): JSONL, one sample a line, every line validated.
 
     {"id": "clip-0001", "video": "videos/0001.mp4", "prompt": "a man and his dog on a beach",
      "subjects": [{"image": "refs/0001_man.png", "mask": "masks/0001_man.mp4", "category": "person"},

@@ -113,7 +113,7 @@ def load_items(manifest: str | Path, generated: Sequence[str | Path]) -> list[Ev
     """Benchmark samples and their generated files -> `EvalItem`s (references loaded, media probed).
 
     Args:
-        manifest: the benchmark JSONL (DESIGN 8); its own `video` / `image` need not exist.
+        manifest: the benchmark JSONL (docs/design.md 8); its own `video` / `image` need not exist.
         generated: one folder (files named `<id>.mp4` / `<id>.png`, ...) or one file per sample,
             in manifest order.
     """

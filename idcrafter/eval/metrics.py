@@ -9,20 +9,20 @@ Columns (a reward name from `idcrafter.rewards`, or a metric computed here):
     clip_image  CLIP-I        0                [0, 1]       (reported, not in the total)
     dino_image  DINO-I        0                [0, 1]       (reported, not in the total)
     aesthetic   Aesthetic     0.12             [0.4, 0.7]   (OpenS2V's 4-7 of the LAION 1-10 scale; the reward divides by 10)
-    natural     NaturalScore  0.24             [0, 1]       (DESIGN 7: the VLM's 1-5 rating as (x - 1) / 4)
+    natural     NaturalScore  0.24             [0, 1]       (docs/design.md 7: VLM rating 1-5 as (x - 1) / 4)
     toyid       ToyID         0.20             [0, 1]       (toy world; FaceSim's weight: the toy world's ArcFace)
     motion      Motion        0.12             [0, 1] px    (mean optical-flow magnitude, pixels per frame)
-    leakage     Leakage       0                [0, 1]       (DESIGN 3.3; lower is better, enters as 1 - x)
+    leakage     Leakage       0                [0, 1]       (docs/design.md 3.3; lower is better: 1 - x)
 
 The weights are OpenS2V-Eval v1.0's Open-Domain total (OpenS2V-Nexus, Yuan et al. 2025, repository
 PKU-YuanGroup/OpenS2V-Nexus, `eval/v1.0_backup/merge_result.py`; v1.1 splits Motion into smoothness
 and amplitude): 0.12 Aesthetics + 0.12 Motion + 0.20 FaceSim + 0.12 GmeScore + 0.20 NexusScore
 + 0.24 NaturalScore, with CLIP-T in GmeScore's place and ToyID in FaceSim's.
 OpenS2V min-max normalises each column with a fixed range and clips it. Here the rewards already
-return about [0, 1] (the RL composite adds them unscaled, DESIGN 7): NaturalScore's (x - 1) / 4 is
-OpenS2V's [1, 5] range, Aesthetic keeps OpenS2V's [4, 7] as [0.4, 0.7], Motion OpenS2V's [0, 1]
-pixels per frame; FaceSim and the similarities use [0, 1] (OpenS2V's NexusScore range, [0, 0.05],
-belongs to its own formula, not to our cosine NexusScore).
+return about [0, 1] (the RL composite adds them unscaled, docs/design.md 7): NaturalScore's
+(x - 1) / 4 is OpenS2V's [1, 5] range, Aesthetic keeps OpenS2V's [4, 7] as [0.4, 0.7], Motion
+OpenS2V's [0, 1] pixels per frame; FaceSim and the similarities use [0, 1] (OpenS2V's NexusScore
+range, [0, 0.05], belongs to its own formula, not to our cosine NexusScore).
 
     total = sum_k w_k n_k / sum_k w_k,   n_k = clip((x_k - low_k) / (high_k - low_k), 0, 1)
 
@@ -139,7 +139,7 @@ def check_weights(spec: str | Mapping[str, float] | None, known: Sequence[str] =
 
 # ------------------------------------------------------------------------------------ leakage
 def attention_leakage(share: np.ndarray, masks: np.ndarray, grid: Sequence[int]) -> float:
-    """DESIGN 3.3 leakage of one sample from captured ref-restricted attention shares.
+    """docs/design.md 3.3 leakage of one sample from captured ref-restricted attention shares.
 
     Args:
         share: [N, L] or [layers, N, L], share(i, k) of target token i on subject k's references.

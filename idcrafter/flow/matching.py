@@ -1,4 +1,4 @@
-"""Rectified flow (DESIGN 6): z_t = (1 - t) z_0 + t eps, target v = eps - z_0.
+"""Rectified flow (docs/design.md 6): z_t = (1 - t) z_0 + t eps, target v = eps - z_0.
 
 t runs from 0 (data) to 1 (noise); Wan's sampler works with sigma = t and timestep = 1000 t.
 """

@@ -1,5 +1,5 @@
 """Sampling steps on the flow's sigma schedule: the deterministic Euler (ODE) step and the
-Flow-GRPO SDE step with its Gaussian log-probability (DESIGN 7).
+Flow-GRPO SDE step with its Gaussian log-probability (docs/design.md 7).
 
 Sigmas decrease from 1 (noise) to 0 (data); a step goes from `sigma` to `sigma_next < sigma`,
 so dt = sigma_next - sigma < 0. `sigma` / `sigma_next` may be python floats or [B] tensors (one
@@ -91,7 +91,7 @@ def sde_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Flow-GRPO SDE step and the log-density of its result (DESIGN 7).
+    """One Flow-GRPO SDE step and the log-density of its result (docs/design.md 7).
 
         dt   = sigma_next - sigma  (< 0)
         std  = a sqrt(sigma / (1 - sigma))

@@ -1,4 +1,4 @@
-"""Rewards for online RL (DESIGN 7): identity matching, face / object / subject / quality scorers.
+"""Rewards for online RL (docs/design.md 7): identity matching, face / object / subject / quality scorers.
 
 `idcrafter.rewards.identity` holds the matching core shared by the multi-ID face reward (ArcFace or
 dlib embeddings of detected faces) and the toy world's ToyID metric. Heavy scorer backends are

@@ -1,4 +1,4 @@
-"""One interface for every reward, a registry, and the weighted composite (DESIGN 7).
+"""One interface for every reward, a registry, and the weighted composite (docs/design.md 7).
 
 A reward is called as `reward(samples, prompts, refs, meta) -> RewardOutput`:
 - samples: B generated videos, each uint8 [F, H, W, 3] (a still image is F = 1);

@@ -1,4 +1,4 @@
-"""Multi-ID face reward (DESIGN 7): face embeddings per frame, Hungarian matching to the references.
+"""Multi-ID face reward (docs/design.md 7): face embeddings per frame, Hungarian matching to the references.
 
     refs   [R, D]  = embedding of the largest face in each reference image
     dets_f [M_f, D] = embeddings of the faces detected in sampled frame f

@@ -1,11 +1,11 @@
 """Multi-identity matching: references x detections, Hungarian assignment, per-reference scores.
 
-The matching core of the multi-ID face reward (DESIGN 7) and of the toy world's ToyID metric. A
+The matching core of the multi-ID face reward (docs/design.md 7) and of the toy world's ToyID metric. A
 backend (insightface ArcFace, dlib, the toy identity embedder) only supplies embeddings of the
 detected faces / identities; everything after that lives here and is shared:
 
     similarity = cosine(refs [R, D], dets [M, D])           -> [R, M]
-    clipped    = max(similarity, clip_min)                   (DESIGN: cosine clipped at 0)
+    clipped    = max(similarity, clip_min)                   (docs/design.md 7: cosine clipped at 0)
     assignment = linear_sum_assignment(clipped, maximize)    (one detection per reference at most)
     score_k    = clipped[k, assignment(k)], or 0 when reference k is left unmatched (M < R)
     R_frame    = (1 - alpha) mean_k score_k + alpha min_k score_k      (ID-Crafter eq. 7, alpha = 0.5)
@@ -128,7 +128,7 @@ def hungarian_assignment(similarity: Array, clip_min: float | None = 0.0) -> lis
 
 
 def hungarian_identity_scores(similarity: ArrayT, clip_min: float | None = 0.0) -> ArrayT:
-    """Per-reference identity score under the best one-to-one matching (DESIGN 7).
+    """Per-reference identity score under the best one-to-one matching (docs/design.md 7).
 
     similarity: [R, M] -> scores [R]. Similarities are clipped below at `clip_min` (None: no
     clipping), the assignment maximising their total is found with scipy's
@@ -175,7 +175,7 @@ def combine_identity_scores(scores: Array | Sequence[float], mode: str = "mean_m
     """Collapse per-reference scores [R] into one reward.
 
     "mean": mean_k s_k; "min": min_k s_k (the worst-kept identity); "mean_min":
-    0.5 mean_k s_k + 0.5 min_k s_k (DESIGN 7, R_face). No references -> 0.0.
+    0.5 mean_k s_k + 0.5 min_k s_k (docs/design.md 7, R_face). No references -> 0.0.
     `mean_min_score` takes the weight itself (alpha; these modes are alpha 0, 1 and 0.5).
     """
     if mode not in COMBINE_MODES:

@@ -1,4 +1,5 @@
-"""NaturalScore (DESIGN 7): a VLM rates the physical plausibility of a video, 1-5, normalised to [0, 1].
+"""NaturalScore (docs/design.md 7): a VLM rates the physical plausibility of a video, 1-5,
+normalised to [0, 1].
 
     answer = Qwen2.5-VL(sampled frames as images + NATURAL_QUESTION), greedy, a few tokens
     rating = the first standalone digit 1-5 in the answer ("4", "Rating: 4/5", "I'd say 4.")

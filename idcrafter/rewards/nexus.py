@@ -1,4 +1,4 @@
-"""NexusScore (DESIGN 7): does each subject appear, and does it look like its reference?
+"""NexusScore (docs/design.md 7): does each subject appear, and does it look like its reference?
 
 Per sampled frame, Grounding-DINO (transformers) finds each subject by its category word; the best
 box per subject is cropped and embedded with CLIP or DINOv2, and compared with the reference:

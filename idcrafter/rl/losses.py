@@ -1,4 +1,4 @@
-"""Online-RL maths (DESIGN 7): group advantages, reward weighting, GRPO / GSPO clipped
+"""Online-RL maths (docs/design.md 7): group advantages, reward weighting, GRPO / GSPO clipped
 objectives and the KL penalty to the reference policy. Pure functions, float32 results.
 
 Shapes: B samples in the batch, T trained (window) steps per sample, G samples per group.

@@ -1,4 +1,4 @@
-"""Group sampling for Flow-GRPO / GSPO and re-scoring under the current policy (DESIGN 7).
+"""Group sampling for Flow-GRPO / GSPO and re-scoring under the current policy (docs/design.md 7).
 
 Branch-agnostic: a policy is a function `velocity(x [B, ...], sigma [B]) -> v [B, ...]` with its
 conditioning already bound (text, subject stream, guidance), so the video and image branches

@@ -1,4 +1,4 @@
-"""Online RL post-training on DeepSpeed (Flow-GRPO / GSPO with the sliding SDE window, DESIGN 7).
+"""Online RL post-training on DeepSpeed (Flow-GRPO / GSPO with the sliding SDE window, docs/design.md 7).
 
 One iteration on every rank:
 1. take `groups` (prompt, subjects) items; encode each one's conditioning once; sample a group of G
@@ -39,7 +39,7 @@ logger = get_logger("idcrafter.rl")
 
 @dataclass
 class RLArgs:
-    """The RL hyper-parameters (DESIGN 7); each is a flag of scripts/train_rl.py."""
+    """The RL hyper-parameters (docs/design.md 7); each is a flag of scripts/train_rl.py."""
 
     objective: str = "grpo"  # grpo (per-step ratios) or gspo (sequence ratio, MultiCrafter's IPPO)
     group_size: int = 4  # G
@@ -54,7 +54,7 @@ class RLArgs:
     kl_weight: float = 0.0  # beta
     inner_epochs: int = 1
     adv_clip: float = 5.0
-    # Normalise each weighted reward component within its group before weighting (DESIGN 7), so
+    # Normalise each weighted reward component within its group before weighting (docs/design.md 7), so
     # components on different scales enter comparably; needs a reward with `weights` (a composite).
     normalise_rewards: bool = False
     eval_every: int = 0
@@ -99,7 +99,7 @@ class RLSpec(Protocol):
 
 
 def load_prompt_samples(path: str | Path, max_subjects: int, flag: str = "--data") -> list:
-    """The manifest samples an RL run draws its (prompt, subjects) items from (DESIGN 8; only the
+    """The manifest samples an RL run draws its (prompt, subjects) items from (docs/design.md 8; only the
     prompt and the subjects' images and categories are used). InputError on bad lines, no
     samples, or samples with more subjects than the model takes."""
     from idcrafter.data.manifest import read_samples

@@ -1,4 +1,4 @@
-"""Sliding SDE window over the sampling steps (MultiCrafter, DESIGN 7).
+"""Sliding SDE window over the sampling steps (MultiCrafter, docs/design.md 7).
 
 Steps inside the window W(l) = [l, l + w) are sampled with the SDE and trained; all others use
 the ODE. The window starts at `start` and moves l <- min(l + s, T - w) every tau iterations.

@@ -1,4 +1,5 @@
-"""The toy world's data (DESIGN 9): identities, sprites, clips with visible masks, references, prompts.
+"""The toy world's data (docs/design.md 9): identities, sprites, clips with visible masks,
+references, prompts.
 
 An identity is a shape x two-colour palette x texture (x texture orientation). A clip shows 1-3
 identities moving with constant velocity over a light, low-saturation background, drawn in depth
@@ -792,7 +793,7 @@ def write_dataset(
     split_seed: int = 0,
     held_out_fraction: float = 0.2,
 ) -> Path:
-    """Write a toy dataset -> the path of its `manifest.jsonl` (DESIGN 8).
+    """Write a toy dataset -> the path of its `manifest.jsonl` (docs/design.md 8).
 
     folder/videos/<id>.mp4 (H.264, 8 fps), folder/refs/<id>_<k>.png, folder/masks/<id>_<k>.mp4
     (visible mask, white on black: the loader binarises luminance at 0.5, so H.264's ringing at the
@@ -864,7 +865,7 @@ def write_image_dataset(
 
     Each sample is one frame of 1-3 still identities ("stays in the top left corner", ...):
     folder/images/<id>.png, folder/refs/<id>_<k>.png, folder/masks/<id>_<k>.png (visible mask,
-    white on black), folder/identities.json and folder/manifest.jsonl (DESIGN 8 with "image"),
+    white on black), folder/identities.json and folder/manifest.jsonl (docs/design.md 8 with "image"),
     written as `write_dataset` writes (atomic files, manifest last, deterministic from the seed).
     """
     if num_samples < 1:

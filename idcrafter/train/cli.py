@@ -19,18 +19,20 @@ from idcrafter.utils.cli import (
 __all__ = ["add_run_arguments", "check_run_paths", "train_args"]
 
 
-def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int = 1000, lr: float | None = 1e-5,
+def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 1000, lr: float | None = 1e-5,
                       weight_decay: float | None = 1e-2, save_every: int = 500, log_every: int = 10,
                       batch: bool = True, ema: bool = True) -> None:
     """The run options (DeepSpeed config, output, resume, optimiser, schedule, checkpoints, logs).
 
-    `lr` / `weight_decay` None: the option defaults to None (the model's preset decides).
+    `lr` / `weight_decay` / `max_steps` None: the option defaults to None (the model's preset, or the
+    script, decides).
     `batch`: add --batch-size and --grad-accum; `ema`: add --ema-decay.
     """
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/zero2.json")
     p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--resume", default=None, help="'auto' (the newest complete checkpoint) or a checkpoint tag")
-    p.add_argument("--max-steps", type=integer(1), default=max_steps)
+    p.add_argument("--max-steps", type=integer(1), default=max_steps,
+                   help=None if max_steps is not None else "optimizer steps (default: the paper's, per branch)")
     p.add_argument("--lr", type=number(0, 1, lo_open=True), default=lr,
                    help="learning rate" + (" (default: the preset's)" if lr is None else ""))
     p.add_argument("--weight-decay", type=number(0, 1), default=weight_decay,

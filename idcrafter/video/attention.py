@@ -1,4 +1,4 @@
-"""Hierarchical identity-preserving attention (ID-Crafter, DESIGN 4).
+"""Hierarchical identity-preserving attention (ID-Crafter, docs/design.md 4).
 
 1. intra-subject:        F_k <- F_k + SelfAttn(norm(F_k)), each subject on its own
 2. gated inter-subject:  F_k <- F_k + (W_g F_k) * CrossAttn(Q = F_k, KV = {F_j, j != k})

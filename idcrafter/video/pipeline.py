@@ -1,6 +1,6 @@
 """IDCrafterPipeline: text + reference images -> video on Wan 2.1 with ID-Crafter.
 
-Flow-matching Euler sampling with the Wan shift and three-pass guidance (DESIGN 4):
+Flow-matching Euler sampling with the Wan shift and three-pass guidance (docs/design.md 4):
 
     v = v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
 

@@ -75,7 +75,8 @@ class VideoRLSpec:
 
     @contextlib.contextmanager
     def reference(self, model):
-        """The reference policy: LoRA off (with policy `lora` this is the starting model)."""
+        """The starting policy when RL trains a fresh LoRA only: that LoRA off. The trainer uses a
+        frozen copy of the starting weights instead in every other case."""
         with moe_lora_disabled(model):
             yield
 

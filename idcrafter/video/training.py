@@ -1,6 +1,6 @@
 """ID-Crafter as a `TrainingSpec` for the generic DeepSpeed trainer (`idcrafter.train.trainer`).
 
-Loss (DESIGN 6): z_t = (1 - t) z_0 + t eps with logit-normal t and the Wan shift, target
+Loss (docs/design.md 6): z_t = (1 - t) z_0 + t eps with logit-normal t and the Wan shift, target
 v = eps - z_0, L = mean ||v_theta - v||^2 + lambda * L_attn, where L_attn is the IDAR region loss
 on the stage-3 shares of the first K blocks, for samples that carry subject masks.
 

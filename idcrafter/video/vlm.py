@@ -1,4 +1,4 @@
-"""Semantic encoder (DESIGN 4): Qwen2.5-VL reads the prompt and the reference images.
+"""Semantic encoder (docs/design.md 4): Qwen2.5-VL reads the prompt and the reference images.
 
     states = last_hidden_layer(Qwen2.5-VL(chat([ref_1 .. ref_N, INSTRUCTION(prompt)])))   [B, L, D_vlm]
     tokens = VLMConnector(states)                                                       [B, L, dim]
