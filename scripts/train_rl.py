@@ -126,8 +126,8 @@ def reward_options(pairs: list[str]) -> dict[str, dict]:
 
 
 def branch_config(args):
-    """The model config of the run (the adapter's, else the preset's), with its folders checked and
-    a --preset that disagrees with the adapter refused."""
+    """The model config of the run (the adapter's, else the --base model's own, else the preset's),
+    with its folders checked and a --preset that disagrees with the adapter refused."""
     from idcrafter.utils.folders import check_model_folder
 
     if args.branch == "image":
@@ -147,6 +147,12 @@ def branch_config(args):
     adapter = Path(args.adapter) if args.adapter else None
     if args.base is not None:
         check_model_folder(args.base, "--base", required=parts)
+        if adapter is None and args.branch == "video":  # a saved IDCrafterTransformer holds its own config
+            from idcrafter.video.infer import read_model
+
+            own = read_model(Path(args.base), "--base", args.preset)
+            if own is not None:
+                return own
         sub = Path(args.base) / ("mcimage_adapter" if args.branch == "image" else "idcrafter_adapter")
         adapter = adapter or (sub if sub.is_dir() else None)
     if adapter is None:

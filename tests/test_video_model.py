@@ -56,7 +56,8 @@ def test_blocks_clipped_to_depth():
 def test_training_makes_the_path_live_and_reaches_every_module():
     _, model = stock_and_ours()
     model.train()
-    model.wan.requires_grad_(False)
+    for p in model.base_parameters():
+        p.requires_grad_(False)
     x, subjects = inputs()
     target = torch.randn_like(x["hidden_states"])
     opt = torch.optim.AdamW(model.adapter.parameters(), lr=1e-2)
@@ -69,7 +70,7 @@ def test_training_makes_the_path_live_and_reaches_every_module():
     (model(**x, return_dict=False, subjects=subjects)[0] - target).square().mean().backward()
     no_grad = [n for n, p in model.adapter.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert no_grad == []
-    assert all(p.grad is None for p in model.wan.parameters())
+    assert all(p.grad is None for p in model.base_parameters())
     model.eval()
     with torch.no_grad():
         plain = model(**x, return_dict=False)[0]
@@ -142,8 +143,8 @@ def test_adapter_round_trip_and_mismatch(tmp_path):
     x, subjects = inputs()
     folder = model.save_adapter(tmp_path / "adapter")
     assert sorted(p.name for p in folder.iterdir()) == ["idcrafter_adapter.safetensors", "idcrafter_config.json"]
-    model.wan.save_pretrained(tmp_path / "base" / "transformer")
-    loaded = IDCrafterTransformer.from_pretrained(tmp_path / "base", folder).eval()
+    model.to_wan().save_pretrained(tmp_path / "base" / "transformer")
+    loaded = IDCrafterTransformer.from_pretrained(tmp_path / "base", folder, subfolder="transformer")
     with torch.no_grad():
         assert torch.equal(model(**x, return_dict=False, subjects=subjects)[0], loaded(**x, return_dict=False, subjects=subjects)[0])
 
@@ -170,7 +171,7 @@ def test_adapter_with_fine_tuned_base(tmp_path):
     _, model = stock_and_ours()
     perturb_adapter(model)
     with torch.no_grad():
-        for p in model.wan.parameters():
+        for p in model.base_parameters():
             p.mul_(1.1)
     x, subjects = inputs()
     folder = model.save_adapter(tmp_path / "adapter", include_base=True)
@@ -178,7 +179,7 @@ def test_adapter_with_fine_tuned_base(tmp_path):
     untouched, fresh = stock_and_ours()
     untouched.save_pretrained(tmp_path / "base" / "transformer")  # the original base
     fresh.load_adapter(folder)
-    again = IDCrafterTransformer.from_pretrained(tmp_path / "base", folder)
+    again = IDCrafterTransformer.from_pretrained(tmp_path / "base", folder, subfolder="transformer")
     with torch.no_grad():
         expected = model(**x, return_dict=False, subjects=subjects)[0]
         assert torch.equal(fresh(**x, return_dict=False, subjects=subjects)[0], expected)
@@ -210,7 +211,7 @@ def _with_weights_of(full, config):
     """A model of `config` on the same Wan weights, holding `full`'s adapter weights where it has them."""
     torch.manual_seed(0)
     model = IDCrafterTransformer.from_wan(WanTransformer3DModel(**config.wan), config).eval()
-    model.wan.load_state_dict(full.wan.state_dict())
+    model.to_wan().load_state_dict(full.to_wan().state_dict())  # to_wan shares the weights: this sets model's
     state = full.adapter.state_dict()
     mine = model.adapter.state_dict()
     model.adapter.load_state_dict({k: state[k] for k in mine})

@@ -8,7 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from PIL import Image, ImageDraw
 
-from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.config import IDCrafterConfig, read_model_config
 from idcrafter.video.pipeline import IDCrafterPipeline
 from idcrafter.video.presets import build_components
 
@@ -108,17 +108,23 @@ def test_references_and_seed_matter(pipe):
 
 def test_save_and_load_reproduce_outputs(pipe, tmp_path):
     folder = pipe.save_pretrained(tmp_path / "model")
-    assert (folder / "idcrafter_adapter" / "idcrafter_config.json").is_file()
-    # The base part is a stock diffusers Wan folder.
+    # One model folder: the transformer holds its adapter and config (no idcrafter_adapter/ beside it).
+    assert read_model_config(folder / "transformer")[0] == pipe.transformer.idcrafter_config
+    assert not (folder / "idcrafter_adapter").exists()
+    # The stock class still reads its base weights (diffusers skips the adapter's entries).
     stock = WanTransformer3DModel.from_pretrained(folder / "transformer")
-    assert stock.config.num_layers == CFG.wan["num_layers"]
+    base = pipe.transformer.to_wan().state_dict()
+    assert stock.state_dict().keys() == base.keys() and all(torch.equal(v, base[k]) for k, v in stock.state_dict().items())
     loaded = IDCrafterPipeline.from_pretrained(folder)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded), run(pipe))
-    # Base alone + adapter folder given explicitly gives the same model.
-    again = IDCrafterPipeline.from_pretrained(folder, adapter=folder / "idcrafter_adapter")
+    # Another adapter given explicitly replaces the folder's: a zero-start adapter gives the base model.
+    fresh = make_pipe(perturb=False)
+    adapter = fresh.transformer.save_adapter(tmp_path / "adapter")
+    again = IDCrafterPipeline.from_pretrained(folder, adapter=adapter)
     again.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(run(again), run(pipe))
+    np.testing.assert_array_equal(run(again), run(fresh))
+    assert np.abs(run(again) - run(pipe)).max() > 1e-3
 
 
 def test_editing_mode(pipe):

@@ -31,7 +31,7 @@ def _setup(full: bool, device: torch.device, dtype: torch.dtype):
 
     wan = WAN_CONFIGS["wan-1.3b"] if full else CPU_WAN
     config = IDCrafterConfig(num_blocks=20, max_subjects=3, wan=dict(wan), preset="benchmark")
-    model = IDCrafterTransformer.from_config(config, seed=0).to(device, dtype).eval()
+    model = IDCrafterTransformer.from_idcrafter_config(config, seed=0).to(device, dtype).eval()
     # Give the zero-initialised modules values, as after training (zeros could be skipped by kernels).
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def run_overhead(device: str = "cpu", full: bool | None = None, repeats: int = 3
     x, t, txt = _video_inputs(latent, config.wan["text_dim"], device, dtype, 512 if full else 32)
     if full:
         model.enable_gradient_checkpointing()
-    model.wan.requires_grad_(False)
+    model.trainable_parameters("new-modules")  # the base stays frozen, as in training
     results = {}
 
     def fwd(n):

@@ -53,7 +53,7 @@ def held_out_losses(pipe, manifest: str | Path, limit: int = 16, seed: int = 0) 
         refs = batch["refs"]
         ref_latents = pipe.encode_video(refs.flatten(0, 1)[:, :, None], device).unflatten(0, refs.shape[:2])
         text = pipe.encode_prompt(batch["prompts"], device)
-        p = model.wan.config.patch_size
+        p = model.config.patch_size
         grid = (z0.shape[2] // p[0], z0.shape[3] // p[1], z0.shape[4] // p[2])
         assignment = masks_to_token_assignment(batch["masks"], grid) if batch.get("masks") is not None else None
         stream = model.encode_subjects(ref_latents, batch["subject_mask"])
@@ -63,7 +63,7 @@ def held_out_losses(pipe, manifest: str | Path, limit: int = 16, seed: int = 0) 
             capture = {}
             z_t = add_noise(z0, noise, t)
             pred = model(z_t, t * 1000, text, return_dict=False, subject_stream=stream, attention_capture=capture)[0]
-            pred = to_velocity(model.config, pred, z_t, t)
+            pred = to_velocity(model.idcrafter_config, pred, z_t, t)
             losses.append(float(flow_loss(pred, flow_target(z0, noise))))
             if assignment is not None and capture:
                 leaks.append(float(leakage(list(capture.values()), assignment)))
@@ -83,7 +83,7 @@ def share_map(pipe, sample_refs, prompt: str, seed: int = 0) -> np.ndarray:
         model(x, torch.tensor([500.0]), pipe.encode_prompt([prompt], device), return_dict=False, subject_stream=stream,
               attention_capture=capture)
     share = torch.stack(list(capture.values())).mean(0)[0]  # [N, L]
-    p = model.wan.config.patch_size
+    p = model.config.patch_size
     h, w = shape[3] // p[1], shape[4] // p[2]
     return share[0, : h * w].reshape(h, w).numpy()
 

@@ -105,13 +105,12 @@ def step_train(out: Path, base: Path, data: Path, steps: int, batch_size: int, l
 
 
 def assemble_model(out: Path, base: Path, run: Path, name: str = "model") -> Path:
-    """A self-contained model folder: the base components + the trained transformer and adapter."""
+    """A self-contained model folder: the base components + the trained transformer with its adapter
+    (the run exports the adapter with the fine-tuned transformer beside it; saved as one model)."""
+    from idcrafter.video.pipeline import IDCrafterPipeline
+
     model = out / name
-    if model.exists():
-        shutil.rmtree(model)
-    shutil.copytree(base, model, ignore=shutil.ignore_patterns("idcrafter_adapter", "transformer"))
-    shutil.copytree(run / "adapter" / "transformer", model / "transformer")
-    shutil.copytree(run / "adapter", model / "idcrafter_adapter", ignore=shutil.ignore_patterns("transformer"))
+    IDCrafterPipeline.from_pretrained(base, adapter=run / "adapter").save_pretrained(model)
     return model
 
 

@@ -234,6 +234,25 @@ class SubjectCrossAttnProcessor:
         self.layer = layer
         self.plain_keys = plain_keys
 
+    # diffusers' `set_attention_backend` / `enable_parallelism` set these on every processor that has
+    # them; they steer the stock processor, which runs the text attention (stage 3 goes through
+    # `idcrafter.core.attention`).
+    @property
+    def _attention_backend(self):
+        return self.stock._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.stock._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.stock._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.stock._parallel_config = config
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = encoder_hidden_states
         if not isinstance(ctx, SubjectContext):

@@ -190,6 +190,79 @@ def read_adapter_config(folder: str | Path) -> tuple[IDCrafterConfig, dict]:
     return IDCrafterConfig.from_dict(meta["config"]), meta
 
 
+# The model class a transformer folder saved by `IDCrafterTransformer.save_pretrained` names in its
+# config.json, and the entries that file holds beside the Wan config: the IDCrafterConfig (without its
+# `wan`, which is the file's own Wan config), the MoE-LoRA config of LoRA layers, the VLM folder.
+MODEL_CLASS = "IDCrafterTransformer"
+MODEL_EXTRA_KEYS = ("idcrafter", "lora", "vlm_folder")
+# Loading options that only mean something for a download from the Hugging Face Hub.
+HUB_OPTIONS = ("revision", "custom_pipeline", "custom_revision", "token", "proxies", "force_download", "mirror",
+               "cache_dir", "push_to_hub")
+
+
+def read_model_config(folder: str | Path) -> tuple[IDCrafterConfig, dict] | None:
+    """(config, meta) of a transformer folder saved by `IDCrafterTransformer.save_pretrained`, or None
+    when its config.json names another class (a stock Wan transformer).
+
+    The config is the "idcrafter" entry on the file's own Wan config; meta has the keys of an
+    adapter's JSON ("config", "base", "vlm_folder"). FileNotFoundError without config.json,
+    ValueError (JSONDecodeError included) for a file that is not such a config.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"transformer folder {folder}: no config.json")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if data.get("_class_name") != MODEL_CLASS:
+        return None
+    stored = data.get("idcrafter")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: no 'idcrafter' object (the ID-Crafter config)")
+    wan = {k: v for k, v in data.items() if not k.startswith("_") and k not in MODEL_EXTRA_KEYS}
+    config = IDCrafterConfig.from_dict({**stored, "wan": wan})
+    try:
+        base = base_signature(wan)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a Wan transformer config ({err!r})") from None
+    vlm_folder = data.get("vlm_folder")
+    return config, {"config": config.to_dict(), "base": base, "vlm_folder": vlm_folder}
+
+
+def model_folder_config(folder: str | Path) -> tuple[IDCrafterConfig, dict] | None:
+    """(config, meta) of the ID-Crafter model in a pipeline folder of either layout: an
+    `IDCrafterTransformer` in transformer/, else an `idcrafter_adapter/` beside a stock Wan
+    transformer (the layout of older saves and of training exports). None for a folder with
+    neither (a stock Wan folder, whose model starts from a fresh adapter)."""
+    folder = Path(folder)
+    if (folder / "transformer" / "config.json").is_file():
+        own = read_model_config(folder / "transformer")
+        if own is not None:
+            return own
+    if (folder / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
+        return read_adapter_config(folder / ADAPTER_SUBFOLDER)
+    return None
+
+
+def local_model_folder(path: Any, what: str, options: Mapping[str, Any] | None = None) -> Path:
+    """`path` as an existing local folder; InputError (one line naming `what`) for anything that only a
+    download could satisfy: a hub id or missing path, or a Hub option (`HUB_OPTIONS`) in `options`
+    set to anything but its default. Models are never downloaded (docs/design.md 10)."""
+    for key in HUB_OPTIONS:
+        if (options or {}).get(key) not in (None, False):
+            raise InputError(f"{what}: {key}= is a Hugging Face Hub option; models load from local folders only")
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise InputError(f"{what}: expected a local model folder, got {type(path).__name__} {path!r}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"{what}: {path} is not a local folder (models load from local folders only; "
+                         "hub ids are not downloaded)")
+    subfolder = (options or {}).get("subfolder")
+    if subfolder and not (folder / subfolder).is_dir():
+        raise InputError(f"{what}: {folder} has no {subfolder}/ subfolder")
+    return folder
+
+
 def base_signature(wan: Mapping[str, Any]) -> dict[str, int]:
     """What an adapter records of the Wan transformer it was trained on, from that transformer's
     config: an adapter loads only onto a base with the same signature."""

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idcrafter.video.config import ADAPTER_SUBFOLDER, IDCrafterConfig, read_adapter_config
+from idcrafter.video.config import IDCrafterConfig, model_folder_config
 
 DEFAULT_SEED = 0
 TOYWORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "model"
 
 
 def toyworld_available() -> bool:
-    return (TOYWORLD_MODEL / "idcrafter_adapter" / "idcrafter_config.json").is_file()
+    """Whether the package carries the toy-world model (in either folder layout, see
+    `idcrafter.video.pipeline.IDCrafterPipeline`)."""
+    return model_folder_config(TOYWORLD_MODEL) is not None
 
 
 def builtin_name() -> str:
@@ -28,7 +30,7 @@ def builtin_config(preset: str | None = None) -> IDCrafterConfig:
     """The config of the built-in model for `preset` (None: whichever is built in)."""
     preset = preset or builtin_name()
     if preset == "toyworld" and toyworld_available():
-        return read_adapter_config(TOYWORLD_MODEL / ADAPTER_SUBFOLDER)[0]
+        return model_folder_config(TOYWORLD_MODEL)[0]
     return IDCrafterConfig.from_preset(preset)
 
 

@@ -36,6 +36,7 @@ from idcrafter.video.config import (
     VideoLimits,
     check_adapter_fits,
     read_adapter_config,
+    read_model_config,
 )
 
 DEFAULT_MODEL = "built-in"
@@ -155,16 +156,31 @@ def vlm_identity(folder: str | Path) -> str:
     return str(Path(folder).resolve())
 
 
-def recorded_vlm(adapter: str | Path | None) -> str | None:
-    """The VLM folder an adapter was trained with (`vlm_folder` in its JSON metadata), or None."""
-    if adapter is None or not (Path(adapter) / ADAPTER_CONFIG).is_file():
+def recorded_vlm(adapter: str | Path | None, name: str = ADAPTER_CONFIG) -> str | None:
+    """The VLM folder a model was trained with (`vlm_folder` in the JSON file `name` of the folder
+    `adapter`: an adapter's config, or the config.json of a saved IDCrafterTransformer), or None."""
+    if adapter is None or not (Path(adapter) / name).is_file():
         return None
     try:
-        meta = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        meta = json.loads((Path(adapter) / name).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # read_adapter has already named a broken file
+        return None  # read_adapter / read_model has already named a broken file
     folder = meta.get("vlm_folder") if isinstance(meta, dict) else None
     return folder if isinstance(folder, str) and folder else None
+
+
+def read_model(model: Path, flag: str, preset: str | None = None) -> IDCrafterConfig | None:
+    """The config of a model folder whose transformer/ is an IDCrafterTransformer with its adapter
+    inside (None for a stock Wan transformer); InputError naming `flag` for a config that is not
+    one, or a --preset (`preset`) other than the one the model was trained as."""
+    try:
+        own = read_model_config(model / "transformer")
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{flag} {model}: bad transformer/config.json ({str(err).splitlines()[0]})") from None
+    if own is None:
+        return None
+    check_preset(own[0].preset, preset, model)
+    return own[0]
 
 
 def check_vlm(vlm: str | None, config: IDCrafterConfig, adapter: str | Path | None = None,
@@ -174,8 +190,9 @@ def check_vlm(vlm: str | None, config: IDCrafterConfig, adapter: str | Path | No
     --vlm exactly when the model was trained with the VLM encoder: without it such a model would run
     without its semantic tokens, and with it a model trained without one would ignore it. Without
     --vlm, a VLM model uses the folder its adapter recorded at training (`adapter`, else
-    `base`/idcrafter_adapter) when that folder exists. The folder's hidden size must be the one the
-    adapter's connector reads. InputError (one line) otherwise; reads JSON and file headers only.
+    `base`/idcrafter_adapter, else the `vlm_folder` of `base`/transformer) when that folder exists.
+    The folder's hidden size must be the one the adapter's connector reads. InputError (one line)
+    otherwise; reads JSON and file headers only.
     """
     if vlm is not None:
         check_input_dir(vlm, "--vlm")
@@ -187,7 +204,10 @@ def check_vlm(vlm: str | None, config: IDCrafterConfig, adapter: str | Path | No
     else:
         if adapter is None and base is not None and (Path(base) / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
             adapter = Path(base) / ADAPTER_SUBFOLDER
-        recorded = recorded_vlm(adapter)
+        if adapter is None and base is not None:  # a saved IDCrafterTransformer records it in its config
+            recorded = recorded_vlm(Path(base) / "transformer", "config.json")
+        else:
+            recorded = recorded_vlm(adapter)
         if recorded is None:
             raise InputError("this model was trained with the VLM encoder: pass --vlm (a Qwen2.5-VL folder)")
         problem = path_problem(recorded, "folder")
@@ -217,6 +237,10 @@ def model_config(req: InferenceRequest) -> IDCrafterConfig:
     if req.model is not None:
         model = Path(req.model)
         check_model_folder(model, "--model", required=("transformer", "vae", "text_encoder", "tokenizer"))
+        if adapter is None:
+            own = read_model(model, "--model", req.preset)
+            if own is not None:
+                return own
         if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
             adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:

@@ -32,21 +32,76 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from idcrafter.utils.cli import InputError
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.attention import LayerKV, SubjectStream
-from idcrafter.video.config import ADAPTER_SUBFOLDER, IDCrafterConfig, VideoLimits, vae_scale_factors
-from idcrafter.video.transformer import ADAPTER_CONFIG, IDCrafterTransformer, to_velocity
+from idcrafter.video.config import (
+    ADAPTER_CONFIG,
+    ADAPTER_SUBFOLDER,
+    IDCrafterConfig,
+    VideoLimits,
+    local_model_folder,
+    read_model_config,
+    vae_scale_factors,
+)
+from idcrafter.video.transformer import IDCrafterTransformer, to_velocity
+
+# The module `save_pretrained` writes into a pipeline folder (model_index.json names it).
+PIPELINE_MODULE = "idcrafter_pipeline"
+_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler", "vlm")
+_MODEL_OPTIONS = ("variant", "use_safetensors", "low_cpu_mem_usage")
 
 
-def load_vae(folder: Path):
-    """The Wan VAE, or the toy world's lossless codec, by the class named in its config."""
+def pipeline_module_source(pipeline_class: type, index: dict) -> str:
+    """The module diffusers runs (with trust_remote_code=True) to find the pipeline class: imports from
+    the installed package only, the pipeline's module and every component module that model_index.json
+    names by module path (diffusers resolves those from the imported modules)."""
+    libraries = sorted({v[0] for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
+                        and isinstance(v[0], str) and "." in v[0]})
+    lines = [
+        f'"""Makes diffusers load this folder as {pipeline_class.__name__}:',
+        "",
+        "    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)",
+        "",
+        "Written by IDCrafterPipeline.save_pretrained; it holds no model code, it imports the installed",
+        'idcrafter package."""',
+        "",
+        *[f"import {library}" for library in libraries],
+        f"from {pipeline_class.__module__} import {pipeline_class.__name__}",
+        "",
+        f'__all__ = ["{pipeline_class.__name__}"]',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _variant_of(folder: Path, variant: str | None) -> str | None:
+    """`variant` when `folder` holds weights of that variant (diffusers saves it for models that take
+    one), else None: the component's plain weights."""
+    if variant is None or not folder.is_dir():
+        return None
+    return variant if any(f".{variant}." in p.name for p in folder.iterdir()) else None
+
+
+def load_vae(folder: Path, variant: str | None = None):
+    """The Wan VAE, or the toy world's lossless codec, by the class named in its config (float32)."""
     name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKLWan")
     if name == "PixelUnshuffleCodec":
         from idcrafter.toyworld.codec import PixelUnshuffleCodec
 
-        return PixelUnshuffleCodec.from_pretrained(folder)
-    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+        return PixelUnshuffleCodec.from_pretrained(folder, variant=variant)
+    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, variant=variant)
+
+
+def load_scheduler(folder: Path, config: IDCrafterConfig, saved: bool) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching Euler scheduler: the folder's own when it is a pipeline folder saved by
+    `IDCrafterPipeline.save_pretrained` (`saved`), as diffusers loads it; else one with the model's
+    `flow_shift` (a stock Wan folder ships another sampler, and older saves built it this way)."""
+    path = folder / "scheduler" / FlowMatchEulerDiscreteScheduler.config_name
+    if saved and path.is_file() and json.loads(path.read_text()).get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    return FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
 
 
 def concat_streams(streams: Sequence[SubjectStream]) -> SubjectStream:
@@ -82,6 +137,25 @@ class IDCrafterPipeline(DiffusionPipeline):
     Components: `tokenizer`, `text_encoder` (UMT5), `vae` (AutoencoderKLWan), `transformer`
     (`IDCrafterTransformer`), `scheduler` (FlowMatchEulerDiscreteScheduler), and optionally
     `vlm` (`idcrafter.video.vlm.VLMSemanticEncoder`, used when the adapter has a VLM connector).
+
+    Files. `save_pretrained` is diffusers' own (safe_serialization, variant, max_shard_size): each
+    component in its subfolder, the transformer with its adapter inside, and a model_index.json
+    whose `_class_name` is ["idcrafter_pipeline", "IDCrafterPipeline"] beside a two-line module
+    `idcrafter_pipeline.py` that imports this class from the installed package (and the modules
+    of our own components, which model_index.json names by module path). So diffusers itself
+    loads the folder as this pipeline:
+
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+    diffusers 0.42 resolves a pipeline class outside diffusers only through such a module file,
+    and runs a module file only with `trust_remote_code=True`, also from a local folder; without
+    it diffusers stops with its own error naming the file, never with a stock pipeline. The VLM
+    is not saved (it is a folder of its own; the transformer config records which one).
+
+    `IDCrafterPipeline.from_pretrained(folder)` runs no code from the folder. It loads these
+    folders and the older layout too: a stock Wan folder whose transformer/ is the stock model,
+    with the adapter beside it in idcrafter_adapter/ (what older saves and the committed toy-world
+    model hold), and plain Wan diffusers folders (a fresh adapter).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -98,7 +172,7 @@ class IDCrafterPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ construction
     @property
     def config_idc(self) -> IDCrafterConfig:
-        return self.transformer.config
+        return self.transformer.idcrafter_config
 
     @classmethod
     def from_components(cls, components: dict, vlm=None) -> IDCrafterPipeline:
@@ -107,29 +181,52 @@ class IDCrafterPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(
         cls,
-        base: str | Path,
+        pretrained_model_name_or_path: str | Path,
         adapter: str | Path | None = None,
         torch_dtype: torch.dtype | None = None,
         vlm: str | Path | None = None,
-        **_: object,
+        **kwargs,
     ) -> IDCrafterPipeline:
-        """Load a base Wan diffusers folder (tokenizer, text_encoder, vae, transformer) + our adapter.
+        """Load a pipeline folder (either layout, see the class docstring) or a Wan diffusers folder.
 
-        `adapter` defaults to `base/idcrafter_adapter` when that exists; without any adapter the
-        ID-Crafter modules are freshly initialised (zero contribution: the base model).
+        `adapter`: an adapter folder (`IDCrafterTransformer.save_adapter`) to use instead of the
+        folder's own; in the older layout it defaults to `folder/idcrafter_adapter`, and without
+        any the ID-Crafter modules are fresh (zero contribution: the base model). `vlm`: a
+        Qwen2.5-VL folder to load as the `vlm` component. `torch_dtype` (default float32: weights
+        may be stored in half precision) applies to the text encoder and the transformer.
+        kwargs: `variant`, `use_safetensors`, `low_cpu_mem_usage` for the model components, or a
+        component object to use as is (`transformer=...`). Folders only: a hub id or a Hub option
+        (revision=, custom_pipeline=, token=, ...) is an InputError; so is anything else unknown.
         """
-        base = Path(base)
-        torch_dtype = torch_dtype or torch.float32  # weights may be stored in half precision
-        if not (base / "transformer").is_dir():
-            raise FileNotFoundError(f"{base} is not a Wan diffusers folder (no transformer/ subfolder)")
-        if adapter is None and (base / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
-            adapter = base / ADAPTER_SUBFOLDER
-        transformer = IDCrafterTransformer.from_pretrained(base, adapter, torch_dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-        text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype)
-        vae = load_vae(base / "vae")
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=transformer.config.flow_shift)
-        vlm_encoder = None
+        what = f"{cls.__name__}.from_pretrained"
+        folder = local_model_folder(pretrained_model_name_or_path, what, kwargs)
+        components = {k: kwargs.pop(k) for k in _COMPONENTS if k in kwargs}
+        options = {k: kwargs.pop(k) for k in _MODEL_OPTIONS if k in kwargs}
+        for ignored in ("local_files_only", "trust_remote_code"):  # offline always; no code runs from the folder
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise InputError(f"{what}: unknown option(s) {', '.join(sorted(kwargs))}")
+        torch_dtype = torch_dtype or torch.float32
+        if not (folder / "transformer").is_dir() and "transformer" not in components:
+            raise InputError(f"{what}: {folder} is not a Wan diffusers folder (no transformer/ subfolder)")
+        own = "transformer" in components or (
+            (folder / "transformer" / "config.json").is_file() and read_model_config(folder / "transformer") is not None
+        )
+        if adapter is None and not own and (folder / ADAPTER_SUBFOLDER / ADAPTER_CONFIG).is_file():
+            adapter = folder / ADAPTER_SUBFOLDER
+        variant = options.pop("variant", None)
+        transformer = components.get("transformer") or IDCrafterTransformer.from_pretrained(
+            folder, adapter, subfolder="transformer", torch_dtype=torch_dtype,
+            variant=_variant_of(folder / "transformer", variant), **options,
+        )
+        tokenizer = components.get("tokenizer") or AutoTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoder = components.get("text_encoder") or UMT5EncoderModel.from_pretrained(
+            folder / "text_encoder", dtype=torch_dtype, variant=_variant_of(folder / "text_encoder", variant),
+            **({"use_safetensors": options["use_safetensors"]} if "use_safetensors" in options else {}),
+        )
+        vae = components.get("vae") or load_vae(folder / "vae", _variant_of(folder / "vae", variant))
+        scheduler = components.get("scheduler") or load_scheduler(folder, transformer.idcrafter_config, own)
+        vlm_encoder = components.get("vlm")
         if vlm is not None:
             from idcrafter.video.vlm import VLMSemanticEncoder
 
@@ -137,41 +234,42 @@ class IDCrafterPipeline(DiffusionPipeline):
             transformer.vlm_folder = str(Path(vlm).resolve())
         return cls(tokenizer, text_encoder.eval(), vae.eval(), transformer.eval(), scheduler, vlm=vlm_encoder)
 
-    def save_pretrained(self, folder: str | Path, **_: object) -> Path:
-        """Write a stock Wan diffusers folder (loadable by diffusers' WanPipeline) + `idcrafter_adapter/`."""
-        folder = Path(folder)
-        with atomic_write_dir(folder) as tmp:
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            self.text_encoder.save_pretrained(tmp / "text_encoder")
-            self.vae.save_pretrained(tmp / "vae")
-            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
-            self._save_base_transformer(tmp / "transformer", tmp / ADAPTER_SUBFOLDER)
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            index = {
-                "_class_name": "WanPipeline",
-                "_diffusers_version": __import__("diffusers").__version__,
-                "tokenizer": ["transformers", type(self.tokenizer).__name__],
-                "text_encoder": ["transformers", "UMT5EncoderModel"],
-                "vae": [type(self.vae).__module__.split(".")[0], type(self.vae).__name__],
-                "transformer": ["diffusers", "WanTransformer3DModel"],
-                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            }
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> Path:
+        """diffusers' `save_pretrained`, written atomically, plus what makes diffusers load the folder
+        as this pipeline (see the class docstring). Returns the folder."""
+        if push_to_hub:
+            raise InputError("IDCrafterPipeline.save_pretrained: push_to_hub= is not supported (folders only)")
+        folder = Path(save_directory)
+        with atomic_write_dir(folder) as tmp, self._without_vlm():
+            super().save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant,
+                                    max_shard_size=max_shard_size, **kwargs)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / f"{PIPELINE_MODULE}.py").write_text(pipeline_module_source(type(self), index))
         return folder
 
-    def _save_base_transformer(self, folder: Path, adapter: Path) -> None:
-        """Stock weights only: LoRA layers are taken out for the save and put back from the adapter."""
-        wan = self.transformer.wan
-        if self.transformer.lora_config is None:
-            wan.save_pretrained(folder)
+    @contextlib.contextmanager
+    def _without_vlm(self) -> Iterator[None]:
+        """The VLM is no diffusers or transformers model (diffusers would warn it cannot be saved): it
+        stays out of the saved folder, which records it as absent."""
+        vlm = self.vlm
+        if vlm is None:
+            yield
             return
-        from idcrafter.core.moe_lora import load_moe_lora, remove_moe_lora
-
-        remove_moe_lora(wan)
+        self.register_modules(vlm=None)
         try:
-            wan.save_pretrained(folder)
+            yield
         finally:
-            load_moe_lora(wan, adapter / "lora")
+            self.register_modules(vlm=vlm)
 
     def enable_cpu_offload(self, enabled: bool = True) -> None:
         """Keep components on the CPU and move each to the accelerator only while it runs.
@@ -317,7 +415,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_temporal:
             raise ValueError(f"num_frames {num_frames} must be {self.vae_scale_temporal}n+1")
         # past the rotary range the transformer fails deep inside; say so here (InputError is a ValueError)
-        limits = VideoLimits.from_configs(dict(self.transformer.wan.config), dict(self.vae.config))
+        limits = VideoLimits.from_configs(self.transformer.wan_config, dict(self.vae.config))
         limits.check(height, width, num_frames, 1, names=("size", "num_frames", "steps"))
         if not 0 < strength <= 1:
             raise ValueError(f"strength {strength} must be in (0, 1]")
@@ -350,29 +448,32 @@ class IDCrafterPipeline(DiffusionPipeline):
         timestep = t.to(latents.device).float().reshape(-1).expand(b)
         text, negative = text.expand(b, -1, -1), negative.expand(b, -1, -1)
 
-        def model(x, ts, txt, **kw):
-            out = self.transformer(x, ts, txt, return_dict=False, **kw)[0]
+        def model(name, x, ts, txt, **kw):
+            # Each pass its own cache context: diffusers' caches (`transformer.enable_cache`) keep
+            # state per context, and the passes see different conditions.
+            with self.transformer.cache_context(name):
+                out = self.transformer(x, ts, txt, return_dict=False, **kw)[0]
             return to_velocity(self.config_idc, out, x, ts / 1000.0)
 
         if stream is None:  # no references: ordinary classifier-free guidance on the text
             if s_txt == 1.0:
-                return model(latents, timestep, text, subject_stream=text_stream)
+                return model("cond", latents, timestep, text, subject_stream=text_stream)
             if text_stream is not None:
-                v_neg = model(latents, timestep, negative)
-                return v_neg + s_txt * (model(latents, timestep, text, subject_stream=text_stream) - v_neg)
-            pair = model(latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
+                v_neg = model("uncond", latents, timestep, negative)
+                return v_neg + s_txt * (model("cond", latents, timestep, text, subject_stream=text_stream) - v_neg)
+            pair = model("cfg", latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
             v_neg, v_txt = pair.chunk(2)
             return v_neg + s_txt * (v_txt - v_neg)
         if s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
-            return model(latents, timestep, text, subject_stream=stream)
+            return model("cond", latents, timestep, text, subject_stream=stream)
         if batched is not None:
-            v = model(latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
+            v = model("guided", latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
                       subject_stream=batched)
             v_uncond, v_ref, v_ref_txt = v.chunk(3)
         else:
-            v_uncond = model(latents, timestep, negative)
-            v_ref = model(latents, timestep, negative, subject_stream=stream if ref_stream is None else ref_stream)
-            v_ref_txt = model(latents, timestep, text, subject_stream=stream)
+            v_uncond = model("uncond", latents, timestep, negative)
+            v_ref = model("ref", latents, timestep, negative, subject_stream=stream if ref_stream is None else ref_stream)
+            v_ref_txt = model("cond", latents, timestep, text, subject_stream=stream)
         return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
 
     @staticmethod
@@ -489,8 +590,10 @@ class IDCrafterPipeline(DiffusionPipeline):
                     callback(i, latents)
 
         if output_type == "latent":
-            return IDCrafterPipelineOutput(frames=latents)
-        frames = self.decode_latents(latents, device).numpy()
-        if output_type == "pil":
-            frames = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in video_frames] for video_frames in frames]
+            frames = latents
+        else:
+            frames = self.decode_latents(latents, device).numpy()
+            if output_type == "pil":
+                frames = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in video_frames] for video_frames in frames]
+        self.maybe_free_model_hooks()  # as diffusers' pipelines end: resets stateful caches, re-arms offload hooks
         return IDCrafterPipelineOutput(frames=frames)

@@ -56,6 +56,6 @@ def build_components(config: IDCrafterConfig, seed: int = 0) -> dict:
 
         factor = int(round((config.latent_channels / 3) ** 0.5))
         vae = PixelUnshuffleCodec(factor=factor).eval()
-    transformer = IDCrafterTransformer.from_config(config).eval()
+    transformer = IDCrafterTransformer.from_idcrafter_config(config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)

@@ -65,7 +65,7 @@ class VideoRLSpec:
 
             self.pipe.register_modules(vlm=VLMSemanticEncoder.from_pretrained(self.vlm, device=device, dtype=dtype))
             model.vlm_folder = str(Path(self.vlm).resolve())  # the exported adapter records the VLM it ran with
-        self.config = model.config
+        self.config = model.idcrafter_config
         self.flow_shift = self.config.flow_shift
         self.device = device
         return model

@@ -109,10 +109,8 @@ class VideoTrainingSpec:
             if self.m.adapter is not None:
                 pipe.transformer.load_adapter(self.m.adapter)
         model = pipe.transformer
-        if self.m.hierarchy and self.m.hierarchy != model.config.hierarchy:
-            config = dataclasses.replace(model.config, hierarchy=self.m.hierarchy)
-            model = IDCrafterTransformer(model.wan, config)  # a fresh adapter of the other kind
-            pipe.register_modules(transformer=model)
+        if self.m.hierarchy and self.m.hierarchy != model.idcrafter_config.hierarchy:
+            model.replace_adapter(dataclasses.replace(model.idcrafter_config, hierarchy=self.m.hierarchy))
         if self.m.vlm is not None:
             if model.adapter.vlm_connector is None:
                 # Seeded apart from the global RNG, so every rank starts from the same connector.
@@ -122,7 +120,7 @@ class VideoTrainingSpec:
             from idcrafter.video.infer import vlm_identity
 
             model.vlm_folder = vlm_identity(self.m.vlm)  # recorded in the exported adapter
-        self.config = model.config
+        self.config = model.idcrafter_config
         if "lora" in self.policy and model.lora_config is None:
             model.add_lora(rank=self.m.lora_rank)
         pipe.text_encoder.to(device).requires_grad_(False)
@@ -241,7 +239,7 @@ class VideoTrainingSpec:
                 conditions["vlm_inputs"] = (list(batch["prompts"]), self.reference_images(batch["ids"]))
         if self.m.attn_loss_weight > 0 and batch.get("masks") is not None and bool(batch["has_masks"].any()):
             f, h, w = latents.shape[2:]
-            p = pipe.transformer.wan.config.patch_size
+            p = pipe.transformer.config.patch_size
             grid = (f // p[0], h // p[1], w // p[2])
             assignment = masks_to_token_assignment(batch["masks"].to(device), grid)
             assignment[~batch["has_masks"].to(device)] = -1  # samples without masks take no IDAR loss
