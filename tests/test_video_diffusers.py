@@ -101,6 +101,11 @@ def test_model_is_a_wan_subclass_with_the_idcrafter_config_in_its_diffusers_conf
     # Its `wan` is the model's own Wan config (every argument of the stock class, the preset's among them).
     assert model.idcrafter_config == dataclasses.replace(CFG, wan=model.wan_config)
     assert CFG.wan.items() <= model.wan_config.items()
+    # Sampling defaults can change in place (and are recorded); the adapter's shape cannot.
+    model.idcrafter_config = dataclasses.replace(model.idcrafter_config, text_length=48)
+    assert model.config.idcrafter["text_length"] == 48 == model.idcrafter_config.text_length
+    with pytest.raises(ValueError, match="max_subjects change the adapter; use replace_adapter"):
+        model.idcrafter_config = dataclasses.replace(model.idcrafter_config, max_subjects=2)
     # Zero-start adapter: with subjects the model is the stock one on the same weights.
     stock = out(model.to_wan(), x)
     assert torch.equal(out(model, x), stock)
@@ -359,3 +364,16 @@ def test_inference_reads_the_config_of_a_saved_model_folder(tmp_path):
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="--model .*bad transformer/config.json"):
         validate(req)
+
+
+def test_a_checkpoint_missing_the_adapter_weights_is_refused(tmp_path):
+    """diffusers would leave weights a checkpoint lacks on the meta device; loading says which."""
+    from safetensors.torch import save_file
+
+    model, _, _ = model_and_inputs()
+    model.save_pretrained(tmp_path / "m")
+    base = {k: v.contiguous() for k, v in model.to_wan().state_dict().items()}
+    save_file(base, str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"lacks weights for \['adapter\.") as err:
+        IDCrafterTransformer.from_pretrained(tmp_path / "m")
+    assert "\n" not in str(err.value)

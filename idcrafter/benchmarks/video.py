@@ -11,6 +11,7 @@ CPU sizes by default; on CUDA (or with --full) Wan 2.1 1.3B at 480p x 81 frames,
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -31,7 +32,9 @@ def _setup(full: bool, device: torch.device, dtype: torch.dtype):
 
     wan = WAN_CONFIGS["wan-1.3b"] if full else CPU_WAN
     config = IDCrafterConfig(num_blocks=20, max_subjects=3, wan=dict(wan), preset="benchmark")
-    model = IDCrafterTransformer.from_idcrafter_config(config, seed=0).to(device, dtype).eval()
+    model = IDCrafterTransformer.from_idcrafter_config(config, seed=0).to(device).eval()
+    if model.dtype != dtype:
+        model.to(dtype)
     # Give the zero-initialised modules values, as after training (zeros could be skipped by kernels).
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -128,7 +131,7 @@ def run_step_cache(device: str = "cpu", full: bool | None = None, repeats: int =
         vae=AutoencoderKLWan(**TINY_VAE).to(device).eval(), transformer=model,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
-    config.text_length = 64
+    model.idcrafter_config = dataclasses.replace(model.idcrafter_config, text_length=64)
     pipe = IDCrafterPipeline.from_components(components)
     pipe.set_progress_bar_config(disable=True)
     latent = GPU_LATENT if full else CPU_LATENT

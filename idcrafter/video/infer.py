@@ -321,7 +321,8 @@ def load_pipeline(req: InferenceRequest):
             pipe.register_modules(vlm=VLMSemanticEncoder.from_pretrained(vlm, dtype=dtype))
     else:
         pipe = IDCrafterPipeline.from_pretrained(req.model, adapter=req.adapter, torch_dtype=dtype, vlm=vlm)
-    pipe.transformer.to(dtype)
+    if pipe.transformer.dtype != dtype:  # loaded in `dtype` already, with diffusers' float32 modules kept
+        pipe.transformer.to(dtype)
     pipe.enable_cpu_offload(req.cpu_offload)
     if not req.cpu_offload:
         pipe.to(req.device)

@@ -140,7 +140,7 @@ class IDCrafterPipeline(DiffusionPipeline):
 
     Files. `save_pretrained` is diffusers' own (safe_serialization, variant, max_shard_size): each
     component in its subfolder, the transformer with its adapter inside, and a model_index.json
-    whose `_class_name` is ["idcrafter_pipeline", "IDCrafterPipeline"] beside a two-line module
+    whose `_class_name` is ["idcrafter_pipeline", "IDCrafterPipeline"] beside a small module
     `idcrafter_pipeline.py` that imports this class from the installed package (and the modules
     of our own components, which model_index.json names by module path). So diffusers itself
     loads the folder as this pipeline:
@@ -155,7 +155,8 @@ class IDCrafterPipeline(DiffusionPipeline):
     `IDCrafterPipeline.from_pretrained(folder)` runs no code from the folder. It loads these
     folders and the older layout too: a stock Wan folder whose transformer/ is the stock model,
     with the adapter beside it in idcrafter_adapter/ (what older saves and the committed toy-world
-    model hold), and plain Wan diffusers folders (a fresh adapter).
+    model hold), and plain Wan diffusers folders (a fresh adapter). diffusers reads an older-layout
+    folder as a stock WanPipeline without the adapter; loading it here and saving converts it.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"

@@ -95,6 +95,8 @@ class IDCrafterAdapter(nn.Module):
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
 
+# IDCrafterConfig fields that decide the adapter's modules and shapes.
+ADAPTER_SHAPE_FIELDS = ("num_blocks", "max_subjects", "use_vlm", "vlm_dim", "latent_channels", "subject_patch", "hierarchy")
 # The arguments of the stock model's __init__: its config, which IDCrafterTransformer's config extends.
 WAN_CONFIG_KEYS = tuple(inspect.signature(WanTransformer3DModel.__init__).parameters)[1:]
 
@@ -196,6 +198,15 @@ class IDCrafterTransformer(WanTransformer3DModel):
     @property
     def idcrafter_config(self) -> IDCrafterConfig:
         return self._idcrafter_config
+
+    @idcrafter_config.setter
+    def idcrafter_config(self, config: IDCrafterConfig) -> None:
+        """Another config for the same adapter (sampling defaults, sizes); one that changes the
+        adapter's shape is refused (`replace_adapter` builds a new adapter)."""
+        changed = [f for f in ADAPTER_SHAPE_FIELDS if getattr(config, f) != getattr(self._idcrafter_config, f)]
+        if changed:
+            raise ValueError(f"idcrafter_config: {', '.join(changed)} change the adapter; use replace_adapter")
+        self._set_idcrafter_config(config)
 
     @property
     def wan_config(self) -> dict:
