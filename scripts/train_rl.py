@@ -147,6 +147,12 @@ def branch_config(args):
     adapter = Path(args.adapter) if args.adapter else None
     if args.base is not None:
         check_model_folder(args.base, "--base", required=parts)
+        if args.branch == "image" and adapter is None:  # a base saved with its adapter has its config
+            from mcimage.infer import read_model_config
+
+            own = read_model_config(Path(args.base), "--base", args.preset)
+            if own is not None:
+                return own
         sub = Path(args.base) / ("mcimage_adapter" if args.branch == "image" else "idcrafter_adapter")
         adapter = adapter or (sub if sub.is_dir() else None)
     if adapter is None:
