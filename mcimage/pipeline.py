@@ -86,7 +86,7 @@ __all__ = ["MCImagePipeline"]
 _TRUSTED_LIBRARIES = ("diffusers", "transformers", "idcrafter", "mcimage")
 
 
-def has_variant(folder: Path, variant: str | None) -> bool:
+def _has_variant(folder: Path, variant: str | None) -> bool:
     """Whether `folder` holds weights of `variant` ("model.fp16.safetensors", sharded or not): diffusers
     passes a pipeline's variant only to such components (`_identify_model_variants`)."""
     return variant is not None and folder.is_dir() and any(
@@ -126,7 +126,7 @@ def load_component(
         if torch_dtype is not None:
             # transformers >= 5 names the argument `dtype`, diffusers `torch_dtype`.
             kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = torch_dtype
-        if has_variant(path, variant):
+        if _has_variant(path, variant):
             kwargs["variant"] = variant
     return cls.from_pretrained(path, **kwargs)
 
@@ -271,7 +271,7 @@ class MCImagePipeline(DiffusionPipeline):
         classes = _read_model_index(base)
         transformer = MCImageTransformer.from_pretrained(
             base, subfolder="transformer", adapter=adapter, mc_config=config, torch_dtype=torch_dtype,
-            **({"variant": variant} if has_variant(base / "transformer", variant) else {}),
+            **({"variant": variant} if _has_variant(base / "transformer", variant) else {}),
         )
         parts = {
             name: load_component(base, name, *classes[name], torch_dtype=torch_dtype, variant=variant)

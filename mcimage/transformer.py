@@ -67,6 +67,7 @@ from mcimage.config import (
     ADAPTER_FORMAT,
     ADAPTER_FORMAT_VERSION,
     ADAPTER_SUBFOLDER,
+    MODEL_CONFIG_FIELD,
     MCImageConfig,
     check_adapter_fits,
     check_categories,
@@ -346,6 +347,13 @@ class MCImageTransformer(FluxTransformer2DModel):
                 torch.zeros(rows, self.config.in_channels, device=weight.device, dtype=weight.dtype)
             )
 
+    def _register_mc_config(self, config: MCImageConfig) -> None:
+        """Make `config` the model's, in its diffusers config too. diffusers' `from_config` drops the
+        fields `_use_default_values` lists, so the field leaves that list once it is set."""
+        self._mc_config = config
+        defaults = [k for k in self.config.get("_use_default_values", []) if k != MODEL_CONFIG_FIELD]
+        self.register_to_config(**{MODEL_CONFIG_FIELD: config.to_model_dict(), "_use_default_values": defaults})
+
     @property
     def mc_config(self) -> MCImageConfig:
         """The MCImageConfig (diffusers' `.config` is the model's config dict)."""
@@ -384,7 +392,7 @@ class MCImageTransformer(FluxTransformer2DModel):
             raise RuntimeError(f"from_flux: {left[:3]} not set by the stock model's state dict")
         config = dataclasses.replace(config, flux=MCImageConfig.from_model_config(arch).flux)
         model._attach(config)
-        model.register_to_config(mcimage=config.to_model_dict())
+        model._register_mc_config(config)
         return model.train(flux.training)
 
     def to_flux(self) -> FluxTransformer2DModel:
@@ -601,8 +609,7 @@ class MCImageTransformer(FluxTransformer2DModel):
             double = name.startswith("transformer_blocks.")
             proc.capture = (spec in ("all", "double") and double) or (spec in ("all", "single") and not double) \
                 if isinstance(spec, str) else name in set(spec)
-        self._mc_config = config
-        self.register_to_config(mcimage=config.to_model_dict())
+        self._register_mc_config(config)
 
     # ------------------------------------------------------------------ parameters
     def _added_parameters(self, kind: str) -> dict[str, nn.Parameter]:

@@ -160,6 +160,8 @@ def test_older_layout_converts_to_the_same_model(preset, overrides, tmp_path):
     # The model class reads the older transformer folder too, the adapter found next to it.
     direct = MCImageTransformer.from_pretrained(older_folder / "transformer")
     assert all(torch.equal(direct.state_dict()[k], a[k]) for k in a)
+    # A converted model's diffusers config builds the same model (the field is not a default).
+    assert MCImageTransformer.from_config(direct.config).mc_config == direct.mc_config
 
 
 def test_adapter_given_with_a_new_folder_replaces_its_adapter(tmp_path):
@@ -344,3 +346,19 @@ def test_training_export_flag_merges_the_experts(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="--merged-lora-routing: 2 gates, but the adapter is 'moe_lora' with 4 experts"):
         ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", merged_lora_routing=(0.5, 0.5)),
                           ImageDataArgs(data="unused.jsonl"))
+
+
+def test_layerwise_casting_and_group_offload_apply_to_the_model():
+    cfg = MCImageConfig.from_preset("tiny-one-for-all")
+    model = _perturb(MCImageTransformer.from_mc_config(cfg, seed=0)).eval()
+    args, kwargs = _inputs(model)
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        cast = _perturb(MCImageTransformer.from_mc_config(cfg, seed=0)).eval()
+        cast.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        assert cast.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.bfloat16
+        diff = (cast(*args, **kwargs) - expected).abs().max()
+        assert 0 < diff < 2e-2  # bf16 storage of the FLUX weights, float32 maths
+        offloaded = _perturb(MCImageTransformer.from_mc_config(cfg, seed=0)).eval()
+        offloaded.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+        torch.testing.assert_close(offloaded(*args, **kwargs), expected, atol=0, rtol=0)
