@@ -323,8 +323,8 @@ def routing_statistics(
         ValueError: the transformer has no MoE-LoRA layer with more than one expert (in `blocks`).
     """
     routed = [name for name, m in moe_lora_layers(pipe.transformer).items() if m.num_experts > 1]
-    keep = set(_select(blocks, [name.removeprefix("flux.") for name in routed]))
-    layers = [name for name in routed if name.removeprefix("flux.") in keep]
+    keep = set(_select(blocks, routed))
+    layers = [name for name in routed if name in keep]
     if not layers:
         raise ValueError(f"the model (adapter={pipe.mc_config.adapter!r}) has no MoE-LoRA layers with a router"
                          + ("" if blocks == "all" else f" in the {blocks} blocks"))
@@ -390,7 +390,7 @@ def routing_change_figure(
         ax.set_xticks(range(experts), [f"e{e}" for e in range(experts)], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05)
-    axes[0].set_yticks(range(0, layers, step), [stats_a.layers[i].removeprefix("flux.") for i in range(0, layers, step)], fontsize=5)
+    axes[0].set_yticks(range(0, layers, step), [stats_a.layers[i] for i in range(0, layers, step)], fontsize=5)
     fig.subplots_adjust(left=0.3, right=0.97, wspace=0.35)
     _save_figure(fig, path)
     return change

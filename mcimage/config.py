@@ -86,8 +86,13 @@ class MCImageConfig:
         idar: record ref-restricted attention shares for the IDAR loss in `idar_blocks`
             ("double" for MultiCrafter); `idar_lambda` weights L_attn in the SFT loss.
         share_chunk_size: query chunk of the share computation (memory O(chunk)).
-        adapter: "moe_lora" (MultiCrafter), "lora" (One-for-All, a MoE-LoRA with E = 1, which
-            diffusers' `load_lora_weights` reads) or "none".
+        adapter: "moe_lora" (MultiCrafter), "lora" (One-for-All, a MoE-LoRA with E = 1) or "none".
+            `save_adapter` writes a "lora" adapter also as `pytorch_lora_weights.safetensors`, which
+            diffusers' `FluxPipeline.load_lora_weights(folder)` reads. That file is the LoRA only: a
+            stock FLUX with it equals this model on prompts without references when DAM is off (the
+            DAM temperatures, reference tokens and their position ids have no stock equivalent). A
+            "moe_lora" adapter gets such a file only when asked, with its experts merged at a fixed
+            routing (`save_adapter(merged_routing=...)`), which approximates the per-token routing.
         lora_rank, lora_alpha, num_experts, top_k, lora_target_modules, load_balance_weight:
             the adapter's `MoELoRAConfig` (num_experts is forced to 1 for "lora").
         learning_rate, weight_decay, num_inference_steps, guidance_scale: recipe defaults.
@@ -222,6 +227,27 @@ class MCImageConfig:
         values.update(overrides)
         return cls(**values)
 
+    def to_model_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict an `MCImageTransformer` keeps in its diffusers config (field "mcimage"):
+        everything but `flux`, which the model's own FLUX arguments carry."""
+        data = self.to_dict()
+        del data["flux"]
+        return data
+
+    @classmethod
+    def from_model_config(cls, model_config: dict[str, Any]) -> MCImageConfig:
+        """Inverse of `to_model_dict` from an `MCImageTransformer` config (its config.json as a dict):
+        the "mcimage" field, with `flux` the model's FLUX arguments (those not None, tuples as lists).
+        ValueError for a missing or malformed field."""
+        data = model_config.get(MODEL_CONFIG_FIELD)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{MODEL_CONFIG_FIELD!r} must be a JSON object, got {type(data).__name__}")
+        flux = {k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items()
+                if not k.startswith("_") and k != MODEL_CONFIG_FIELD and v is not None}
+        return cls.from_dict({**{k: v for k, v in data.items() if k != "flux"}, "flux": flux})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
         data = dataclasses.asdict(self)
@@ -330,6 +356,10 @@ ADAPTER_SUBFOLDER = "mcimage_adapter"
 ADAPTER_CONFIG_NAME = "mcimage_config.json"
 ADAPTER_FORMAT = "mcimage.adapter"
 ADAPTER_FORMAT_VERSION = 1
+# The model class a folder of the current layout names in transformer/config.json, and the field of
+# that config holding the MCImageConfig (`to_model_dict`).
+MODEL_CLASS_NAME = "MCImageTransformer"
+MODEL_CONFIG_FIELD = "mcimage"
 
 
 def read_adapter_config(folder: str | Path) -> MCImageConfig:

@@ -10,8 +10,9 @@ sizes checked, before any model loads.
     run(req)   # -> Path("out.png")
 
 Without `model` the built-in model runs: the one installed at `idcrafter/assets/toyimage/model`
-when present (a FLUX diffusers folder with `mcimage_adapter/`), else a tiny preset with random
-weights from a fixed seed (noise-like output that exercises the whole path).
+when present (a FLUX diffusers folder with `mcimage_adapter/`, the older layout), else a tiny preset
+with random weights from a fixed seed (noise-like output that exercises the whole path). A model
+folder `MCImagePipeline.save_pretrained` wrote carries its config in transformer/config.json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from idcrafter.utils.cli import (
 from mcimage.config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_SUBFOLDER,
+    MODEL_CLASS_NAME,
     PRESETS,
     MCImageConfig,
     check_adapter_fits,
@@ -56,6 +58,7 @@ __all__ = [
     "model_config",
     "plan",
     "read_adapter",
+    "read_model_config",
     "render_job",
     "run",
     "validate",
@@ -101,17 +104,44 @@ def _pipeline_class(model: Path) -> str | None:
         return None
 
 
+def _transformer_class(model: Path) -> str | None:
+    try:
+        return json.loads((model / "transformer" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_image_request(preset: str | None = None, model: str | None = None, adapter: str | None = None) -> bool:
     """Whether these options name the image branch: an image preset, an mcimage adapter, or a
-    model folder that is a FLUX pipeline or carries `mcimage_adapter/`. Only looks at files."""
+    model folder that is a FLUX pipeline, an mcimage model or carries `mcimage_adapter/`. Only looks
+    at files."""
     if preset is not None and preset in PRESETS:
         return True
     if adapter is not None and (Path(adapter) / ADAPTER_CONFIG_NAME).is_file():
         return True
     if model is not None:
         model = Path(model)
-        return (model / ADAPTER_SUBFOLDER).is_dir() or _pipeline_class(model) in _FLUX_PIPELINES
+        return (model / ADAPTER_SUBFOLDER).is_dir() or _pipeline_class(model) in _FLUX_PIPELINES \
+            or _transformer_class(model) == MODEL_CLASS_NAME
     return False
+
+
+def read_model_config(model: Path, flag: str, preset: str | None = None) -> MCImageConfig | None:
+    """The config an mcimage model folder (`MCImagePipeline.save_pretrained`) keeps in
+    transformer/config.json; None for a stock FLUX folder. InputError naming `flag` for a config
+    that does not read, or a --preset other than the one the model was trained as."""
+    from idcrafter.utils.folders import read_json_object
+
+    data = read_json_object(model / "transformer" / "config.json", f"{flag} transformer")
+    if data.get("_class_name") != MODEL_CLASS_NAME:
+        return None
+    try:
+        config = MCImageConfig.from_model_config(data)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{flag} {model}: unreadable mcimage config in transformer/config.json "
+                         f"({str(err).splitlines()[0]})") from None
+    check_preset(config.preset, preset, model)
+    return config
 
 
 def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str | None = None) -> MCImageConfig:
@@ -139,7 +169,9 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
 
     With `model` and no preset the preset follows the folder: one-for-all for a Kontext
     pipeline, multicrafter otherwise. The model folder is checked for missing parts and truncated
-    weights; a --preset that disagrees with the adapter's config is refused, not overridden.
+    weights; a --preset that disagrees with the adapter's config is refused, not overridden. A
+    model folder with its own config (an mcimage model) counts as one with an adapter; `adapter`
+    replaces it.
     """
     from idcrafter.utils.folders import check_model_folder
 
@@ -151,6 +183,10 @@ def model_config(req: ImageInferenceRequest) -> MCImageConfig:
         model = BUILTIN_MODEL
     if model is not None:
         check_model_folder(model, "--model", required=("transformer", "vae"))
+        if adapter is None:
+            own = read_model_config(model, "--model", req.preset)
+            if own is not None:
+                return own
         if adapter is None and (model / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file():
             adapter = model / ADAPTER_SUBFOLDER
     if adapter is not None:
@@ -266,7 +302,9 @@ def load_pipeline(req: ImageInferenceRequest, config: MCImageConfig):
         if req.adapter is not None:
             pipe.transformer.load_adapter(req.adapter)
     for name in ("text_encoder", "text_encoder_2", "transformer"):
-        getattr(pipe, name).to(device=req.device, dtype=dtype)
+        module = getattr(pipe, name)
+        # Loaded folders are in `dtype` already (MoE-LoRA kept float32): only the built-in tiny model casts.
+        module.to(device=req.device, **({} if module.dtype == dtype else {"dtype": dtype}))
     pipe.vae.to(req.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

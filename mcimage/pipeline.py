@@ -9,22 +9,27 @@ Prompts may mark item descriptors, `a man <face>with short hair</face>`: the tag
 stripped before text encoding; with `config.ccpa` the descriptor's T5 tokens are placed at their
 category's reference centroid (docs/design.md 3.5, eq. 3).
 
-On disk a pipeline is a stock FLUX diffusers folder plus `mcimage_adapter/`:
+On disk a pipeline is a diffusers folder whose transformer/ is an `MCImageTransformer` (FLUX's
+weights, adapter and DAM weights, MCImageConfig in its config.json), written by diffusers' own
+`save_pretrained` (variant, sharding) plus a one-line module file that lets diffusers find this class:
 
-    pipe.save_pretrained("out/model")            # tokenizer .. scheduler, model_index.json, mcimage_adapter/
+    pipe.save_pretrained("out/model")            # tokenizer .. scheduler, model_index.json, mcimage_pipeline.py
     pipe = MCImagePipeline.from_pretrained("out/model")
+    pipe = DiffusionPipeline.from_pretrained("out/model", trust_remote_code=True)   # the same pipeline
     pipe = MCImagePipeline.from_pretrained("FLUX.1-Kontext-dev", config=MCImageConfig.from_preset("one-for-all"))
+
+The older layout, a stock FLUX folder plus `mcimage_adapter/` (the built-in toy model, and a base
+model with an adapter that training exported), loads by the same call through one conversion
+(`MCImageTransformer.from_pretrained`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,11 +42,12 @@ from PIL import Image
 from idcrafter.core.positions import canonical_category, parse_descriptor_markup, tokenize_with_descriptors
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import RGB_CONVERTIBLE_MODES, fit_on_canvas, image_to_tensor, load_image, to_rgb
-from mcimage.config import ADAPTER_SUBFOLDER, MCImageConfig, check_adapter_fits, check_categories
-from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer, pack_latents
+from mcimage.config import ADAPTER_SUBFOLDER, MCImageConfig, check_categories
+from mcimage.transformer import MCImageTransformer, pack_latents, resolve_model_path
 
 __all__ = [
     "ADAPTER_SUBFOLDER",
+    "PIPELINE_MODULE",
     "SUPPORTED_IMAGE_MODES",
     "MCImagePipeline",
     "MCImagePipelineOutput",
@@ -64,27 +70,43 @@ _FLUX_COMPONENTS: dict[str, tuple[str, str]] = {
     "transformer": ("diffusers", "FluxTransformer2DModel"),
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
 }
+# The module file `save_pretrained` writes into a pipeline folder, named by model_index.json's
+# "_class_name": [module, class]; diffusers' DiffusionPipeline.from_pretrained imports the class from it.
+PIPELINE_MODULE = "mcimage_pipeline"
+_PIPELINE_MODULE_SOURCE = '''"""Makes diffusers' DiffusionPipeline.from_pretrained(this folder, trust_remote_code=True) return an
+MCImagePipeline: model_index.json names ["mcimage_pipeline", "MCImagePipeline"]. The class itself
+is in the installed `mcimage` package; this file only points at it."""
+
+from mcimage.pipeline import MCImagePipeline
+
+__all__ = ["MCImagePipeline"]
+'''
 # Packages a model_index.json may name a class from. Importing a module runs its code, so a folder
 # downloaded from elsewhere must not be able to pick an arbitrary one.
 _TRUSTED_LIBRARIES = ("diffusers", "transformers", "idcrafter", "mcimage")
 
 
-def _library_of(obj: Any) -> str:
-    """model_index.json library entry: the package for stock classes (as diffusers writes it),
-    the full module path for ours, so `load_component` can import e.g. idcrafter.toyworld.codec."""
-    module = type(obj).__module__
-    top = module.split(".")[0]
-    return top if top in ("diffusers", "transformers") else module
+def _has_variant(folder: Path, variant: str | None) -> bool:
+    """Whether `folder` holds weights of `variant` ("model.fp16.safetensors", sharded or not): diffusers
+    passes a pipeline's variant only to such components (`_identify_model_variants`)."""
+    return variant is not None and folder.is_dir() and any(
+        len(f.name.split(".")) > 2 and f.name.split(".")[1].startswith(variant) for f in folder.iterdir()
+    )
 
 
-def load_component(folder: str | Path, name: str, library: str, class_name: str, torch_dtype: torch.dtype | None = None):
+def load_component(
+    folder: str | Path, name: str, library: str, class_name: str, torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+):
     """Load `folder/name` with the class `library.class_name` (a model_index.json entry).
 
     Any class with `from_pretrained` works: stock diffusers / transformers classes, and custom
     codecs behind the VAE interface given by module path (`["idcrafter.toyworld.codec",
     "PixelUnshuffleCodec"]`). `torch_dtype` applies to torch modules only (tokenizers and
-    schedulers take none). Raises ValueError for a library outside the trusted packages or a
-    missing class, FileNotFoundError for a missing subfolder.
+    schedulers take none), and so does `variant` (diffusers and transformers models; a component
+    without files of that variant loads its default files, as in diffusers). Raises ValueError for
+    a library outside the trusted packages or a missing class, FileNotFoundError for a missing
+    subfolder.
     """
     path = Path(folder) / name
     where = f"{Path(folder)}: component {name!r} ({library}.{class_name})"
@@ -99,11 +121,14 @@ def load_component(folder: str | Path, name: str, library: str, class_name: str,
         raise ValueError(f"{where}: {library} has no loadable class {class_name!r}")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: missing {name}/ subfolder")
-    if issubclass(cls, torch.nn.Module) and torch_dtype is not None:
-        # transformers >= 5 names the argument `dtype`, diffusers `torch_dtype`.
-        key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
-        return cls.from_pretrained(path, **{key: torch_dtype})
-    return cls.from_pretrained(path)
+    kwargs = {}
+    if issubclass(cls, torch.nn.Module):
+        if torch_dtype is not None:
+            # transformers >= 5 names the argument `dtype`, diffusers `torch_dtype`.
+            kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = torch_dtype
+        if _has_variant(path, variant):
+            kwargs["variant"] = variant
+    return cls.from_pretrained(path, **kwargs)
 
 
 def _read_model_index(folder: Path) -> dict[str, tuple[str, str]]:
@@ -214,127 +239,83 @@ class MCImagePipeline(DiffusionPipeline):
         adapter: str | Path | None = None,
         config: MCImageConfig | None = None,
         torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
     ) -> MCImagePipeline:
-        """Load a FLUX diffusers folder (FLUX.1-dev, Kontext, or one `save_pretrained` wrote) + an adapter.
+        """Load a FLUX diffusers folder (FLUX.1-dev, Kontext, or one `save_pretrained` wrote) [+ an adapter].
 
         Each component is loaded with the (library, class) its model_index.json names, so custom
-        codecs in place of the VAE load too. `adapter` defaults to `base/mcimage_adapter` when that
-        exists, and its saved config wins. Without an adapter, `config` (default `MCImageConfig()`)
-        says which modules to attach; they start at zero contribution, so the result is the base
-        model. Either way `config.flux` is replaced by the loaded transformer's architecture.
-        `torch_dtype` (default float32) applies to the text encoders and the transformer; the VAE
-        stays float32.
+        codecs in place of the VAE load too. The transformer is `MCImageTransformer.from_pretrained`:
+        a folder `save_pretrained` wrote holds its config and adapter; a stock FLUX transformer/ is
+        converted, with `adapter` (default `base/mcimage_adapter` when that exists: the older
+        layout), whose saved config wins, or else with fresh modules of `config` (default
+        `MCImageConfig()`), which start at zero contribution: the result is then the base model.
+        An `adapter` given with a folder of the current layout replaces its adapter. Either way the
+        architecture is the loaded transformer's. `torch_dtype` (default float32) applies to the
+        text encoders and the transformer (MoE-LoRA stays float32); the VAE stays float32.
+        `variant` picks the weights files of that variant (diffusers' `variant`).
+
+        diffusers' own `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` also returns
+        this class for a folder `save_pretrained` wrote (see `save_pretrained`), with equal output.
 
         Raises:
+            InputError: `base` is not a local folder (nor a Hugging Face id in the local cache).
             FileNotFoundError: `base` has no transformer/ subfolder (or another component's), or
                 `adapter` does not exist.
             ValueError: a broken adapter (unreadable config or weights, or weights that do not fit
                 the base transformer) or an unusable model_index.json entry.
         """
-        base = Path(base)
+        base = resolve_model_path(base, "base")
         torch_dtype = torch_dtype or torch.float32  # weights may be stored in half precision
         if not (base / "transformer").is_dir():
             raise FileNotFoundError(f"{base} is not a FLUX diffusers folder (no transformer/ subfolder)")
         classes = _read_model_index(base)
-        if adapter is None and (base / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file():
-            adapter = base / ADAPTER_SUBFOLDER
-        if adapter is not None:
-            adapter = Path(adapter)
-            if not adapter.is_dir():
-                raise FileNotFoundError(f"{adapter}: mcimage adapter folder not found")
-            try:
-                config = MCImageTransformer.read_adapter_config(adapter)
-            except (ValueError, TypeError, KeyError, OSError) as err:  # JSONDecodeError is a ValueError
-                raise ValueError(f"{adapter}: broken mcimage adapter config ({str(err).splitlines()[0]})") from None
-        config = config if config is not None else MCImageConfig()
-
-        flux = load_component(base, "transformer", *classes["transformer"], torch_dtype=torch_dtype)
-        arch = {k: v for k, v in flux.config.items() if not k.startswith("_")}
-        if adapter is not None:
-            # An adapter trained on another architecture fails to load anyway; say why up front.
-            check_adapter_fits(config, arch, adapter, base / "transformer")
-        transformer = MCImageTransformer(flux, dataclasses.replace(config, flux=arch))
-        if adapter is not None:
-            try:
-                transformer.load_adapter(adapter)
-            except ValueError:
-                raise  # already names the file and the mismatch
-            except Exception as err:  # safetensors reports a corrupt file with its own error type
-                raise ValueError(f"{adapter}: broken mcimage adapter weights ({type(err).__name__}: {err})") from None
-
+        transformer = MCImageTransformer.from_pretrained(
+            base, subfolder="transformer", adapter=adapter, mc_config=config, torch_dtype=torch_dtype,
+            **({"variant": variant} if _has_variant(base / "transformer", variant) else {}),
+        )
         parts = {
-            name: load_component(base, name, *classes[name], torch_dtype=torch_dtype)
+            name: load_component(base, name, *classes[name], torch_dtype=torch_dtype, variant=variant)
             for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
         }
-        vae = load_component(base, "vae", *classes["vae"], torch_dtype=torch.float32)
+        vae = load_component(base, "vae", *classes["vae"], torch_dtype=torch.float32, variant=variant)
         scheduler = load_component(base, "scheduler", *classes["scheduler"])
         return cls(
             parts["tokenizer"], parts["text_encoder"].eval(), parts["tokenizer_2"], parts["text_encoder_2"].eval(),
             vae.eval(), transformer.eval(), scheduler,
         )
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write a stock FLUX diffusers folder (diffusers' FluxPipeline loads it) + `mcimage_adapter/`.
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> Path:
+        """Write the pipeline with diffusers' `DiffusionPipeline.save_pretrained` (variant, sharding).
 
-        transformer/ holds the stock `FluxTransformer2DModel` weights only: LoRA layers and our
-        attention processors (DAM temperatures) are taken out for the save and put back.
-        `mcimage_adapter/` always carries the config (position ids, IDAR, prediction), with empty
-        weights when the model has no adapter or DAM. The folder appears complete or not at all.
+        transformer/ is the `MCImageTransformer` folder: FLUX's weights, the adapter and DAM weights,
+        and the MCImageConfig in its config.json. model_index.json names the transformer
+        ["mcimage.transformer", "MCImageTransformer"] and the pipeline ["mcimage_pipeline",
+        "MCImagePipeline"], with `mcimage_pipeline.py` written next to it: that module imports this
+        class, which is how diffusers' `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` finds it (diffusers runs a folder's module file only when trusted).
+        The folder appears complete or not at all.
         """
         folder = Path(folder)
         with atomic_write_dir(folder) as tmp:
-            for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "scheduler"):
-                getattr(self, name).save_pretrained(tmp / name)
-            self.transformer.save_adapter(tmp / ADAPTER_SUBFOLDER)
-            self._save_base_transformer(tmp / "transformer")
-            index = {
-                "_class_name": "FluxPipeline",
-                "_diffusers_version": __import__("diffusers").__version__,
-                **{
-                    name: [_library_of(getattr(self, name)), type(getattr(self, name)).__name__]
-                    for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "scheduler")
-                },
-                "transformer": ["diffusers", type(self.transformer.flux).__name__],
-            }
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            DiffusionPipeline.save_pretrained(
+                self, tmp, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+            )
+            index_path = tmp / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / f"{PIPELINE_MODULE}.py").write_text(_PIPELINE_MODULE_SOURCE)
         return folder
-
-    def _save_base_transformer(self, folder: Path) -> None:
-        """Save `transformer.flux` as the stock model: no LoRA layers, no processor parameters."""
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        from idcrafter.core.moe_lora import moe_lora_layers, remove_moe_lora
-
-        flux = self.transformer.flux
-        layers = moe_lora_layers(flux)
-        attns = [block.attn for block in (*flux.transformer_blocks, *flux.single_transformer_blocks)]
-        processors = [attn.processor for attn in attns]
-        remove_moe_lora(flux)
-        try:
-            for attn in attns:
-                # A non-module processor takes ours (and its DAM weights) out of the state dict.
-                attn.set_processor(FluxAttnProcessor())
-            flux.save_pretrained(folder)
-        finally:
-            # Put back the very same modules: trained weights and optimiser references stay valid.
-            for attn, proc in zip(attns, processors):
-                attn.set_processor(proc)
-            for name, layer in layers.items():
-                parent, _, child = name.rpartition(".")
-                setattr(flux.get_submodule(parent), child, layer)
-
-    @property
-    def device(self) -> torch.device:
-        # MCImageTransformer is a plain nn.Module (no `.device`), which DiffusionPipeline.device expects.
-        return next(self.transformer.parameters()).device
-
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.device
 
     @property
     def mc_config(self) -> MCImageConfig:
-        return self.transformer.config
+        return self.transformer.mc_config
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, prompts: list[str], refs: Sequence, categories, height: int, width: int) -> None:
@@ -458,12 +439,14 @@ class MCImagePipeline(DiffusionPipeline):
         timesteps, _ = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas, mu=mu)
         guidance = torch.full((batch,), float(guidance_scale), device=device) if cfg.flux.get("guidance_embeds") else None
 
-        for t in timesteps:
-            v = self.transformer(
-                latents, ref_tokens or None, prompt_embeds, pooled, t.expand(batch).float() / 1000, guidance,
-                target_hw=target_hw, ref_hws=ref_hws or None, categories=categories,
-                descriptor_tokens=descriptor_tokens,
-            )
+        for i, t in enumerate(timesteps):
+            # Where the loop is, for the caches of diffusers' `transformer.enable_cache(...)`.
+            with self.transformer.cache_context("cond", step_index=i, num_inference_steps=steps, timestep=t):
+                v = self.transformer(
+                    latents, ref_tokens or None, prompt_embeds, pooled, t.expand(batch).float() / 1000, guidance,
+                    target_hw=target_hw, ref_hws=ref_hws or None, categories=categories,
+                    descriptor_tokens=descriptor_tokens,
+                )
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
 
         if output_type == "latent":

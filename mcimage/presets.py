@@ -89,7 +89,7 @@ def build_tiny_components(config: MCImageConfig, seed: int = 0) -> dict:
                 latent_channels=flux["in_channels"] // 4, norm_num_groups=8, sample_size=32,
                 scaling_factor=1.0, shift_factor=0.0,
             ).eval()
-        transformer = MCImageTransformer.from_config(config, seed=seed).eval()
+        transformer = MCImageTransformer.from_mc_config(config, seed=seed).eval()
     if toy:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=TOY_FLOW_SHIFT, use_dynamic_shifting=False)
     else:

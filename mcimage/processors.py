@@ -2,7 +2,8 @@
 
 `MCFluxAttnProcessor` is diffusers' `FluxAttnProcessor` (diffusers 0.42, `transformer_flux.py`)
 with three additions, each off unless asked for:
-- the attention kernel goes through `idcrafter.core.attention.attention`;
+- the attention kernel goes through `idcrafter.core.attention.attention`, or through diffusers'
+  `dispatch_attention_fn` once `model.set_attention_backend(...)` has chosen a backend;
 - DAM (One-for-All): queries divided by a per-token temperature that is exactly 1 at
   initialisation (`idcrafter.core.temperature`);
 - IDAR capture (MultiCrafter): inside `capture_ref_shares(...)`, the ref-restricted share of the
@@ -48,6 +49,11 @@ class MCFluxAttnProcessor(nn.Module):
         dam_per_head: one temperature per head instead of per token.
         capture: this layer reports its ref share when a `ShareCapture` is active.
     """
+
+    # Set by diffusers' `ModelMixin.set_attention_backend` / context parallelism (as on FluxAttnProcessor);
+    # None keeps idcrafter's own kernel choice.
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, dim: int, heads: int, dam: bool = False, dam_per_head: bool = False, capture: bool = False):
         super().__init__()
@@ -101,7 +107,15 @@ class MCFluxAttnProcessor(nn.Module):
         active = share_capture if share_capture is not None else self.active
         if self.capture and active is not None:
             self._record(q, k, active)
-        out = attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if self._attention_backend is not None or self._parallel_config is not None:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            ).flatten(2, 3).to(query.dtype)  # diffusers' layout: [B, L, H, D]
+        else:
+            out = attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
             encoder_out, out = out.split_with_sizes([txt_len, out.shape[1] - txt_len], dim=1)
@@ -167,7 +181,9 @@ def install_processors(
         )
         proc.name = name
         p = next(attn.parameters())
-        attn.set_processor(proc.to(device=p.device, dtype=p.dtype))
+        # Under diffusers' empty-weights loading the parameters are on "meta" and are filled from the
+        # checkpoint; the DAM's non-persistent buffer is not in it, so it must stay where it is.
+        attn.set_processor(proc.to(dtype=p.dtype) if p.is_meta else proc.to(device=p.device, dtype=p.dtype))
         processors[name] = proc
     return processors
 

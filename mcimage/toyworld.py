@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mcimage.config import MODEL_CONFIG_FIELD
+
 ROOT = Path(__file__).resolve().parents[1]
 TOYID = ROOT / "idcrafter" / "assets" / "toyworld" / "toyid"
 SIZE, REF_SIZE = 64, 32
@@ -188,7 +190,7 @@ def held_out_attention(pipe, manifest: Path, limit: int = 16, seed: int = 0) -> 
     from mcimage.transformer import pack_latents
 
     model = pipe.transformer
-    config = model.config
+    config = model.mc_config
     if not config.idar:  # measure with the same capture layers as the IDAR rows
         model.set_capture_config(replace(config, idar=True))
     samples = load_manifest(manifest)[0][:limit]
@@ -232,7 +234,7 @@ def share_maps(pipe, sample, seed: int = 0) -> np.ndarray:
     from mcimage.transformer import pack_latents
 
     model = pipe.transformer
-    config = model.config
+    config = model.mc_config
     if not config.idar:
         model.set_capture_config(replace(config, idar=True))
     try:
@@ -342,22 +344,18 @@ ASSETS = ROOT / "idcrafter" / "assets" / "toyimage"
 
 
 def assemble(pipeline: Path, adapter: Path | None, dest: Path) -> Path:
-    """A model folder: a trained row's pipeline, its adapter optionally replaced (e.g. by an RL run's)."""
-    import shutil
+    """A model folder: a trained row's pipeline (either layout), its adapter optionally replaced (e.g.
+    by an RL run's), written by `MCImagePipeline.save_pretrained`."""
+    from mcimage.pipeline import MCImagePipeline
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(pipeline, dest)
-    if adapter is not None:
-        for name in ("mcimage_adapter.safetensors", "mcimage_config.json"):
-            shutil.copy2(adapter / name, dest / "mcimage_adapter" / name)
+    folder = MCImagePipeline.from_pretrained(pipeline, adapter=adapter).save_pretrained(dest)
     # Models trained before configs carried the reference canvas: record the one training used.
-    path = dest / "mcimage_adapter" / "mcimage_config.json"
-    payload = json.loads(path.read_text())
-    if payload["config"].get("ref_size") is None:
-        payload["config"]["ref_size"] = [REF_SIZE, REF_SIZE]
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    return dest
+    path = folder / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    if config[MODEL_CONFIG_FIELD].get("ref_size") is None:
+        config[MODEL_CONFIG_FIELD]["ref_size"] = [REF_SIZE, REF_SIZE]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
 
 
 def install(model: Path) -> Path:

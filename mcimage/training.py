@@ -109,6 +109,9 @@ class ImageModelArgs:
     timestep_std: float = 1.0
     guidance: float | None = None  # distilled-guidance value fed in training (default: the preset's)
     overrides: dict[str, Any] = field(default_factory=dict)  # MCImageConfig fields (ablations)
+    # MoE-LoRA only: also export a diffusers LoRA with the experts merged at these gates (approximate;
+    # `MCImageTransformer.save_adapter`). A plain LoRA is always exported in diffusers' format too.
+    merged_lora_routing: tuple[float, ...] | None = None
 
 
 class ImageTrainingSpec:
@@ -140,6 +143,11 @@ class ImageTrainingSpec:
             except (TypeError, ValueError) as err:
                 raise InputError(f"config overrides {overrides}: {err}") from None
         self.config = config
+        routing = model_args.merged_lora_routing
+        if routing is not None and (config.adapter != "moe_lora" or len(routing) != config.num_experts):
+            raise InputError(f"--merged-lora-routing: {len(routing)} gates, but the adapter is {config.adapter!r}"
+                             + (f" with {config.num_experts} experts" if config.adapter == "moe_lora" else "")
+                             + " (it merges the experts of a MoE-LoRA, one gate each)")
         if model_args.attn_loss_weight > 0 and not config.idar:
             raise InputError("--attn-loss-weight > 0 needs IDAR share capture (config idar=True)")
         flux = config.flux
@@ -178,18 +186,20 @@ class ImageTrainingSpec:
             what = f"--base {self.m.base}" if self.m.base is not None else f"--adapter {self.m.adapter}"
             raise InputError(f"{what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         model = pipe.transformer
+        loaded = model.mc_config
         if self.m.base is not None:  # the loaded transformer's architecture is the one that counts
-            self.config = dataclasses.replace(self.config, flux=model.config.flux)
-        if model.config != self.config:
-            # A loaded adapter (--adapter, or BASE/mcimage_adapter) brings its own config; of the request
-            # only the IDAR capture settings apply (stage 2 turns IDAR on for a stage-1 adapter).
+            self.config = dataclasses.replace(self.config, flux=loaded.flux)
+        if loaded != self.config:
+            # A loaded adapter (--adapter, BASE/mcimage_adapter, or a BASE saved with its adapter) brings its
+            # own config; of the request only the IDAR capture settings apply (stage 2 turns IDAR on for a
+            # stage-1 adapter).
             fixed = sorted(k for k in self.m.overrides if k not in model.CAPTURE_FIELDS
-                           and getattr(model.config, k) != getattr(self.config, k))
+                           and getattr(loaded, k) != getattr(self.config, k))
             if fixed:
                 raise InputError(f"--set {', '.join(fixed)}: the loaded adapter fixes these (its config has "
-                                 f"{', '.join(f'{k}={getattr(model.config, k)!r}' for k in fixed)})")
+                                 f"{', '.join(f'{k}={getattr(loaded, k)!r}' for k in fixed)})")
             capture = {k: getattr(self.config, k) for k in model.CAPTURE_FIELDS} if self.m.attn_loss_weight > 0 else {}
-            self.config = dataclasses.replace(model.config, **capture)
+            self.config = dataclasses.replace(loaded, **capture)
             model.set_capture_config(self.config)
         for name in ("text_encoder", "text_encoder_2", "vae"):
             getattr(pipe, name).to(device).requires_grad_(False)
@@ -413,8 +423,9 @@ class ImageTrainingSpec:
 
     # ------------------------------------------------------------------ files
     def export(self, model: MCImageTransformer, folder: Path) -> None:
-        """The adapter; with the `all` policy also a complete pipeline folder (folder/pipeline)."""
-        model.save_adapter(folder)
+        """The adapter (with a plain LoRA, or `merged_lora_routing`, also in diffusers' LoRA format);
+        with the `all` policy also a complete pipeline folder (folder/pipeline)."""
+        model.save_adapter(folder, merged_routing=self.m.merged_lora_routing)
         if self.policy == "all":
             self.pipe.save_pretrained(folder / "pipeline")
 

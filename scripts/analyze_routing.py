@@ -115,11 +115,7 @@ def _load(args):
         from mcimage.presets import build_tiny_components
 
         pipe = MCImagePipeline.from_components(build_tiny_components(config, seed=0))
-    # DiffusionPipeline.to reads `.dtype`, which the MCImageTransformer wrapper does not have.
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.to(torch.device(args.device))
-    return pipe
+    return pipe.to(torch.device(args.device))
 
 
 def _require_moe(config, what: str) -> None:

@@ -67,7 +67,30 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="MCImageConfig overrides for ablations, e.g. adapter=none idar=false dam=true (JSON values)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--merged-lora-routing", default=None, metavar="W1,...,WE",
+                   help="also export a MoE-LoRA as a diffusers LoRA (pytorch_lora_weights.safetensors) with its E "
+                        "experts merged at these fixed gates, e.g. a mean routing from analyze_routing.py: an "
+                        "approximation of the routed adapter (a plain LoRA is always exported exactly)")
     return p
+
+
+def parse_routing(text: str | None) -> tuple[float, ...] | None:
+    """--merged-lora-routing "0.5,0.5" -> (0.5, 0.5): finite gates >= 0, not all 0."""
+    if text is None:
+        return None
+    from idcrafter.utils.cli import check_number
+
+    gates = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"--merged-lora-routing {text!r}: {part.strip()!r} is not a number") from None
+        gates.append(check_number(value, f"--merged-lora-routing {text!r}", 0))
+    gates = tuple(gates)
+    if not any(gates):
+        raise InputError(f"--merged-lora-routing {text!r}: every gate is 0")
+    return gates
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -132,6 +155,7 @@ def validate(args) -> None:
         read_adapter(Path(args.adapter), "--adapter", Path(args.base) if args.base else None, args.preset)
     if args.attn_loss_weight and args.stage == "single":
         raise InputError("--attn-loss-weight needs samples with several subjects; use --stage multi or all")
+    parse_routing(args.merged_lora_routing)
     check_size(*parse_size(args.size, "--size", multiple=16))
     if args.ref_size is not None:
         check_size(*parse_size(args.ref_size, "--ref-size", multiple=16), "--ref-size")
@@ -149,7 +173,7 @@ def main(argv=None) -> int:
         spec = ImageTrainingSpec(
             ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
                            init_seed=args.seed, attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
-                           overrides=overrides(args)),
+                           overrides=overrides(args), merged_lora_routing=parse_routing(args.merged_lora_routing)),
             ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage),
             policy=args.trainable,
         )

@@ -147,10 +147,15 @@ def branch_config(args):
     adapter = Path(args.adapter) if args.adapter else None
     if args.base is not None:
         check_model_folder(args.base, "--base", required=parts)
-        if adapter is None and args.branch == "video":  # a saved IDCrafterTransformer holds its own config
-            from idcrafter.video.infer import read_model
+        if adapter is None:  # a base saved with its adapter holds its own config
+            if args.branch == "video":
+                from idcrafter.video.infer import read_model
 
-            own = read_model(Path(args.base), "--base", args.preset)
+                own = read_model(Path(args.base), "--base", args.preset)
+            else:
+                from mcimage.infer import read_model_config
+
+                own = read_model_config(Path(args.base), "--base", args.preset)
             if own is not None:
                 return own
         sub = Path(args.base) / ("mcimage_adapter" if args.branch == "image" else "idcrafter_adapter")

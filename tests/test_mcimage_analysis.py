@@ -71,7 +71,7 @@ def test_maps_equal_share_from_captured_queries_and_keys():
     pipe = _pipe()
     # Swap the double blocks' processors for recorders (no DAM here, so no weights to carry over).
     recorders = {}
-    for i, block in enumerate(pipe.transformer.flux.transformer_blocks):
+    for i, block in enumerate(pipe.transformer.transformer_blocks):
         name = f"transformer_blocks.{i}"
         old = pipe.transformer.processors[name]
         rec = QKRecorder(block.attn.inner_dim, block.attn.heads, capture=old.capture)
@@ -180,7 +180,7 @@ def test_routing_change_over_seeds_is_the_mean_of_each_seeds_change(pipe):
     per_seed = [np.abs(a.probs - b.probs) / (a.probs + 1e-6) for a, b in runs]
     np.testing.assert_allclose(change, np.mean(per_seed, 0), rtol=1e-5)
     np.testing.assert_allclose(mean_a.probs, (runs[0][0].probs + runs[1][0].probs) / 2, rtol=1e-6)
-    assert mean_a.layers and all(n.startswith("flux.transformer_blocks.") for n in mean_a.layers)
+    assert mean_a.layers and all(n.startswith("transformer_blocks.") for n in mean_a.layers)
     every = routing_statistics(pipe, "a red thing", _refs(), **KW)
     assert len(every.layers) > len(mean_a.layers)  # the single blocks' routed layers are left out
 
@@ -217,7 +217,7 @@ def test_cli_writes_figures_and_json(tmp_path, ref_files):
     ]
     data = json.loads((out / "routing.json").read_text())
     assert data["seeds"] == [0] and data["blocks"] == "double"
-    assert data["layers"] and all(n.startswith("flux.transformer_blocks.") for n in data["layers"])
+    assert data["layers"] and all(n.startswith("transformer_blocks.") for n in data["layers"])
     gates_a, gates_b, change = (np.array(data[k]) for k in ("gates_a", "gates_b", "change"))
     assert gates_a.shape == (len(data["layers"]), data["experts"]) == change.shape
     np.testing.assert_allclose(gates_a.sum(1), 1, atol=1e-5)

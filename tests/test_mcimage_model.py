@@ -130,7 +130,7 @@ def test_references_equal_manual_concatenated_call(preset):
 
 def test_stacked_reference_tensor_equals_list():
     cfg = _plain()
-    model = MCImageTransformer.from_config(cfg, seed=0).eval()
+    model = MCImageTransformer.from_mc_config(cfg, seed=0).eval()
     inputs = _inputs(cfg)
     refs = torch.randn(2, 2, 4, cfg.flux["in_channels"])
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_dam_and_moe_lora_at_init_equal_stock(preset):
         expected = stock(ref_latents=refs, **inputs, **extra)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         # Once the adapter has trained, the output moves: the comparison above can fail.
-        for name, p in model.flux.named_parameters():
+        for name, p in model.named_parameters():
             if ".lora_B" in name:
                 p.normal_(std=0.5)
         assert (model(ref_latents=refs, **inputs, **extra) - expected).abs().max() > 1e-3
@@ -161,7 +161,7 @@ def test_dam_and_moe_lora_at_init_equal_stock(preset):
 
 def test_idar_capture_through_forward():
     cfg = MCImageConfig.from_preset("tiny-multicrafter")
-    model = MCImageTransformer.from_config(cfg, seed=0)
+    model = MCImageTransformer.from_mc_config(cfg, seed=0)
     inputs, refs = _inputs(cfg), _refs(cfg)
     shares = {}
     model(ref_latents=refs, **inputs, target_hw=TARGET_HW, ref_hws=REF_HWS, attention_capture=shares)
@@ -225,7 +225,7 @@ def test_uno_ids_worked_example():
 
 def test_bad_inputs_raise_clear_errors():
     cfg = MCImageConfig.from_preset("tiny-one-for-all")
-    model = MCImageTransformer.from_config(cfg, seed=0)
+    model = MCImageTransformer.from_mc_config(cfg, seed=0)
     inputs, refs = _inputs(cfg), _refs(cfg)
     run = dict(ref_latents=refs, **inputs, target_hw=TARGET_HW, ref_hws=REF_HWS)
     with pytest.raises(ValueError, match=r"1 categories for 2 references \(\['face'\]\); give one category per reference"):
@@ -268,28 +268,28 @@ def test_pack_unpack_roundtrip():
 
 def test_trainable_parameters_and_adapter_roundtrip(tmp_path):
     cfg = MCImageConfig.from_preset("tiny-one-for-all")
-    model = MCImageTransformer.from_config(cfg, seed=0)
+    model = MCImageTransformer.from_mc_config(cfg, seed=0)
     trainable = model.trainable_parameters("adapter")
     names = set(trainable)
     assert any(".lora_A" in n for n in names) and any(".temperature." in n for n in names)
-    assert all(p.requires_grad == (n in names) for n, p in model.flux.named_parameters())
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
     assert set(model.trainable_parameters("dam")) == {n for n in names if ".temperature." in n}
     with pytest.raises(ValueError, match="unknown policy"):
         model.trainable_parameters("bias")
     with pytest.raises(ValueError, match="selects nothing"):
-        MCImageTransformer.from_config(_plain(), seed=0).trainable_parameters("adapter")
+        MCImageTransformer.from_mc_config(_plain(), seed=0).trainable_parameters("adapter")
 
     with torch.no_grad():
         for p in trainable.values():
             p.add_(torch.randn_like(p) * 0.1)
     model.save_adapter(tmp_path / "adapter")
     fresh = MCImageTransformer.from_flux_and_adapter(_base(cfg), tmp_path / "adapter")
-    assert fresh.config == cfg
+    assert fresh.mc_config == cfg
     inputs, refs = _inputs(cfg), _refs(cfg)
     extra = dict(target_hw=TARGET_HW, ref_hws=REF_HWS, categories=["face", "upper"])
     with torch.no_grad():
         torch.testing.assert_close(fresh(ref_latents=refs, **inputs, **extra), model(ref_latents=refs, **inputs, **extra))
-    other = MCImageTransformer.from_config(MCImageConfig.from_preset("tiny-multicrafter"), seed=0)
+    other = MCImageTransformer.from_mc_config(MCImageConfig.from_preset("tiny-multicrafter"), seed=0)
     with pytest.raises(ValueError, match="does not fit this model"):
         other.load_adapter(tmp_path / "adapter")
 

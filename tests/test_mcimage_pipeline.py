@@ -1,5 +1,5 @@
 """MCImagePipeline on tiny random components: shapes, determinism, references, input errors,
-save / load as a stock FLUX folder + adapter, and descriptor markup (CCPA)."""
+save / load (one diffusers folder; the older stock FLUX folder + adapter), and descriptor markup (CCPA)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from PIL import Image
+from tiny_data import save_older_layout
 
-from mcimage.config import FLUX_CONFIGS, MCImageConfig
-from mcimage.pipeline import ADAPTER_SUBFOLDER, MCImagePipeline, load_component
+from mcimage.config import ADAPTER_CONFIG_NAME, FLUX_CONFIGS, MCImageConfig
+from mcimage.pipeline import ADAPTER_SUBFOLDER, PIPELINE_MODULE, MCImagePipeline, load_component
 from mcimage.presets import TINY_T5_LENGTH, build_tiny_components
-from mcimage.transformer import ADAPTER_CONFIG_NAME, MCImageTransformer
+from mcimage.transformer import MCImageTransformer
 
 H = W = 16
 
@@ -129,34 +130,28 @@ REFS2 = dict(refs=[_ref((200, 30, 30)), _ref((30, 30, 200), size=(20, 12))], cat
 def test_save_pretrained_round_trip(preset, tmp_path):
     pipe = _pipe(preset)
     _perturb_adapter(pipe)
-    before = {k: v.clone() for k, v in pipe.transformer.flux.state_dict().items()}
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     folder = pipe.save_pretrained(tmp_path / "model")
-    # Saving takes our layers out and puts the very same ones back.
-    after = pipe.transformer.flux.state_dict()
+    after = pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["_class_name"] == [PIPELINE_MODULE, "MCImagePipeline"]
+    assert index["transformer"] == ["mcimage.transformer", "MCImageTransformer"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
-    assert (folder / ADAPTER_SUBFOLDER / ADAPTER_CONFIG_NAME).is_file()
+    assert (folder / f"{PIPELINE_MODULE}.py").is_file() and not (folder / ADAPTER_SUBFOLDER).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
-    # transformer/ is the stock model: no unexpected or missing keys, the wrapped model's base weights.
-    stock, info = FluxTransformer2DModel.from_pretrained(folder / "transformer", output_loading_info=True)
+    # transformer/ is the whole model: base, adapter and DAM weights, the MCImageConfig in its config.
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == "MCImageTransformer" and config["mcimage"] == pipe.mc_config.to_model_dict()
+    model, info = MCImageTransformer.from_pretrained(folder / "transformer", output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
-    base = {
-        k.replace(".base_layer.", "."): v for k, v in pipe.transformer.flux.state_dict().items()
-        if ".lora_" not in k and ".processor." not in k
-    }
-    stock_sd = stock.state_dict()
-    assert base.keys() == stock_sd.keys()
-    assert all(torch.equal(base[k], stock_sd[k]) for k in base)
+    loaded_sd = model.state_dict()
+    assert loaded_sd.keys() == after.keys() and all(torch.equal(after[k], loaded_sd[k]) for k in after)
 
     loaded = MCImagePipeline.from_pretrained(folder)
-    saved, back = pipe.mc_config.to_dict(), loaded.mc_config.to_dict()
-    # flux comes back as the loaded transformer's full config (defaults included).
-    assert {k: back["flux"][k] for k in saved["flux"]} == saved["flux"]
-    assert {k: v for k, v in back.items() if k != "flux"} == {k: v for k, v in saved.items() if k != "flux"}
+    assert loaded.mc_config == pipe.mc_config
     prompt = "a man <face>with hair</face>" if pipe.mc_config.ccpa else "a man with hair"
     a = pipe(prompt, **REFS2, height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
              max_sequence_length=TINY_T5_LENGTH).images
@@ -167,20 +162,31 @@ def test_save_pretrained_round_trip(preset, tmp_path):
     assert np.abs(_run(loaded, **REFS2) - fresh).max() > 1e-3  # the adapter weights did come back
 
 
-def test_stock_flux_pipeline_loads_the_saved_folder(tmp_path):
+def test_older_layout_is_a_stock_flux_folder_and_loads(tmp_path):
     from diffusers import FluxPipeline
 
-    folder = _pipe("tiny-one-for-all").save_pretrained(tmp_path / "model")
+    pipe = _pipe("tiny-one-for-all")
+    _perturb_adapter(pipe)
+    folder = save_older_layout(pipe, tmp_path / "model")
     stock = FluxPipeline.from_pretrained(folder)
     assert type(stock.transformer) is FluxTransformer2DModel and type(stock.vae).__name__ == "AutoencoderKL"
+    # transformer/ holds the base weights under their stock names, nothing of ours.
+    base = pipe.transformer.base_state_dict()
+    assert base.keys() == stock.transformer.state_dict().keys()
+    assert all(torch.equal(base[k], v) for k, v in stock.transformer.state_dict().items())
+    loaded = MCImagePipeline.from_pretrained(folder)
+    assert loaded.mc_config == pipe.mc_config
+    np.testing.assert_allclose(_run(loaded, **REFS2), _run(pipe, **REFS2), atol=1e-6, rtol=0)
 
 
 def test_from_pretrained_config_when_no_adapter(tmp_path):
     pipe = _pipe("tiny-multicrafter")
     _perturb_adapter(pipe)
-    folder = pipe.save_pretrained(tmp_path / "model")
-    # The adapter's config wins over `config`.
     ofa = MCImageConfig.from_preset("tiny-one-for-all")
+    # The model's own config wins over `config`, in either layout.
+    assert MCImagePipeline.from_pretrained(pipe.save_pretrained(tmp_path / "new"), config=ofa).mc_config.position_ids \
+        == "uno"
+    folder = save_older_layout(pipe, tmp_path / "model")
     assert MCImagePipeline.from_pretrained(folder, config=ofa).mc_config.position_ids == "uno"
 
     shutil.rmtree(folder / ADAPTER_SUBFOLDER)
@@ -198,12 +204,12 @@ def test_from_pretrained_config_when_no_adapter(tmp_path):
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no transformer/ subfolder"):
         MCImagePipeline.from_pretrained(tmp_path)
-    folder = _pipe("tiny-multicrafter").save_pretrained(tmp_path / "model")
+    folder = save_older_layout(_pipe("tiny-multicrafter"), tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         MCImagePipeline.from_pretrained(folder, adapter=tmp_path / "nowhere")
 
     deeper = MCImageConfig.from_preset("tiny-multicrafter", flux=dict(FLUX_CONFIGS["tiny"], num_layers=3))
-    MCImageTransformer.from_config(deeper).save_adapter(tmp_path / "deep_adapter")
+    MCImageTransformer.from_mc_config(deeper).save_adapter(tmp_path / "deep_adapter")
     with pytest.raises(ValueError, match="deep_adapter: adapter was trained on a different FLUX architecture.*num_layers"):
         MCImagePipeline.from_pretrained(folder, adapter=tmp_path / "deep_adapter")
     other = tmp_path / "ofa_adapter"
@@ -238,9 +244,10 @@ def test_custom_codec_loads_by_model_index(tmp_path):
     folder = pipe.save_pretrained(tmp_path / "model")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["vae"] == ["idcrafter.toyworld.codec", "PixelUnshuffleImageCodec"]
-    loaded = MCImagePipeline.from_pretrained(folder)
-    assert type(loaded.vae) is PixelUnshuffleImageCodec and loaded.vae_scale_factor == 2
-    np.testing.assert_allclose(_run(pipe, refs=REFS2["refs"]), _run(loaded, refs=REFS2["refs"]), atol=1e-6, rtol=0)
+    for loaded in (MCImagePipeline.from_pretrained(folder), MCImagePipeline.from_pretrained(
+            save_older_layout(pipe, tmp_path / "older"))):
+        assert type(loaded.vae) is PixelUnshuffleImageCodec and loaded.vae_scale_factor == 2
+        np.testing.assert_allclose(_run(pipe, refs=REFS2["refs"]), _run(loaded, refs=REFS2["refs"]), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +255,11 @@ def test_custom_codec_loads_by_model_index(tmp_path):
 
 
 def _txt_ids_seen(pipe, prompt, **kw):
-    """The txt_ids the stock FLUX model receives (first step) and the pipeline output."""
+    """The txt_ids FLUX's forward receives (first step: the leading rows of the ids its rotary
+    embedding gets, [txt_ids; img_ids]) and the pipeline output."""
     seen = []
-    hook = pipe.transformer.flux.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["txt_ids"].clone()), with_kwargs=True
+    hook = pipe.transformer.pos_embed.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0][:TINY_T5_LENGTH].clone())
     )
     try:
         out = _run(pipe, **kw) if prompt is None else pipe(

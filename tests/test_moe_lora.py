@@ -21,6 +21,7 @@ from idcrafter.core.moe_lora import (
     inject_moe_lora,
     load_balancing_loss,
     load_moe_lora,
+    merged_expert_lora,
     module_matches,
     moe_lora_disabled,
     moe_lora_layers,
@@ -311,6 +312,19 @@ def test_plain_lora_loads_with_diffusers(tmp_path):
         for loaded in (stock, by_file, by_folder):
             torch.testing.assert_close(run(loaded, inputs), ours, rtol=0, atol=1e-5)
     assert sum("lora_A" in n for n, _ in stock.named_parameters()) == len(EXPECTED_TARGETS)
+
+
+def test_merged_expert_lora_is_the_gate_weighted_sum_of_experts():
+    layer = MoELoRALinear(nn.Linear(6, 5), rank=2, alpha=8.0, num_experts=3)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(3))
+    gates = [0.2, 0.0, 0.8]
+    lora_A, lora_B = merged_expert_lora(layer, gates)
+    assert lora_A.shape == (6, 6) and lora_B.shape == (5, 6)  # rank E * r
+    expected = sum(g * 4.0 * layer.lora_B[e] @ layer.lora_A[e] for e, g in enumerate(gates))  # scaling 8 / 2
+    torch.testing.assert_close(lora_B @ lora_A, expected.detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="must be 3 finite gate values"):
+        merged_expert_lora(layer, [0.5, 0.5])
 
 
 def test_diffusers_export_refuses_experts(tmp_path):

@@ -191,14 +191,14 @@ def test_set_capture_config_selects_blocks():
     from mcimage.transformer import MCImageTransformer
 
     cfg = MCImageConfig.from_preset("tiny-multicrafter", adapter="none", idar=False)
-    model = MCImageTransformer.from_config(cfg, seed=0)
+    model = MCImageTransformer.from_mc_config(cfg, seed=0)
     double = {f"transformer_blocks.{i}" for i in range(cfg.flux["num_layers"])}
     single = {f"single_transformer_blocks.{i}" for i in range(cfg.flux["num_single_layers"])}
     assert set(model.processors) == double | single and _capturing(model) == set()
     model.set_capture_config(dataclasses.replace(cfg, idar=True))
-    assert _capturing(model) == double and model.config.idar
+    assert _capturing(model) == double and model.mc_config.idar
     model.set_capture_config(dataclasses.replace(cfg, idar=True, idar_blocks="single", idar_lambda=0.1))
-    assert _capturing(model) == single and model.config.idar_lambda == 0.1
+    assert _capturing(model) == single and model.mc_config.idar_lambda == 0.1
     model.set_capture_config(dataclasses.replace(cfg, idar=True, idar_blocks="all"))
     assert _capturing(model) == double | single
     chosen = ["transformer_blocks.1", "single_transformer_blocks.0"]
@@ -217,12 +217,12 @@ def test_set_capture_config_selects_blocks():
     for change in (dict(position_ids="condition"), dict(prediction="sample"), dict(adapter="lora")):
         with pytest.raises(ValueError, match="set_capture_config"):
             model.set_capture_config(dataclasses.replace(cfg, **change))
-    assert model.config == cfg
+    assert model.mc_config == cfg and model.config["mcimage"] == cfg.to_model_dict()
 
 
 @pytest.mark.parametrize("preset", ["toyworld-multicrafter", "toyworld-one-for-all"])
 def test_toy_presets_build_the_codec_and_predict_clean_samples(preset):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     from mcimage.config import MCImageConfig
     from mcimage.presets import TOY_FLOW_SHIFT, build_tiny_components
@@ -247,9 +247,9 @@ def test_toy_presets_build_the_codec_and_predict_clean_samples(preset):
     with torch.no_grad():
         v = model(x_t, refs, text, pooled, t, None, **kwargs)
         seq = model.prepare(x_t, refs, text, **kwargs)
-        raw = model.flux(hidden_states=torch.cat([x_t, *refs], 1), encoder_hidden_states=text,
-                         pooled_projections=pooled, timestep=t, img_ids=seq.img_ids, txt_ids=seq.txt_ids,
-                         guidance=None, return_dict=False)[0]
+        raw = FluxTransformer2DModel.forward(model, hidden_states=torch.cat([x_t, *refs], 1), encoder_hidden_states=text,
+                                             pooled_projections=pooled, timestep=t, img_ids=seq.img_ids,
+                                             txt_ids=seq.txt_ids, guidance=None, return_dict=False)[0]
     x0_hat = raw[:, :16]
     assert v.shape == x_t.shape
     expected = torch.stack([(x_t[0] - x0_hat[0]) / 0.6, (x_t[1] - x0_hat[1]) / 0.05])

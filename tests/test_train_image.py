@@ -234,7 +234,7 @@ def test_a_loaded_adapter_brings_its_config(world, tmp_path):
     spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", base=str(base), attn_loss_weight=0.3), data,
                              policy="all")
     model = spec.build_model(torch.device("cpu"), torch.float32)
-    assert spec.config.adapter == "none" and spec.config.idar and model.config == spec.config
+    assert spec.config.adapter == "none" and spec.config.idar and model.mc_config == spec.config
     assert sorted(n for n, p in model.processors.items() if p.capture) == ["transformer_blocks.0", "transformer_blocks.1"]
     spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", base=str(base), overrides={"dam": True}), data,
                              policy="all")

@@ -51,3 +51,23 @@ def write_manifest(folder: Path, n: int = 4, frames: int = 9, size: int = 64, ma
     path = folder / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_older_layout(pipe, folder: Path) -> Path:
+    """An MCImagePipeline written in the older layout: a stock FLUX diffusers folder (what diffusers'
+    FluxPipeline reads, transformer/ without our weights) plus mcimage_adapter/ from `save_adapter`,
+    as the built-in toy model and a base model with a trained adapter are."""
+    import shutil
+
+    from mcimage.config import ADAPTER_SUBFOLDER
+    from mcimage.pipeline import PIPELINE_MODULE
+
+    folder = pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "transformer")
+    pipe.transformer.to_flux().save_pretrained(folder / "transformer")
+    pipe.transformer.save_adapter(folder / ADAPTER_SUBFOLDER)
+    (folder / f"{PIPELINE_MODULE}.py").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder

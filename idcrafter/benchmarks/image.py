@@ -63,13 +63,13 @@ def _setup(name: str, device: torch.device, dtype: torch.dtype, chunk: int):
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = MCImageTransformer.from_config(config, seed=0).train()
+            model = MCImageTransformer.from_mc_config(config, seed=0).train()
     finally:
         torch.set_default_dtype(previous)
     model.trainable_parameters("adapter")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name_, p in model.flux.named_parameters():
+        for name_, p in model.named_parameters():
             if ".lora_B" in name_:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
 

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -452,10 +452,44 @@ def _check_layer_settings(model: nn.Module, config: MoELoRAConfig, folder: Path)
 
 
 # --------------------------------------------------------------------------------------------
-# diffusers export (E = 1)
+# diffusers export (plain LoRA; MoE-LoRA merged at a fixed routing)
 
 
-def diffusers_lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, torch.Tensor]:
+def merged_expert_lora(layer: MoELoRALinear, routing: Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain LoRA (A [E r, in], B [out, E r]) with B A = scaling * sum_e w_e B_e A_e.
+
+    routing: the gates w [E] held fixed. The layer's update for one token is exactly this when its
+    router gives that token the gates w; for other tokens it is an approximation (the router and
+    top-k make the real gates token-dependent). The experts are stacked along the rank, so no
+    factorisation is lost; with E = 1 and w = [1] it is the layer's own LoRA with alpha / r in B.
+    """
+    weights = torch.as_tensor(routing, dtype=torch.float32).flatten()
+    if weights.numel() != layer.num_experts or not torch.isfinite(weights).all():
+        raise ValueError(f"routing {weights.tolist()} must be {layer.num_experts} finite gate values, one per expert")
+    lora_A = layer.lora_A.detach().float()  # [E, r, in]
+    lora_B = layer.lora_B.detach().float() * (weights.to(lora_A.device)[:, None, None] * layer.scaling)  # [E, out, r]
+    e, r, _ = lora_A.shape
+    return lora_A.reshape(e * r, -1), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], e * r)
+
+
+def _routing_of(name: str, layer: MoELoRALinear, routing) -> Sequence[float] | torch.Tensor:
+    if routing is None:
+        if layer.num_experts != 1:
+            raise ValueError(
+                f"layer '{name}' has {layer.num_experts} experts; diffusers' LoRA format holds plain LoRA only "
+                "(E = 1), or experts merged at a routing you give"
+            )
+        return [1.0]
+    if isinstance(routing, Mapping):
+        if name not in routing:
+            raise ValueError(f"routing has no gates for layer '{name}'")
+        return routing[name]
+    return routing
+
+
+def diffusers_lora_state_dict(
+    model: nn.Module, prefix: str = "transformer", routing: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+) -> dict[str, torch.Tensor]:
     """Plain-LoRA layers as diffusers/peft keys.
 
     `<prefix>.<module>.lora_A.weight` = A [r, in] and `<prefix>.<module>.lora_B.weight` =
@@ -463,34 +497,37 @@ def diffusers_lora_state_dict(model: nn.Module, prefix: str = "transformer") -> 
     folded into B because diffusers' loaders do not all read alpha: `load_lora_adapter(file)`
     without `use_safetensors=True` drops the safetensors metadata and then assumes alpha = r.
     Folded, every path (and other tools that assume alpha = r) computes the same update.
+
+    routing: None for plain LoRA (every layer E = 1); else MoE-LoRA experts are merged at these
+    fixed gates (E values for every layer, or {layer name: E values}) by `merged_expert_lora`, rank
+    E * r: an approximation of the routed model, exact for tokens routed with those gates.
     """
     out = {}
     for name, layer in moe_lora_layers(model).items():
-        if layer.num_experts != 1:
-            raise ValueError(
-                f"layer '{name}' has {layer.num_experts} experts; diffusers' LoRA format holds plain LoRA only (E = 1)"
-            )
-        out[f"{prefix}.{name}.lora_A.weight"] = layer.lora_A.detach()[0].contiguous().cpu()
-        out[f"{prefix}.{name}.lora_B.weight"] = (layer.lora_B.detach()[0] * layer.scaling).contiguous().cpu()
+        lora_A, lora_B = merged_expert_lora(layer, _routing_of(name, layer, routing))
+        out[f"{prefix}.{name}.lora_A.weight"] = lora_A.to(layer.lora_A.dtype).contiguous().cpu()
+        out[f"{prefix}.{name}.lora_B.weight"] = lora_B.to(layer.lora_B.dtype).contiguous().cpu()
     return out
 
 
-def diffusers_lora_metadata(model: nn.Module, prefix: str = "transformer") -> dict[str, str]:
+def diffusers_lora_metadata(model: nn.Module, prefix: str = "transformer", rank: int | None = None) -> dict[str, str]:
     """safetensors metadata carrying the peft `LoraConfig` as diffusers' `save_lora_weights` writes it.
 
     JSON under "lora_adapter_metadata", keys prefixed with the component ("transformer.r", ...).
     lora_alpha = r because `diffusers_lora_state_dict` folds alpha / r into B. target_modules is a
     regex naming exactly the wrapped layers (peft full-matches a string; a list would also
-    suffix-match, e.g. "proj_out" would catch every block's proj_out).
+    suffix-match, e.g. "proj_out" would catch every block's proj_out). rank: the exported rank
+    when it is not the layers' own (merged experts: E * r).
     """
     layers = moe_lora_layers(model)
     ranks = sorted({layer.r for layer in layers.values()})
     if len(ranks) != 1:
         raise ValueError(f"layers have different ranks {ranks}; the diffusers export expects one rank")
+    rank = ranks[0] if rank is None else rank
     dropout = next(iter(layers.values())).lora_dropout
     lora_config = {
-        "r": ranks[0],
-        "lora_alpha": ranks[0],
+        "r": rank,
+        "lora_alpha": rank,
         "target_modules": "(?:" + "|".join(re.escape(name) for name in layers) + ")",
         "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
     }
@@ -498,18 +535,28 @@ def diffusers_lora_metadata(model: nn.Module, prefix: str = "transformer") -> di
     return {"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
 
 
-def save_diffusers_lora(model: nn.Module, path: str | os.PathLike, prefix: str = "transformer") -> Path:
+def save_diffusers_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    prefix: str = "transformer",
+    routing: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+) -> Path:
     """Write a plain LoRA (E = 1) as one diffusers LoRA safetensors file, atomically.
 
     Loads with `FluxPipeline.load_lora_weights(folder or file)`,
     `FluxTransformer2DModel.load_lora_adapter(file)` or `.load_lora_adapter(folder, use_safetensors=True)`
     (the folder form needs the flag: without it diffusers looks for a .bin) and reproduces this
-    model's output.
+    model's output. With `routing`, a MoE-LoRA's experts merged at those fixed gates
+    (`diffusers_lora_state_dict`): an approximation of the routed model.
     """
     if not moe_lora_layers(model):
         raise ValueError("model has no MoE-LoRA layers to save; call inject_moe_lora first")
     path = Path(path)
-    tensors = diffusers_lora_state_dict(model, prefix)
+    tensors = diffusers_lora_state_dict(model, prefix, routing)
+    ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight")})
+    if len(ranks) != 1:
+        raise ValueError(f"exported layers have different ranks {ranks}; the diffusers export expects one rank")
+    rank = ranks[0]
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata=diffusers_lora_metadata(model, prefix))
+        save_file(tensors, str(tmp), metadata=diffusers_lora_metadata(model, prefix, rank))
     return path
