@@ -23,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_rl(output: Path, data: Path, *extra: str, ranks: int = 1, timeout: int = 400):
+def train_rl(output: Path, data: Path, *extra: str, ranks: int = 1, timeout: int = 400, port: int | None = None):
     args = ["scripts/train_rl.py", "--branch", "video", "--preset", "tiny", "--data", str(data), "--output", str(output),
             "--deepspeed_config", "ds_configs/zero3.json", "--num-steps", "4", "--window", "2", "--group-size", "4",
             "--lr", "1e-3", "--lora-rank", "4", "--no-progress", *extra]
-    port = str(free_port())
+    port = str(port or free_port())
     if ranks > 1:
         cmd, env = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, *args], dict(os.environ)
     else:
@@ -49,10 +49,14 @@ def setup(tmp_path_factory):
 def test_two_ranks_zero3_two_iterations(setup, tmp_path):
     root, data = setup
     out = tmp_path / "run"
+    port = free_port()
     proc = train_rl(out, data, "--max-steps", "2", "--save-every", "2", "--reward", "toyid=1",
                     "--reward-option", f"toyid.path={root / 'toyid'}", "--kl-weight", "0.01", "--eval-data", str(data),
-                    "--eval-every", "2", "--eval-limit", "2", "--normalise-rewards", "--trainable", "lora", ranks=2)
+                    "--eval-every", "2", "--eval-limit", "2", "--normalise-rewards", "--trainable", "lora", ranks=2,
+                    port=port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU allreduce buffers (69 MB a rank in /dev/shm) do not outlive the run.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]

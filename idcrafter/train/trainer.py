@@ -34,6 +34,26 @@ from idcrafter.utils.logging import get_logger
 logger = get_logger("idcrafter.train")
 
 
+def release_shm_allreduce_name(rank: int) -> Path | None:
+    """Unlink this rank's DeepSpeed CPU allreduce buffer name; returns the path if it existed.
+
+    DeepSpeed's CPU communication (ops/csrc/cpu/comm/shm.cpp, `shm_initialize`) creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) per rank and
+    never unlinks it, so every CPU run, finished or killed, leaves that much RAM-backed /dev/shm
+    behind; a test suite or a few restarts fill memory. Once every rank has opened every buffer
+    (call after a barrier), unlinking the name keeps the mappings and lets the kernel free the
+    memory when the processes end, however they end.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    path = Path("/dev/shm") / name
+    try:
+        path.unlink()
+    except OSError:  # no shm op (CUDA, another platform) or already gone
+        return None
+    return path
+
+
 @dataclass
 class TrainArgs:
     """Everything a run needs besides the model spec; each field is a command-line flag."""
@@ -135,6 +155,9 @@ class Trainer:
 
         self.dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if not self.on_cuda:
+            dist.barrier()  # every rank has mapped every rank's buffer: the names are no longer needed
+            release_shm_allreduce_name(self.rank)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local_rank}") if self.on_cuda else torch.device("cpu")
         if self.on_cuda:
