@@ -134,7 +134,6 @@ def main(argv=None) -> int:
             height=height, width=width, num_frames=frames,
             num_inference_steps=job.steps, guidance_image=job.guidance_image, guidance_text=job.guidance_text,
             generator=torch.Generator().manual_seed(job.seed), batched_guidance=not args.sequential_guidance,
-            device=device,
         )
         write_video(out.frames[0], tmp_path, fps=config.fps)
 

@@ -79,9 +79,9 @@ def test_exported_adapter_loads_in_the_pipeline_and_changes_output(zero3_run):
     refs = [str(ROOT / "examples" / "subject_a.png")]
     pipe = IDCrafterPipeline.from_components(build_components(IDCrafterConfig.from_preset("tiny"), seed=0))
     pipe.set_progress_bar_config(disable=True)
-    before = pipe("two squares", refs, seed=1, output_type="latent").frames
+    before = pipe("two squares", refs, generator=torch.Generator().manual_seed(1), output_type="latent").frames
     pipe.transformer.load_adapter(out / "adapter")
-    after = pipe("two squares", refs, seed=1, output_type="latent").frames
+    after = pipe("two squares", refs, generator=torch.Generator().manual_seed(1), output_type="latent").frames
     assert (after - before).abs().max() > 1e-4
 
 

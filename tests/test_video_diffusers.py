@@ -71,7 +71,7 @@ def make_pipe(preset="tiny", trained=True):
 def latents(pipe, **kw):
     pipe.set_progress_bar_config(disable=True)
     kw.setdefault("num_inference_steps", 2)
-    return pipe(PROMPT, kw.pop("refs", refs()), seed=3, output_type="latent", **kw).frames
+    return pipe(PROMPT, kw.pop("refs", refs()), generator=torch.Generator().manual_seed(3), output_type="latent", **kw).frames
 
 
 def save_old_layout(pipe: IDCrafterPipeline, folder: Path) -> Path:

@@ -39,8 +39,8 @@ def pipe():
     return make_pipe()
 
 
-def run(pipe, **kw):
-    kw.setdefault("seed", 3)
+def run(pipe, seed=3, **kw):
+    kw.setdefault("generator", torch.Generator().manual_seed(seed))
     return pipe("a red ball and a blue box", kw.pop("refs", refs()), **kw).frames
 
 

@@ -114,12 +114,12 @@ def test_training_with_vlm_trains_the_connector_and_records_the_vlm(vlm_run, dat
 def test_exported_adapter_reads_the_vlm_in_the_pipeline(vlm_run, encoder):
     adapter = vlm_run / "adapter"
     pipe = tiny_pipeline(adapter, encoder)
-    with_vlm = pipe(PROMPT, REFS, seed=1, num_inference_steps=2, output_type="latent").frames
+    with_vlm = pipe(PROMPT, REFS, generator=torch.Generator().manual_seed(1), num_inference_steps=2, output_type="latent").frames
     for p in pipe.transformer.adapter.vlm_connector.parameters():
         p.data.zero_()
-    zeroed = pipe(PROMPT, REFS, seed=1, num_inference_steps=2, output_type="latent").frames
+    zeroed = pipe(PROMPT, REFS, generator=torch.Generator().manual_seed(1), num_inference_steps=2, output_type="latent").frames
     assert (with_vlm - zeroed).abs().max() > 1e-3
-    without = tiny_pipeline(adapter, None)(PROMPT, REFS, seed=1, num_inference_steps=2, output_type="latent").frames
+    without = tiny_pipeline(adapter, None)(PROMPT, REFS, generator=torch.Generator().manual_seed(1), num_inference_steps=2, output_type="latent").frames
     assert (with_vlm - without).abs().max() > 1e-3
 
 

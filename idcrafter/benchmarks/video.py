@@ -144,14 +144,16 @@ def run_step_cache(device: str = "cpu", full: bool | None = None, repeats: int =
         for _ in range(repeats):
             stamps: list[float] = []
 
-            def stamp(_i, _latents, stamps=stamps):
+            def stamp(_pipe, _step, _t, tensors, stamps=stamps):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 stamps.append(time.perf_counter())
+                return tensors
 
             # Step times are differences between callbacks: encoding and decoding are left out.
             pipe("bench", refs, height=height, width=width, num_frames=frames, num_inference_steps=steps + 1,
-                 recompute_subjects_each_step=recompute, output_type="latent", device=device, callback=stamp)
+                 recompute_subjects_each_step=recompute, output_type="latent", generator=torch.Generator().manual_seed(0),
+                 callback_on_step_end=stamp)
             per_step += [b - a for a, b in zip(stamps, stamps[1:])]
         rows[mode] = statistics.median(per_step)
     return {

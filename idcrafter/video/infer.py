@@ -323,8 +323,9 @@ def load_pipeline(req: InferenceRequest):
         pipe = IDCrafterPipeline.from_pretrained(req.model, adapter=req.adapter, torch_dtype=dtype, vlm=vlm)
     if pipe.transformer.dtype != dtype:  # loaded in `dtype` already, with diffusers' float32 modules kept
         pipe.transformer.to(dtype)
-    pipe.enable_cpu_offload(req.cpu_offload)
-    if not req.cpu_offload:
+    if req.cpu_offload:  # diffusers' model offload: each component on req.device only while it runs
+        pipe.enable_model_cpu_offload(device=req.device)
+    else:
         pipe.to(req.device)
         pipe.transformer.to(req.device)
         if pipe.vlm is not None:  # not an nn.Module, so pipe.to leaves it where it loaded
@@ -345,6 +346,6 @@ def run(req: InferenceRequest) -> Path:
         req.prompt, req.refs, negative_prompt=req.negative_prompt, height=r["height"], width=r["width"],
         num_frames=r["frames"], num_inference_steps=r["steps"], guidance_image=r["guidance_image"],
         guidance_text=r["guidance_text"], generator=torch.Generator().manual_seed(req.seed),
-        video=req.edit_video, strength=req.strength, batched_guidance=not req.sequential_guidance, device=req.device,
+        video=req.edit_video, strength=req.strength, batched_guidance=not req.sequential_guidance,
     )
     return write_video(out.frames[0], req.out, fps=r["fps"])

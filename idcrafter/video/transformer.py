@@ -20,6 +20,7 @@ through one conversion path, `from_wan`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 from collections.abc import Iterator
@@ -477,10 +478,11 @@ class IDCrafterTransformer(WanTransformer3DModel):
             if subjects is None:
                 raise ValueError("vlm_states need subjects: the VLM tokens sit beside the subject tokens")
             subject_stream = self.encode_subjects(subjects, subject_mask, vlm_states, vlm_mask)
-        base = super().forward
+        # by keyword: diffusers' apply_lora_scale reads attention_kwargs (LoRA "scale") from the keywords only
+        base = functools.partial(super().forward, hidden_states, timestep, encoder_hidden_states,
+                                 encoder_hidden_states_image, return_dict=return_dict, attention_kwargs=attention_kwargs)
         if subject_stream is None:
-            return base(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, return_dict,
-                        attention_kwargs)
+            return base()
         if subject_stream.batch_size != hidden_states.shape[0]:
             raise ValueError(
                 f"subject stream has batch {subject_stream.batch_size}, hidden_states {hidden_states.shape[0]}"
@@ -489,8 +491,7 @@ class IDCrafterTransformer(WanTransformer3DModel):
             subject_stream = SubjectStream(subject_stream.kv, subject_stream.ref_ranges, subject_stream.subject_mask,
                                            attention_capture)
         with self._subjects_active(subject_stream):
-            return base(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, return_dict,
-                        attention_kwargs)
+            return base()
 
     # ------------------------------------------------------------------ adapter files
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
