@@ -617,7 +617,7 @@ class MCImagePipeline(DiffusionPipeline):
             output_type=output_type,
         )
         if max_sequence_length is None:
-            max_sequence_length = min(512, int(self.tokenizer_2.model_max_length)) if self.tokenizer_2 else 512
+            max_sequence_length = min(512, int(self.tokenizer_2.model_max_length)) if self.tokenizer_2 is not None else 512
         ref_h, ref_w = ref_size or cfg.ref_size or (height, width)
         mult = self.vae_scale_factor * 2
         if ref_h % mult or ref_w % mult:
