@@ -103,14 +103,8 @@ def capture_enabled(transformer: MCImageTransformer, blocks: str | Sequence[str]
 
 
 def _decode(pipe: MCImagePipeline, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """Packed latents [B, L_t, C] -> images [B, H, W, 3] in [0, 1] (as the pipeline decodes)."""
-    from diffusers import FluxPipeline
-
-    vae = pipe.vae
-    spatial = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    spatial = spatial / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    pixels = vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
-    return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    """Packed latents [B, L_t, C] -> images [B, H, W, 3] in [0, 1] (the pipeline's own decode)."""
+    return pipe.decode_latents(latents, height, width, "np")
 
 
 @torch.no_grad()
@@ -154,19 +148,20 @@ def subject_attention_maps(
         raise ValueError(f"subject_attention_maps: t must be in (0, 1], got {t}")
     cfg = pipe.mc_config
     out = pipe(
-        prompt, refs, categories, height=height, width=width, num_inference_steps=steps, seed=seed,
-        output_type="latent", ref_size=ref_size, max_sequence_length=max_sequence_length,
+        prompt, refs, categories, height=height, width=width, num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed), output_type="latent", ref_size=ref_size,
+        max_sequence_length=max_sequence_length,
         descriptor_tokens=descriptor_tokens,
     )
     x0 = out.images  # [1, L_t, C]
     image = _decode(pipe, x0, height, width)[0]
 
-    device = pipe.device
+    device = pipe._execution_device  # the offload hooks' device when offloaded, as in the pipeline
     prompt_embeds, pooled, _ = pipe.encode_prompt(
         prompt=[prompt], prompt_2=None, device=device, max_sequence_length=max_sequence_length
     )
     dtype = prompt_embeds.dtype
-    ref_h, ref_w = ref_size or (height, width)
+    ref_h, ref_w = ref_size or cfg.ref_size or (height, width)  # the canvas the pipeline fitted them on
     ref_tokens, ref_hws = pipe.encode_references(refs, ref_h, ref_w, 1, device, dtype)
     mult = pipe.vae_scale_factor * 2
     grid = (height // mult, width // mult)
@@ -330,8 +325,9 @@ def routing_statistics(
                          + ("" if blocks == "all" else f" in the {blocks} blocks"))
     with record_routing(pipe.transformer) as record:
         pipe(
-            prompt, refs, categories, height=height, width=width, num_inference_steps=steps, seed=seed,
-            output_type="latent", ref_size=ref_size, max_sequence_length=max_sequence_length,
+            prompt, refs, categories, height=height, width=width, num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed), output_type="latent", ref_size=ref_size,
+        max_sequence_length=max_sequence_length,
             descriptor_tokens=descriptor_tokens,
         )
     means = record.mean()

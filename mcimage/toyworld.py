@@ -146,7 +146,7 @@ def eval_categories(pipe, sample) -> list[str] | None:
 def generate(pipe, prompt: str, refs: list, seed: int, categories: list[str] | None = None) -> np.ndarray:
     """One image uint8 [H, W, 3] for a held-out prompt, its reference files and their categories."""
     out = pipe(prompt, refs, categories=categories, height=SIZE, width=SIZE,
-               ref_size=(REF_SIZE, REF_SIZE), seed=seed, output_type="np",
+               ref_size=(REF_SIZE, REF_SIZE), generator=torch.Generator().manual_seed(seed), output_type="np",
                max_sequence_length=pipe.mc_config.text_length)
     return (out.images[0] * 255).round().astype(np.uint8)
 

@@ -27,7 +27,10 @@ from mcimage.presets import TINY_T5_LENGTH, build_tiny_components
 from mcimage.transformer import MCImageTransformer
 
 H = W = 16
-GEN = dict(height=H, width=W, num_inference_steps=3, seed=0, output_type="np", max_sequence_length=TINY_T5_LENGTH)
+def gen(**kw) -> dict:
+    """Sampling arguments with a fresh generator of seed 0 (a generator is consumed by each call)."""
+    return dict(height=H, width=W, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                max_sequence_length=TINY_T5_LENGTH) | kw
 REFS = dict(refs=[Image.new("RGB", (12, 20), (200, 30, 30)), Image.new("RGB", (20, 12), (30, 30, 200))],
             categories=["face", "upper"])
 
@@ -82,9 +85,9 @@ def test_diffusion_pipeline_from_pretrained_returns_mcimage_pipeline(tmp_path):
     assert type(theirs) is MCImagePipeline and type(theirs.transformer) is MCImageTransformer
     assert theirs.mc_config == pipe.mc_config
     prompt = "a man <face>with hair</face>"
-    expected = pipe(prompt, **REFS, **GEN).images
-    np.testing.assert_allclose(ours(prompt, **REFS, **GEN).images, expected, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(theirs(prompt, **REFS, **GEN).images, ours(prompt, **REFS, **GEN).images, atol=1e-6, rtol=0)
+    expected = pipe(prompt, **REFS, **gen()).images
+    np.testing.assert_allclose(ours(prompt, **REFS, **gen()).images, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(theirs(prompt, **REFS, **gen()).images, ours(prompt, **REFS, **gen()).images, atol=1e-6, rtol=0)
     # diffusers runs a folder's module file only when trusted (docs/design.md 10).
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(folder)
@@ -97,7 +100,7 @@ def test_pipeline_variant_and_shards_round_trip(tmp_path):
     assert len(shards) > 1 and all(name.startswith("diffusion_pytorch_model.v1-") for name in shards)
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.v1.json").is_file()
     loaded = MCImagePipeline.from_pretrained(folder, variant="v1")
-    np.testing.assert_allclose(loaded("a man", **REFS, **GEN).images, pipe("a man", **REFS, **GEN).images,
+    np.testing.assert_allclose(loaded("a man", **REFS, **gen()).images, pipe("a man", **REFS, **gen()).images,
                                atol=1e-6, rtol=0)
 
 
@@ -155,7 +158,7 @@ def test_older_layout_converts_to_the_same_model(preset, overrides, tmp_path):
     a, b = new.transformer.state_dict(), older.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Equal weights; 1e-6: tensors read from a file or memory-mapped may take other SIMD paths.
-    np.testing.assert_allclose(older("a man", **REFS, **GEN).images, new("a man", **REFS, **GEN).images,
+    np.testing.assert_allclose(older("a man", **REFS, **gen()).images, new("a man", **REFS, **gen()).images,
                                atol=1e-6, rtol=0)
     # The model class reads the older transformer folder too, the adapter found next to it.
     direct = MCImageTransformer.from_pretrained(older_folder / "transformer")
@@ -184,9 +187,9 @@ def test_builtin_model_older_layout_saves_and_reloads_equal(tmp_path):
     a, b = builtin.transformer.state_dict(), reloaded.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert reloaded.mc_config == builtin.mc_config
-    kw = dict(GEN, height=32, width=32, num_inference_steps=2, max_sequence_length=builtin.mc_config.text_length)
+    kw = lambda: gen(height=32, width=32, num_inference_steps=2, max_sequence_length=builtin.mc_config.text_length)  # noqa: E731
     refs = dict(refs=REFS["refs"][:1], categories=None if not builtin.mc_config.uses_categories else ["face"])
-    np.testing.assert_allclose(reloaded("a red thing", **refs, **kw).images, builtin("a red thing", **refs, **kw).images,
+    np.testing.assert_allclose(reloaded("a red thing", **refs, **kw()).images, builtin("a red thing", **refs, **kw()).images,
                                atol=1e-6, rtol=0)
 
 
@@ -275,18 +278,18 @@ def test_merged_experts_export_at_one_hot_routing_is_that_experts_lora(tmp_path)
 
 def test_first_block_cache_at_threshold_zero_equals_plain_sampling():
     pipe = _pipe("tiny-one-for-all")
-    plain = pipe("a man", **REFS, **GEN).images
+    plain = pipe("a man", **REFS, **gen()).images
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
     try:
-        np.testing.assert_array_equal(pipe("a man", **REFS, **GEN).images, plain)
+        np.testing.assert_array_equal(pipe("a man", **REFS, **gen()).images, plain)
     finally:
         pipe.transformer.disable_cache()
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # every later step reuses the first
     try:
-        assert np.abs(pipe("a man", **REFS, **GEN).images - plain).max() > 1e-4
+        assert np.abs(pipe("a man", **REFS, **gen()).images - plain).max() > 1e-4
     finally:
         pipe.transformer.disable_cache()
-    np.testing.assert_array_equal(pipe("a man", **REFS, **GEN).images, plain)
+    np.testing.assert_array_equal(pipe("a man", **REFS, **gen()).images, plain)
 
 
 def test_set_attention_backend_native_gives_the_same_output():

@@ -29,10 +29,18 @@ def _ref(color, mode="RGB", size=(12, 20)) -> Image.Image:
     return Image.new(mode, size, color)
 
 
-def _run(pipe, refs=(), categories=None, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
-                   max_sequence_length=TINY_T5_LENGTH), **kw)
-    return pipe("a man in a red hoodie", refs=refs, categories=categories, **kw).images
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _kw(seed: int = 0, **kw) -> dict:
+    """Sampling arguments, noise from a fresh generator of `seed`."""
+    return dict(height=H, width=W, num_inference_steps=2, generator=_gen(seed), output_type="np",
+                max_sequence_length=TINY_T5_LENGTH) | kw
+
+
+def _run(pipe, refs=(), categories=None, seed: int = 0, **kw):
+    return pipe("a man in a red hoodie", refs=refs, categories=categories, **_kw(seed, **kw)).images
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +63,7 @@ def test_output_shape_range_multicrafter(mc):
 
 def test_output_shape_one_for_all_and_batch(ofa):
     out = ofa(["a man", "a woman"], refs=[_ref((200, 30, 30)), _ref((30, 200, 30))], categories=["face", "upper"],
-              height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
-              max_sequence_length=TINY_T5_LENGTH).images
+              **_kw()).images
     assert out.shape == (2, H, W, 3) and out.min() >= 0 and out.max() <= 1
 
 
@@ -153,10 +160,8 @@ def test_save_pretrained_round_trip(preset, tmp_path):
     loaded = MCImagePipeline.from_pretrained(folder)
     assert loaded.mc_config == pipe.mc_config
     prompt = "a man <face>with hair</face>" if pipe.mc_config.ccpa else "a man with hair"
-    a = pipe(prompt, **REFS2, height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
-             max_sequence_length=TINY_T5_LENGTH).images
-    b = loaded(prompt, **REFS2, height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
-               max_sequence_length=TINY_T5_LENGTH).images
+    a = pipe(prompt, **REFS2, **_kw()).images
+    b = loaded(prompt, **REFS2, **_kw()).images
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     fresh = _run(_pipe(preset), **REFS2)
     assert np.abs(_run(loaded, **REFS2) - fresh).max() > 1e-3  # the adapter weights did come back
@@ -262,9 +267,7 @@ def _txt_ids_seen(pipe, prompt, **kw):
         lambda module, args: seen.append(args[0][:TINY_T5_LENGTH].clone())
     )
     try:
-        out = _run(pipe, **kw) if prompt is None else pipe(
-            prompt, **dict(dict(height=H, width=W, num_inference_steps=2, seed=0, output_type="np",
-                                max_sequence_length=TINY_T5_LENGTH), **kw)).images
+        out = _run(pipe, **kw) if prompt is None else pipe(prompt, **_kw(**kw)).images
     finally:
         hook.remove()
     return seen[0], out
@@ -295,8 +298,7 @@ def test_markup_stripped_and_ignored_without_ccpa(mc):
 
 
 def test_markup_batch_and_errors(ofa):
-    kw = dict(REFS2, height=H, width=W, num_inference_steps=1, seed=0, output_type="np",
-              max_sequence_length=TINY_T5_LENGTH)
+    kw = dict(REFS2, **_kw(num_inference_steps=1))
     out = ofa(["a <face>man</face> walks", "a <face>dog</face> walks"], **kw).images  # same tokens: fine
     assert out.shape == (2, H, W, 3)
     with pytest.raises(ValueError, match="different tokens"):

@@ -177,6 +177,26 @@ def test_any_leading_dims_and_bf16():
     torch.testing.assert_close(y16.float(), expected, rtol=5e-2, atol=5e-2)
 
 
+
+def test_router_runs_as_a_module_call():
+    """Module hooks (offload onloads a weight only around its module's forward) see the router: it is
+    called, not read, and computes x W^T with its float32 weight cast to the input's dtype."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 6), rank=2, num_experts=3).to(torch.bfloat16)
+    layer.lora_router.float()
+    inputs = []
+    hook = layer.lora_router.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    x = torch.randn(5, 8).to(torch.bfloat16)
+    try:
+        probs = layer.route(x)[1]
+        layer(x)
+    finally:
+        hook.remove()
+    assert len(inputs) == 2 and inputs[0] is x
+    expected = (x @ layer.lora_router.weight.to(torch.bfloat16).T).float().softmax(-1)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Training
 

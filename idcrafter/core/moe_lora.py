@@ -86,6 +86,15 @@ def routing_change(p_a: torch.Tensor, p_b: torch.Tensor, eps: float = 1e-6) -> t
 # Layer
 
 
+class _Router(nn.Linear):
+    """The router's linear map (in -> E, no bias), its float32 weight cast to the input's dtype. Called
+    as a module, not read as a weight, so module hooks (diffusers' / accelerate's offload, which put
+    the weight on the device only around the module's own forward) see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 class MoELoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a mixture of E LoRA experts.
 
@@ -128,7 +137,7 @@ class MoELoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
         self.lora_router = (
-            nn.Linear(self.in_features, num_experts, bias=False, **factory) if num_experts > 1 else None
+            _Router(self.in_features, num_experts, bias=False, **factory) if num_experts > 1 else None
         )
         self.reset_lora_parameters()
 
@@ -163,7 +172,7 @@ class MoELoRALinear(nn.Module):
         if self.lora_router is None:
             ones = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
             return ones, ones, torch.zeros_like(ones, dtype=torch.long)
-        logits = F.linear(x, self.lora_router.weight.to(x.dtype))
+        logits = self.lora_router(x)
         # float32: in bf16 small gates round to 0 and the renormalised top-k no longer sums to 1.
         probs = logits.float().softmax(dim=-1)
         if self.top_k is None:
