@@ -222,7 +222,12 @@ class CrossModalAttention(_Attention):
             vm = torch.ones(vlm.shape[:2], dtype=torch.bool, device=vlm.device) if vlm_mask is None else vlm_mask.bool()
             keep = torch.cat([keep, vm], dim=1)
         k, v = self.key_value(tokens)
-        return LayerKV(k, v, None if bool(keep.all()) else keep)
+        # Eagerly, a mask that keeps every key is dropped (the unmasked kernel, and no mask for
+        # backends that take none); compiled, that data-dependent test would break the graph, and an
+        # all-True mask gives the same attention.
+        if not torch.compiler.is_compiling() and bool(keep.all()):
+            return LayerKV(k, v, None)
+        return LayerKV(k, v, keep)
 
     def forward(self, hidden_states: torch.Tensor, kv: LayerKV, ref_ranges=None, capture: dict | None = None, name: str = "") -> torch.Tensor:
         q = self.query(hidden_states)
