@@ -1,14 +1,16 @@
 """Attention processors for FLUX's double and single blocks.
 
 `MCFluxAttnProcessor` is diffusers' `FluxAttnProcessor` (diffusers 0.42, `transformer_flux.py`)
-with three additions, each off unless asked for:
-- none to the kernel: diffusers' `dispatch_attention_fn` with the backend and context-parallel
-  config that `set_attention_backend` / `enable_parallelism` set (`idcrafter.core.attention.dispatch_attention`,
-  which keeps a masked call on a backend that takes masks);
+with two additions, each off unless asked for:
 - DAM (One-for-All): queries divided by a per-token temperature that is exactly 1 at
   initialisation (`idcrafter.core.temperature`);
 - IDAR capture (MultiCrafter): inside `capture_ref_shares(...)`, the ref-restricted share of the
   target queries is recorded for the region loss (`idcrafter.core.attention.ref_attention_share`).
+
+The kernel call is the stock one: diffusers' `dispatch_attention_fn` with the backend and
+context-parallel config that `set_attention_backend` / `enable_parallelism` set (through
+`idcrafter.core.attention.dispatch_attention`, which keeps a masked call on a backend that takes
+masks; docs/design.md 3.7).
 
 In both block types the attention sees the joint sequence [text; target; references], which is
 what a `TokenLayout` built with `TokenLayout.concat(order=("text", "target", "refs"))` describes.
