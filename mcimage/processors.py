@@ -1,13 +1,16 @@
 """Attention processors for FLUX's double and single blocks.
 
 `MCFluxAttnProcessor` is diffusers' `FluxAttnProcessor` (diffusers 0.42, `transformer_flux.py`)
-with three additions, each off unless asked for:
-- the attention kernel goes through `idcrafter.core.attention.attention`, or through diffusers'
-  `dispatch_attention_fn` once `model.set_attention_backend(...)` has chosen a backend;
+with two additions, each off unless asked for:
 - DAM (One-for-All): queries divided by a per-token temperature that is exactly 1 at
   initialisation (`idcrafter.core.temperature`);
 - IDAR capture (MultiCrafter): inside `capture_ref_shares(...)`, the ref-restricted share of the
   target queries is recorded for the region loss (`idcrafter.core.attention.ref_attention_share`).
+
+The kernel call is the stock one: diffusers' `dispatch_attention_fn` with the backend and
+context-parallel config that `set_attention_backend` / `enable_parallelism` set (through
+`idcrafter.core.attention.dispatch_attention`, which keeps a masked call on a backend that takes
+masks; docs/design.md 3.7).
 
 In both block types the attention sees the joint sequence [text; target; references], which is
 what a `TokenLayout` built with `TokenLayout.concat(order=("text", "target", "refs"))` describes.
@@ -23,7 +26,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from idcrafter.core.attention import attention, ref_attention_share
+from idcrafter.core.attention import dispatch_attention, ref_attention_share
 from idcrafter.core.layout import TokenLayout
 from idcrafter.core.temperature import DynamicTemperature, apply_temperature
 
@@ -51,7 +54,7 @@ class MCFluxAttnProcessor(nn.Module):
     """
 
     # Set by diffusers' `ModelMixin.set_attention_backend` / context parallelism (as on FluxAttnProcessor);
-    # None keeps idcrafter's own kernel choice.
+    # None is diffusers' active backend.
     _attention_backend = None
     _parallel_config = None
 
@@ -103,19 +106,13 @@ class MCFluxAttnProcessor(nn.Module):
         if tau is not None:
             query = apply_temperature(query, tau)
 
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, D]
         active = share_capture if share_capture is not None else self.active
         if self.capture and active is not None:
-            self._record(q, k, active)
-        if self._attention_backend is not None or self._parallel_config is not None:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            out = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            ).flatten(2, 3).to(query.dtype)  # diffusers' layout: [B, L, H, D]
-        else:
-            out = attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
+            self._record(query.transpose(1, 2), key.transpose(1, 2), active)  # [B, H, L, D]
+        out = dispatch_attention(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        ).flatten(2, 3).to(query.dtype)  # diffusers' layout: [B, L, H, D]
 
         if encoder_hidden_states is not None:
             encoder_out, out = out.split_with_sizes([txt_len, out.shape[1] - txt_len], dim=1)

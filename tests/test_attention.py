@@ -1,4 +1,4 @@
-"""ref_attention_share and attention() against independent naive computations."""
+"""ref_attention_share and dispatch_attention() against independent naive computations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from idcrafter.core.attention import attention, ref_attention_share
+from idcrafter.core.attention import dispatch_attention, ref_attention_share
 
 
 def naive_share(q, k, ranges, scale=None, tau=None):
@@ -124,17 +124,37 @@ def test_share_rejects_bad_ranges():
         ref_attention_share(q, k, RANGES, temperature=torch.ones(2, 7))
 
 
-def test_attention_matches_softmax():
+def test_dispatch_attention_matches_softmax():
+    """diffusers' layout [B, L, H, D]; a boolean mask keeps keys; "native" and "_native_math" agree."""
     q, k = random_qk(lq=7, lk=9)
     v = torch.randn(2, 3, 9, 8)
     ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), -1) @ v.double()
-    torch.testing.assert_close(attention(q, k, v).double(), ref, atol=1e-5, rtol=0)
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # [B, L, H, D]
+    for backend in (None, "native", "_native_math"):
+        got = dispatch_attention(q_, k_, v_, backend=backend).transpose(1, 2)
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
     mask = torch.rand(2, 1, 7, 9) > 0.3
     mask[..., 0] = True
     logits = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, -math.inf)
-    torch.testing.assert_close(attention(q, k, v, attn_mask=mask).double(), torch.softmax(logits, -1) @ v.double(), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="backend"):
-        attention(q, k, v, backend="xformers")
+    masked = torch.softmax(logits, -1) @ v.double()
+    for backend in (None, "native", "_native_math"):
+        got = dispatch_attention(q_, k_, v_, attn_mask=mask, backend=backend).transpose(1, 2)
+        torch.testing.assert_close(got.double(), masked, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a valid AttentionBackendName"):
+        dispatch_attention(q_, k_, v_, backend="no-such-kernel")
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers", "sage"])
+def test_masked_call_on_a_maskless_backend_runs_on_sdpa(backend):
+    """flash / sage refuse masks and xformers would add a boolean mask as 0 / 1: a masked call on
+    them gives SDPA's masked result (on CPU the kernels themselves are not installed)."""
+    q, k = random_qk(lq=5, lk=6)
+    v = torch.randn(2, 3, 6, 8)
+    mask = torch.rand(2, 1, 5, 6) > 0.4
+    mask[..., 2] = True
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    assert torch.equal(dispatch_attention(q_, k_, v_, attn_mask=mask, backend=backend), expected)
 
 
 def test_share_with_key_mask_ignores_padded_subject():

@@ -1,72 +1,87 @@
-"""The attention call used by every processor, and the ref-restricted attention share.
+"""The attention kernel of every processor of ours, and the ref-restricted attention share.
 
-`attention` is the single dispatch point (flash-attn on CUDA when installed, else torch SDPA), so
-no model code imports a kernel. `ref_attention_share` computes what the IDAR loss supervises
-(docs/design.md 3.2) without ever forming an L x L matrix.
+Every softmax attention of ours runs through diffusers' `dispatch_attention_fn` (docs/design.md 3.7):
+`dispatch_attention` is that call, and `DispatchAttnProcessor` is the processor of our attention
+modules, carrying the backend that diffusers' `set_attention_backend` sets on it, so one call picks
+the kernel for the stock blocks and ours alike (flash-attn through diffusers' "flash" backend, an
+optional install). `ref_attention_share` computes what the IDAR loss supervises (docs/design.md 3.2),
+which no kernel returns, without ever forming an L x L matrix.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _AttentionBackendRegistry,
+    dispatch_attention_fn,
+)
 from torch.utils.checkpoint import checkpoint
 
-from idcrafter.utils.deps import is_available
+__all__ = ["MASK_BACKENDS", "DispatchAttnProcessor", "dispatch_attention", "ref_attention_share", "ref_segments"]
 
-__all__ = ["attention", "flash_attn_available", "ref_attention_share", "ref_segments"]
+# Backends whose kernel takes a boolean mask of any shape broadcastable to [B, H, L_q, L_k]: SDPA's.
+# The flash / sage / xla kernels refuse masks, the varlen ones read only key padding, and xformers
+# would add a boolean mask as 0 / 1: a masked call on any of them runs on "native" SDPA instead.
+MASK_BACKENDS = frozenset(
+    {AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH, AttentionBackendName._NATIVE_EFFICIENT}
+)
 
 
-@functools.lru_cache(maxsize=1)
-def flash_attn_available() -> bool:
-    return is_available("flash_attn")
+def dispatch_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    backend: AttentionBackendName | str | None = None,
+    parallel_config=None,
+) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(D) + mask) v` through diffusers' `dispatch_attention_fn`.
 
+    Args:
+        query: [B, L_q, H, D]; key, value: [B, L_k, H, D] (diffusers' layout).
+        attn_mask: optional boolean (True = keep) or additive mask broadcastable to [B, H, L_q, L_k].
+        backend: a diffusers `AttentionBackendName` (or its value); None is diffusers' active
+            backend ("native" unless `DIFFUSERS_ATTN_BACKEND` or `attention_backend(...)` says
+            otherwise). With a mask, a backend outside `MASK_BACKENDS` gives way to "native".
+        parallel_config: diffusers' context-parallel config, for attention over sharded sequences.
 
-def _flash_ok(q: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and attn_mask is None
-        and q.shape[-1] <= 256
-        and flash_attn_available()
+    Returns:
+        [B, L_q, H, D].
+    """
+    if attn_mask is not None:
+        # No Enum call on a member: dynamo does not always trace one in a full graph (as in diffusers).
+        chosen = backend if isinstance(backend, AttentionBackendName) else (
+            _AttentionBackendRegistry._active_backend if backend is None else AttentionBackendName(backend))
+        if chosen not in MASK_BACKENDS:
+            backend = AttentionBackendName.NATIVE
+    return dispatch_attention_fn(
+        query, key, value, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config
     )
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Softmax attention, `softmax(q k^T * scale + mask) v`.
+class DispatchAttnProcessor:
+    """Processor of our attention modules (`AttentionModuleMixin`): the kernel call alone.
 
-    Args:
-        q: [B, H, L_q, D]; k, v: [B, H, L_k, D].
-        attn_mask: optional boolean (True = keep) or additive mask broadcastable to [B, H, L_q, L_k].
-        scale: defaults to 1 / sqrt(D).
-        backend: None picks flash-attn when it is installed and applicable (CUDA, fp16/bf16, no
-            mask), else SDPA; "sdpa" or "flash" force one.
-
-    Returns:
-        [B, H, L_q, D].
+    diffusers' `set_attention_backend` / `reset_attention_backend` set `_attention_backend` on the
+    processor of every `AttentionModuleMixin` module of a model, and `enable_parallelism` sets
+    `_parallel_config`; this processor hands the backend to `dispatch_attention`. The parallel config
+    is not: our attention reads keys that context parallelism does not shard (subject tokens, the
+    subject stream), the case in which diffusers' Wan processor passes none either.
     """
-    use_flash = backend == "flash" or (backend is None and _flash_ok(q, attn_mask, dropout_p))
-    if use_flash:
-        from flash_attn import flash_attn_func  # optional; `flash` extra
 
-        out = flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, softmax_scale=scale
-        )
-        return out.transpose(1, 2)
-    if backend not in (None, "sdpa", "flash"):
-        raise ValueError(f"attention: unknown backend {backend!r}; use None, 'sdpa' or 'flash'")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query [B, L_q, H, D], key / value [B, L_k, H, D] -> [B, L_q, H, D]."""
+        return dispatch_attention(query, key, value, attn_mask=attn_mask, backend=self._attention_backend)
 
 
 def ref_segments(ref_ranges: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:

@@ -8,8 +8,10 @@ Stages 1-2 form the `SubjectTower`: K layers that run once per generation and yi
 every DiT layer l < K. Stage 3 (`CrossModalAttention`) sits beside the stock text
 cross-attention `attn2` of block l, through `SubjectCrossAttnProcessor`, reading F^l's keys and
 values from a `SubjectStream` computed once. The output projections of stages 1 and 3 and the
-gate W_g of stage 2 start at zero, so with any subjects the model equals the base model at step 0. Every kernel call goes through
-`idcrafter.core.attention`.
+gate W_g of stage 2 start at zero, so with any subjects the model equals the base model at step 0.
+Each of these attentions is a diffusers `AttentionModuleMixin` whose processor calls diffusers'
+`dispatch_attention_fn` (`idcrafter.core.attention.DispatchAttnProcessor`), so the model's
+`set_attention_backend` picks their kernel too (docs/design.md 3.7).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from idcrafter.core.attention import attention, ref_attention_share
+from idcrafter.core.attention import DispatchAttnProcessor, ref_attention_share
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -28,40 +31,40 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, D] -> [B, L, H*D]."""
-    return x.transpose(1, 2).flatten(2)
+def _safe_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, L_q|1, L_k] -> (attention mask [B, 1, L_q|1, L_k], has_key [B, L_q|1, 1]).
 
-
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention where `keep` [B, L_q | 1, L_k] says which keys each query may see.
-
-    Returns (out [B, H, L_q, D], has_key [B, L_q|1, 1] or None). A query that may see no key (a
-    subject with no other subject, a sample with no subjects) would get the NaN of an all-masked
-    softmax; it attends to everything instead and the caller multiplies its final output
-    (after the output projection and its bias) by `has_key`, so "no key" means "no contribution".
+    A query that may see no key (a subject with no other subject, a sample with no subjects) would
+    get the NaN of an all-masked softmax; it attends to everything instead and the caller multiplies
+    its final output (after the output projection and its bias) by `has_key`, so "no key" means
+    "no contribution".
     """
-    if keep is None:
-        return attention(q, k, v), None
     has_key = keep.any(dim=-1)  # [B, L_q|1]
-    safe = keep | ~has_key[..., None]
-    return attention(q, k, v, attn_mask=safe[:, None]), has_key[..., None]
+    return (keep | ~has_key[..., None])[:, None], has_key[..., None]
 
 
 def _zero_where_no_key(x: torch.Tensor, has_key: torch.Tensor | None) -> torch.Tensor:
     return x if has_key is None else x * has_key.to(x.dtype)
 
 
-class _Attention(nn.Module):
-    """Projections + per-head RMS QK-norm (as Wan's `rms_norm_across_heads`), zero-initialised output."""
+class _Attention(nn.Module, AttentionModuleMixin):
+    """Projections + per-head RMS QK-norm (as Wan's `rms_norm_across_heads`), zero-initialised output.
+
+    An `AttentionModuleMixin` with a `DispatchAttnProcessor`: diffusers' `set_attention_backend`,
+    `reset_attention_backend` and `enable_parallelism` find it as they find the stock attentions.
+    The projections are never fused (`fuse_qkv_projections` leaves it alone).
+    """
+
+    _default_processor_cls = DispatchAttnProcessor
+    _available_processors = [DispatchAttnProcessor]
+    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int, eps: float = 1e-6, zero_out: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         self.heads = heads
+        self.processor = DispatchAttnProcessor()
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
@@ -77,6 +80,17 @@ class _Attention(nn.Module):
 
     def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _split_heads(self.norm_k(self.to_k(x)), self.heads), _split_heads(self.to_v(x), self.heads)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernel, through the processor: q [B, H, L_q, D], k / v [B, H, L_k, D] and `keep`
+        [B, L_q|1, L_k] (which keys each query may see, None = all) -> (out [B, L_q, H*D] before
+        `to_out`, has_key [B, L_q|1, 1] or None: see `_safe_mask`)."""
+        mask, has_key = (None, None) if keep is None else _safe_mask(keep)
+        # Transposed views: diffusers' layout is [B, L, H, D]; its SDPA backends transpose back.
+        out = self.processor(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return out.flatten(2), has_key
 
 
 class SubjectTowerLayer(nn.Module):
@@ -108,8 +122,8 @@ class SubjectTowerLayer(nn.Module):
             # 1. intra-subject: each subject attends to its own tokens only.
             x = self.norm_intra(feats).flatten(0, 1)  # [B*N, T, D]
             attn = self.intra_subject_attn
-            out = attention(attn.query(x), *attn.key_value(x))
-            feats = feats + attn.to_out(_merge_heads(out)).unflatten(0, (b, n))
+            out, _ = attn.attend(attn.query(x), *attn.key_value(x))
+            feats = feats + attn.to_out(out).unflatten(0, (b, n))
         if not self.inter:
             return feats
         # 2. gated inter-subject: subject k reads the other (existing) subjects' tokens.
@@ -118,8 +132,8 @@ class SubjectTowerLayer(nn.Module):
         owner = torch.arange(n, device=feats.device).repeat_interleave(t)  # [N*T]
         other = owner[:, None] != owner[None, :]  # [N*T, N*T]
         keep = other[None] & subject_mask.repeat_interleave(t, dim=1)[:, None, :]  # [B, N*T, N*T]
-        out, has_key = masked_attention(attn.query(x), *attn.key_value(x), keep)
-        cross = _zero_where_no_key(attn.to_out(_merge_heads(out)), has_key).unflatten(1, (n, t))
+        out, has_key = attn.attend(attn.query(x), *attn.key_value(x), keep)
+        cross = _zero_where_no_key(attn.to_out(out), has_key).unflatten(1, (n, t))
         return feats + self.inter_subject_gate(feats) * cross
 
 
@@ -208,15 +222,20 @@ class CrossModalAttention(_Attention):
             vm = torch.ones(vlm.shape[:2], dtype=torch.bool, device=vlm.device) if vlm_mask is None else vlm_mask.bool()
             keep = torch.cat([keep, vm], dim=1)
         k, v = self.key_value(tokens)
-        return LayerKV(k, v, None if bool(keep.all()) else keep)
+        # Eagerly, a mask that keeps every key is dropped (the unmasked kernel, and no mask for
+        # backends that take none); compiled, that data-dependent test would break the graph, and an
+        # all-True mask gives the same attention.
+        if not torch.compiler.is_compiling() and bool(keep.all()):
+            return LayerKV(k, v, None)
+        return LayerKV(k, v, keep)
 
     def forward(self, hidden_states: torch.Tensor, kv: LayerKV, ref_ranges=None, capture: dict | None = None, name: str = "") -> torch.Tensor:
         q = self.query(hidden_states)
         keep = None if kv.keep is None else kv.keep[:, None, :]
-        out, has_key = masked_attention(q, kv.k, kv.v, keep)
+        out, has_key = self.attend(q, kv.k, kv.v, keep)
         if capture is not None and ref_ranges:
             capture[name] = ref_attention_share(q, kv.k, ref_ranges, key_mask=kv.keep)
-        return _zero_where_no_key(self.to_out(_merge_heads(out)), has_key)
+        return _zero_where_no_key(self.to_out(out), has_key)
 
 
 class SubjectCrossAttnProcessor:
@@ -235,8 +254,8 @@ class SubjectCrossAttnProcessor:
         self.plain_keys = plain_keys
 
     # diffusers' `set_attention_backend` / `enable_parallelism` set these on every processor that has
-    # them; they steer the stock processor, which runs the text attention (stage 3 goes through
-    # `idcrafter.core.attention`).
+    # them; they steer the stock processor, which runs the text attention (stage 3 is a module of its
+    # own, which the same calls reach).
     @property
     def _attention_backend(self):
         return self.stock._attention_backend
