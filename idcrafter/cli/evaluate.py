@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Score generated videos / images on a benchmark manifest (FaceSim, NexusScore, CLIP-T, CLIP-I,
 DINO-I, Aesthetic, NaturalScore, ToyID, Motion, Leakage and an OpenS2V-style weighted total).
 
@@ -19,9 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import (  # noqa: E402
+from idcrafter.utils.cli import (
     MAX_SAMPLING_STEPS,
     ArgumentParser,
     InputError,

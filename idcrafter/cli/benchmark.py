@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmarks: ratios measured side by side in one run (new vs. stock, new vs. naive).
 
     python scripts/benchmark.py attention [--device cuda] [--full] [--json out.json]
@@ -17,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.benchmarks import load_cases  # noqa: E402
-from idcrafter.utils.cli import ArgumentParser, fail  # noqa: E402
-from idcrafter.utils.io import atomic_write  # noqa: E402
+from idcrafter.benchmarks import load_cases
+from idcrafter.utils.cli import ArgumentParser, fail
+from idcrafter.utils.io import atomic_write
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """MoE-LoRA routing change between two prompts, and optionally per-subject attention maps.
 
     python scripts/analyze_routing.py --prompt-a "a dog on a sofa" --prompt-b "a cat in the snow" \\
@@ -20,9 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import (  # noqa: E402
+from idcrafter.utils.cli import (
     MAX_SAMPLING_STEPS,
     ArgumentParser,
     InputError,

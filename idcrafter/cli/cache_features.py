@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Encode a training manifest once (VAE latents, reference latents, UMT5 states) into a feature cache.
 
     python scripts/cache_features.py --preset wan-1.3b --base Wan2.1-T2V-1.3B-Diffusers \\
@@ -18,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed
 
 
 def main(argv=None) -> int:

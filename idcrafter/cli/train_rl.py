@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Online RL post-training (Flow-GRPO / GSPO with an SDE window) on DeepSpeed.
 
     deepspeed scripts/train_rl.py --branch video --base BASE [--adapter ADAPTER] \\
@@ -30,9 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import (  # noqa: E402
+from idcrafter.utils.cli import (
     MAX_SAMPLING_STEPS,
     ArgumentParser,
     InputError,

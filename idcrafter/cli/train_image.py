@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train MultiCrafter or One-for-All (SFT) on FLUX with DeepSpeed, from one CPU to many GPU nodes.
 
 MultiCrafter's progressive recipe (two runs, the second from the first's adapter):
@@ -34,9 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size
 
 POLICIES = ("adapter", "lora", "dam", "all")
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Render many videos and images from a JSONL job file, resumably, across processes, GPUs and nodes.
 
     python scripts/render_batch.py --jobs jobs.jsonl --out DIR [--model WAN_DIR --adapter ADAPTER]
@@ -30,9 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import (  # noqa: E402
+from idcrafter.utils.cli import (
     ArgumentParser,
     InputError,
     check_device,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Generate one video of the given subjects with ID-Crafter, or one image with MultiCrafter / One-for-All.
 
     python scripts/infer.py --refs A.png B.png --prompt "..." --out out.mp4
@@ -22,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
 VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "edit_video", "strength",

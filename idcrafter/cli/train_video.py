@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train ID-Crafter (SFT) with DeepSpeed, from one CPU to many GPU nodes.
 
     deepspeed --num_gpus 8 scripts/train_video.py --preset wan-1.3b --base Wan2.1-T2V-1.3B-Diffusers \\
@@ -23,9 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number  # noqa: E402
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number
 
 
 def build_parser() -> ArgumentParser:
