@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from idcrafter.train.ds_config import LR_SCHEDULES
 from idcrafter.utils.cli import (
     InputError,
     check_input_file,
@@ -37,7 +38,12 @@ def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 100
                    help="learning rate" + (" (default: the preset's)" if lr is None else ""))
     p.add_argument("--weight-decay", type=number(0, 1), default=weight_decay,
                    help="AdamW weight decay" + (" (default: the preset's)" if weight_decay is None else ""))
-    p.add_argument("--warmup-steps", type=integer(0), default=0)
+    p.add_argument("--warmup-steps", type=integer(0), default=0, help="linear warm-up steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="after the warm-up: constant, or a linear or cosine decay to --min-lr-ratio x --lr at "
+                        "--max-steps (DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR)")
+    p.add_argument("--min-lr-ratio", type=number(0, 1), default=0.0,
+                   help="the learning rate linear and cosine decay to, as a fraction of --lr")
     if batch:
         p.add_argument("--batch-size", type=integer(1, 4096), default=1, help="micro batch per GPU")
         p.add_argument("--grad-accum", type=integer(1, 4096), default=1)
@@ -60,7 +66,10 @@ def check_run_paths(args: argparse.Namespace, data_flags: tuple[str, ...] = ("da
     for name in data_flags:
         if getattr(args, name, None) is not None:
             check_input_file(getattr(args, name), f"--{name.replace('_', '-')}")
-    read_json_object(Path(args.deepspeed_config), "--deepspeed_config")
+    ds_config = read_json_object(Path(args.deepspeed_config), "--deepspeed_config")
+    if "scheduler" in ds_config and getattr(args, "lr_schedule", "constant") != "constant":
+        raise InputError(f"--lr-schedule {args.lr_schedule}: --deepspeed_config {args.deepspeed_config} has its own "
+                         "\"scheduler\" section; remove one of the two")
     check_output_dir(args.output, "--output")
     if args.resume is not None and args.resume != "auto" and ("/" in args.resume or args.resume in ("", ".", "..")):
         raise InputError(f"--resume {args.resume!r}: give 'auto' or a checkpoint tag such as step_00000500")
@@ -72,7 +81,8 @@ def train_args(args: argparse.Namespace, **overrides):
 
     values = dict(
         output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
         progress=not args.no_progress,
     )

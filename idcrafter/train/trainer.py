@@ -45,6 +45,8 @@ class TrainArgs:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     batch_size: int = 1
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -200,6 +202,7 @@ class Trainer:
             a.deepspeed_config, micro_batch=a.batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
             bf16=self.dtype == torch.bfloat16, hidden_size=self.spec.hidden_size, lr=a.lr,
             weight_decay=a.weight_decay, betas=a.betas, warmup_steps=a.warmup_steps, total_steps=a.max_steps,
+            schedule=a.lr_schedule, min_lr_ratio=a.min_lr_ratio,
             on_cpu=not self.on_cuda,
         )
         self.ds_config = config
