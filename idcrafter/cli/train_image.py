@@ -160,8 +160,11 @@ def validate(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from idcrafter.train.cli import parse_settings, save_settings
+
+    parser = build_parser()
     try:
+        args = parse_settings(parser, argv)
         validate(args)
         from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 
@@ -188,6 +191,8 @@ def main(argv=None) -> int:
     preset_lr = cfg.multi_learning_rate if args.stage == "multi" and cfg.multi_learning_rate else cfg.learning_rate
     run_args = train_args(args, lr=args.lr if args.lr is not None else preset_lr,
                           weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay)
+    args.lr, args.weight_decay = run_args.lr, run_args.weight_decay  # saved as resolved
+    save_settings(parser, args)
     try:
         summary = Trainer(spec, run_args).run()
     except (InputError, AllSamplesFailed) as err:

@@ -229,8 +229,11 @@ def build_spec(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from idcrafter.train.cli import parse_settings, save_settings
+
+    parser = build_parser()
     try:
+        args = parse_settings(parser, argv)
         validate(args)
         from idcrafter.rewards.base import (
             IMAGE_OBJECT_WEIGHTS,
@@ -267,6 +270,7 @@ def main(argv=None) -> int:
         except ValueError as err:  # the reward registry's and RLArgs' own checks of user values
             raise InputError(str(err)) from None
         spec = build_spec(args)
+        save_settings(parser, args)
     except InputError as err:
         return fail(str(err))
 

@@ -110,8 +110,11 @@ def validate(args) -> list:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from idcrafter.train.cli import parse_settings, save_settings
+
+    parser = build_parser()
     try:
+        args = parse_settings(parser, argv)
         samples = validate(args)
         from idcrafter.train.cli import train_args
         from idcrafter.utils.cli import parse_size
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
                           cache=args.cache),
             policy=args.trainable, samples=samples,
         )
+        save_settings(parser, args)
     except InputError as err:
         return fail(str(err))
 
