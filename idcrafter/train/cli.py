@@ -167,7 +167,7 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         name = str(key).lstrip("-").replace("-", "_")
         action = actions.get(name)
         if action is None:
-            raise InputError(f"--config {path}: unknown key {key!r} (not an option of {parser.prog})")
+            raise InputError(f"--config {path}: unknown key {key!r} (not an option; see --help)")
         flag = _option_string(action)
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
