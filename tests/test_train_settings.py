@@ -32,6 +32,26 @@ def test_run_options_come_from_the_settings_fields():
     assert generated == list(RunSettings.__dataclass_fields__)  # every field, in field order
 
 
+@pytest.mark.parametrize("script, settings, left_out", [
+    (train_video, "VideoSettings", set()),
+    (train_image, "ImageSettings", set()),
+    (train_rl, "RLSettings", {"batch_size", "grad_accum", "ema_decay"}),
+])
+def test_every_option_is_a_settings_field(script, settings, left_out):
+    """A trainer's command line is its settings dataclass plus RunSettings, nothing else; the
+    parsed options build the dataclasses."""
+    cls = getattr(script, settings)
+    own, run = set(cls.__dataclass_fields__), set(RunSettings.__dataclass_fields__) - left_out
+    parser = script.build_parser()
+    dests = {a.dest for a in parser._actions} - {"help", "config", "local_rank"}
+    assert dests == own | run and not own & run
+    args = parser.parse_args(["--data", "d.jsonl", "--output", "o"])
+    values = vars(args)
+    assert cls(**{k: values[k] for k in own}) == cls(data="d.jsonl")  # the fields' defaults are the options'
+    assert RunSettings(**{k: values[k] for k in run}) == RunSettings(
+        output="o", **{k: parser.get_default(k) for k in run if k != "output"})
+
+
 def test_config_file_values_and_command_line_overrides(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data: d.jsonl\noutput: runs/a\nmax-steps: 7\nlr: 3.0e-4\nlr_schedule: cosine\n"

@@ -31,43 +31,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from idcrafter.train.cli import setting
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size
 
 POLICIES = ("adapter", "lora", "dam", "all")
 
 
+# Listed before the run options in --help: what the run reads.
+INPUT_FIELDS = ("preset", "base", "adapter", "data")
+
+
+@dataclass
+class ImageSettings:
+    """The options of train_image.py besides the shared `RunSettings` (lr and weight decay default
+    to the preset's); `build_parser` generates the command line from both."""
+
+    preset: str | None = setting(
+        None, help="multicrafter, one-for-all, tiny-*, toyworld-* (default: tiny-multicrafter, or the adapter's)")
+    base: str | None = setting(None, help="FLUX diffusers folder (default: random init of the preset)")
+    adapter: str | None = setting(None, help="adapter folder to start from (e.g. the single-subject stage)")
+    data: str = setting(required=True, help="JSONL manifest of image samples")
+    stage: str = setting("all", choices=("all", "single", "multi"),
+                         help="all, single (one-subject samples) or multi (two or more)")
+    attn_loss_weight: float | None = setting(
+        None, type=number(0, 100), help="lambda of the IDAR loss (default: the preset's, 0.3 for MultiCrafter, in the "
+                                        "stages with several subjects; 0 for single-subject training)")
+    category_weights: str | None = setting(
+        None, metavar="CAT=W,...|none", help="resample single-subject pairs by category (default: the preset's; "
+                                              "One-for-All 2:2:2:1 face=2,upper=2,lower=2,bag=1); none: no resampling")
+    size: str = setting("512x512", help="HEIGHTxWIDTH of the targets")
+    ref_size: str | None = setting(None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
+    trainable: str = setting("adapter", choices=POLICIES, help="adapter (LoRA/MoE-LoRA + DAM), lora, dam or all")
+    guidance: float | None = setting(None, type=number(0, 100), help="distilled guidance fed in training (default: preset)")
+    overrides: list = setting([], flags=("--set",), nargs="+", metavar="KEY=VALUE",
+                              help="MCImageConfig overrides for ablations, e.g. adapter=none idar=false dam=true "
+                                   "(JSON values)")
+    gradient_checkpointing: bool = setting(False)
+    merged_lora_routing: str | None = setting(
+        None, metavar="W1,...,WE",
+        help="also export a MoE-LoRA as a diffusers LoRA (pytorch_lora_weights.safetensors) with its E experts merged "
+             "at these fixed gates, e.g. a mean routing from analyze_routing.py: an approximation of the routed "
+             "adapter (a plain LoRA is always exported exactly)")
+
+
 def build_parser() -> ArgumentParser:
-    from idcrafter.train.cli import add_run_arguments
+    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None,
-                   help="multicrafter, one-for-all, tiny-*, toyworld-* (default: tiny-multicrafter, or the adapter's)")
-    p.add_argument("--base", default=None, help="FLUX diffusers folder (default: random init of the preset)")
-    p.add_argument("--adapter", default=None, help="adapter folder to start from (e.g. the single-subject stage)")
-    p.add_argument("--data", required=True, help="JSONL manifest of image samples")
+    add_dataclass_arguments(p, ImageSettings, only=INPUT_FIELDS)
     add_run_arguments(p, lr=None, weight_decay=None)
-    p.add_argument("--stage", default="all", choices=("all", "single", "multi"),
-                   help="all, single (one-subject samples) or multi (two or more)")
-    p.add_argument("--attn-loss-weight", type=number(0, 100), default=None,
-                   help="lambda of the IDAR loss (default: the preset's, 0.3 for MultiCrafter, in the stages with "
-                        "several subjects; 0 for single-subject training)")
-    p.add_argument("--category-weights", default=None, metavar="CAT=W,...|none",
-                   help="resample single-subject pairs by category (default: the preset's; One-for-All 2:2:2:1 "
-                        "face=2,upper=2,lower=2,bag=1); none: no resampling")
-    p.add_argument("--size", default="512x512", help="HEIGHTxWIDTH of the targets")
-    p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
-    p.add_argument("--trainable", default="adapter", choices=POLICIES, help="adapter (LoRA/MoE-LoRA + DAM), lora, dam or all")
-    p.add_argument("--guidance", type=number(0, 100), default=None,
-                   help="distilled guidance fed in training (default: preset)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="MCImageConfig overrides for ablations, e.g. adapter=none idar=false dam=true (JSON values)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--merged-lora-routing", default=None, metavar="W1,...,WE",
-                   help="also export a MoE-LoRA as a diffusers LoRA (pytorch_lora_weights.safetensors) with its E "
-                        "experts merged at these fixed gates, e.g. a mean routing from analyze_routing.py: an "
-                        "approximation of the routed adapter (a plain LoRA is always exported exactly)")
+    add_dataclass_arguments(p, ImageSettings, exclude=INPUT_FIELDS)
     return p
 
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from idcrafter.train.cli import setting
 from idcrafter.utils.cli import (
     MAX_SAMPLING_STEPS,
     ArgumentParser,
@@ -61,53 +63,69 @@ def resolve_branch_defaults(args) -> None:
 POLICIES = {"video": ("lora", "new-modules+lora", "new-modules", "full"), "image": ("lora", "adapter", "dam", "all")}
 
 
+# Listed before the run options in --help: the branch and what the run reads.
+INPUT_FIELDS = ("branch", "preset", "base", "adapter", "data", "eval_data")
+
+
+@dataclass
+class RLSettings:
+    """The options of train_rl.py besides the shared `RunSettings`; None: the branch's paper value
+    (`BRANCH_DEFAULTS`). `build_parser` generates the command line from both."""
+
+    branch: str = setting("video", choices=BRANCHES, help="video (ID-Crafter on Wan) or image (mcimage on FLUX)")
+    preset: str | None = setting(None, help="config preset; without --base the random init of it "
+                                 "(default: tiny for video, tiny-multicrafter for image, or the adapter's)")
+    base: str | None = setting(None, help="model folder (Wan or FLUX diffusers folder, optionally with its adapter)")
+    adapter: str | None = setting(None, help="adapter folder to start from")
+    data: str = setting(required=True, help="manifest of training prompts and references")
+    eval_data: str | None = setting(None, help="manifest of held-out prompts and references")
+    reward: str | None = setting(None, help="name=weight,... (default: the branch's composite)")
+    subjects: str | None = setting(
+        None, choices=("people", "objects"),
+        help="image branch: the default composite for people (face 0.5, clip_text 1.4, hps 0.7) or objects "
+             "(object 1.0, clip_text 1.4, hps 0.7), MultiCrafter supp. Sec. B")
+    reward_option: list = setting([], action="append", metavar="NAME.KEY=VALUE")
+    objective: str | None = setting(None, choices=("grpo", "gspo"),
+                                    help="grpo (per-step ratios) or gspo (sequence ratio); default: grpo for video, "
+                                         "gspo for image")
+    group_size: int = setting(4, type=integer(2, 1024))
+    groups: int = setting(1, type=integer(1, 1024), help="groups per rank and iteration")
+    num_steps: int = setting(16, type=integer(1, MAX_SAMPLING_STEPS), help="T sampling steps of a rollout")
+    window: int | str | None = setting(
+        None, type=window_width, help="w SDE steps that are trained, or 'full' (every step); default: full for "
+                                      "video, 2 for image")
+    window_every: int = setting(50, type=integer(1), help="tau: iterations between window moves")
+    window_stride: int = setting(1, type=integer(1, MAX_SAMPLING_STEPS), help="s: steps the window moves")
+    window_start: int = setting(0, type=integer(0, MAX_SAMPLING_STEPS))
+    # a scales the SDE step's std, a * sqrt(sigma / (1 - sigma)); Flow-GRPO uses 0.7, 1 is ours.
+    noise_level: float = setting(1.0, type=number(0, 5, lo_open=True), help="a of the SDE step, in (0, 5]")
+    clip_eps: float = setting(1e-4, type=number(0, 1, lo_open=True, hi_open=True))
+    kl_weight: float = setting(0.0, type=number(0, 100), help="beta of the KL to the policy at the start of RL")
+    inner_epochs: int = setting(1, type=integer(1, 100))
+    normalise_rewards: bool = setting(
+        False, help="normalise each reward within its group before weighting (instead of weighting raw scores)")
+    vlm: str | None = setting(None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
+    guidance_image: float | None = setting(None, type=number(0, 100))
+    guidance_text: float | None = setting(None, type=number(0, 100))
+    trainable: str | None = setting(None, help="video: new-modules (default), lora, new-modules+lora or full; "
+                                    "image: lora (default: the MoE-LoRA), adapter, dam or all")
+    size: str | None = setting(None, help="image branch: HEIGHTxWIDTH of the samples (default 512x512)")
+    ref_size: str | None = setting(None, help="image branch: HEIGHTxWIDTH canvas of the references")
+    categories: list | None = setting(None, nargs="+",
+                                      help="image branch with condition ids: categories of the references, in order")
+    lora_rank: int = setting(32, type=integer(1, 4096))
+    eval_every: int = setting(0, type=integer(0), help="evaluate the held-out reward every N iterations")
+    eval_limit: int = setting(8, type=integer(1))
+    device: str | None = setting(None, help="device of the reward models (default: the training device)")
+
+
 def build_parser() -> ArgumentParser:
-    from idcrafter.train.cli import add_run_arguments
+    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--branch", default="video", choices=BRANCHES, help="video (ID-Crafter on Wan) or image (mcimage on FLUX)")
-    p.add_argument("--preset", default=None, help="config preset; without --base the random init of it "
-                   "(default: tiny for video, tiny-multicrafter for image, or the adapter's)")
-    p.add_argument("--base", default=None, help="model folder (Wan or FLUX diffusers folder, optionally with its adapter)")
-    p.add_argument("--adapter", default=None, help="adapter folder to start from")
-    p.add_argument("--data", required=True, help="manifest of training prompts and references")
-    p.add_argument("--eval-data", default=None, help="manifest of held-out prompts and references")
+    add_dataclass_arguments(p, RLSettings, only=INPUT_FIELDS)
     add_run_arguments(p, max_steps=None, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
-    p.add_argument("--reward", default=None, help="name=weight,... (default: the branch's composite)")
-    p.add_argument("--subjects", default=None, choices=("people", "objects"),
-                   help="image branch: the default composite for people (face 0.5, clip_text 1.4, hps 0.7) or objects "
-                        "(object 1.0, clip_text 1.4, hps 0.7), MultiCrafter supp. Sec. B")
-    p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE")
-    p.add_argument("--objective", default=None, choices=("grpo", "gspo"),
-                   help="grpo (per-step ratios) or gspo (sequence ratio); default: grpo for video, gspo for image")
-    p.add_argument("--group-size", type=integer(2, 1024), default=4)
-    p.add_argument("--groups", type=integer(1, 1024), default=1, help="groups per rank and iteration")
-    p.add_argument("--num-steps", type=integer(1, MAX_SAMPLING_STEPS), default=16, help="T sampling steps of a rollout")
-    p.add_argument("--window", type=window_width, default=None,
-                   help="w SDE steps that are trained, or 'full' (every step); default: full for video, 2 for image")
-    p.add_argument("--window-every", type=integer(1), default=50, help="tau: iterations between window moves")
-    p.add_argument("--window-stride", type=integer(1, MAX_SAMPLING_STEPS), default=1, help="s: steps the window moves")
-    p.add_argument("--window-start", type=integer(0, MAX_SAMPLING_STEPS), default=0)
-    # a scales the SDE step's std, a * sqrt(sigma / (1 - sigma)); Flow-GRPO uses 0.7, 1 is ours.
-    p.add_argument("--noise-level", type=number(0, 5, lo_open=True), default=1.0, help="a of the SDE step, in (0, 5]")
-    p.add_argument("--clip-eps", type=number(0, 1, lo_open=True, hi_open=True), default=1e-4)
-    p.add_argument("--kl-weight", type=number(0, 100), default=0.0, help="beta of the KL to the policy at the start of RL")
-    p.add_argument("--inner-epochs", type=integer(1, 100), default=1)
-    p.add_argument("--normalise-rewards", action="store_true",
-                   help="normalise each reward within its group before weighting (instead of weighting raw scores)")
-    p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder, for models trained with the VLM encoder")
-    p.add_argument("--guidance-image", type=number(0, 100), default=None)
-    p.add_argument("--guidance-text", type=number(0, 100), default=None)
-    p.add_argument("--trainable", default=None, help="video: new-modules (default), lora, new-modules+lora or full; "
-                   "image: lora (default: the MoE-LoRA), adapter, dam or all")
-    p.add_argument("--size", default=None, help="image branch: HEIGHTxWIDTH of the samples (default 512x512)")
-    p.add_argument("--ref-size", default=None, help="image branch: HEIGHTxWIDTH canvas of the references")
-    p.add_argument("--categories", nargs="+", default=None,
-                   help="image branch with condition ids: categories of the references, in order")
-    p.add_argument("--lora-rank", type=integer(1, 4096), default=32)
-    p.add_argument("--eval-every", type=integer(0), default=0, help="evaluate the held-out reward every N iterations")
-    p.add_argument("--eval-limit", type=integer(1), default=8)
-    p.add_argument("--device", default=None, help="device of the reward models (default: the training device)")
+    add_dataclass_arguments(p, RLSettings, exclude=INPUT_FIELDS)
     return p
 
 

@@ -20,39 +20,52 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from idcrafter.train.cli import setting
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number
+from idcrafter.video.config import HIERARCHIES
+
+# Listed before the run options in --help: what the run reads.
+INPUT_FIELDS = ("preset", "base", "adapter", "data", "cache", "vlm")
+
+
+@dataclass
+class VideoSettings:
+    """The options of train_video.py besides the shared `RunSettings`; `build_parser` generates
+    the command line from both."""
+
+    preset: str | None = setting(None, help="tiny, toyworld, wan-1.3b or wan-14b (default: tiny, or the adapter's)")
+    base: str | None = setting(None, help="Wan 2.1 diffusers folder (default: random init of the preset)")
+    adapter: str | None = setting(None, help="adapter folder to start from")
+    data: str = setting(required=True, help="JSONL manifest")
+    cache: str | None = setting(None, help="feature cache folder (idcrafter.data.cache) to read encodings from")
+    vlm: str | None = setting(None, help="Qwen2.5-VL folder: train with the VLM semantic encoder "
+                              "(default: the adapter's recorded VLM when the adapter has one)")
+    trainable: str = setting("new-modules", choices=("new-modules", "new-modules+lora", "full"))
+    lora_rank: int = setting(64, type=integer(1, 4096))
+    attn_loss_weight: float = setting(0.0, type=number(0, 100), help="lambda of the IDAR loss (0.3 in MultiCrafter)")
+    drop_subjects: float = setting(0.1, type=number(0, 1, hi_open=True),
+                                   help="probability of training without subjects (for guidance)")
+    drop_text: float = setting(0.1, type=number(0, 1, hi_open=True),
+                               help="probability of training with the empty prompt (for guidance)")
+    hierarchy: str | None = setting(None, choices=HIERARCHIES,
+                                    help="ablations of ID-Crafter Tab. S.5: no-intra, no-inter, no-cross (w/o stage "
+                                         "1 / 2 / 3), stage3 (vanilla), plain (default: full)")
+    gradient_checkpointing: bool = setting(False)
+    frames: int | None = setting(None, type=integer(1), help="frames per clip, 4n+1 (default: preset)")
+    fps: int = setting(16, type=integer(1, 240), help="frame rate clips are sampled at")
+    size: str | None = setting(None, help="HEIGHTxWIDTH of the training bucket (default: preset)")
 
 
 def build_parser() -> ArgumentParser:
-    from idcrafter.train.cli import add_run_arguments
-    from idcrafter.video.config import HIERARCHIES
+    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="tiny, toyworld, wan-1.3b or wan-14b (default: tiny, or the adapter's)")
-    p.add_argument("--base", default=None, help="Wan 2.1 diffusers folder (default: random init of the preset)")
-    p.add_argument("--adapter", default=None, help="adapter folder to start from")
-    p.add_argument("--data", required=True, help="JSONL manifest")
-    p.add_argument("--cache", default=None, help="feature cache folder (idcrafter.data.cache) to read encodings from")
-    p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder: train with the VLM semantic encoder "
-                   "(default: the adapter's recorded VLM when the adapter has one)")
+    add_dataclass_arguments(p, VideoSettings, only=INPUT_FIELDS)
     add_run_arguments(p)
-    p.add_argument("--trainable", default="new-modules", choices=("new-modules", "new-modules+lora", "full"))
-    p.add_argument("--lora-rank", type=integer(1, 4096), default=64)
-    p.add_argument("--attn-loss-weight", type=number(0, 100), default=0.0,
-                   help="lambda of the IDAR loss (0.3 in MultiCrafter)")
-    p.add_argument("--drop-subjects", type=number(0, 1, hi_open=True), default=0.1,
-                   help="probability of training without subjects (for guidance)")
-    p.add_argument("--drop-text", type=number(0, 1, hi_open=True), default=0.1,
-                   help="probability of training with the empty prompt (for guidance)")
-    p.add_argument("--hierarchy", default=None, choices=HIERARCHIES,
-                   help="ablations of ID-Crafter Tab. S.5: no-intra, no-inter, no-cross (w/o stage 1 / 2 / 3), "
-                        "stage3 (vanilla), plain (default: full)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--frames", type=integer(1), default=None, help="frames per clip, 4n+1 (default: preset)")
-    p.add_argument("--fps", type=integer(1, 240), default=16, help="frame rate clips are sampled at")
-    p.add_argument("--size", default=None, help="HEIGHTxWIDTH of the training bucket (default: preset)")
+    add_dataclass_arguments(p, VideoSettings, exclude=INPUT_FIELDS)
     return p
 
 

@@ -2,8 +2,9 @@
 checks: numbers typed and bounded at parsing, paths checked before DeepSpeed starts, so a bad run
 stops with one line and leaves no run folder behind.
 
-Settings are defined once, as dataclass fields (`setting(...)`: default, checked type, help), and
-the argparse options are generated from them (`add_dataclass_arguments`). Any option can also come
+Settings are defined once, as dataclass fields (`setting(...)`: default, checked type, help):
+`RunSettings` here, and each trainer's own (`idcrafter.cli.train_*`); the argparse options are
+generated from them (`add_dataclass_arguments`). Any option can also come
 from a YAML or JSON file (`--config run.yaml`, `parse_settings`): its values go through the same
 parser as the command line, which overrides them; the resolved settings are saved in the run folder
 (`save_settings`) and can be passed back with --config.
@@ -38,41 +39,47 @@ NOT_SETTINGS = ("help", "config", "local_rank")
 
 
 def setting(default=MISSING, *, help: str | None = None, type=None, choices=None, flags: tuple[str, ...] = (),
-            required: bool = False):
+            required: bool = False, nargs: str | None = None, metavar: str | None = None, action: str | None = None):
     """A dataclass field that is also a command-line option (`add_dataclass_arguments`).
 
     `type`: the argparse converter (e.g. `integer(1)`), `flags`: the option strings (default
-    `--field-name`), `required`: the option must be given. A bool field with default False is a flag.
+    `--field-name`), `required`: the option must be given; `nargs`, `metavar` and `action`
+    ("append") as in argparse. A bool field with default False is a flag. A list default is copied
+    per instance.
     """
-    meta = {"help": help, "type": type, "choices": choices, "flags": flags, "required": required}
+    meta = {"help": help, "type": type, "choices": choices, "flags": flags, "required": required, "nargs": nargs,
+            "metavar": metavar, "action": action}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"cli": meta})
     return field(default=None if required else default, metadata={"cli": meta})
 
 
 def add_dataclass_arguments(p: argparse.ArgumentParser, cls, *, defaults: dict | None = None,
-                            helps: dict | None = None, exclude: tuple[str, ...] = ()) -> None:
+                            helps: dict | None = None, exclude: tuple[str, ...] = (),
+                            only: tuple[str, ...] | None = None) -> None:
     """One argparse option per field of the dataclass `cls`, in field order.
 
     `defaults` / `helps`: per-field replacements (a script's own default, and the help that goes with
-    it); `exclude`: fields this script does not offer.
+    it); `exclude`: fields this script does not offer; `only`: just these fields (a script adds
+    its fields in groups around the shared run options, for the order of --help).
     """
     defaults, helps = defaults or {}, helps or {}
     for f in dataclasses.fields(cls):
-        if f.name in exclude:
+        if f.name in exclude or (only is not None and f.name not in only):
             continue
         meta = f.metadata["cli"]
         flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
         kwargs = {"dest": f.name, "help": helps.get(f.name, meta["help"])}
-        default = defaults.get(f.name, f.default)
+        default = defaults.get(f.name, f.default_factory() if f.default is MISSING else f.default)
         if meta["required"]:
             kwargs["required"] = True
         elif f.type in (bool, "bool"):
             kwargs.update(action="store_true")
         else:
             kwargs["default"] = default
-        if meta["type"] is not None:
-            kwargs["type"] = meta["type"]
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
+        for key in ("type", "choices", "nargs", "metavar", "action"):
+            if meta.get(key) is not None:
+                kwargs[key] = meta[key]
         p.add_argument(*flags, **kwargs)
 
 
