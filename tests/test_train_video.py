@@ -209,6 +209,12 @@ def test_lr_schedules_follow_their_formulas_and_resume_continues_them(data, tmp_
         np.testing.assert_allclose(logged_lrs(runs[schedule]), want, rtol=0, atol=1e-9)
         assert want == [lr_at(schedule, s - 1, lr=lr, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
                         for s in range(1, total + 1)]
+    import yaml
+
+    saved = yaml.safe_load((runs["cosine"] / "config.yaml").read_text())  # the run's resolved settings
+    assert {k: saved[k] for k in ("lr_schedule", "min_lr_ratio", "warmup_steps", "max_steps", "lr", "preset")} == {
+        "lr_schedule": "cosine", "min_lr_ratio": ratio, "warmup_steps": warmup, "max_steps": total, "lr": lr,
+        "preset": "tiny"}
     cosine = logged_lrs(runs["cosine"])
     assert cosine[:2] == [1e-4, 5.5e-4] and cosine[-1] == pytest.approx(1e-4, abs=1e-12)  # warm-up, floor
     # DeepSpeed's cosine is already decaying on the first step after the warm-up

@@ -176,7 +176,7 @@ def validate(args) -> None:
 
 
 def main(argv=None) -> int:
-    from idcrafter.train.cli import parse_settings, save_settings
+    from idcrafter.train.cli import parse_settings, settings_dict
 
     parser = build_parser()
     try:
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     run_args = train_args(args, lr=args.lr if args.lr is not None else preset_lr,
                           weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay)
     args.lr, args.weight_decay = run_args.lr, run_args.weight_decay  # saved as resolved
-    save_settings(parser, args)
+    run_args.settings = settings_dict(parser, args)
     try:
         summary = Trainer(spec, run_args).run()
     except (InputError, AllSamplesFailed) as err:

@@ -247,7 +247,7 @@ def build_spec(args):
 
 
 def main(argv=None) -> int:
-    from idcrafter.train.cli import parse_settings, save_settings
+    from idcrafter.train.cli import parse_settings, settings_dict
 
     parser = build_parser()
     try:
@@ -288,7 +288,6 @@ def main(argv=None) -> int:
         except ValueError as err:  # the reward registry's and RLArgs' own checks of user values
             raise InputError(str(err)) from None
         spec = build_spec(args)
-        save_settings(parser, args)
     except InputError as err:
         return fail(str(err))
 
@@ -299,7 +298,9 @@ def main(argv=None) -> int:
 
     setup_logging()
     try:
-        summary = RLTrainer(spec, train_args(args, betas=(0.9, 0.95), batch_size=args.group_size), rl, reward).run()
+        run_args = train_args(args, betas=(0.9, 0.95), batch_size=args.group_size,
+                              settings=settings_dict(parser, args))
+        summary = RLTrainer(spec, run_args, rl, reward).run()
     except InputError as err:
         return fail(str(err))
     except NonFiniteLoss as err:

@@ -123,7 +123,7 @@ def validate(args) -> list:
 
 
 def main(argv=None) -> int:
-    from idcrafter.train.cli import parse_settings, save_settings
+    from idcrafter.train.cli import parse_settings, settings_dict
 
     parser = build_parser()
     try:
@@ -143,7 +143,6 @@ def main(argv=None) -> int:
                           cache=args.cache),
             policy=args.trainable, samples=samples,
         )
-        save_settings(parser, args)
     except InputError as err:
         return fail(str(err))
 
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
 
     setup_logging()
     try:
-        summary = Trainer(spec, train_args(args)).run()
+        summary = Trainer(spec, train_args(args, settings=settings_dict(parser, args))).run()
     except (InputError, AllSamplesFailed) as err:
         return fail(str(err))
     except NonFiniteLoss as err:

@@ -29,7 +29,7 @@ from idcrafter.utils.cli import (
 )
 
 __all__ = ["RunSettings", "add_config_argument", "add_dataclass_arguments", "add_run_arguments", "check_run_paths",
-           "parse_settings", "save_settings", "setting", "train_args"]
+           "parse_settings", "save_settings", "setting", "train_args", "write_settings"]
 
 # The file save_settings writes in the run folder; SETTINGS_NAMES lists the names it reuses when present.
 SETTINGS_FILE = "config.yaml"
@@ -265,18 +265,24 @@ def settings_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def save_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path | None:
-    """Write the resolved settings into the run folder (rank 0 only; other ranks return None), as
-    YAML or JSON after the file's name; `--config` of that file reproduces them."""
+    """Write the resolved settings into the run folder now (rank 0 only; other ranks return None).
+    The trainers instead pass `settings_dict` to `train_args(settings=...)`, and the trainer writes
+    them with its first file, so that input errors found while loading leave no run folder."""
     if os.environ.get("RANK", "0") != "0":
         return None
+    return write_settings(args.output, settings_dict(parser, args))
+
+
+def write_settings(output: str | os.PathLike, values: dict) -> Path:
+    """`values` as YAML or JSON after the name of `settings_path(output)`; `--config` of that
+    file reproduces them."""
     import json
 
     import yaml
 
     from idcrafter.utils.io import atomic_write
 
-    path = settings_path(args.output)
-    values = settings_dict(parser, args)
+    path = settings_path(output)
     with atomic_write(path) as tmp:
         if path.suffix == ".json":
             tmp.write_text(json.dumps(values, indent=2) + "\n")

@@ -59,6 +59,8 @@ class TrainArgs:
     resume: str | None = None
     log_every: int = 10
     progress: bool = True
+    # the resolved command-line settings, saved in the run folder (idcrafter.train.cli.save_settings)
+    settings: dict | None = None
 
 
 class TrainingSpec(Protocol):
@@ -251,6 +253,10 @@ class Trainer:
         """The first write to the run folder: logs continue from the resumed step (later rows of an
         interrupted attempt dropped) or start over."""
         resume_step = self.step if self.resumed_from else None
+        if self.rank == 0 and self.args.settings is not None:
+            from idcrafter.train.cli import write_settings
+
+            write_settings(self.output, self.args.settings)
         self.log = MetricLog(self.output, enabled=self.rank == 0, resume_step=resume_step)
         self.draws = DrawLog(self.output, self.rank, resume_step)
 
