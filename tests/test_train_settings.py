@@ -124,3 +124,34 @@ def test_saved_settings_reproduce_the_run_and_keep_their_file_name(tmp_path, mon
     monkeypatch.setenv("RANK", "1")  # only rank 0 writes
     assert save_settings(parser, argparse.Namespace(**{**vars(args), "output": str(tmp_path / "r3")})) is None
     assert not (tmp_path / "r3").exists()
+
+
+def test_schedules_fill_the_deepspeed_scheduler_section(tmp_path):
+    from idcrafter.train.cli import check_run_paths
+    from idcrafter.train.ds_config import prepare_ds_config
+    from idcrafter.utils.cli import InputError
+
+    def scheduler(schedule, warmup):
+        return prepare_ds_config("ds_configs/zero2.json", micro_batch=1, grad_accum=1, grad_clip=1.0, bf16=False,
+                                 hidden_size=8, lr=2e-4, weight_decay=0.0, warmup_steps=warmup, total_steps=100,
+                                 schedule=schedule, min_lr_ratio=0.25).get("scheduler")
+
+    assert scheduler("constant", 0) is None  # as before: a constant lr, no scheduler
+    assert scheduler("constant", 10) == {"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 2e-4, "warmup_num_steps": 10, "warmup_type": "linear"}}
+    assert scheduler("linear", 10) == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 100, "warmup_min_lr": 5e-5, "warmup_max_lr": 2e-4, "warmup_num_steps": 10,
+        "warmup_type": "linear"}}
+    assert scheduler("cosine", 0) == {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": 100, "warmup_min_ratio": 0.25, "cos_min_ratio": 0.25, "warmup_num_steps": 1,
+        "warmup_type": "linear"}}
+    # a DeepSpeed config with its own scheduler: kept, and a decaying --lr-schedule with it is refused
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                               "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}}))
+    args = train_video.build_parser().parse_args(["--data", "d", "--output", str(tmp_path / "o"),
+                                                  "--deepspeed_config", str(own), "--lr-schedule", "cosine"])
+    with pytest.raises(InputError, match=r"^--lr-schedule cosine: --deepspeed_config .* has its own \"scheduler\""):
+        check_run_paths(args, data_flags=())
+    args.lr_schedule = "constant"
+    check_run_paths(args, data_flags=())
