@@ -13,64 +13,12 @@ reason. Writes per_sample.csv, summary.json, table.md (also printed) and summary
 Weights and normalisation ranges: idcrafter/eval/metrics.py.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from idcrafter.utils.cli import (  # noqa: E402
-    MAX_SAMPLING_STEPS,
-    ArgumentParser,
-    InputError,
-    check_device,
-    fail,
-    integer,
-    seed,
-)
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="benchmark manifest (JSONL: id, prompt, subjects with image and category)")
-    p.add_argument("--videos", nargs="+", default=[], help="a folder of <id>.mp4 / <id>.png, or one file per sample in manifest order")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--metrics", default=None,
-                   help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
-                        "leakage (default: all; --toyworld: toyid,motion)")
-    p.add_argument("--model-option", dest="model_options", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="reward model option, e.g. clip_text.path=/models/clip or face.backend=dlib (repeatable)")
-    p.add_argument("--weights", default=None, help="weights of the total, name=w,... (replaces the defaults)")
-    p.add_argument("--device", default="cpu", help="device of the reward models")
-    p.add_argument("--batch-size", type=integer(1, 1024), default=4, help="samples decoded and scored at once")
-    p.add_argument("--flow", default="lucas-kanade", help="optical flow of Motion: lucas-kanade (numpy) or farneback (OpenCV)")
-    p.add_argument("--examples", type=integer(0, 1000), default=8, help="samples shown as frame strips in summary.png")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    toy = p.add_argument_group("toy world (--toyworld)")
-    toy.add_argument("--toyworld", action="store_true", help="generate held-out toy-world samples with --model and score them")
-    toy.add_argument("--model", default=None, help="model folder (default: the installed toy-world model)")
-    toy.add_argument("--samples", type=integer(1, 100000), default=8, help="held-out samples to generate")
-    toy.add_argument("--seed", type=seed, default=0, help="seed of the samples and of the generation noise")
-    toy.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="sampling steps (default: the model's)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from idcrafter.eval.report import markdown_table
-    from idcrafter.eval.run import EvalRequest, run
-
-    try:
-        check_device(args.device)
-        report = run(EvalRequest(**vars(args)))
-    except (InputError, FileNotFoundError) as err:
-        return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
-    print(markdown_table(report), end="")
-    print(f"wrote {Path(args.out) / 'per_sample.csv'}, summary.json, table.md, summary.png")
-    return 0
-
+from idcrafter.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

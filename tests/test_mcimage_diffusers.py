@@ -6,7 +6,6 @@ loads with FluxPipeline.load_lora_weights; diffusers' cache and attention-backen
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,10 +326,8 @@ def test_toyworld_assemble_writes_the_current_layout_with_the_rl_adapter(tmp_pat
 
 
 def test_training_export_flag_merges_the_experts(tmp_path, monkeypatch):
+    from idcrafter.cli import train_image as script
     from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
-    import train_image as script
 
     assert script.parse_routing("0.25, 0.75") == (0.25, 0.75) and script.parse_routing(None) is None
     for bad, why in (("0.5,x", "'x' is not a number"), ("0.5,-1", "must be at least 0, got -1"), ("0,nan", "finite"),

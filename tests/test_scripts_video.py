@@ -24,7 +24,6 @@ def builtin_frames() -> int:
     from idcrafter.video.defaults import builtin_config
 
     return builtin_config().num_frames
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def run(*args, env=None, timeout=300):
@@ -94,7 +93,7 @@ def bad_files(tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, extra, message, bad_files, tmp_path, capsys):
-    import infer
+    from idcrafter.cli import infer
 
     out = tmp_path / "out.mp4"
     args = {"--refs": [EXAMPLES[0]], "--prompt": ["a ball"], "--out": [str(out)]}

@@ -184,8 +184,7 @@ def test_rl_image_gspo_two_iterations(world, tmp_path):
 
 
 def test_bad_input_exit_2(world, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_image
+    from idcrafter.cli import train_image
 
     root, multi, single, bases = world
     video = tmp_path / "video.jsonl"

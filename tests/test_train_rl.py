@@ -135,8 +135,7 @@ def test_video_defaults_train_the_identity_modules_against_the_starting_policy(s
 def test_branch_defaults_are_the_papers(branch, expected, monkeypatch):
     """Options left out take the branch's paper values (--window full becomes the step count);
     options given keep theirs."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
-    import train_rl as script
+    from idcrafter.cli import train_rl as script
 
     base = ["--branch", branch, "--data", "d.jsonl", "--output", "o", "--num-steps", "20"]
     args = script.build_parser().parse_args(base)

@@ -173,3 +173,57 @@ def test_training_from_a_feature_cache_matches_pixels(data, tmp_path):
     # A cache built for other settings is refused.
     proc = train(tmp_path / "other", data, "--max-steps", "1", "--cache", str(cache), "--frames", "5")
     assert proc.returncode == 2 and "cache" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def expected_lr(schedule: str, step: int, lr: float, warmup: int, total: int, ratio: float) -> float:
+    """The lr logged after optimizer step `step`: DeepSpeed steps its scheduler after each optimizer
+    step, so the value is the schedule at iteration step - 1; its warm-ups last max(2, warmup)."""
+    i, w, low = step - 1, max(2, warmup), ratio * lr
+    if schedule == "constant":
+        return lr * min(1.0, i / w)
+    if i < w:
+        return low + (lr - low) * i / w
+    if schedule == "linear":
+        return low + (lr - low) * (total - i) / (total - w)
+    return low + (lr - low) * (1 + np.cos(np.pi * min(1.0, (i - w + 1) / (total - w)))) / 2
+
+
+def logged_lrs(output: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedules_follow_their_formulas_and_resume_continues_them(data, tmp_path):
+    import shutil
+
+    from idcrafter.train.ds_config import lr_at
+
+    lr, warmup, total, ratio = 1e-3, 2, 6, 0.1
+    extra = ("--max-steps", str(total), "--warmup-steps", str(warmup), "--min-lr-ratio", str(ratio),
+             "--save-every", "3", "--keep-last", "5")
+    runs = {}
+    for schedule in ("constant", "linear", "cosine"):
+        runs[schedule] = tmp_path / schedule
+        proc = train(runs[schedule], data, *extra, "--lr-schedule", schedule)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        want = [expected_lr(schedule, s, lr, warmup, total, ratio) for s in range(1, total + 1)]
+        np.testing.assert_allclose(logged_lrs(runs[schedule]), want, rtol=0, atol=1e-9)
+        assert want == [lr_at(schedule, s - 1, lr=lr, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
+                        for s in range(1, total + 1)]
+    import yaml
+
+    saved = yaml.safe_load((runs["cosine"] / "config.yaml").read_text())  # the run's resolved settings
+    assert {k: saved[k] for k in ("lr_schedule", "min_lr_ratio", "warmup_steps", "max_steps", "lr", "preset")} == {
+        "lr_schedule": "cosine", "min_lr_ratio": ratio, "warmup_steps": warmup, "max_steps": total, "lr": lr,
+        "preset": "tiny"}
+    cosine = logged_lrs(runs["cosine"])
+    assert cosine[:2] == [1e-4, 5.5e-4] and cosine[-1] == pytest.approx(1e-4, abs=1e-12)  # warm-up, floor
+    # DeepSpeed's cosine is already decaying on the first step after the warm-up
+    np.testing.assert_allclose(cosine[2:5], [8.681980515339464e-4, 5.5e-4, 2.3180194846605365e-4], rtol=1e-12)
+    assert logged_lrs(runs["constant"])[1:] == [5e-4, 1e-3, 1e-3, 1e-3, 1e-3]
+
+    # an interrupted cosine run: the step-6 checkpoint never finished; resume continues from step 3
+    shutil.rmtree(runs["cosine"] / "checkpoints" / "step_00000006")
+    proc = train(runs["cosine"], data, *extra, "--lr-schedule", "cosine", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((runs["cosine"] / "summary.json").read_text())["resumed_from"] == "step_00000003"
+    np.testing.assert_allclose(logged_lrs(runs["cosine"]), cosine, rtol=0, atol=1e-9)

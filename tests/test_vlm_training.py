@@ -248,9 +248,7 @@ def test_infer_uses_the_recorded_vlm_or_refuses_in_one_line(vlm_run, tmp_path):
 
 def test_vlm_checks_before_anything_loads(vlm_run, qwen, data, tmp_path):
     """check_vlm and train_video's validate: recorded folder, hidden size, plain ablation."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_video
-
+    from idcrafter.cli import train_video
     from idcrafter.video.infer import check_vlm
     from idcrafter.video.transformer import IDCrafterTransformer
 

@@ -1,12 +1,24 @@
 """The command-line options every training script shares (SFT video and image, RL), with their
 checks: numbers typed and bounded at parsing, paths checked before DeepSpeed starts, so a bad run
-stops with one line and leaves no run folder behind."""
+stops with one line and leaves no run folder behind.
+
+Settings are defined once, as dataclass fields (`setting(...)`: default, checked type, help):
+`RunSettings` here, and each trainer's own (`idcrafter.cli.train_*`); the argparse options are
+generated from them (`add_dataclass_arguments`). Any option can also come
+from a YAML or JSON file (`--config run.yaml`, `parse_settings`): its values go through the same
+parser as the command line, which overrides them; the resolved settings are saved in the run folder
+(`save_settings`) and can be passed back with --config.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
+from idcrafter.train.ds_config import LR_SCHEDULES
 from idcrafter.utils.cli import (
     InputError,
     check_input_file,
@@ -16,40 +28,267 @@ from idcrafter.utils.cli import (
     seed,
 )
 
-__all__ = ["add_run_arguments", "check_run_paths", "train_args"]
+__all__ = ["RunSettings", "add_config_argument", "add_dataclass_arguments", "add_run_arguments", "check_run_paths",
+           "parse_settings", "save_settings", "setting", "train_args", "write_settings"]
+
+# The file save_settings writes in the run folder; SETTINGS_NAMES lists the names it reuses when present.
+SETTINGS_FILE = "config.yaml"
+SETTINGS_NAMES = ("config.yaml", "settings.json")
+# Options that are not settings: the file itself, and what the launcher passes.
+NOT_SETTINGS = ("help", "config", "local_rank")
+
+
+def setting(default=MISSING, *, help: str | None = None, type=None, choices=None, flags: tuple[str, ...] = (),
+            required: bool = False, nargs: str | None = None, metavar: str | None = None, action: str | None = None):
+    """A dataclass field that is also a command-line option (`add_dataclass_arguments`).
+
+    `type`: the argparse converter (e.g. `integer(1)`), `flags`: the option strings (default
+    `--field-name`), `required`: the option must be given; `nargs`, `metavar` and `action`
+    ("append") as in argparse. A bool field with default False is a flag. A list default is copied
+    per instance.
+    """
+    meta = {"help": help, "type": type, "choices": choices, "flags": flags, "required": required, "nargs": nargs,
+            "metavar": metavar, "action": action}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"cli": meta})
+    return field(default=None if required else default, metadata={"cli": meta})
+
+
+def add_dataclass_arguments(p: argparse.ArgumentParser, cls, *, defaults: dict | None = None,
+                            helps: dict | None = None, exclude: tuple[str, ...] = (),
+                            only: tuple[str, ...] | None = None) -> None:
+    """One argparse option per field of the dataclass `cls`, in field order.
+
+    `defaults` / `helps`: per-field replacements (a script's own default, and the help that goes with
+    it); `exclude`: fields this script does not offer; `only`: just these fields (a script adds
+    its fields in groups around the shared run options, for the order of --help).
+    """
+    defaults, helps = defaults or {}, helps or {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or (only is not None and f.name not in only):
+            continue
+        meta = f.metadata["cli"]
+        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+        kwargs = {"dest": f.name, "help": helps.get(f.name, meta["help"])}
+        default = defaults.get(f.name, f.default_factory() if f.default is MISSING else f.default)
+        if meta["required"]:
+            kwargs["required"] = True
+        elif f.type in (bool, "bool"):
+            kwargs.update(action="store_true")
+        else:
+            kwargs["default"] = default
+        for key in ("type", "choices", "nargs", "metavar", "action"):
+            if meta.get(key) is not None:
+                kwargs[key] = meta[key]
+        p.add_argument(*flags, **kwargs)
+
+
+@dataclass
+class RunSettings:
+    """The run options (DeepSpeed config, output, resume, optimiser, schedule, checkpoints, logs)."""
+
+    deepspeed_config: str = setting("ds_configs/zero2.json", flags=("--deepspeed_config", "--deepspeed-config"))
+    output: str = setting(required=True, help="run folder")
+    resume: str | None = setting(None, help="'auto' (the newest complete checkpoint) or a checkpoint tag")
+    max_steps: int | None = setting(1000, type=integer(1))
+    lr: float | None = setting(1e-5, type=number(0, 1, lo_open=True), help="learning rate")
+    weight_decay: float | None = setting(1e-2, type=number(0, 1), help="AdamW weight decay")
+    warmup_steps: int = setting(0, type=integer(0), help="linear warm-up steps")
+    lr_schedule: str = setting(
+        "constant", choices=LR_SCHEDULES,
+        help="after the warm-up: constant, or a linear or cosine decay to --min-lr-ratio x --lr at --max-steps "
+             "(DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR)")
+    min_lr_ratio: float = setting(0.0, type=number(0, 1),
+                                  help="the learning rate linear and cosine decay to, as a fraction of --lr")
+    batch_size: int = setting(1, type=integer(1, 4096), help="micro batch per GPU")
+    grad_accum: int = setting(1, type=integer(1, 4096))
+    grad_clip: float = setting(1.0, type=number(0, lo_open=True), help="gradient-norm clip")
+    seed: int = setting(0, type=seed)
+    ema_decay: float | None = setting(None, type=number(0, 1, lo_open=True, hi_open=True))
+    save_every: int = setting(500, type=integer(1))
+    keep_last: int = setting(2, type=integer(1))
+    log_every: int = setting(10, type=integer(1))
+    no_progress: bool = setting(False)
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 1000, lr: float | None = 1e-5,
                       weight_decay: float | None = 1e-2, save_every: int = 500, log_every: int = 10,
                       batch: bool = True, ema: bool = True) -> None:
-    """The run options (DeepSpeed config, output, resume, optimiser, schedule, checkpoints, logs).
+    """The `RunSettings` options, and --config (`add_config_argument`).
 
     `lr` / `weight_decay` / `max_steps` None: the option defaults to None (the model's preset, or the
     script, decides).
     `batch`: add --batch-size and --grad-accum; `ema`: add --ema-decay.
     """
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/zero2.json")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--resume", default=None, help="'auto' (the newest complete checkpoint) or a checkpoint tag")
-    p.add_argument("--max-steps", type=integer(1), default=max_steps,
-                   help=None if max_steps is not None else "optimizer steps (default: the paper's, per branch)")
-    p.add_argument("--lr", type=number(0, 1, lo_open=True), default=lr,
-                   help="learning rate" + (" (default: the preset's)" if lr is None else ""))
-    p.add_argument("--weight-decay", type=number(0, 1), default=weight_decay,
-                   help="AdamW weight decay" + (" (default: the preset's)" if weight_decay is None else ""))
-    p.add_argument("--warmup-steps", type=integer(0), default=0)
-    if batch:
-        p.add_argument("--batch-size", type=integer(1, 4096), default=1, help="micro batch per GPU")
-        p.add_argument("--grad-accum", type=integer(1, 4096), default=1)
-    p.add_argument("--grad-clip", type=number(0, lo_open=True), default=1.0, help="gradient-norm clip")
-    p.add_argument("--seed", type=seed, default=0)
-    if ema:
-        p.add_argument("--ema-decay", type=number(0, 1, lo_open=True, hi_open=True), default=None)
-    p.add_argument("--save-every", type=integer(1), default=save_every)
-    p.add_argument("--keep-last", type=integer(1), default=2)
-    p.add_argument("--log-every", type=integer(1), default=log_every)
-    p.add_argument("--no-progress", action="store_true")
+    helps = {}
+    if max_steps is None:
+        helps["max_steps"] = "optimizer steps (default: the paper's, per branch)"
+    if lr is None:
+        helps["lr"] = "learning rate (default: the preset's)"
+    if weight_decay is None:
+        helps["weight_decay"] = "AdamW weight decay (default: the preset's)"
+    exclude = (() if batch else ("batch_size", "grad_accum")) + (() if ema else ("ema_decay",))
+    add_config_argument(p)
+    add_dataclass_arguments(p, RunSettings, helps=helps, exclude=exclude, defaults=dict(
+        max_steps=max_steps, lr=lr, weight_decay=weight_decay, save_every=save_every, log_every=log_every))
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file of settings (keys: option names, e.g. max_steps or max-steps); "
+                        "options on the command line override it")
+
+
+def _option_string(action: argparse.Action) -> str:
+    return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The settings file `path` as command-line tokens for `parser`: the same converters and
+    checks as typed options, so a bad value gets the command line's message.
+
+    Keys are option names without the dashes (max_steps or max-steps); an unknown key, a
+    non-mapping file, or a value of the wrong shape is an InputError naming the file and key.
+    """
+    import yaml
+
+    from idcrafter.utils.cli import check_input_file as _check
+
+    _check(path, "--config")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML too
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"--config {path}: not valid YAML or JSON ({reason})") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise InputError(f"--config {path}: must hold a mapping of option names to values, not {type(data).__name__}")
+    actions = {}
+    for a in parser._actions:
+        if a.option_strings and a.dest not in NOT_SETTINGS:  # by dest (max_steps) and by flag (max-steps, set)
+            actions.update({s.lstrip("-").replace("-", "_"): a for s in a.option_strings}, **{a.dest: a})
+    argv: list[str] = []
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        action = actions.get(name)
+        if action is None:
+            raise InputError(f"--config {path}: unknown key {key!r} (not an option; see --help)")
+        flag = _option_string(action)
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise InputError(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif value is None:
+            if action.required:
+                raise InputError(f"--config {path}: {key} needs a value")
+            continue  # null: the option's default
+        elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, (dict, list)) for v in items):
+                raise InputError(f"--config {path}: {key} must be a list of values")
+            if isinstance(action, argparse._AppendAction):
+                for item in items:
+                    argv.append(f"{flag}={_text(item)}")
+            elif items:
+                argv += [flag, *(_text(v) for v in items)]
+        else:
+            if isinstance(value, (dict, list)):
+                raise InputError(f"--config {path}: {key} must be a single value, got {value!r}")
+            argv.append(f"{flag}={_text(value)}")
+    return argv
+
+
+def _text(value) -> str:
+    """A YAML scalar as the command line would spell it (true -> true, 1e-05 -> 1e-05)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def parse_settings(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` (default: sys.argv[1:]) with the settings of `--config FILE` before it: the
+    command line wins over the file (for repeated options such as --reward-option, the command line's
+    occurrences replace the file's)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return parser.parse_args(argv)
+    from_file = config_argv(parser, known.config)
+    given = {a.dest for a in parser._actions if a.option_strings and any(
+        tok == s or tok.startswith(s + "=") for tok in argv for s in a.option_strings)}
+    kept = []
+    for tok in from_file:  # drop the file's repeated options that the command line sets
+        flag = tok.split("=", 1)[0]
+        action = parser._option_string_actions.get(flag)
+        if action is not None and isinstance(action, argparse._AppendAction) and action.dest in given:
+            continue
+        kept.append(tok)
+    return parser.parse_args(_drop_list_values(parser, kept, given) + argv)
+
+
+def _drop_list_values(parser: argparse.ArgumentParser, tokens: list[str], given: set[str]) -> list[str]:
+    """Remove from `tokens` the list options (nargs +/*) the command line also gives: argparse keeps
+    the last occurrence anyway, but a list followed by positional-looking values is ambiguous."""
+    out, skip = [], False
+    for tok in tokens:
+        if tok.startswith("--"):
+            action = parser._option_string_actions.get(tok.split("=", 1)[0])
+            skip = action is not None and action.nargs in ("+", "*") and action.dest in given
+        if not skip:
+            out.append(tok)
+    return out
+
+
+def settings_path(output: str | os.PathLike) -> Path:
+    """Where the run folder keeps its settings: the file already there, else config.yaml."""
+    folder = Path(output)
+    for name in SETTINGS_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / SETTINGS_FILE
+
+
+def settings_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The resolved settings: every option of `parser` (dashes in names, as --config reads them)."""
+    out = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in NOT_SETTINGS and hasattr(args, action.dest):
+            value = getattr(args, action.dest)
+            out[action.dest] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path | None:
+    """Write the resolved settings into the run folder now (rank 0 only; other ranks return None).
+    The trainers instead pass `settings_dict` to `train_args(settings=...)`, and the trainer writes
+    them with its first file, so that input errors found while loading leave no run folder."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    return write_settings(args.output, settings_dict(parser, args))
+
+
+def write_settings(output: str | os.PathLike, values: dict) -> Path:
+    """`values` as YAML or JSON after the name of `settings_path(output)`; `--config` of that
+    file reproduces them."""
+    import json
+
+    import yaml
+
+    from idcrafter.utils.io import atomic_write
+
+    path = settings_path(output)
+    with atomic_write(path) as tmp:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(values, indent=2) + "\n")
+        else:
+            tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
 
 
 def check_run_paths(args: argparse.Namespace, data_flags: tuple[str, ...] = ("data",)) -> None:
@@ -60,7 +299,10 @@ def check_run_paths(args: argparse.Namespace, data_flags: tuple[str, ...] = ("da
     for name in data_flags:
         if getattr(args, name, None) is not None:
             check_input_file(getattr(args, name), f"--{name.replace('_', '-')}")
-    read_json_object(Path(args.deepspeed_config), "--deepspeed_config")
+    ds_config = read_json_object(Path(args.deepspeed_config), "--deepspeed_config")
+    if "scheduler" in ds_config and getattr(args, "lr_schedule", "constant") != "constant":
+        raise InputError(f"--lr-schedule {args.lr_schedule}: --deepspeed_config {args.deepspeed_config} has its own "
+                         "\"scheduler\" section; remove one of the two")
     check_output_dir(args.output, "--output")
     if args.resume is not None and args.resume != "auto" and ("/" in args.resume or args.resume in ("", ".", "..")):
         raise InputError(f"--resume {args.resume!r}: give 'auto' or a checkpoint tag such as step_00000500")
@@ -72,7 +314,8 @@ def train_args(args: argparse.Namespace, **overrides):
 
     values = dict(
         output=args.output, deepspeed_config=args.deepspeed_config, max_steps=args.max_steps, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
         progress=not args.no_progress,
     )

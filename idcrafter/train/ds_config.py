@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,60 @@ def fill_auto(config: dict[str, Any], values: dict[str, Any], path: str = "") ->
     return out
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_scheduler(schedule: str, *, lr: float, warmup_steps: int, total_steps: int,
+                 min_lr_ratio: float = 0.0) -> dict[str, Any] | None:
+    """The "scheduler" section of the DeepSpeed config (deepspeed.runtime.lr_schedules), or None
+    for a constant learning rate without warm-up.
+
+    constant: WarmupLR, a linear warm-up from 0 to `lr` over `warmup_steps`, then `lr`.
+    linear: WarmupDecayLR, a linear warm-up from `min_lr_ratio * lr` to `lr`, then a linear decay
+        back to `min_lr_ratio * lr` at `total_steps`.
+    cosine: WarmupCosineLR, the same warm-up, then a half cosine down to `min_lr_ratio * lr` at
+        `total_steps`.
+    DeepSpeed's warm-ups last at least 2 steps (it raises the count to 2), so linear and cosine
+    always start at the low end; `lr_at` gives the values these schedulers produce.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        if warmup_steps <= 0:
+            return None
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                               "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
+    warmup = max(warmup_steps, 1)  # DeepSpeed refuses 0 (and raises 1 to 2)
+    if schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total_steps, "warmup_min_lr": min_lr_ratio * lr, "warmup_max_lr": lr,
+            "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    # WarmupCosineLR scales the optimizer's lr (the AdamW params' "lr") by ratios
+    return {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": total_steps, "warmup_min_ratio": min_lr_ratio, "cos_min_ratio": min_lr_ratio,
+        "warmup_num_steps": warmup, "warmup_type": "linear"}}
+
+
+def lr_at(schedule: str, iteration: int, *, lr: float, warmup_steps: int, total_steps: int,
+          min_lr_ratio: float = 0.0) -> float:
+    """The learning rate the scheduler of `lr_scheduler(...)` sets after `iteration + 1` calls of
+    its step(), i.e. the lr the trainer logs after optimizer step `iteration + 1` (DeepSpeed steps
+    the scheduler after each optimizer step)."""
+    if schedule == "constant":
+        if warmup_steps <= 0:
+            return lr
+        warmup = max(2, warmup_steps)
+        return lr * iteration / warmup if iteration < warmup else lr
+    warmup = max(2, warmup_steps)
+    low = min_lr_ratio * lr
+    if iteration < warmup:
+        return low + (lr - low) * iteration / warmup
+    if schedule == "linear":
+        return low + (lr - low) * max(0.0, (total_steps - iteration) / max(1.0, total_steps - warmup))
+    progress = min(1.0, (iteration - warmup + 1) / max(1, total_steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2)
+
+
 def prepare_ds_config(
     path: str | Path,
     *,
@@ -38,9 +93,12 @@ def prepare_ds_config(
     eps: float = 1e-8,
     warmup_steps: int = 0,
     total_steps: int = 1,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
     on_cpu: bool = False,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for a run: "auto" filled, optimizer and LR schedule added.
+    """The DeepSpeed config dict for a run: "auto" filled, optimizer and LR schedule
+    (`lr_scheduler`, `total_num_steps` = `total_steps`) added unless the file has them.
 
     The bucket sizes follow the usual rule of thumb for transformers of width `hidden_size`
     (reduce: h^2, prefetch: 0.9 h^2, persistence threshold: 10 h). AdamW runs as torch's AdamW on
@@ -71,11 +129,11 @@ def prepare_ds_config(
         if on_cpu and not offload:
             params["torch_adam"] = True
         config["optimizer"] = {"type": "AdamW", "params": params}
-    if "scheduler" not in config and warmup_steps > 0:  # no warmup: constant learning rate
-        config["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps, "warmup_type": "linear"},
-        }
+    if "scheduler" not in config:  # a scheduler written in the JSON file wins
+        scheduler = lr_scheduler(schedule, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                                 min_lr_ratio=min_lr_ratio)
+        if scheduler is not None:
+            config["scheduler"] = scheduler
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
 

@@ -65,6 +65,8 @@ class TrainArgs:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     batch_size: int = 1
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -77,6 +79,8 @@ class TrainArgs:
     resume: str | None = None
     log_every: int = 10
     progress: bool = True
+    # the resolved command-line settings, saved in the run folder (idcrafter.train.cli.save_settings)
+    settings: dict | None = None
 
 
 class TrainingSpec(Protocol):
@@ -223,6 +227,7 @@ class Trainer:
             a.deepspeed_config, micro_batch=a.batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
             bf16=self.dtype == torch.bfloat16, hidden_size=self.spec.hidden_size, lr=a.lr,
             weight_decay=a.weight_decay, betas=a.betas, warmup_steps=a.warmup_steps, total_steps=a.max_steps,
+            schedule=a.lr_schedule, min_lr_ratio=a.min_lr_ratio,
             on_cpu=not self.on_cuda,
         )
         self.ds_config = config
@@ -271,6 +276,10 @@ class Trainer:
         """The first write to the run folder: logs continue from the resumed step (later rows of an
         interrupted attempt dropped) or start over."""
         resume_step = self.step if self.resumed_from else None
+        if self.rank == 0 and self.args.settings is not None:
+            from idcrafter.train.cli import write_settings
+
+            write_settings(self.output, self.args.settings)
         self.log = MetricLog(self.output, enabled=self.rank == 0, resume_step=resume_step)
         self.draws = DrawLog(self.output, self.rank, resume_step)
 

@@ -1,0 +1,165 @@
+"""Render many videos and images from a JSONL job file, resumably, across processes, GPUs and nodes.
+
+    python scripts/render_batch.py --jobs jobs.jsonl --out DIR [--model WAN_DIR --adapter ADAPTER]
+    torchrun --nproc_per_node 8 scripts/render_batch.py --jobs jobs.jsonl --out DIR ...
+    deepspeed --num_gpus 8 scripts/render_batch.py --jobs jobs.jsonl --out DIR ...
+
+One job per line: {"prompt", "refs": [paths relative to the job file], "output": "name.mp4",
+"seed"?, "size"?: "HxW", "frames"?, "negative_prompt"?, "steps"?, "guidance_image"?,
+"guidance_text"?}. An output ending in .png / .jpg (or "mode": "image") makes an image job,
+rendered by the image branch (MultiCrafter / One-for-All) with "categories"?: one per ref and
+"guidance_text" as the FLUX guidance. The image model is --image-model / --image-adapter /
+--image-preset (default: the built-in tiny image model), or --model / --adapter / --preset when
+those name the image branch (an image preset, a FLUX folder, an mcimage adapter); such a run has
+no video model. Each rank (RANK / WORLD_SIZE from the launcher) renders its own share;
+finished outputs are skipped on a rerun; every output is written under a temporary name and
+renamed when complete. Bad lines are reported with their line numbers in DIR/summary.json and
+the other jobs still run. Every output is decoded (frame count and size) before it counts as
+finished. Several processes may share DIR: each output is rendered by one of them, and
+DIR/summary.json holds the results of all that ran at the same time.
+
+Bad input (a missing, empty or wholly invalid job file, an --out that is a file or cannot be
+written, an unknown --device or --dtype, a bad model folder) is one line `error: ...` and exit
+code 2, before any folder is created or model loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from idcrafter.utils.cli import (
+    ArgumentParser,
+    InputError,
+    check_device,
+    check_dtype,
+    check_output_dir,
+    fail,
+    integer,
+)
+
+
+def checked_jobs(jobs_file: str, out: str):
+    """The job file read and validated against the output root: (jobs, bad lines). InputError when
+    nothing in it can run: no jobs at all, or only bad lines (the first one named)."""
+    from idcrafter.render import parse_jobs
+
+    jobs, errors = parse_jobs(jobs_file, out_root=out)
+    if not jobs and not errors:
+        raise InputError(f"--jobs {jobs_file}: no jobs in the file")
+    if not jobs:
+        raise InputError(f"--jobs {jobs_file}: no valid job ({len(errors)} bad line{'s' if len(errors) > 1 else ''}; {errors[0]})")
+    return jobs, errors
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", required=True, help="JSONL job file")
+    p.add_argument("--out", required=True, help="output root; outputs may not escape it")
+    p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
+    p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder")
+    p.add_argument("--preset", default=None, help="built-in model (toyworld, tiny) or the config preset with --model")
+    p.add_argument("--image-model", default=None, help="FLUX diffusers folder for image jobs (default: built-in tiny)")
+    p.add_argument("--image-adapter", default=None, help="mcimage adapter folder for image jobs")
+    p.add_argument("--image-preset", default=None, help="image preset (multicrafter, one-for-all, tiny-multicrafter, ...)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=integer(0), default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    args = p.parse_args(argv)
+
+    from idcrafter.render import local_rank as get_local_rank
+    from idcrafter.render import merge_summaries, rank_and_world, render_batch, shard
+
+    try:
+        check_dtype(args.dtype)
+        rank, world = rank_and_world()
+        jobs, errors = checked_jobs(args.jobs, args.out)
+        out_dir = check_output_dir(args.out, "--out")
+        modes = {job.mode for job in shard(jobs, rank, world)}
+        import torch
+
+        from mcimage.infer import ImageInferenceRequest, is_image_request
+        from mcimage.infer import load_pipeline as load_image_pipeline
+        from mcimage.infer import model_config as image_model_config
+
+        if args.device is not None:
+            device = check_device(args.device)
+        else:
+            device = f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu"
+        image_args = (args.image_model, args.image_adapter, args.image_preset)
+        main_is_image = is_image_request(args.preset, args.model, args.adapter)
+        if main_is_image and any(v is not None for v in image_args):
+            return fail("--model/--adapter/--preset already name an image model; drop --image-model/--image-adapter/--image-preset")
+        if main_is_image:
+            image_args = (args.model, args.adapter, args.preset)
+        image_req = ImageInferenceRequest(refs=[], prompt="-", out="-.png", model=image_args[0], adapter=image_args[1],
+                                          preset=image_args[2], device=device, dtype=args.dtype)
+        image_config = image_model_config(image_req)
+        config = base = limits = None
+        if not main_is_image:
+            from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config, model_limits
+
+            base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
+                                    preset=args.preset, device=device, dtype=args.dtype)
+            config = model_config(base)
+            limits = model_limits(config, args.model)
+        # every check is done: only now are models loaded
+        image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
+        pipe = load_pipeline(base) if base is not None and "video" in modes else None
+    except InputError as err:
+        return fail(str(err))
+
+    from idcrafter.utils.media import write_video
+    from mcimage.infer import render_job
+
+    def render(job, tmp_path: Path) -> None:
+        if job.mode == "image":
+            render_job(image_pipe, image_config, job, tmp_path)
+            return
+        if pipe is None:
+            raise InputError("no video model in this run: --model/--adapter/--preset name an image model")
+        if len(job.refs) > config.max_subjects:
+            raise InputError(f"{len(job.refs)} references, this model supports at most {config.max_subjects}")
+        height, width = job.size or (config.height, config.width)
+        frames = job.frames or config.num_frames
+        limits.check(height, width, frames, job.steps or config.num_inference_steps, names=("'size'", "'frames'", "'steps'"))
+        out = pipe(
+            job.prompt, [str(r) for r in job.refs], negative_prompt=job.negative_prompt or "",
+            height=height, width=width, num_frames=frames,
+            num_inference_steps=job.steps, guidance_image=job.guidance_image, guidance_text=job.guidance_text,
+            generator=torch.Generator().manual_seed(job.seed), batched_guidance=not args.sequential_guidance,
+        )
+        write_video(out.frames[0], tmp_path, fps=config.fps)
+
+    for loaded in (pipe, image_pipe):
+        if loaded is not None:
+            loaded.set_progress_bar_config(disable=True)
+    summary = render_batch(jobs, out_dir, render, rank=rank, world_size=world, progress=not args.no_progress, errors=errors)
+    if world > 1 and _barrier():
+        # Every rank has written its summary: rank 0 merges them into DIR/summary.json.
+        if rank == 0:
+            summary = merge_summaries(out_dir, world)
+    if rank == 0:
+        print(f"done: {summary.counts()}")
+    return 0 if summary.ok else 1
+
+
+def _barrier() -> bool:
+    """Wait for all ranks when a launcher gave a rendezvous address (torchrun, deepspeed)."""
+    import os
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
