@@ -1,20 +1,5 @@
 #!/usr/bin/env python
-"""Train ID-Crafter (SFT) with DeepSpeed, from one CPU to many GPU nodes.
-
-    deepspeed --num_gpus 8 scripts/train_video.py --preset wan-1.3b --base Wan2.1-T2V-1.3B-Diffusers \\
-        --data data/train.jsonl --deepspeed_config ds_configs/zero3.json --output runs/idcrafter \\
-        --max-steps 20000 --lr 1e-5 --attn-loss-weight 0.3 --gradient-checkpointing --resume auto
-    deepspeed --hostfile hosts.txt scripts/train_video.py ...        # many nodes
-
-With --vlm QWEN_DIR (a Qwen2.5-VL folder) the VLM semantic encoder trains as well (ID-Crafter
-Sec. 3.2): the frozen VLM reads each sample's prompt and references on every rank (or its states
-come from a feature cache built with the same --vlm), and the connector joins the adapter, which
-records the VLM folder for inference and RL.
-
-Without --base the preset's transformer starts from random weights (tests, toy models). Writes
-OUTPUT/checkpoints (DeepSpeed, for --resume), OUTPUT/adapter (for inference), OUTPUT/tensorboard,
-OUTPUT/metrics.jsonl, OUTPUT/training.png and OUTPUT/summary.json.
-"""
+"""`idcrafter-train-video` from a checkout: idcrafter/cli/train_video.py holds the code and its usage (`--help`)."""
 
 import sys
 from pathlib import Path
