@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, WanTransformer3DModel
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.attention_dispatch import AttentionBackendName
-from PIL import Image, ImageDraw
+from tiny_data import video_refs as refs
 
 from idcrafter.utils.cli import InputError
 from idcrafter.video.config import IDCrafterConfig, read_model_config
@@ -50,14 +50,6 @@ def out(model, x, subjects=None, t=None):
         kw = dict(kw, subjects=subjects)
     with torch.no_grad():
         return model(**kw, return_dict=False)[0]
-
-
-def refs():
-    a = Image.new("RGB", (48, 64), "white")
-    ImageDraw.Draw(a).ellipse((4, 8, 44, 56), fill=(230, 30, 30))
-    b = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    ImageDraw.Draw(b).rectangle((5, 5, 35, 35), fill=(20, 60, 240, 255))
-    return [a, b]
 
 
 def make_pipe(preset="tiny", trained=True):

@@ -6,21 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from PIL import Image, ImageDraw
+from tiny_data import video_refs as refs
 
 from idcrafter.video.config import IDCrafterConfig, read_model_config
 from idcrafter.video.pipeline import IDCrafterPipeline
 from idcrafter.video.presets import build_components
 
 CFG = IDCrafterConfig.from_preset("tiny")
-
-
-def refs():
-    a = Image.new("RGB", (48, 64), "white")
-    ImageDraw.Draw(a).ellipse((4, 8, 44, 56), fill=(230, 30, 30))
-    b = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    ImageDraw.Draw(b).rectangle((5, 5, 35, 35), fill=(20, 60, 240, 255))
-    return [a, b]
 
 
 def make_pipe(config=CFG, seed=0, perturb=True):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.hooks import CpuOffload
-from PIL import Image, ImageDraw
+from tiny_data import video_refs as refs
 
 from idcrafter.video.config import IDCrafterConfig
 from idcrafter.video.pipeline import IDCrafterPipeline
@@ -16,14 +16,6 @@ from idcrafter.video.presets import build_components
 
 CFG = IDCrafterConfig.from_preset("tiny", num_inference_steps=2)
 A, B = "a red ball and a blue box", "two squares dance"
-
-
-def refs():
-    a = Image.new("RGB", (48, 64), "white")
-    ImageDraw.Draw(a).ellipse((4, 8, 44, 56), fill=(230, 30, 30))
-    b = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    ImageDraw.Draw(b).rectangle((5, 5, 35, 35), fill=(20, 60, 240, 255))
-    return [a, b]
 
 
 def make_pipe():

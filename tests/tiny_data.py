@@ -71,3 +71,13 @@ def save_older_layout(pipe, folder: Path) -> Path:
     index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def video_refs():
+    """Two references of the video pipeline tests: a red disc on white (RGB), a blue square on
+    transparency (RGBA, composited on white by the pipeline)."""
+    a = Image.new("RGB", (48, 64), "white")
+    ImageDraw.Draw(a).ellipse((4, 8, 44, 56), fill=(230, 30, 30))
+    b = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(b).rectangle((5, 5, 35, 35), fill=(20, 60, 240, 255))
+    return [a, b]
