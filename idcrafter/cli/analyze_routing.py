@@ -30,6 +30,7 @@ from idcrafter.utils.cli import (
     parse_size,
     seed,
 )
+from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 
 def build_parser() -> ArgumentParser:
@@ -53,6 +54,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ref-size", default=None, help="HEIGHTxWIDTH canvas of the references (default: --size)")
     p.add_argument("--t", type=number(0, 1, lo_open=True), default=0.5, help="--attention: re-noising time in (0, 1]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_config_argument(p)
     return p
 
 
@@ -121,7 +123,7 @@ def _require_moe(config, what: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
 
         from mcimage.config import PRESETS

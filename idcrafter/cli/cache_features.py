@@ -19,6 +19,7 @@ import json
 import sys
 
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed
+from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=seed, default=0, help="init seed of a random base (must match training)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder: cache its states too (train with the same --vlm)")
-    args = p.parse_args(argv)
+    add_config_argument(p)
+    args = parse_command_line(p, argv)
 
     from idcrafter.utils.cli import check_device, check_input_file, check_output_dir, parse_size
     from idcrafter.utils.folders import check_model_folder

@@ -27,6 +27,7 @@ from idcrafter.utils.cli import (
     integer,
     seed,
 )
+from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 
 def build_parser() -> ArgumentParser:
@@ -51,17 +52,18 @@ def build_parser() -> ArgumentParser:
     toy.add_argument("--samples", type=integer(1, 100000), default=8, help="held-out samples to generate")
     toy.add_argument("--seed", type=seed, default=0, help="seed of the samples and of the generation noise")
     toy.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="sampling steps (default: the model's)")
+    add_config_argument(p)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     from idcrafter.eval.report import markdown_table
     from idcrafter.eval.run import EvalRequest, run
 
     try:
         check_device(args.device)
-        report = run(EvalRequest(**vars(args)))
+        report = run(EvalRequest(**{k: v for k, v in vars(args).items() if k != "config"}))
     except (InputError, FileNotFoundError) as err:
         return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
     print(markdown_table(report), end="")

@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed
+from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
 VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "edit_video", "strength",
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-guidance", action="store_true", help="run the 3 guidance passes one by one (less memory)")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder for models trained with the VLM encoder")
     p.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; generate nothing")
+    add_config_argument(p)
     return p
 
 
@@ -77,7 +79,7 @@ def choose_mode(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         mode = choose_mode(args)
         other = VIDEO_ONLY if mode == "image" else IMAGE_ONLY
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
             flag = "--" + given[0].replace("_", "-")
             hint = "" if mode == "image" else " (add --mode image)"
             raise InputError(f"{flag} is not an option of {mode} mode{hint}")
-        values = {k: v for k, v in vars(args).items() if k not in ("dry_run", "mode", *other)}
+        values = {k: v for k, v in vars(args).items() if k not in ("dry_run", "mode", "config", *other)}
         if mode == "image":
             from mcimage.infer import ImageInferenceRequest, plan, run, validate
 

@@ -38,6 +38,7 @@ from idcrafter.utils.cli import (
     fail,
     integer,
 )
+from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 
 def checked_jobs(jobs_file: str, out: str):
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=integer(0), default=None, help=argparse.SUPPRESS)  # deepspeed passes it
-    args = p.parse_args(argv)
+    add_config_argument(p)
+    args = parse_command_line(p, argv)
 
     from idcrafter.render import local_rank as get_local_rank
     from idcrafter.render import merge_summaries, rank_and_world, render_batch, shard
