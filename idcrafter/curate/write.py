@@ -1,0 +1,166 @@
+"""Writing curated samples and the run's report (docs/design.md 8.1, the last step of a run).
+
+A kept candidate becomes one manifest line (docs/design.md 8) and its files, named by the
+candidate's key under the output folder:
+
+    videos/KEY.mp4 | images/KEY.png      the training target (the clip, or the target frame)
+    masks/KEY_K.mp4 | masks/KEY_K.png    subject K's mask, aligned with the target (grey, 255 = subject)
+    masks/KEY_K_face.png                 (image kind, MultiCrafter) the face mask, when found
+    refs/KEY_K.png                       subject K's reference (subject on white, another frame)
+    refs/KEY_K_face.png                  the face crop, when found (MultiCrafter App. C)
+
+Every file is written atomically (`idcrafter.utils.io.atomic_write`, decoded before it takes its
+name). A candidate that cannot make a valid line raises `SampleError` with a short reason, which
+the runner counts in the funnel's `write` row. `report.json` holds the funnel (per stage: in,
+kept, dropped by reason, seconds, items per second) and every drop; `funnel.png` draws it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from idcrafter.curate.core import Candidate
+from idcrafter.utils.io import atomic_write
+
+__all__ = ["SampleError", "funnel_figure", "mask_frames", "subject_bbox", "write_report", "write_sample"]
+
+
+class SampleError(ValueError):
+    """A candidate that cannot become a manifest line; the message is the funnel's reason."""
+
+
+def mask_frames(masks: np.ndarray) -> np.ndarray:
+    """(T, H, W) bool -> (T, H, W) uint8, 255 on the subject: what the data loader reads back as 1."""
+    return np.where(np.asarray(masks, dtype=bool), 255, 0).astype(np.uint8)
+
+
+def subject_bbox(boxes: np.ndarray, frame: int = 0) -> list[float] | None:
+    """The subject's pixel box [x0, y0, x1, y1] in `frame` of the target, or in its first frame
+    where it is present; None when it is present nowhere or the box is degenerate."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    present = np.flatnonzero(~np.isnan(boxes).any(axis=1))
+    if not len(present):
+        return None
+    row = boxes[frame] if frame in present else boxes[present[0]]
+    x0, y0, x1, y1 = (round(float(v), 2) for v in row)
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else None
+
+
+def _write_png(array: np.ndarray, path: Path) -> str:
+    from idcrafter.utils.media import write_image
+
+    write_image(np.asarray(array), path)
+    return path.name
+
+
+def write_sample(candidate: Candidate, kind: str, out: str | Path, masks: str = "mp4", face_masks: bool = False) -> dict[str, Any]:
+    """Write `candidate`'s files under `out` and return its manifest line (paths relative to `out`).
+
+    kind "video": the clip as mp4 at the clip's frame rate (`info["target_fps"]`), masks as mp4
+    (`masks="mp4"`) or the first frame's as PNG; kind "image": the target frame as PNG, masks as
+    PNG. Raises SampleError: "no subjects", "no prompt", "subject without reference",
+    "descriptor not in prompt".
+    """
+    from idcrafter.utils.media import write_video
+
+    if kind not in ("video", "image"):
+        raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    if masks not in ("mp4", "png"):
+        raise ValueError(f"masks must be 'mp4' or 'png', got {masks!r}")
+    out = Path(out)
+    key = candidate.key
+    if not candidate.subjects:
+        raise SampleError("no subjects")
+    if not candidate.prompt or not candidate.prompt.strip():
+        raise SampleError("no prompt")
+    for track in candidate.subjects:
+        if track.reference is None:
+            raise SampleError("subject without reference")
+        if track.descriptor and track.descriptor not in candidate.prompt:
+            raise SampleError("descriptor not in prompt")
+    record: dict[str, Any] = {"id": key}
+    if kind == "video":
+        fps = float(candidate.info.get("target_fps") or candidate.fps)
+        write_video(candidate.frames, out / "videos" / f"{key}.mp4", fps=fps)
+        record.update(video=f"videos/{key}.mp4", fps=fps)
+    else:
+        record["image"] = "images/" + _write_png(candidate.frames[0], out / "images" / f"{key}.png")
+    record["prompt"] = candidate.prompt
+    subjects = []
+    for k, track in enumerate(candidate.subjects):
+        entry: dict[str, Any] = {"image": "refs/" + _write_png(track.reference, out / "refs" / f"{key}_{k}.png"),
+                                 "category": track.category}
+        if track.face is not None:
+            _write_png(track.face, out / "refs" / f"{key}_{k}_face.png")
+        if track.masks is not None:
+            frames = mask_frames(track.masks)
+            if kind == "video" and masks == "mp4":
+                write_video(frames, out / "masks" / f"{key}_{k}.mp4", fps=record["fps"])
+                entry["mask"] = f"masks/{key}_{k}.mp4"
+            else:
+                entry["mask"] = "masks/" + _write_png(np.repeat(frames[0][..., None], 3, -1), out / "masks" / f"{key}_{k}.png")
+        face_mask = track.info.get("face_mask")
+        if face_masks and face_mask is not None:
+            _write_png(np.repeat(mask_frames(np.asarray(face_mask)[None])[0][..., None], 3, -1),
+                       out / "masks" / f"{key}_{k}_face.png")
+        bbox = subject_bbox(track.boxes)
+        if bbox is not None:
+            entry["bbox"] = bbox
+        if track.descriptor:
+            entry["descriptor"] = track.descriptor
+        subjects.append(entry)
+    record["subjects"] = subjects
+    return record
+
+
+def _throughput(row: dict[str, Any]) -> float | None:
+    return round(row["in"] / row["seconds"], 3) if row["seconds"] > 0 else None
+
+
+def write_report(out: str | Path, funnel: dict[str, dict[str, Any]], drops: list[dict[str, Any]],
+                 extra: dict[str, Any] | None = None) -> Path:
+    """`out/report.json`: {"funnel": {stage: {in, kept, dropped: {reason: n}, seconds, per_second}},
+    "drops": [{"source", "key", "stage", "reason"}], **extra}; then `out/funnel.png`."""
+    rows = {stage: {**row, "per_second": _throughput(row)} for stage, row in funnel.items()}
+    report = {**(extra or {}), "funnel": rows, "drops": drops}
+    path = Path(out) / "report.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    funnel_figure(rows, Path(out) / "funnel.png", title=str((extra or {}).get("preset", "")))
+    return path
+
+
+def funnel_figure(funnel: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """A horizontal bar per stage: candidates in (light) and kept (dark), each stage's drop
+    reasons written beside its bar; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(funnel)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * max(2, len(stages)) + 1.2))
+    y = np.arange(len(stages))[::-1]
+    ins = [funnel[s]["in"] for s in stages]
+    kept = [funnel[s]["kept"] for s in stages]
+    ax.barh(y, ins, color="#c8d6e5", label="in")
+    ax.barh(y, kept, color="#2e86de", label="kept")
+    top = max(ins + [1])
+    for yi, stage in zip(y, stages):
+        dropped = funnel[stage]["dropped"]
+        text = ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+        ax.text(top * 1.02, yi, text, va="center", fontsize=8)
+    ax.set_yticks(y, [f"{s} ({funnel[s]['kept']}/{funnel[s]['in']})" for s in stages])
+    ax.set_xlim(0, top * 2.2)  # room for the reasons right of the bars
+    ax.set_xlabel("candidates")
+    ax.set_title(f"curation funnel {title}".strip())
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
