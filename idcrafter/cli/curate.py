@@ -110,11 +110,13 @@ def main(argv=None) -> int:
         except ValueError as err:
             raise InputError(f"--shard: {err}" if args.shard else f"launcher variables: {err}") from None
         device = args.device
-        if device is None:  # under a launcher with GPUs, each rank on its own
-            import torch
-
+        if device is None:  # under a launcher with GPUs, each rank on its own (torch only imported then)
             local = os.environ.get("LOCAL_RANK")
-            device = f"cuda:{local}" if local is not None and torch.cuda.is_available() else "cpu"
+            device = "cpu"
+            if local is not None:
+                import torch
+
+                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         device = check_device(device)
         try:
             inputs = list_inputs(args.inputs)
