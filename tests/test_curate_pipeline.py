@@ -25,7 +25,7 @@ from idcrafter.curate.runner import (
     shard_inputs,
 )
 from idcrafter.curate.shots import ShotStage, clip_windows, context_indices, detect_shots
-from idcrafter.curate.write import SampleError, write_sample
+from idcrafter.curate.write import SampleError, write_sample, write_samples
 from idcrafter.data.manifest import load_manifest
 
 ANNOTATE = f"{Annotate.__module__}:Annotate"
@@ -240,6 +240,19 @@ def test_write_sample_video_and_image_kinds_make_valid_manifest_lines(tmp_path):
         (folder / "m.jsonl").write_text(json.dumps(rec) + "\n")
         samples, errors = load_manifest(folder / "m.jsonl")
         assert len(samples) == 1 and errors == []
+    # One-for-All: one line per subject, each a single-subject pair on the same target
+    pair = _annotated("image")
+    second = SubjectTrack("bag", pair.subjects[0].boxes.copy(), pair.subjects[0].scores, masks=~pair.subjects[0].masks,
+                          reference=np.full((8, 8, 3), 255, np.uint8))
+    pair.subjects.append(second)
+    lines = write_samples(pair, "image", tmp_path / "ofa", masks="png", per_subject=True)
+    assert [(r["id"], [s["category"] for s in r["subjects"]]) for r in lines] == [("v-s000-c00-0", ["toy"]),
+                                                                               ("v-s000-c00-1", ["bag"])]
+    assert lines[0]["image"] == lines[1]["image"] == "images/v-s000-c00.png"
+    (tmp_path / "ofa" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [len(s.subjects) for s in load_manifest(tmp_path / "ofa" / "m.jsonl")[0]] == [1, 1]
+    with pytest.raises(ValueError, match="write has no option 'mask'"):
+        Curator(resolve_settings("one-for-all", "toyworld", {"stages": ["probe"], "write": {"mask": "png"}}))
     no_ref = _annotated("video")
     no_ref.subjects[0].reference = None
     with pytest.raises(SampleError, match="subject without reference"):
@@ -372,3 +385,46 @@ def test_run_stages_funnel_counts_with_toy_stages():
     assert (rows["shots"]["in"], rows["shots"]["kept"]) == (1, 4)
     # max_clips 3 but a 24-frame shot holds two 9-frame clips: the context is the 6 frames after them
     assert rows["annotate"]["dropped"] == {}
+
+
+def test_aesthetic_filter_scores_frames_with_a_linear_head_on_clip(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from idcrafter.curate.filters import AestheticFilter
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(tmp_path)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path)
+    weight, bias = torch.randn(1, 16), torch.tensor([5.0])
+    save_file({"weight": weight, "bias": bias}, str(tmp_path / "aesthetic_head.safetensors"))
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (5, 40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    stage = AestheticFilter(model=str(tmp_path), num_frames=3)
+    stage.setup()
+    # the direct computation: unit CLIP image embedding . w + b, averaged over frames 0, 2, 4
+    with torch.no_grad():
+        direct = []
+        for clip in clips:
+            out = model.get_image_features(**processor(images=list(clip[[0, 2, 4]]), return_tensors="pt"))
+            embeds = out if isinstance(out, torch.Tensor) else out.pooler_output
+            direct.append(float(((embeds / embeds.norm(dim=-1, keepdim=True)) @ weight.T + bias).mean()))
+    stage.min_score = float(np.median(direct))
+    out = stage.process([Candidate(str(i), str(i), 8.0, frames=c) for i, c in enumerate(clips)])
+    scores = [o.info["aesthetic"] if isinstance(o, Candidate) else o.item.info["aesthetic"] for o in out]
+    np.testing.assert_allclose(scores, direct, atol=1e-5)
+    assert [isinstance(o, Candidate) for o in out] == [d >= stage.min_score for d in direct]
+    assert sum(not isinstance(o, Candidate) and o.reason == "low aesthetic score" for o in out) == 1
+    with pytest.raises(ValueError, match="needs model"):
+        AestheticFilter()

@@ -128,10 +128,12 @@ class AestheticFilter(Stage):
 
         import torch
         from safetensors.torch import load_file
-        from transformers import CLIPImageProcessor, CLIPModel
+        from transformers import CLIPModel
+
+        from idcrafter.rewards.common import load_image_processor  # the PIL processor: no torchvision
 
         self.clip = CLIPModel.from_pretrained(self.model_path).to(self.device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(self.model_path)
+        self.processor = load_image_processor(self.model_path)
         head = load_file(self.head_path or os.path.join(self.model_path, "aesthetic_head.safetensors"))
         self.weight = head["weight"].to(self.device, torch.float32).reshape(1, -1)
         self.bias = head["bias"].to(self.device, torch.float32).reshape(1)

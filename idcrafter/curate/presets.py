@@ -104,13 +104,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             _stage("probe", min_frames=2, min_side=512, max_seconds=300.0, short_side=768),  # Sec. 4.1: refs 768x576
             _stage("shots", mode="image", threshold=27.0, min_shot_frames=15, min_shot_seconds=1.0),
             _stage("blur", min_variance=100.0),  # project choice
-            _stage("detect", min_subjects=1, max_subjects=4, single_subject=True),  # App. H: single-subject pairs
+            _stage("detect", min_subjects=1, max_subjects=4),  # up to one of each category in a frame
             _stage("segment"),  # App. H: "cropping and segmentation"
             _stage("verify", threshold=0.5),  # App. H: a VLM verifies same subject; here DINOv2 / face cosine
             _stage("references", rule="first-frame"),  # the reference from another frame than the target
             _stage("caption", descriptors=True),  # App. H: "item prompt" per subject + "full prompt"
         ],
-        "write": {"masks": "png"},
+        "write": {"masks": "png", "per_subject": True},  # App. H: single-subject pairs, one line per subject
     },
 }
 

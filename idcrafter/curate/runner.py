@@ -34,7 +34,7 @@ from typing import Any
 
 from idcrafter.curate.core import BACKENDS, Candidate, Dropped, Funnel, Stage, make_backend, make_stage
 from idcrafter.curate.probe import input_key
-from idcrafter.curate.write import SampleError, write_report, write_sample
+from idcrafter.curate.write import SampleError, write_report, write_samples
 from idcrafter.data.manifest import VIDEO_EXTENSIONS
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
@@ -117,8 +117,9 @@ def _accepts(cls, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _check_options(cls, options: Mapping[str, Any], what: str) -> None:
-    params = inspect.signature(cls.__init__).parameters
+def _check_options(target, options: Mapping[str, Any], what: str) -> None:
+    """ValueError naming the first of `options` that `target` (a class's constructor, or a function) does not take."""
+    params = inspect.signature(target.__init__ if isinstance(target, type) else target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     known = [n for n in params if n != "self"]
@@ -216,6 +217,7 @@ class Curator:
         self.settings = dict(settings)
         self.kind = settings["kind"]
         self.write_options = dict(settings.get("write", {}))
+        _check_options(write_samples, self.write_options, "write")
         self.stages = list(stages) if stages is not None else build_stages(settings, device)
         self.hash = settings_hash(settings)
 
@@ -238,7 +240,7 @@ class Curator:
         lines, written, drops, started = [], [], [], time.perf_counter()
         for candidate in kept:
             try:
-                lines.append(write_sample(candidate, self.kind, out, **self.write_options))
+                lines += write_samples(candidate, self.kind, out, **self.write_options)
                 written.append(candidate)
             except SampleError as err:
                 drops.append(Dropped(candidate, str(err), "write"))

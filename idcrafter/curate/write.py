@@ -26,7 +26,8 @@ import numpy as np
 from idcrafter.curate.core import Candidate
 from idcrafter.utils.io import atomic_write
 
-__all__ = ["SampleError", "funnel_figure", "mask_frames", "subject_bbox", "write_report", "write_sample"]
+__all__ = ["SampleError", "funnel_figure", "mask_frames", "split_subjects", "subject_bbox", "write_report", "write_sample",
+           "write_samples"]
 
 
 class SampleError(ValueError):
@@ -115,6 +116,19 @@ def write_sample(candidate: Candidate, kind: str, out: str | Path, masks: str = 
         subjects.append(entry)
     record["subjects"] = subjects
     return record
+
+
+def split_subjects(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One manifest line per subject (`KEY-K`, same target and prompt): One-for-All trains on
+    single-subject pairs only (One-for-All App. H), so a frame showing a face and a bag gives two."""
+    return [{**record, "id": f"{record['id']}-{k}", "subjects": [subject]} for k, subject in enumerate(record["subjects"])]
+
+
+def write_samples(candidate: Candidate, kind: str, out: str | Path, masks: str = "mp4", face_masks: bool = False,
+                  per_subject: bool = False) -> list[dict[str, Any]]:
+    """`write_sample`'s line, or with `per_subject` one line per subject (`split_subjects`)."""
+    record = write_sample(candidate, kind, out, masks=masks, face_masks=face_masks)
+    return split_subjects(record) if per_subject else [record]
 
 
 def _throughput(row: dict[str, Any]) -> float | None:
