@@ -428,3 +428,14 @@ def test_aesthetic_filter_scores_frames_with_a_linear_head_on_clip(tmp_path):
     assert sum(not isinstance(o, Candidate) and o.reason == "low aesthetic score" for o in out) == 1
     with pytest.raises(ValueError, match="needs model"):
         AestheticFilter()
+
+
+def test_flow_on_downscaled_frames_keeps_the_fraction_and_cuts_survive_downscaling():
+    rng = np.random.default_rng(1)
+    texture = cv2.normalize(cv2.GaussianBlur((rng.random((600, 900, 3)) * 255).astype(np.uint8), (0, 0), 12), None, 0, 255,
+                            cv2.NORM_MINMAX)
+    a, b = texture[50:530, 50:850], texture[50:530, 42:842]  # 8 px right at 480 px: 1/60 of the short side
+    assert flow_magnitude(a, b, side=120) == pytest.approx(8 / 480, rel=0.1)
+    # a 512 px wide video is analysed at 256 px (PySceneDetect's auto-downscale): the cuts stay put
+    frames = np.stack([cv2.resize(f, (512, 512), interpolation=cv2.INTER_NEAREST) for f in shot_frames(num_frames=48)])
+    assert detect_shots(frames, 8.0, min_shot_frames=4) == [(0, 24), (24, 48)]

@@ -125,8 +125,10 @@ class ProbeStage(Stage):
             if self.max_seconds is not None and header.seconds is not None and header.seconds > self.max_seconds:
                 return Dropped(candidate, "too long")
             broken = False
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame-threaded decoding, as idcrafter.data.video decodes
             try:
-                for frame in container.decode(video=0):
+                for frame in container.decode(stream):
                     rgb = frame.to_ndarray(format="rgb24")
                     frames.append(resize_short_side(rgb, self.short_side) if self.short_side else rgb)
                     if self.max_seconds is not None and len(frames) > self.max_seconds * header.fps + 1:

@@ -30,15 +30,22 @@ def detect_shots(frames: np.ndarray, fps: float, threshold: float = 27.0, min_sh
     """(T, H, W, 3) uint8 RGB -> shots as [start, end) frame ranges covering 0..T in order.
 
     PySceneDetect's ContentDetector with its default threshold (27) and minimum scene length (15
-    frames); it reads BGR frames as OpenCV decodes them.
+    frames), on frames downscaled as its SceneManager does by default (auto-downscale to a width of
+    at least 256, linear interpolation), as BGR like OpenCV decodes them.
     """
+    import cv2
     from scenedetect import ContentDetector, FrameTimecode
+    from scenedetect.scene_manager import compute_downscale_factor
 
     detector = ContentDetector(threshold=threshold, min_scene_len=min_shot_frames)
     cuts: list[int] = []
+    factor = compute_downscale_factor(frames.shape[2]) if len(frames) else 1
+    size = (max(1, round(frames.shape[2] / factor)), max(1, round(frames.shape[1] / factor))) if len(frames) else None
     for index, frame in enumerate(frames):
-        timecode = FrameTimecode(index, fps=fps)
-        cuts += [c.frame_num for c in detector.process_frame(timecode, np.ascontiguousarray(frame[..., ::-1]))]
+        if factor > 1.0:  # per-channel, so resizing before the channel swap gives the same pixels
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
+        bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+        cuts += [c.frame_num for c in detector.process_frame(FrameTimecode(index, fps=fps), bgr)]
     if len(frames):
         cuts += [c.frame_num for c in detector.post_process(FrameTimecode(len(frames) - 1, fps=fps))]
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(frames)}), len(frames)]
