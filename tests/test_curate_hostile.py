@@ -65,7 +65,8 @@ def _hostile_inputs(folder: Path) -> dict[str, str]:
     # ten minutes at 1 fps, 32 px: written in a fraction of a second, refused from its header
     write_raw(folder / "ten_minutes.mp4", np.zeros((600, 32, 32, 3), np.uint8), fps=1.0)
     write_raw(folder / "good.mp4", shot_frames(num_frames=48))
-    return {str(folder / "truncated.mp4"): "truncated", str(folder / "zero.mp4"): "unreadable",
+    (folder / "list.txt").write_text("gone.mp4\n")  # a list naming a file that is not there
+    return {str(folder / "gone.mp4"): "missing", str(folder / "truncated.mp4"): "truncated", str(folder / "zero.mp4"): "unreadable",
             str(folder / "text.mp4"): "unreadable", str(folder / "audio.mp4"): "no video stream",
             str(folder / "one_frame.mp4"): "too short", str(folder / "ten_minutes.mp4"): "too long",
             str(folder / "good.mp4"): None}
@@ -77,15 +78,15 @@ def test_bad_inputs_are_dropped_with_their_reasons_and_the_run_goes_on(tmp_path,
     monkeypatch.setitem(core.STAGES, "annotate", "curate_data:Annotate")
     expected = _hostile_inputs(tmp_path / "raw")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "raw"), "--out", str(out), "--backend", "toyworld",
+    code = main([str(tmp_path / "raw"), str(tmp_path / "raw" / "list.txt"), "--out", str(out), "--backend", "toyworld",
                  "--settings", str(_settings(tmp_path / "s.json")), "--no-progress"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     reasons = {d["source"]: d["reason"] for d in report["drops"] if d["stage"] == "probe"}
     assert reasons == {src: why for src, why in expected.items() if why is not None}
-    assert report["funnel"]["probe"]["dropped"] == {"no video stream": 1, "too long": 1, "too short": 1, "truncated": 1,
-                                                    "unreadable": 2}
-    assert report["inputs"] == report["finished"] == 7
+    assert report["funnel"]["probe"]["dropped"] == {"missing": 1, "no video stream": 1, "too long": 1, "too short": 1,
+                                                    "truncated": 1, "unreadable": 2}
+    assert report["inputs"] == report["finished"] == 8
     samples, errors = load_manifest(out / "manifest.jsonl")
     assert errors == [] and len(samples) == 2  # the good video's two shots
     assert all(s.id.startswith(input_key(str(tmp_path / "raw" / "good.mp4"))) for s in samples)

@@ -306,6 +306,12 @@ def test_runner_writes_a_valid_manifest_and_report_and_resumes(tmp_path, annotat
     again.run(inputs, tmp_path / "out", progress=False)
     assert Counting.seen == 0 and (tmp_path / "out" / "manifest.jsonl").read_text() == manifest
 
+    # inputs in groups of 3 (model stages batch across videos): the same manifest and counts
+    grouped = Curator(toy_settings("video"), group=3).run(inputs, tmp_path / "grouped", progress=False)
+    assert (tmp_path / "grouped" / "manifest.jsonl").read_text() == manifest
+    counts = lambda f: {k: (r["in"], r["kept"], r["dropped"]) for k, r in f.items()}  # noqa: E731
+    assert counts(grouped["funnel"]) == counts(summary["funnel"])
+
     # two shards, then a last assembling run: the same manifest as one run
     for i in range(2):
         Curator(toy_settings("video")).run(inputs, tmp_path / "sharded", shard=(i, 2), progress=False)
@@ -322,13 +328,22 @@ def test_runner_image_kind_and_a_failing_stage_is_a_drop(tmp_path, annotate_regi
     samples, _ = load_manifest(tmp_path / "img" / "manifest.jsonl")
     assert all(s.image.suffix == ".png" and s.subjects[0].mask.suffix == ".png" for s in samples)
 
+    # a stage that raises on one input's candidates: in a group, that input alone loses them
+    original = Annotate.process
+    bad = inputs[1]
+
     def explode(self, batch):
-        raise RuntimeError("a stage bug")
+        if any(c.source == bad for c in batch):
+            raise RuntimeError("a stage bug")
+        return original(self, batch)
 
     monkeypatch.setattr(Annotate, "process", explode)
-    summary = Curator(toy_settings("video")).run(inputs, tmp_path / "boom", progress=False)
-    assert summary["finished"] == 2 and summary["samples"] == 0
-    assert summary["funnel"]["annotate"]["dropped"] == {"error (RuntimeError)": 4}
+    summary = Curator(toy_settings("video"), group=2).run(inputs, tmp_path / "boom", progress=False)
+    assert summary["finished"] == 2 and summary["samples"] == 2
+    assert summary["funnel"]["annotate"] == {**summary["funnel"]["annotate"], "in": 4, "kept": 2,
+                                             "dropped": {"error (RuntimeError)": 2}}
+    report = json.loads((tmp_path / "boom" / "report.json").read_text())
+    assert {d["source"] for d in report["drops"]} == {bad}
 
 
 # ----------------------------------------------------------------------------------- command line

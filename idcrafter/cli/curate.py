@@ -33,6 +33,7 @@ from idcrafter.utils.cli import (
     check_input_file,
     check_output_dir,
     fail,
+    integer,
 )
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
@@ -67,6 +68,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--captioner-model", default=None, help="Qwen2.5-VL folder")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK under a launcher with GPUs, else cpu)")
     p.add_argument("--shard", default=None, metavar="I/N", help="curate shard I of N (default: from RANK/WORLD_SIZE or SLURM)")
+    p.add_argument("--group", type=integer(1), default=1, metavar="N",
+                   help="inputs that go through the stages together (model stages batch across them); default 1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
     add_config_argument(p)
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
             raise InputError(str(err)) from None
         out = check_output_dir(args.out, "--out")
         try:
-            curator = Curator(settings, device=device)  # builds every stage and backend; models load later
+            curator = Curator(settings, device=device, group=args.group)  # builds every stage and backend; models load later
         except (ValueError, TypeError) as err:
             raise InputError(f"settings: {err}") from None
     except InputError as err:

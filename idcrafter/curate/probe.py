@@ -2,10 +2,10 @@
 
 The first stage of every preset: an input path becomes a `Candidate` holding all its frames, or a
 `Dropped` with a short reason the funnel counts (never an exception: a bad input must not stop a
-run). Reasons: "unreadable" (the container or the first frame does not decode), "no video
-stream" (e.g. an audio-only file), "no frame rate", "too small", "too long" (decided from the
-header, before decoding), "too short", "truncated" (fewer frames decode than the header promised,
-or decoding fails midway: the tail of such a file is not trusted).
+run). Reasons: "missing" (no such file), "unreadable" (the container or the first frame does not
+decode), "no video stream" (e.g. an audio-only file), "no frame rate", "too small", "too long"
+(decided from the header, before decoding), "too short", "truncated" (fewer frames decode than the
+header promised, beyond a 5% margin, or decoding fails midway: the tail is not trusted).
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ class ProbeStage(Stage):
 
         path = candidate.source
         frames: list[np.ndarray] = []
+        if not os.path.isfile(path):
+            return Dropped(candidate, "missing")
         try:
             container = av.open(path)
         except Exception:  # PyAV raises many types for files that are not media
@@ -137,7 +139,8 @@ class ProbeStage(Stage):
                 broken = True
         if not frames:
             return Dropped(candidate, "unreadable")
-        if broken or (header.frames and len(frames) < header.frames):
+        # headers over-count by a frame or so (idcrafter.data.video); a truncated file falls far short
+        if broken or (header.frames and len(frames) < header.frames - max(1, header.frames // 20)):
             return Dropped(candidate, "truncated")
         if len(frames) < self.min_frames:
             return Dropped(candidate, "too short")

@@ -4,19 +4,20 @@
     curator = Curator(resolve_settings("idcrafter-video"), device="cuda:0")
     curator.run(inputs, "curated/", shard=(rank, world))
 
-Each input goes through every stage alone (one video's candidates at a time, each stage in its
-own batches), then its samples are written and a record `records/KEY.json` (its manifest lines,
-funnel counts and drops) is written atomically as the input's last act. A rerun skips every
-input whose record exists (for the same settings), so a run killed at any point loses at most
-the input in flight and never doubles one: media files are rewritten under the same names, and
+Inputs go through the stages in groups (`group` inputs at a time, so a model stage batches the
+candidates of several videos), then each input's samples are written and its record
+`records/KEY.json` (its manifest lines, funnel counts and drops) is written atomically as the
+input's last act. A rerun skips every input whose record exists (for the same settings), so a run
+killed at any point loses at most the group in flight and never doubles an input: media files are
+rewritten under the same names, and
 the manifest is assembled from the records alone. At the end `manifest.jsonl`, `report.json` and
 `funnel.png` are rebuilt from all records in the folder, sorted by key, so the manifest does not
 depend on the order, the sharding or the interruptions of the runs that made it (after an array
 job, a last run over the same inputs assembles the shards' records).
 
 A bad input never stops the run: stages drop what they cannot use, and an exception raised
-inside a stage drops that stage's candidates with the reason "error (ExceptionType)" (its
-traceback goes to the log).
+inside a stage is retried input by input; the candidates of the input it still fails on are
+dropped there with the reason "error (ExceptionType)" (its traceback goes to the log).
 """
 
 from __future__ import annotations
@@ -185,37 +186,64 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- running
 
 
+def _source(item: Candidate | Dropped | str) -> str:
+    if isinstance(item, Dropped):
+        item = item.item
+    return item.source if isinstance(item, Candidate) else str(item)
+
+
 def _drop_row(drop: Dropped) -> dict[str, Any]:
     item = drop.item
-    source = item.source if isinstance(item, Candidate) else str(item)
     key = item.key if isinstance(item, Candidate) else None
-    return {"source": source, "key": key, "stage": drop.stage, "reason": drop.reason}
+    return {"source": _source(drop), "key": key, "stage": drop.stage, "reason": drop.reason}
 
 
-def _run_guarded(stages: Sequence[Stage], items: list[Candidate], funnel: Funnel) -> list[Candidate]:
-    """`core.run_stages`, except that an exception inside a stage drops that stage's candidates
-    with "error (Type)" instead of ending the run."""
-    for stage in stages:
-        started = time.perf_counter()
-        try:
-            items = stage.run(items, funnel)
-        except Exception as err:  # a bad input (or a stage bug) must not stop the other inputs
-            logger.warning("stage %s failed on %s: %s", stage.name, items[0].source if items else "?",
-                           traceback.format_exc(limit=4))
-            drops = [Dropped(c, f"error ({type(err).__name__})", stage.name) for c in items]
-            funnel.add(stage.name, len(items), [], drops, time.perf_counter() - started)
-            return []
-        if not items:
-            break
-    return items
+def _split_counts(stage: str, items: list[Candidate], kept: list[Candidate], drops: list[Dropped], seconds: float,
+                  funnels: dict[str, Funnel]) -> None:
+    """Add one stage's outcome on a group of inputs to each input's own funnel (the time shared
+    in proportion to the candidates each input brought)."""
+    for source, funnel in funnels.items():
+        n_in = sum(c.source == source for c in items)
+        if n_in:
+            funnel.add(stage, n_in, [c for c in kept if c.source == source],
+                       [d for d in drops if _source(d) == source], seconds * n_in / len(items))
+
+
+def _stage_on(stage: Stage, items: list[Candidate], funnels: dict[str, Funnel]) -> list[Candidate]:
+    """One stage on the candidates of a group of inputs (batched together), counted per input. An
+    exception inside the stage is retried input by input, so one bad input does not take the
+    others with it; the input it still fails on loses its candidates there, as "error (Type)"."""
+    started = time.perf_counter()
+    seen = Funnel()
+    try:
+        kept = stage.run(items, seen)
+    except Exception as err:  # a bad input (or a stage bug) must not stop the other inputs
+        sources = list(dict.fromkeys(c.source for c in items))
+        if len(sources) > 1:
+            return [c for src in sources for c in _stage_on(stage, [c for c in items if c.source == src], funnels)]
+        logger.warning("stage %s failed on %s: %s", stage.name, sources[0], traceback.format_exc(limit=4))
+        drops = [Dropped(c, f"error ({type(err).__name__})", stage.name) for c in items]
+        _split_counts(stage.name, items, [], drops, time.perf_counter() - started, funnels)
+        return []
+    _split_counts(stage.name, items, kept, seen.drops, time.perf_counter() - started, funnels)
+    return kept
 
 
 class Curator:
-    """The stages of `settings` (built once, models loaded on first use) and how a run writes."""
+    """The stages of `settings` (built once, models loaded on first use) and how a run writes.
 
-    def __init__(self, settings: Mapping[str, Any], device: str = "cpu", stages: Sequence[Stage] | None = None) -> None:
+    group: inputs that go through the stages together, so a model stage batches the candidates of
+    several videos (its `batch_size`); each input still gets its own record and counts, and a kill
+    loses at most the group in flight. The manifest does not depend on it.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], device: str = "cpu", stages: Sequence[Stage] | None = None,
+                 group: int = 1) -> None:
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
         self.settings = dict(settings)
         self.kind = settings["kind"]
+        self.group = group
         self.write_options = dict(settings.get("write", {}))
         _check_options(write_samples, self.write_options, "write")
         self.stages = list(stages) if stages is not None else build_stages(settings, device)
@@ -232,13 +260,9 @@ class Curator:
             return False
         return record.get("settings") == self.hash and record.get("source") == source
 
-    def curate_one(self, source: str, out: Path) -> dict[str, Any]:
-        """One input through every stage and the writer; its record (also written to records/)."""
-        funnel = Funnel()
-        key = input_key(source)
-        kept = _run_guarded(self.stages, [Candidate(source=source, key=key, fps=0.0)], funnel)
-        lines, written, drops, started = [], [], [], time.perf_counter()
-        for candidate in kept:
+    def _write(self, candidates: list[Candidate], out: Path) -> tuple[list[dict], list[Candidate], list[Dropped]]:
+        lines, written, drops = [], [], []
+        for candidate in candidates:
             try:
                 lines += write_samples(candidate, self.kind, out, **self.write_options)
                 written.append(candidate)
@@ -247,13 +271,32 @@ class Curator:
             except Exception as err:  # an unwritable candidate (odd frames, encoder trouble) is one drop
                 logger.warning("writing %s failed: %s", candidate.key, traceback.format_exc(limit=4))
                 drops.append(Dropped(candidate, f"error ({type(err).__name__})", "write"))
-        if kept:
-            funnel.add("write", len(kept), written, drops, time.perf_counter() - started)
-        record = {"source": source, "key": key, "settings": self.hash, "samples": lines,
-                  "funnel": funnel.as_dict(), "drops": [_drop_row(d) for d in funnel.drops + drops]}
-        with atomic_write(self.record_path(out, source)) as tmp:
-            tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        return record
+        return lines, written, drops
+
+    def curate(self, sources: Sequence[str], out: Path) -> list[dict[str, Any]]:
+        """A group of inputs through every stage and the writer; their records, each also written
+        to records/KEY.json (the input's last act: its presence means the input is finished)."""
+        sources = list(dict.fromkeys(sources))
+        funnels = {source: Funnel() for source in sources}
+        items = [Candidate(source=source, key=input_key(source), fps=0.0) for source in sources]
+        for stage in self.stages:
+            items = _stage_on(stage, items, funnels)
+            if not items:
+                break
+        records = []
+        for source in sources:
+            mine = [c for c in items if c.source == source]
+            started = time.perf_counter()
+            lines, written, drops = self._write(mine, out)
+            funnel = funnels[source]
+            if mine:
+                funnel.add("write", len(mine), written, drops, time.perf_counter() - started)
+            record = {"source": source, "key": input_key(source), "settings": self.hash, "samples": lines,
+                      "funnel": funnel.as_dict(), "drops": [_drop_row(d) for d in funnel.drops]}
+            with atomic_write(self.record_path(out, source)) as tmp:
+                tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+            records.append(record)
+        return records
 
     def run(self, inputs: Sequence[str], out: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict[str, Any]:
         """Curate this shard's unfinished inputs into `out`, then assemble the folder's manifest and
@@ -265,8 +308,11 @@ class Curator:
         mine = shard_inputs(inputs, *shard)
         todo = [s for s in mine if not self.finished(out, s)]
         logger.info("shard %d/%d: %d inputs, %d already finished", shard[0], shard[1], len(mine), len(mine) - len(todo))
-        for source in tqdm(todo, desc="curate", unit="video", disable=not progress):
-            self.curate_one(source, out)
+        with tqdm(total=len(todo), desc="curate", unit="video", disable=not progress) as bar:
+            for i in range(0, len(todo), self.group):
+                group = todo[i:i + self.group]
+                self.curate(group, out)
+                bar.update(len(group))
         summary = assemble(out, inputs, self.hash, extra={"preset": self.settings.get("preset"),
                                                            "backend": self.settings.get("backend"), "kind": self.kind})
         for stage, row in summary["funnel"].items():

@@ -106,6 +106,7 @@ class ShotStage(Stage):
         for candidate in batch:
             made = self.split(candidate)
             out += made if made else [Dropped(candidate, "no shot long enough")]
+        for candidate in batch:  # after the whole batch: a failed batch can be retried unchanged
             candidate.frames = None  # the whole decoded video is no longer needed
         return out
 
