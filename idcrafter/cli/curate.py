@@ -141,3 +141,9 @@ def main(argv=None) -> int:
     print(f"curated {summary['finished']}/{summary['inputs']} inputs -> {summary['samples']} samples in "
           f"{out / 'manifest.jsonl'} (report: {out / 'report.json'})")
     return 1 if summary["manifest_errors"] else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
