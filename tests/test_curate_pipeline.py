@@ -143,7 +143,9 @@ def test_presets_merge_edit_add_remove_and_replace_stages():
     assert edited["stages"][2]["options"] == {"min_variance": 50}
     assert base["stages"][2]["options"] == {"min_variance": 100.0}  # the preset itself is untouched
     replaced = merge_settings(base, {"stages": ["probe", {"name": "shots", "num_frames": 17}]})
-    assert replaced["stages"] == [{"name": "probe", "options": {}}, {"name": "shots", "options": {"num_frames": 17}}]
+    # a list picks the stages and their order; each keeps the options it had, merged with the list's
+    assert replaced["stages"] == [base["stages"][0], {"name": "shots", "options": {**base["stages"][1]["options"],
+                                                                                  "num_frames": 17}}]
     switched = merge_settings(base, {"backends": {"detector": {"name": "toyworld"}}, "categories": ["dog"]})
     assert switched["backends"]["detector"] == {"name": "toyworld"} and switched["categories"] == {"dog": "dog"}
     with pytest.raises(ValueError, match="unknown key 'stagez'"):
@@ -454,3 +456,22 @@ def test_flow_on_downscaled_frames_keeps_the_fraction_and_cuts_survive_downscali
     # a 512 px wide video is analysed at 256 px (PySceneDetect's auto-downscale): the cuts stay put
     frames = np.stack([cv2.resize(f, (512, 512), interpolation=cv2.INTER_NEAREST) for f in shot_frames(num_frames=48)])
     assert detect_shots(frames, 8.0, min_shot_frames=4) == [(0, 24), (24, 48)]
+
+
+def test_toy_world_clips_pass_the_toyworld_settings_and_their_cuts_are_found(tmp_path):
+    from idcrafter.toyworld.world import identity_space, make_clip
+
+    identities, rng = identity_space(), np.random.default_rng(3)
+    shots = [make_clip([identities[i], identities[i + 40]], 25, 64, rng, motion_kind="left_to_right").frames
+             for i in (0, 7, 11)]
+    path = write_raw(tmp_path / "toy.mp4", np.concatenate(shots))
+    settings = resolve_settings("idcrafter-video", "toyworld", {"stages": ["probe", "shots", "blur", "motion"]})
+    funnel = Funnel()
+    kept = run_stages(build_stages(settings), [Candidate(str(path), "toy", 0.0)], funnel)
+    # a cut at every shot boundary; two 9-frame clips (the preset's max_clips) per 25-frame shot,
+    # each with 4 context frames outside it
+    assert [c.info["shot_range"] for c in kept] == [(0, 25)] * 2 + [(25, 50)] * 2 + [(50, 75)] * 2
+    assert [int(c.frame_indices[0]) for c in kept] == [0, 9, 25, 34, 50, 59]
+    assert all(len(c.frames) == 9 and len(c.context) == 4 for c in kept)
+    assert {k: (r["in"], r["kept"]) for k, r in funnel.as_dict().items()} == {
+        "probe": (1, 1), "shots": (1, 6), "blur": (6, 6), "motion": (6, 6)}
