@@ -25,7 +25,7 @@ from idcrafter.curate.runner import (
     shard_inputs,
 )
 from idcrafter.curate.shots import ShotStage, clip_windows, context_indices, detect_shots
-from idcrafter.curate.write import SampleError, write_sample, write_samples
+from idcrafter.curate.write import SampleError, face_box, face_mask, write_sample, write_samples
 from idcrafter.data.manifest import load_manifest
 
 ANNOTATE = f"{Annotate.__module__}:Annotate"
@@ -136,10 +136,10 @@ def test_probe_decodes_every_frame_with_an_even_size(tmp_path):
 def test_presets_merge_edit_add_remove_and_replace_stages():
     base = PRESETS["idcrafter-video"]
     names = [s["name"] for s in base["stages"]]
-    assert names == ["probe", "shots", "blur", "motion", "detect", "segment", "verify", "references", "caption"]
+    assert names == ["probe", "shots", "blur", "motion", "detect", "segment", "references", "verify", "caption"]
     edited = merge_settings(base, {"stages": {"blur": {"min_variance": 50}, "motion": None, "aesthetic": {"model": "m"}}})
-    assert [s["name"] for s in edited["stages"]] == ["probe", "shots", "blur", "aesthetic", "detect", "segment", "verify",
-                                                     "references", "caption"]
+    assert [s["name"] for s in edited["stages"]] == ["probe", "shots", "blur", "aesthetic", "detect", "segment",
+                                                     "references", "verify", "caption"]
     assert edited["stages"][2]["options"] == {"min_variance": 50}
     assert base["stages"][2]["options"] == {"min_variance": 100.0}  # the preset itself is untouched
     replaced = merge_settings(base, {"stages": ["probe", {"name": "shots", "num_frames": 17}]})
@@ -381,6 +381,9 @@ def test_curate_command_line(tmp_path, annotate_registered, capsys):
     (tmp_path / "opt.yaml").write_text("stages: {blur: {sharpness: 3}}\n")
     assert "stage blur has no option 'sharpness'" in error(
         [str(raw), "--out", str(tmp_path / "o6"), "--backend", "toyworld", "--settings", str(tmp_path / "opt.yaml")])
+    assert "has no keypoints stage" in error([str(raw), "--out", str(tmp_path / "o7"), "--preset", "multicrafter-image",
+                                              "--backend", "toyworld", "--keypoints-model", str(tmp_path)])
+    assert "--keypoints-model" in error([str(raw), "--out", str(tmp_path / "o8"), "--keypoints-model", str(tmp_path / "x")])
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o6").exists()
 
 
@@ -475,3 +478,29 @@ def test_toy_world_clips_pass_the_toyworld_settings_and_their_cuts_are_found(tmp
     assert all(len(c.frames) == 9 and len(c.context) == 4 for c in kept)
     assert {k: (r["in"], r["kept"]) for k, r in funnel.as_dict().items()} == {
         "probe": (1, 1), "shots": (1, 6), "blur": (6, 6), "motion": (6, 6)}
+
+
+def test_face_mask_is_the_body_mask_inside_the_keypoints_face_box(tmp_path):
+    keypoints = np.zeros((17, 3))
+    keypoints[:5] = [[50, 40, 0.9], [45, 30, 0.9], [55, 30, 0.9], [38, 32, 0.8], [62, 32, 0.1]]  # right ear unsure
+    # confident points span x 38..55 (17) and y 30..40 (10): a square of side 34 on their mean (47, 33)
+    np.testing.assert_allclose(face_box(keypoints), [30, 16, 64, 50])
+    body = np.zeros((80, 80), bool)
+    body[20:80, 25:70] = True
+    face = face_mask(body, keypoints)
+    expected = np.zeros_like(body)
+    expected[20:50, 30:64] = True
+    np.testing.assert_array_equal(face, expected)
+    keypoints[1:5, 2] = 0.0
+    assert face_box(keypoints) is None and face_mask(body, keypoints) is None
+    # written beside the body mask when the writer is asked for face masks
+    c = _annotated("image")
+    kp = np.zeros((1, 17, 3))
+    kp[0, :3] = [[12, 20, 1.0], [8, 16, 1.0], [16, 16, 1.0]]
+    c.subjects[0].keypoints = kp
+    write_sample(c, "image", tmp_path, masks="png", face_masks=True)
+    from PIL import Image
+
+    written = np.asarray(Image.open(tmp_path / "masks" / "v-s000-c00_0_face.png"))[..., 0] > 127
+    np.testing.assert_array_equal(written, face_mask(c.subjects[0].masks[0], kp[0]))
+    assert 0 < written.sum() < c.subjects[0].masks[0].sum()

@@ -66,6 +66,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--sam2-model", default=None, help="SAM 2 folder for video mask propagation (optional)")
     p.add_argument("--verifier-model", default=None, help="DINOv2 folder (the dinov2 verifier)")
     p.add_argument("--captioner-model", default=None, help="Qwen2.5-VL folder")
+    p.add_argument("--keypoints-model", default=None, help="ViTPose folder for the keypoints stage (multicrafter-image)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK under a launcher with GPUs, else cpu)")
     p.add_argument("--shard", default=None, metavar="I/N", help="curate shard I of N (default: from RANK/WORLD_SIZE or SLURM)")
     p.add_argument("--group", type=integer(1), default=1, metavar="N",
@@ -91,6 +92,12 @@ def resolve(args: argparse.Namespace) -> dict:
         value = getattr(args, dest)
         if value is not None:
             settings["backends"].setdefault(kind, {})[option] = check_input_dir(value, f"--{dest.replace('_', '-')}").as_posix()
+    if args.keypoints_model is not None:
+        path = check_input_dir(args.keypoints_model, "--keypoints-model").as_posix()
+        stage = next((s for s in settings["stages"] if s["name"] == "keypoints"), None)
+        if stage is None:
+            raise InputError(f"--keypoints-model: the {args.preset} run has no keypoints stage (add it with --settings)")
+        stage["options"]["model"] = path
     run = {s["name"] for s in settings["stages"]}
     for kind, stage in _STAGE_OF.items():
         spec = settings["backends"].get(kind, {})

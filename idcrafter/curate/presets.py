@@ -38,7 +38,7 @@ __all__ = ["BACKEND_SETTINGS", "PRESETS", "load_settings_file", "merge_settings"
 _MODELS = {  # the model backends and the local folders a GPU run names (README "Curating data")
     "detector": {"name": "grounding-dino", "model": None},  # IDEA-Research/grounding-dino-base
     "segmenter": {"name": "sam", "model": None, "video_model": None},  # facebook/sam-vit-huge; SAM 2: facebook/sam2.1-hiera-large
-    "verifier": {"name": "face", "backend": "insightface"},  # MultiCrafter App. C: face detection + recognition [7]
+    "verifier": {"name": "face", "backend": "insightface"},  # MultiCrafter App. C: face detection + recognition
     "captioner": {"name": "qwen2.5-vl", "model": None},  # Qwen/Qwen2.5-VL-7B-Instruct (ID-Crafter Sec. 4.1)
 }
 
@@ -66,8 +66,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             # at most 3 subjects: the model's subject embeddings (docs/design.md 4, max_subjects = 3)
             _stage("detect", min_subjects=1, max_subjects=3),
             _stage("segment"),  # SAM, largest connected component (MultiCrafter App. C)
-            _stage("verify", threshold=0.5),  # project choice: DINOv2 CLS cosine across frames
-            _stage("references", rule="outside-clip"),  # ID-Crafter: a frame outside the sampled clip
+            # ID-Crafter: a frame outside the sampled clip; references run before verify, which then
+            # checks each reference against the subject in the clip
+            _stage("references", rule="outside-clip", face_backend="insightface"),
+            # people by their faces, every other subject by DINOv2 (the verifier backend); thresholds:
+            # each verifier's own (insightface 0.4, DINOv2 0.5: project choices)
+            _stage("verify", verifiers={"person": "face"}, options={"face": {"backend": "insightface"}}),
             _stage("caption"),  # Qwen2.5-VL (ID-Crafter Sec. 3.4 / 4.1)
         ],
         "write": {"masks": "mp4"},
@@ -87,9 +91,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             _stage("detect", min_subjects=2, max_subjects=3),
             _stage("keypoints"),  # App. C: YOLO-Pose boxes and keypoints; here ViTPose
             _stage("segment"),  # App. C: SAM, "only the largest connected component of the mask is retained"
-            # App. C: "a stringent threshold" on face-embedding cosine; 0.5 is project choice (ArcFace same-person ~0.4+)
-            _stage("verify", threshold=0.5),
-            _stage("references", rule="first-frame"),  # App. C: initial frame -> references, middle -> target
+            # App. C: initial frame -> references (segmented portraits and cropped faces), middle -> target
+            _stage("references", rule="first-frame", face_backend="insightface", require_face=True),
+            # App. C: face embeddings of the reference and target frames, "a stringent threshold" on
+            # their cosine: the face verifier's own (insightface 0.4, dlib 0.93)
+            _stage("verify"),
             _stage("caption"),  # App. C: Qwen2.5-VL prompted with the references and the target
         ],
         "write": {"masks": "png", "face_masks": True},  # App. C: "body and face masks preserved"
@@ -105,13 +111,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             _stage("probe", min_frames=2, min_side=512, max_seconds=300.0, short_side=768),  # Sec. 4.1: refs 768x576
             _stage("shots", mode="image", threshold=27.0, min_shot_frames=15, min_shot_seconds=1.0),
             _stage("blur", min_variance=100.0),  # project choice
-            _stage("detect", min_subjects=1, max_subjects=4),  # up to one of each category in a frame
+            # App. H: single-subject pairs: each category found once in a frame becomes its own candidate
+            _stage("detect", min_subjects=1, single_subject=True),
             _stage("segment"),  # App. H: "cropping and segmentation"
-            _stage("verify", threshold=0.5),  # App. H: a VLM verifies same subject; here DINOv2 / face cosine
-            _stage("references", rule="first-frame"),  # the reference from another frame than the target
+            _stage("references", rule="first-frame", face_backend="insightface"),  # another frame than the target
+            # App. H: a VLM verifies the pair shows the same subject; here faces by face embeddings,
+            # garments and bags by DINOv2 (the verifier backend)
+            _stage("verify", verifiers={"face": "face"}, options={"face": {"backend": "insightface"}}),
             _stage("caption", descriptors=True),  # App. H: "item prompt" per subject + "full prompt"
         ],
-        "write": {"masks": "png", "per_subject": True},  # App. H: single-subject pairs, one line per subject
+        "write": {"masks": "png"},
     },
 }
 
@@ -128,6 +137,7 @@ BACKEND_SETTINGS: dict[str, dict[str, Any]] = {
             "shots": {"num_frames": 9, "target_fps": 8.0, "min_shot_frames": 4},
             "motion": {"min_motion": 0.0005, "max_motion": 0.25},
             "keypoints": None,
+            "verify": {"verifiers": None, "options": None},  # ToyID for every subject
         },
     },
 }

@@ -5,7 +5,8 @@ candidate's key under the output folder:
 
     videos/KEY.mp4 | images/KEY.png      the training target (the clip, or the target frame)
     masks/KEY_K.mp4 | masks/KEY_K.png    subject K's mask, aligned with the target (grey, 255 = subject)
-    masks/KEY_K_face.png                 (image kind, MultiCrafter) the face mask, when found
+    masks/KEY_K_face.png                 (MultiCrafter) the face mask: the body mask inside the face box
+                                         of the target frame's keypoints, when the keypoints stage ran
     refs/KEY_K.png                       subject K's reference (subject on white, another frame)
     refs/KEY_K_face.png                  the face crop, when found (MultiCrafter App. C)
 
@@ -26,7 +27,7 @@ import numpy as np
 from idcrafter.curate.core import Candidate
 from idcrafter.utils.io import atomic_write
 
-__all__ = ["SampleError", "funnel_figure", "mask_frames", "split_subjects", "subject_bbox", "write_report", "write_sample",
+__all__ = ["SampleError", "face_box", "face_mask", "funnel_figure", "mask_frames", "split_subjects", "subject_bbox", "write_report", "write_sample",
            "write_samples"]
 
 
@@ -49,6 +50,33 @@ def subject_bbox(boxes: np.ndarray, frame: int = 0) -> list[float] | None:
     row = boxes[frame] if frame in present else boxes[present[0]]
     x0, y0, x1, y1 = (round(float(v), 2) for v in row)
     return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else None
+
+
+def face_box(keypoints: np.ndarray, min_score: float = 0.3) -> np.ndarray | None:
+    """(17, 3) COCO keypoints (x, y, score) of one person in one frame -> the pixel box
+    [x0, y0, x1, y1] of the face: a square centred on the confident face points (nose, eyes, ears:
+    indices 0-4), twice their largest spread on a side; None with fewer than two such points."""
+    points = np.asarray(keypoints, np.float64)[:5]
+    points = points[(points[:, 2] >= min_score) & np.isfinite(points[:, :2]).all(axis=1)]
+    if len(points) < 2:
+        return None
+    centre = points[:, :2].mean(axis=0)
+    half = max(float(np.ptp(points[:, 0])), float(np.ptp(points[:, 1])), 1.0)  # twice the spread: half = spread
+    return np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
+
+
+def face_mask(mask: np.ndarray, keypoints: np.ndarray | None, min_score: float = 0.3) -> np.ndarray | None:
+    """(H, W) bool body mask and (17, 3) keypoints -> the body mask inside the face box (MultiCrafter
+    App. C keeps "body and face masks"); None without a face box."""
+    box = None if keypoints is None else face_box(keypoints, min_score)
+    if box is None:
+        return None
+    height, width = mask.shape
+    x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+    x1, y1 = min(int(np.ceil(box[2])), width), min(int(np.ceil(box[3])), height)
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out if out.any() else None
 
 
 def _write_png(array: np.ndarray, path: Path) -> str:
@@ -104,10 +132,13 @@ def write_sample(candidate: Candidate, kind: str, out: str | Path, masks: str = 
                 entry["mask"] = f"masks/{key}_{k}.mp4"
             else:
                 entry["mask"] = "masks/" + _write_png(np.repeat(frames[0][..., None], 3, -1), out / "masks" / f"{key}_{k}.png")
-        face_mask = track.info.get("face_mask")
-        if face_masks and face_mask is not None:
-            _write_png(np.repeat(mask_frames(np.asarray(face_mask)[None])[0][..., None], 3, -1),
-                       out / "masks" / f"{key}_{k}_face.png")
+        if face_masks and track.masks is not None:
+            face = track.info.get("face_mask")
+            if face is None:  # from the target frame's keypoints (ViTPose), when the keypoints stage ran
+                face = face_mask(np.asarray(track.masks[0], bool), None if track.keypoints is None else track.keypoints[0])
+            if face is not None:
+                _write_png(np.repeat(mask_frames(np.asarray(face)[None])[0][..., None], 3, -1),
+                           out / "masks" / f"{key}_{k}_face.png")
         bbox = subject_bbox(track.boxes)
         if bbox is not None:
             entry["bbox"] = bbox
