@@ -156,6 +156,8 @@ def test_presets_merge_edit_add_remove_and_replace_stages():
     assert {spec["name"] for spec in toy["backends"].values()} == {"toyworld"}
     assert toy["stages"][1]["options"]["num_frames"] == 9 and toy["categories"] == {"toy": "toy"}
     assert "keypoints" not in [s["name"] for s in resolve_settings("multicrafter-image", "toyworld")["stages"]]
+    # a backend's settings edit the preset's stages, never add one (One-for-All has no motion filter)
+    assert "motion" not in [s["name"] for s in resolve_settings("one-for-all", "toyworld")["stages"]]
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_settings("idcrafter")
 

@@ -38,7 +38,9 @@ __all__ = ["BACKEND_SETTINGS", "PRESETS", "load_settings_file", "merge_settings"
 _MODELS = {  # the model backends and the local folders a GPU run names (README "Curating data")
     "detector": {"name": "grounding-dino", "model": None},  # IDEA-Research/grounding-dino-base
     "segmenter": {"name": "sam", "model": None, "video_model": None},  # facebook/sam-vit-huge; SAM 2: facebook/sam2.1-hiera-large
-    "verifier": {"name": "face", "backend": "insightface"},  # MultiCrafter App. C: face detection + recognition
+    # MultiCrafter App. C: face detection + recognition; dlib's weights ship with its pip package (insightface
+    # needs a model pack folder: {backend: insightface, root: DIR, model_name: antelopev2})
+    "verifier": {"name": "face", "backend": "dlib"},
     "captioner": {"name": "qwen2.5-vl", "model": None},  # Qwen/Qwen2.5-VL-7B-Instruct (ID-Crafter Sec. 4.1)
 }
 
@@ -68,10 +70,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             _stage("segment"),  # SAM, largest connected component (MultiCrafter App. C)
             # ID-Crafter: a frame outside the sampled clip; references run before verify, which then
             # checks each reference against the subject in the clip
-            _stage("references", rule="outside-clip", face_backend="insightface"),
+            _stage("references", rule="outside-clip", face_backend="dlib"),
             # people by their faces, every other subject by DINOv2 (the verifier backend); thresholds:
-            # each verifier's own (insightface 0.4, DINOv2 0.5: project choices)
-            _stage("verify", verifiers={"person": "face"}, options={"face": {"backend": "insightface"}}),
+            # each verifier's own (dlib 0.93, DINOv2 0.5: project choices)
+            _stage("verify", verifiers={"person": "face"}, options={"face": {"backend": "dlib"}}),
             _stage("caption"),  # Qwen2.5-VL (ID-Crafter Sec. 3.4 / 4.1)
         ],
         "write": {"masks": "mp4"},
@@ -92,9 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             _stage("keypoints"),  # App. C: YOLO-Pose boxes and keypoints; here ViTPose
             _stage("segment"),  # App. C: SAM, "only the largest connected component of the mask is retained"
             # App. C: initial frame -> references (segmented portraits and cropped faces), middle -> target
-            _stage("references", rule="first-frame", face_backend="insightface", require_face=True),
+            _stage("references", rule="first-frame", face_backend="dlib", require_face=True),
             # App. C: face embeddings of the reference and target frames, "a stringent threshold" on
-            # their cosine: the face verifier's own (insightface 0.4, dlib 0.93)
+            # their cosine: the face verifier's own (dlib 0.93, insightface 0.4)
             _stage("verify"),
             _stage("caption"),  # App. C: Qwen2.5-VL prompted with the references and the target
         ],
@@ -114,10 +116,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             # App. H: single-subject pairs: each category found once in a frame becomes its own candidate
             _stage("detect", min_subjects=1, single_subject=True),
             _stage("segment"),  # App. H: "cropping and segmentation"
-            _stage("references", rule="first-frame", face_backend="insightface"),  # another frame than the target
+            _stage("references", rule="first-frame", face_backend="dlib"),  # another frame than the target
             # App. H: a VLM verifies the pair shows the same subject; here faces by face embeddings,
             # garments and bags by DINOv2 (the verifier backend)
-            _stage("verify", verifiers={"face": "face"}, options={"face": {"backend": "insightface"}}),
+            _stage("verify", verifiers={"face": "face"}, options={"face": {"backend": "dlib"}}),
             _stage("caption", descriptors=True),  # App. H: "item prompt" per subject + "full prompt"
         ],
         "write": {"masks": "png"},
@@ -155,7 +157,7 @@ def _stage_entry(item: Any) -> dict[str, Any]:
     raise ValueError(f"a stage must be a name or a mapping with a 'name', got {item!r}")
 
 
-def _merge_stages(stages: list[dict[str, Any]], edits: Any) -> list[dict[str, Any]]:
+def _merge_stages(stages: list[dict[str, Any]], edits: Any, add: bool = True) -> list[dict[str, Any]]:
     if isinstance(edits, list):  # these stages in this order, each keeping the options it had
         had = {s["name"]: s["options"] for s in stages}
         entries = [_stage_entry(item) for item in edits]
@@ -173,6 +175,8 @@ def _merge_stages(stages: list[dict[str, Any]], edits: Any) -> list[dict[str, An
             continue
         if not isinstance(options, dict):
             raise ValueError(f"stages.{name} must be a mapping of options or null, got {options!r}")
+        if at is None and not add:  # an overlay (the backend's settings) only edits the stages there are
+            continue
         if at is None:  # a stage the preset lacks goes in its registry position
             order = list(STAGES)
             at = next((i for i, s in enumerate(stages) if order.index(s["name"]) > order.index(name)), len(stages))
@@ -181,14 +185,15 @@ def _merge_stages(stages: list[dict[str, Any]], edits: Any) -> list[dict[str, An
     return stages
 
 
-def merge_settings(base: dict[str, Any], over: dict[str, Any], where: str = "settings") -> dict[str, Any]:
-    """`over` (a settings file's mapping) merged over `base` (a preset); see the module docstring."""
+def merge_settings(base: dict[str, Any], over: dict[str, Any], where: str = "settings", add_stages: bool = True) -> dict[str, Any]:
+    """`over` (a settings file's mapping) merged over `base` (a preset); see the module docstring.
+    `add_stages` False: a stage mapping only edits the stages `base` has (a backend's settings)."""
     merged = copy.deepcopy(base)
     for key, value in over.items():
         if key not in base:
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(base)})")
         if key == "stages":
-            merged["stages"] = _merge_stages(merged["stages"], value)
+            merged["stages"] = _merge_stages(merged["stages"], value, add_stages)
         elif key == "backends":
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: backends must be a mapping of backend kinds")
@@ -225,7 +230,7 @@ def resolve_settings(preset: str, backend: str | None = None, overrides: dict[st
     if backend is not None:
         if backend not in BACKEND_SETTINGS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKEND_SETTINGS)}")
-        settings = merge_settings(settings, BACKEND_SETTINGS[backend], f"backend {backend}")
+        settings = merge_settings(settings, BACKEND_SETTINGS[backend], f"backend {backend}", add_stages=False)
     if overrides:
         settings = merge_settings(settings, overrides)
     settings["preset"], settings["backend"] = preset, backend
