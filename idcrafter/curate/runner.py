@@ -9,11 +9,11 @@ candidates of several videos), then each input's samples are written and its rec
 `records/KEY.json` (its manifest lines, funnel counts and drops) is written atomically as the
 input's last act. A rerun skips every input whose record exists (for the same settings), so a run
 killed at any point loses at most the group in flight and never doubles an input: media files are
-rewritten under the same names, and
-the manifest is assembled from the records alone. At the end `manifest.jsonl`, `report.json` and
-`funnel.png` are rebuilt from all records in the folder, sorted by key, so the manifest does not
-depend on the order, the sharding or the interruptions of the runs that made it (after an array
-job, a last run over the same inputs assembles the shards' records).
+rewritten under the same names, and the manifest is assembled from the records alone. At the end
+`manifest.jsonl`, `report.json` and `funnel.png` are rebuilt from the records of all inputs, sorted
+by sample id, so the manifest does not depend on the order, the sharding or the interruptions of
+the runs that made it (after an array job, a last run over the same inputs assembles the shards'
+records).
 
 A bad input never stops the run: stages drop what they cannot use, and an exception raised
 inside a stage is retried input by input; the candidates of the input it still fails on are
