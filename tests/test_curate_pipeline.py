@@ -506,3 +506,25 @@ def test_face_mask_is_the_body_mask_inside_the_keypoints_face_box(tmp_path):
     written = np.asarray(Image.open(tmp_path / "masks" / "v-s000-c00_0_face.png"))[..., 0] > 127
     np.testing.assert_array_equal(written, face_mask(c.subjects[0].masks[0], kp[0]))
     assert 0 < written.sum() < c.subjects[0].masks[0].sum()
+
+
+def test_readme_toy_command_curates_toy_raw_videos(tmp_path):
+    """The toy-world command exactly as README.md writes it, end to end through every stage."""
+    import shlex
+
+    toyworld = pytest.importorskip("idcrafter.curate.toyworld")  # the toy backends
+    from idcrafter.cli.curate import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    command = next(line.strip() for line in readme if line.strip().startswith("python scripts/curate.py toy_raw/"))
+    args = shlex.split(command)[2:]
+    raw, _ = toyworld.write_raw_videos(tmp_path, 2, seed=0)
+    args[0], args[args.index("--out") + 1] = str(raw), str(tmp_path / "curated")
+    assert main([*args, "--no-progress"]) == 0
+    samples, errors = load_manifest(tmp_path / "curated" / "manifest.jsonl")
+    assert errors == [] and len(samples) > 0
+    assert all(s.is_video and s.subjects and all(x.mask is not None for x in s.subjects) for s in samples)
+    report = json.loads((tmp_path / "curated" / "report.json").read_text())
+    assert list(report["funnel"]) == ["probe", "shots", "blur", "motion", "detect", "segment", "references", "verify",
+                                      "caption", "write"]
+    assert report["funnel"]["probe"]["in"] == 2 and report["samples"] == len(samples)
