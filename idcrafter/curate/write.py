@@ -180,8 +180,8 @@ def write_report(out: str | Path, funnel: dict[str, dict[str, Any]], drops: list
 
 
 def funnel_figure(funnel: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """A horizontal bar per stage: candidates in (light) and kept (dark), each stage's drop
-    reasons written beside its bar; written atomically as PNG."""
+    """Two horizontal bars per stage: candidates in (light) and kept (dark), each stage's drop
+    reasons written beside them; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,14 +192,15 @@ def funnel_figure(funnel: dict[str, dict[str, Any]], path: str | Path, title: st
     y = np.arange(len(stages))[::-1]
     ins = [funnel[s]["in"] for s in stages]
     kept = [funnel[s]["kept"] for s in stages]
-    ax.barh(y, ins, color="#c8d6e5", label="in")
-    ax.barh(y, kept, color="#2e86de", label="kept")
-    top = max(ins + [1])
+    # side by side: a splitting stage (shots) keeps more candidates than came in
+    ax.barh(y + 0.2, ins, height=0.38, color="#c8d6e5", label="in")
+    ax.barh(y - 0.2, kept, height=0.38, color="#2e86de", label="kept")
+    top = max(ins + kept + [1])
     for yi, stage in zip(y, stages):
         dropped = funnel[stage]["dropped"]
         text = ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
         ax.text(top * 1.02, yi, text, va="center", fontsize=8)
-    ax.set_yticks(y, [f"{s} ({funnel[s]['kept']}/{funnel[s]['in']})" for s in stages])
+    ax.set_yticks(y, [f"{s}: {funnel[s]['in']} -> {funnel[s]['kept']}" for s in stages])
     ax.set_xlim(0, top * 2.2)  # room for the reasons right of the bars
     ax.set_xlabel("candidates")
     ax.set_title(f"curation funnel {title}".strip())
