@@ -151,6 +151,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_manifest(tmp_path, mo
     assert counts(report)["probe"] == (6, 6, {})
     from idcrafter.utils.media import verify_video
 
+    # the temporary files of the input in flight at the kill are gone with its rerun
+    assert [p.name for p in out.rglob(".*.tmp*")] == []
     for sample in samples:
         assert verify_video(sample.video) == (9, 64, 64)
         assert verify_video(sample.subjects[0].mask) == (9, 64, 64)

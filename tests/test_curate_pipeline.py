@@ -528,3 +528,15 @@ def test_readme_toy_command_curates_toy_raw_videos(tmp_path):
     assert list(report["funnel"]) == ["probe", "shots", "blur", "motion", "detect", "segment", "references", "verify",
                                       "caption", "write"]
     assert report["funnel"]["probe"]["in"] == 2 and report["samples"] == len(samples)
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left_for_its_inputs(tmp_path, annotate_registered):
+    inputs = _raw_videos(tmp_path / "raw", 1)
+    key = input_key(inputs[0])
+    stale = [tmp_path / "out" / "videos" / f".{key}-s000-c00.abc123.tmp.mp4", tmp_path / "out" / "records" / f".{key}.x.tmp.json"]
+    other = tmp_path / "out" / "videos" / ".another-input-0123456789.abc.tmp.mp4"  # not this input's: kept
+    for path in (*stale, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    Curator(toy_settings("video")).run(inputs, tmp_path / "out", progress=False)
+    assert not any(p.exists() for p in stale) and other.exists()

@@ -229,6 +229,18 @@ def _stage_on(stage: Stage, items: list[Candidate], funnels: dict[str, Funnel]) 
     return kept
 
 
+_OUTPUT_FOLDERS = ("videos", "images", "masks", "refs", "records")
+
+
+def _remove_stale_temporaries(out: Path, key: str) -> None:
+    """Delete the temporary files (`atomic_write`'s `.NAME.*.tmp*`) a killed run left for the input
+    `key`: its files are named by its key, and only the process curating it writes them."""
+    for folder in _OUTPUT_FOLDERS:
+        for pattern in (f".{glob.escape(key)}-*.tmp*", f".{glob.escape(key)}.*.tmp*"):  # samples KEY-..., record KEY
+            for path in (out / folder).glob(pattern):
+                path.unlink(missing_ok=True)
+
+
 class Curator:
     """The stages of `settings` (built once, models loaded on first use) and how a run writes.
 
@@ -285,6 +297,7 @@ class Curator:
                 break
         records = []
         for source in sources:
+            _remove_stale_temporaries(out, input_key(source))
             mine = [c for c in items if c.source == source]
             started = time.perf_counter()
             lines, written, drops = self._write(mine, out)
