@@ -19,6 +19,7 @@ from idcrafter.curate.detect import (
     link_tracks,
     nms,
 )
+from idcrafter.curate.segment import SamSegmenter, SegmentStage, fill_gaps, largest_component
 
 # ---------------------------------------------------------------------------- tiny models
 GD_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "dog", "face", "bag", "upper",
@@ -27,8 +28,15 @@ GD_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "d
 
 def build_tiny_grounding_dino(folder, seed: int = 0):
     """A ~170k-parameter Grounding-DINO (Swin 8-wide, BERT 32-wide, 20 queries) with its processor."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessorPil, GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(GD_WORDS) + "\n")
@@ -227,3 +235,134 @@ def test_detect_stage_builds_its_backend_from_the_registry(gd_folder):
         np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
 
 
+
+
+# ---------------------------------------------------------------------------- segmentation
+def build_tiny_sam(folder, seed: int = 0):
+    """A ~17k-parameter SAM (64-pixel encoder, 8-pixel patches) with its processor."""
+    from transformers import (
+        SamConfig,
+        SamImageProcessorPil,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                      output_channels=16, image_size=64, patch_size=8, global_attn_indexes=[0],
+                                      window_size=0, num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 mlp_dim=32, iou_head_hidden_dim=16))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(config).eval()
+    processor = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64},
+                                                                  pad_size={"height": 64, "width": 64}))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sam_folder(tmp_path_factory):
+    return build_tiny_sam(tmp_path_factory.mktemp("sam") / "sam")
+
+
+def test_largest_component_keeps_the_biggest_8_connected_blob():
+    mask = np.zeros((12, 16), bool)
+    mask[1:6, 1:7] = True  # 30 pixels
+    mask[6, 7] = mask[7, 8] = True  # joined diagonally: part of the big blob (32)
+    mask[8:11, 10:15] = True  # 15 pixels, separate
+    mask[0, 15] = True  # a speck
+    kept = largest_component(mask)
+    assert kept.sum() == 32 and kept[7, 8] and not kept[9, 12] and not kept[0, 15]
+    assert largest_component(np.zeros((4, 4), bool)).sum() == 0
+    tie = np.zeros((3, 7), bool)
+    tie[:, 0] = tie[:, 6] = True
+    assert largest_component(tie)[:, 0].all() and not largest_component(tie)[:, 6].any()
+
+
+def test_fill_gaps_interpolates_short_gaps_only():
+    boxes = np.full((8, 4), np.nan)
+    boxes[0], boxes[3], boxes[7] = [0, 0, 10, 10], [3, 0, 13, 10], [30, 0, 40, 10]
+    filled = fill_gaps(boxes, max_gap=2)
+    np.testing.assert_allclose(filled[1:3, 0], [1, 2])
+    assert np.isnan(filled[4:7]).all()  # a 3-frame gap stays a gap
+
+
+def test_sam_segmenter_matches_the_stock_sam_path(sam_folder):
+    from transformers import SamModel, SamProcessor
+
+    frames = noise_frames(3, seed=3)
+    boxes = [np.array([[8, 6, 40, 40], [44, 10, 76, 44]], float), np.array([[4, 4, 30, 30]], float),
+             np.array([[20, 8, 60, 46], [0, 0, 80, 48]], float)]
+    segmenter = SamSegmenter(str(sam_folder))
+    together = segmenter.logits(frames, boxes)
+    model, processor = SamModel.from_pretrained(sam_folder).eval(), SamProcessor.from_pretrained(sam_folder)
+    for frame, frame_boxes, mine in zip(frames, boxes, together):
+        inputs = processor(images=[frame], input_boxes=[frame_boxes.tolist()], return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs, multimask_output=False)
+        stock = processor.post_process_masks(out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"],
+                                             binarize=False)[0][:, 0].numpy()
+        assert mine.shape == (len(frame_boxes), 48, 80)
+        np.testing.assert_allclose(mine, stock, atol=1e-5)
+        masks = segmenter.segment(frame[None], [frame_boxes])[0]
+        assert 0.02 < masks.mean() < 0.98  # a random SAM still gives non-trivial masks
+        sure = np.abs(stock) > 1e-4  # away from the threshold, where float noise cannot flip a pixel
+        np.testing.assert_array_equal(masks[sure], stock[sure] > 0)
+    alone = [segmenter.logits(frames[i:i + 1], boxes[i:i + 1])[0] for i in range(3)]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class ColourSegmenter:
+    """A real, deterministic segmenter for synthetic frames: the red pixels inside each box."""
+
+    def segment(self, frames, boxes):
+        out = []
+        for frame, frame_boxes in zip(frames, boxes):
+            red = (frame == (255, 0, 0)).all(-1)
+            masks = np.zeros((len(frame_boxes), *red.shape), bool)
+            for k, (x0, y0, x1, y1) in enumerate(np.round(frame_boxes).astype(int)):
+                masks[k, y0:y1, x0:x1] = red[y0:y1, x0:x1]
+            out.append(masks)
+        return out
+
+
+def test_segment_stage_masks_tracks_bridges_gaps_and_drops_empty_masks():
+    frames = square_clip(2, frames=6)
+    frames[:, 40, 5] = (255, 0, 0)  # a stray red pixel inside person 0's box below: not its largest component
+    cand = Candidate("a.mp4", "a", 25.0, frames=frames)
+    tracks = DetectStage(categories=["person"], detector=SquareDetector(), min_presence=0.0).run([cand])[0].subjects
+    assert len(tracks) == 3  # the two squares, then the stray pixel (found last in raster order)
+    cand.subjects = tracks[:2]
+    a = cand.subjects[0]
+    a.boxes[:, 3] = 42  # the box reaches the stray pixel
+    a.boxes[2] = np.nan  # a missed detection, bridged
+    ghost = Candidate("b.mp4", "b", 25.0, frames=np.full((6, 64, 96, 3), 90, np.uint8),
+                      subjects=[SubjectTrack("person", np.tile([[4.0, 10, 20, 30]], (6, 1)), np.ones(6))])
+    funnel = Funnel()
+    kept = SegmentStage(segmenter=ColourSegmenter(), frame_batch=4).run([cand, ghost], funnel)
+    assert [c.key for c in kept] == ["a"]
+    for k, track in enumerate(kept[0].subjects):
+        assert track.masks.shape == (6, 64, 96)
+        np.testing.assert_array_equal(track.masks.sum((1, 2)), [20 * 16] * 6)  # the square only, every frame
+        assert track.masks[3, 10:30, 4 + 30 * k + 3:20 + 30 * k + 3].all()
+    assert not kept[0].subjects[0].masks[:, 40, 5].any()
+    assert funnel.as_dict()["segment"]["dropped"] == {"empty mask": 1}
+
+
+def test_segment_stage_builds_sam_from_the_registry(sam_folder):
+    frames = noise_frames(2, seed=4)
+    track = SubjectTrack("person", np.array([[8, 6, 40, 40], [10, 6, 42, 40]], float), np.ones(2))
+    stage = SegmentStage(segmenter="sam", segmenter_options={"model": str(sam_folder)}, max_empty=1.0)
+    kept = stage.run([Candidate("a.mp4", "a", 25.0, frames=frames, subjects=[track])])
+    direct = SamSegmenter(str(sam_folder)).segment(frames, [track.boxes[:1], track.boxes[1:]])
+    assert isinstance(stage.segmenter, SamSegmenter)
+    for t in range(2):
+        np.testing.assert_array_equal(kept[0].subjects[0].masks[t], largest_component(direct[t][0]))
