@@ -496,7 +496,8 @@ def test_qwen_captions_carry_descriptors_valid_for_the_manifest_and_ccpa(qwen_fo
     from idcrafter.data.manifest import load_manifest
 
     stage = CaptionStage(captioner="qwen2.5-vl", captioner_options={"model": str(qwen_folder), "max_image_side": 56,
-                                                                    "prompt_tokens": 24}, batch_size=2)
+                                                                    "prompt_tokens": 24}, descriptors=True,
+                         batch_size=2)
     kept = stage.run(one_for_all_candidates())
     assert isinstance(stage.captioner, QwenCaptioner) and len(kept) == 2
     lines = []
@@ -524,3 +525,44 @@ def test_qwen_batch_equals_one_by_one(qwen_folder):
     alone = [captioner.caption(c) for c in one_for_all_candidates()]
     assert together == alone
     assert together[0] != together[1]  # the captions follow the pixels
+
+
+def test_caption_stage_without_descriptors_asks_for_none(qwen_folder):
+    stage = CaptionStage(captioner="qwen2.5-vl", captioner_options={"model": str(qwen_folder), "max_image_side": 56,
+                                                                    "prompt_tokens": 24})
+    kept = stage.run(one_for_all_candidates()[:1])
+    assert stage.captioner.descriptors is False
+    assert kept[0].prompt and [t.descriptor for t in kept[0].subjects] == [None, None]
+    assert "marked_prompt" not in kept[0].info
+
+
+def test_model_backends_name_their_missing_folder_setting():
+    for cls, setting in [(GroundingDinoDetector, "backends.detector.model"), (SamSegmenter, "backends.segmenter.model"),
+                         (DinoVerifier, "backends.verifier.model"), (QwenCaptioner, "backends.captioner.model")]:
+        with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
+            cls()
+    with pytest.raises(ValueError, match=r"backends\.detector\.model"):
+        make_backend("detector", "grounding-dino")
+
+
+def test_single_subject_mode_splits_one_candidate_per_category():
+    frames = square_clip(1, frames=4)
+    frames[:, 40:52, 60:72] = (0, 255, 0)  # one dog
+    stage = DetectStage(categories={"person": "a person", "dog": "a dog"}, detector=SquareDetector(),
+                        single_subject=True)
+    kept = stage.run([Candidate("a.mp4", "a", 25.0, frames=frames)])
+    assert [(c.key, [t.category for t in c.subjects]) for c in kept] == [("a-dog", ["dog"]), ("a-person", ["person"])] \
+        or [(c.key, [t.category for t in c.subjects]) for c in kept] == [("a-person", ["person"]), ("a-dog", ["dog"])]
+    assert all(c.frames is frames for c in kept)
+    crowd = square_clip(2, frames=4)  # two people: whose face / garment is ambiguous
+    funnel = Funnel()
+    assert stage.run([Candidate("b.mp4", "b", 25.0, frames=crowd)], funnel) == []
+    assert funnel.as_dict()["detect"]["dropped"] == {"several subjects per category": 1}
+
+
+def test_detect_stage_hands_category_words_to_grounding_dino(gd_folder):
+    stage = DetectStage(categories={"person": "a person", "upper": "an upper garment"},
+                        detector=GroundingDinoDetector(str(gd_folder), phrases={"person": "a dog"}), min_presence=0.0)
+    stage.run([Candidate("a.mp4", "a", 25.0, frames=noise_frames(1))])
+    assert stage.detector.phrases == {"person": "a dog", "upper": "an upper garment"}  # the backend's own wins
+    assert grounding_prompt(stage.categories, stage.detector.phrases)[0] == "a dog. an upper garment."

@@ -167,9 +167,11 @@ class QwenCaptioner:
         prompt_tokens / descriptor_words: length limits of the answers.
     """
 
-    def __init__(self, model: str, device: str = "cpu", frames: int = 3, max_image_side: int = 448,
+    def __init__(self, model: str | None = None, device: str = "cpu", frames: int = 3, max_image_side: int = 448,
                  descriptors: bool = True, prompt_tokens: int = 96, descriptor_words: int = 8,
                  dtype: str | None = None) -> None:
+        if not model:
+            raise ValueError("the qwen2.5-vl captioner needs model: a local Qwen2.5-VL folder (backends.captioner.model)")
         self.path = Path(model)
         self.device = device
         self.frames = int(frames)
@@ -255,6 +257,8 @@ class CaptionStage(Stage):
         captioner: a BACKENDS["captioner"] name, or an object with `caption(candidate)` (and
             optionally `caption_batch(candidates)`, used for whole batches).
         captioner_options: keyword options of the backend; `device` is the stage's.
+        descriptors: keep the captioner's item descriptors (One-for-All's "item prompt"); off, the
+            subjects get none, and a captioner with a `descriptors` switch is told not to make them.
 
     The marked-up prompt (`mark_descriptors`) goes to `candidate.info["marked_prompt"]` when the
     subjects' categories are distinct (CCPA allows one descriptor per category).
@@ -263,8 +267,9 @@ class CaptionStage(Stage):
     name = "caption"
 
     def __init__(self, captioner: Any = "template", captioner_options: Mapping[str, Any] | None = None,
-                 batch_size: int = 4) -> None:
+                 descriptors: bool = False, batch_size: int = 4) -> None:
         super().__init__()
+        self.descriptors = bool(descriptors)
         self.captioner = captioner
         self.captioner_options = dict(captioner_options or {})
         self.batch_size = int(batch_size)
@@ -272,6 +277,8 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         if isinstance(self.captioner, str):
             self.captioner = make_backend("captioner", self.captioner, device=self.device, **self.captioner_options)
+        if isinstance(getattr(self.captioner, "descriptors", None), bool):
+            self.captioner.descriptors = self.descriptors  # no model call for descriptors nobody keeps
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
         if hasattr(self.captioner, "caption_batch"):
@@ -285,6 +292,8 @@ class CaptionStage(Stage):
                 results.append(Dropped(cand, "empty caption"))
                 continue
             descriptors = list(descriptors) + [None] * (len(cand.subjects) - len(descriptors))
+            if not self.descriptors:
+                descriptors = [None] * len(cand.subjects)
             if any(d and d not in prompt for d in descriptors):
                 results.append(Dropped(cand, "descriptor not in prompt"))
                 continue

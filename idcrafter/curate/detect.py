@@ -13,6 +13,7 @@ two-person selection (MultiCrafter App. C: person boxes and keypoints before seg
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,21 +113,25 @@ class DetectStage(Stage):
     """Detect the preset's categories on every frame and keep the subjects tracked over the clip.
 
     Args:
-        categories: the category words to detect ("person", "dog", "face", ...).
+        categories: the categories to detect: words ("person", "dog", ...) or {category: the words the
+            detector reads} ({"upper": "an upper garment"}), handed to a detector with `phrases`.
         detector: a BACKENDS["detector"] name, or an object with `detect(frames, categories)`.
         detector_options: keyword options of the backend (model path, thresholds); `device` is the stage's.
         frame_batch: frames per detector call.
         min_presence: a track must be found in at least this fraction of the frames.
         min_subjects / max_subjects: a candidate with fewer / more kept tracks is dropped (None: no limit).
         iou_min, max_gap: tracking (see `link_tracks`).
+        single_subject: One-for-All's single-subject pairs (One-for-All Sec. 3.2, App. H): every
+            category found exactly once becomes a candidate of its own (key "<key>-<category>", one
+            subject); a category found more than once (several people) is ambiguous and skipped.
     """
 
     name = "detect"
 
-    def __init__(self, categories: Sequence[str] = ("person",), detector: Any = "grounding-dino",
+    def __init__(self, categories: Sequence[str] | Mapping[str, str] = ("person",), detector: Any = "grounding-dino",
                  detector_options: Mapping[str, Any] | None = None, frame_batch: int = 8, min_presence: float = 0.5,
                  min_subjects: int = 1, max_subjects: int | None = None, iou_min: float = 0.3, max_gap: int = 2,
-                 batch_size: int = 1) -> None:
+                 single_subject: bool = False, batch_size: int = 1) -> None:
         super().__init__()
         if not categories:
             raise ValueError("DetectStage: categories must name at least one category word")
@@ -135,6 +140,8 @@ class DetectStage(Stage):
         if max_subjects is not None and max_subjects < min_subjects:
             raise ValueError(f"DetectStage: max_subjects {max_subjects} < min_subjects {min_subjects}")
         self.categories = list(categories)
+        self.phrases = {str(k): str(v) for k, v in categories.items()} if isinstance(categories, Mapping) else {}
+        self.single_subject = bool(single_subject)
         self.detector = detector
         self.detector_options = dict(detector_options or {})
         self.frame_batch = max(1, int(frame_batch))
@@ -148,6 +155,8 @@ class DetectStage(Stage):
     def setup(self) -> None:
         if isinstance(self.detector, str):
             self.detector = make_backend("detector", self.detector, device=self.device, **self.detector_options)
+        if self.phrases and isinstance(getattr(self.detector, "phrases", None), dict):
+            self.detector.phrases = {**self.phrases, **self.detector.phrases}  # the backend's own settings win
 
     def detections(self, frames: np.ndarray) -> list[list[Detection]]:
         """frames (T, H, W, 3) uint8 -> per frame its detections, `frame_batch` frames a call."""
@@ -167,6 +176,8 @@ class DetectStage(Stage):
             cand.info.setdefault("detect", {})["tracks_found"] = len(tracks)
             if not kept:
                 results.append(Dropped(cand, "no subject"))
+            elif self.single_subject:
+                results.extend(self.split(cand, kept))
             elif len(kept) < self.min_subjects:
                 results.append(Dropped(cand, "too few subjects"))
             elif self.max_subjects is not None and len(kept) > self.max_subjects:
@@ -175,6 +186,15 @@ class DetectStage(Stage):
                 cand.subjects = kept
                 results.append(cand)
         return results
+
+    def split(self, cand: Candidate, tracks: list[SubjectTrack]) -> list[Outcome]:
+        """One candidate per category found exactly once (single-subject pairs); frames are shared."""
+        counts = {c: sum(t.category == c for t in tracks) for c in {t.category for t in tracks}}
+        single = [t for t in tracks if counts[t.category] == 1]
+        if not single:
+            return [Dropped(cand, "several subjects per category")]
+        return [dataclasses.replace(cand, key=f"{cand.key}-{t.category}", subjects=[t], info=dict(cand.info))
+                for t in single]
 
 
 # ---------------------------------------------------------------------------- Grounding-DINO
@@ -214,8 +234,11 @@ class GroundingDinoDetector:
         phrases: {category: words the detector reads}, e.g. {"upper": "upper garment"}.
     """
 
-    def __init__(self, model: str, device: str = "cpu", box_threshold: float = 0.35, nms_iou: float = 0.7,
-                 phrases: Mapping[str, str] | None = None, dtype: str | None = None) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", box_threshold: float = 0.35,
+                 nms_iou: float = 0.7, phrases: Mapping[str, str] | None = None, dtype: str | None = None) -> None:
+        if not model:
+            raise ValueError("the grounding-dino detector needs model: a local Grounding-DINO folder "
+                             "(backends.detector.model)")
         self.path = Path(model)
         self.device = device
         self.box_threshold = float(box_threshold)
@@ -279,18 +302,19 @@ class GroundingDinoDetector:
 class KeypointStage(Stage):
     """ViTPose body keypoints (COCO 17) for the person tracks (optional; MultiCrafter App. C).
 
-    Fills `track.keypoints` (T, 17, 3) = (x, y, score), NaN where the person is not found. With
+    Fills `track.keypoints` (T, 17, 3) = (x, y, score), NaN where the person is not found; without a
+    `model` (a local ViTPose folder) the stage passes candidates through unchanged. With
     `require_face`, a candidate is dropped when a person's nose and both eyes are never all above
     `min_score` in any frame: MultiCrafter verifies identities on faces, so each person must show one.
     """
 
     name = "keypoints"
 
-    def __init__(self, model: str, categories: Sequence[str] = ("person",), require_face: bool = False,
+    def __init__(self, model: str | None = None, categories: Sequence[str] = ("person",), require_face: bool = False,
                  min_score: float = 0.3, frame_batch: int = 16, batch_size: int = 1) -> None:
         super().__init__()
-        self.path = Path(model)
-        self.categories = set(categories)
+        self.path = Path(model) if model else None
+        self.people = {"person"} if isinstance(categories, Mapping) else set(categories)
         self.require_face = bool(require_face)
         self.min_score = float(min_score)
         self.frame_batch = max(1, int(frame_batch))
@@ -300,6 +324,8 @@ class KeypointStage(Stage):
     def setup(self) -> None:
         from transformers import VitPoseForPoseEstimation, VitPoseImageProcessor
 
+        if self.path is None:
+            return
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"ViTPose folder {str(self.path)!r} has no config.json (models are never downloaded)")
         self.model = VitPoseForPoseEstimation.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
@@ -319,9 +345,11 @@ class KeypointStage(Stage):
                 for frame in poses]
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
+        if self.path is None:
+            return list(batch)
         results: list[Outcome] = []
         for cand in batch:
-            people = [tr for tr in cand.subjects if tr.category in self.categories]
+            people = [tr for tr in cand.subjects if tr.category in self.people]
             frames = [t for t in range(len(cand.frames)) if any(tr.present()[t] for tr in people)]
             for tr in people:
                 tr.keypoints = np.full((len(cand.frames), 17, 3), np.nan)

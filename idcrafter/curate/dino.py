@@ -20,7 +20,10 @@ class DinoVerifier:
     a NaN row for a missing or empty crop, in batches of `batch_size`.
     """
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 32, dtype: str | None = None) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 32,
+                 dtype: str | None = None) -> None:
+        if not model:
+            raise ValueError("the dinov2 verifier needs model: a local DINOv2 folder (backends.verifier.model)")
         self.path = Path(model)
         self.device = device
         self.batch_size = max(1, int(batch_size))

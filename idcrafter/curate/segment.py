@@ -121,7 +121,10 @@ class SamSegmenter:
     box, as SAM recommends for unambiguous (box) prompts (SAM Sec. 3).
     """
 
-    def __init__(self, model: str, device: str = "cpu", mask_threshold: float = 0.0, dtype: str | None = None) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", mask_threshold: float = 0.0,
+                 dtype: str | None = None) -> None:
+        if not model:
+            raise ValueError("the sam segmenter needs model: a local SAM folder (backends.segmenter.model)")
         self.path = Path(model)
         self.device = device
         self.mask_threshold = float(mask_threshold)
