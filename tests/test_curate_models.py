@@ -21,8 +21,10 @@ from idcrafter.curate.core import Candidate, Detection, Dropped, Funnel, Subject
 from idcrafter.curate.detect import (
     DetectStage,
     GroundingDinoDetector,
+    KeypointStage,
     box_iou,
     cxcywh_to_pixels,
+    face_visible,
     grounding_prompt,
     link_tracks,
     nms,
@@ -566,3 +568,62 @@ def test_detect_stage_hands_category_words_to_grounding_dino(gd_folder):
     stage.run([Candidate("a.mp4", "a", 25.0, frames=noise_frames(1))])
     assert stage.detector.phrases == {"person": "a dog", "upper": "an upper garment"}  # the backend's own wins
     assert grounding_prompt(stage.categories, stage.detector.phrases)[0] == "a dog. an upper garment."
+
+
+# ---------------------------------------------------------------------------- keypoints
+def build_tiny_vitpose(folder, seed: int = 0):
+    """A ~17k-parameter ViTPose (64 x 48 crops, 16-pixel patches, 17 COCO keypoints) with its processor."""
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessorPil,
+    )
+
+    config = VitPoseConfig(backbone_config=VitPoseBackboneConfig(
+        image_size=[64, 48], patch_size=[16, 16], hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        mlp_ratio=2, out_indices=[1]), num_labels=17)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VitPoseForPoseEstimation(config).eval()
+    model.save_pretrained(folder)
+    VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(folder)
+    return folder
+
+
+def test_keypoint_stage_matches_stock_vitpose_and_requires_faces(tmp_path):
+    from transformers import VitPoseForPoseEstimation, VitPoseImageProcessorPil
+
+    folder = build_tiny_vitpose(tmp_path / "vitpose")
+    frames = noise_frames(3, seed=8)
+    a = SubjectTrack("person", np.array([[5, 5, 30, 40], [6, 5, 31, 40], [np.nan] * 4]), np.array([1, 1, 0.0]))
+    b = SubjectTrack("person", np.array([[40, 5, 70, 40]] * 3, float), np.ones(3))
+    dog = SubjectTrack("dog", np.array([[10, 30, 30, 46]] * 3, float), np.ones(3))
+    kept = KeypointStage(model=str(folder), frame_batch=2).run([Candidate("a.mp4", "a", 25.0, frames=frames,
+                                                                          subjects=[a, b, dog])])
+    assert len(kept) == 1 and a.keypoints.shape == (3, 17, 3) and dog.keypoints is None
+    assert np.isnan(a.keypoints[2]).all() and not np.isnan(b.keypoints).any()
+    model, processor = VitPoseForPoseEstimation.from_pretrained(folder).eval(), VitPoseImageProcessorPil.from_pretrained(folder)
+    for t, track in [(0, a), (1, a), (2, b)]:
+        x0, y0, x1, y1 = track.boxes[t]
+        coco = [[[x0, y0, x1 - x0, y1 - y0]]]
+        with torch.no_grad():
+            out = model(**processor(images=[frames[t]], boxes=coco, return_tensors="pt"))
+        pose = processor.post_process_pose_estimation(out, boxes=coco)[0][0]
+        np.testing.assert_allclose(track.keypoints[t, :, :2], pose["keypoints"].numpy(), atol=1e-3)  # pixels
+        np.testing.assert_allclose(track.keypoints[t, :, 2], pose["scores"].numpy(), atol=1e-5)
+    funnel = Funnel()
+    strict = KeypointStage(model=str(folder), require_face=True, min_score=1.01)  # heatmap scores never reach it
+    assert strict.run([Candidate("a.mp4", "a", 25.0, frames=frames, subjects=[a, b])], funnel) == []
+    assert funnel.as_dict()["keypoints"]["dropped"] == {"face not visible": 1}
+    passthrough = Candidate("b.mp4", "b", 25.0, frames=frames, subjects=[dog])
+    assert KeypointStage().run([passthrough]) == [passthrough]  # no ViTPose folder: the stage is skipped
+
+
+def test_face_visible_needs_nose_and_both_eyes_in_one_frame():
+    kp = np.zeros((2, 17, 3))
+    kp[0, [0, 1], 2] = 0.9  # nose and left eye, frame 0
+    kp[1, [1, 2], 2] = 0.9  # both eyes, frame 1
+    assert not face_visible(kp, 0.5)
+    kp[1, 0, 2] = 0.6
+    assert face_visible(kp, 0.5) and not face_visible(kp, 0.7)
