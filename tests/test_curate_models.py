@@ -30,7 +30,7 @@ from idcrafter.curate.detect import (
     nms,
 )
 from idcrafter.curate.dino import DinoVerifier
-from idcrafter.curate.segment import SamSegmenter, SegmentStage, fill_gaps, largest_component
+from idcrafter.curate.segment import SamSegmenter, SegmentStage, fill_gaps, largest_component, sam2_box
 
 # ---------------------------------------------------------------------------- tiny models
 GD_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "dog", "face", "bag", "upper",
@@ -627,3 +627,71 @@ def test_face_visible_needs_nose_and_both_eyes_in_one_frame():
     assert not face_visible(kp, 0.5)
     kp[1, 0, 2] = 0.6
     assert face_visible(kp, 0.5) and not face_visible(kp, 0.7)
+
+
+# ---------------------------------------------------------------------------- SAM 2 video
+def build_tiny_sam2_video(folder, seed: int = 0, size: int = 128):
+    """A ~1.3M-parameter SAM 2 video model on 128-pixel inputs (Hiera 16 wide, 5 blocks). The widths
+    SAM 2 ties together are kept: memory features 64 channels (its image cross-attention reads 64),
+    the model 128 wide so object pointers split into memory-sized tokens as in the full model."""
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+
+    config = Sam2VideoConfig(
+        image_size=size,
+        vision_config=dict(
+            model_type="sam2_vision_model",
+            backbone_config=dict(model_type="sam2_hiera_det_model", image_size=[size, size], hidden_size=16,
+                                 embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 1, 1],
+                                 blocks_per_stage=[1, 2, 1, 1], global_attention_blocks=[2],
+                                 window_size_per_stage=[4, 4, 4, 4], window_positional_embedding_background_size=[2, 2]),
+            backbone_channel_list=[128, 64, 32, 16],
+            backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2], fpn_hidden_size=128),
+        prompt_encoder_config=dict(hidden_size=128, image_size=size, patch_size=16),
+        mask_decoder_config=dict(hidden_size=128, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        memory_attention_hidden_size=128, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[size // 16, size // 16], memory_encoder_hidden_size=128,
+        memory_encoder_output_channels=64, mask_downsampler_embed_dim=128, memory_fuser_embed_dim=128,
+        memory_fuser_intermediate_dim=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Sam2VideoModel(config).eval()
+        # A random object-score head says "no object" about half the time, and SAM 2 then blanks the
+        # mask (score -1024); bias it to "present" so the masks come from the mask decoder.
+        model.mask_decoder.pred_obj_score_head.proj_out.bias.data.fill_(5.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_sam2_propagation_masks_each_subject_from_its_first_frame(tmp_path, sam_folder):
+    from transformers.models.sam2_video.processing_sam2_video import Sam2VideoProcessor
+
+    folder = build_tiny_sam2_video(tmp_path / "sam2")
+    frames = noise_frames(5, seed=9)
+    a = np.array([[10, 10, 40, 40]] * 5, float)
+    b = np.array([[np.nan] * 4] * 2 + [[45, 5, 75, 40]] * 3)
+    segmenter = SamSegmenter(str(sam_folder), video_model=str(folder))
+    both = segmenter.propagate(frames, [a, b])
+    assert [m.shape for m in both] == [(5, 48, 80)] * 2
+    assert not both[1][:2].any() and both[1][2:].any() and both[0].any()  # b starts where it is first found
+    assert 0.0 < both[0].mean() < 1.0
+    # Objects carry their own memories: propagating one subject alone gives its masks unchanged (SAM 2
+    # keeps memories in bfloat16, hence the tolerance; masks agree wherever the logit is clear of 0).
+    together = segmenter.propagate_logits(frames, [a, b])
+    for k, box in enumerate((a, b)):
+        alone = segmenter.propagate_logits(frames, [box])[0]
+        seen = np.isfinite(together[k])
+        np.testing.assert_array_equal(np.isfinite(alone), seen)
+        np.testing.assert_allclose(alone[seen], together[k][seen], atol=0.05)
+        sure = np.abs(together[k]) > 0.05
+        np.testing.assert_array_equal(alone[sure] > 0, both[k][sure])
+    # The box prompt is scaled to the model's square input as transformers' SAM 2 processor scales boxes.
+    stock = Sam2VideoProcessor._normalize_coordinates(None, 128, torch.tensor([[45.0, 5, 75, 40]]), (48, 80),
+                                                      is_bounding_box=True)
+    np.testing.assert_allclose(sam2_box([45, 5, 75, 40], 48, 80, 128), stock.numpy().ravel(), atol=1e-5)
+    np.testing.assert_allclose(sam2_box([40, 24, 80, 48], 48, 80, 128), [64, 64, 128, 128])
+    # The stage uses propagation when the segmenter has a video model.
+    tracks = [SubjectTrack("person", a, np.ones(5)), SubjectTrack("person", b, np.r_[0, 0, 1, 1, 1.0])]
+    kept = SegmentStage(segmenter=segmenter, max_empty=1.0).run([Candidate("v.mp4", "v", 25.0, frames=frames,
+                                                                           subjects=tracks)])
+    for track, masks in zip(kept[0].subjects, both):
+        np.testing.assert_array_equal(track.masks, np.stack([largest_component(m) for m in masks]))

@@ -1,13 +1,15 @@
 """Subject masks over a clip (docs/design.md 8.1, stage 5).
 
-`SegmentStage` prompts a segmenter backend with each subject's tracked boxes, frame by frame
-(boxes interpolated over short detection gaps), and keeps the largest connected component of each
-mask (MultiCrafter App. C: "only the largest connected component of the mask is retained"). A
-subject whose mask is empty in too many of its frames drops the candidate.
+`SegmentStage` gets each subject's masks over the clip and keeps the largest connected component
+of each mask (MultiCrafter App. C: "only the largest connected component of the mask is retained").
+With a SAM 2 video model the segmenter propagates each subject from a box prompt on its first
+frame through the clip (SAM 2 Sec. 4: a memory of past frames); otherwise SAM segments every frame
+from the subject's tracked box (boxes interpolated over short detection gaps). A subject whose mask
+is empty in too many of its frames drops the candidate.
 
 `SamSegmenter` is transformers' SAM loaded from a local folder: the image encoder runs on a batch
 of frames, the prompt encoder and mask decoder on each frame's boxes, the masks are upscaled to the
-frame and binarized at logit 0 as SAM does.
+frame and binarized at logit 0 as SAM does. `video_model` names a SAM 2 folder (`Sam2VideoModel`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, make_backend
 
-__all__ = ["SamSegmenter", "SegmentStage", "fill_gaps", "largest_component"]
+__all__ = ["SamSegmenter", "SegmentStage", "fill_gaps", "largest_component", "sam2_box"]
 
 # 8-connectivity: a limb joined to the body through one diagonal pixel is still the body.
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -35,6 +37,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask.astype(bool)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     return labels == int(np.argmax(sizes)) + 1
+
+
+def sam2_box(box: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
+    """A pixel box [x0, y0, x1, y1] in a `height` x `width` frame -> the same box in SAM 2's square
+    `size` x `size` input (frames are resized to the square, not letterboxed)."""
+    return np.asarray(box, dtype=np.float64) * np.array([size / width, size / height] * 2)
 
 
 def fill_gaps(boxes: np.ndarray, max_gap: int) -> np.ndarray:
@@ -100,7 +108,12 @@ class SegmentStage(Stage):
                 results.append(Dropped(cand, "no subject"))
                 continue
             boxes = [fill_gaps(tr.boxes, self.max_gap) for tr in cand.subjects]
-            masks = self.masks(cand.frames, boxes)
+            video = getattr(self.segmenter, "propagate", None)
+            masks = video(cand.frames, boxes) if video is not None and self.segmenter.video_model else None
+            if masks is None:
+                masks = self.masks(cand.frames, boxes)
+            else:
+                masks = [np.stack([largest_component(m) for m in mask]) for mask in masks]
             area = self.min_area * cand.frames.shape[1] * cand.frames.shape[2]
             empty = False
             for tr, box, mask in zip(cand.subjects, boxes, masks):
@@ -122,10 +135,12 @@ class SamSegmenter:
     """
 
     def __init__(self, model: str | None = None, device: str = "cpu", mask_threshold: float = 0.0,
-                 dtype: str | None = None) -> None:
-        if not model:
+                 dtype: str | None = None, video_model: str | None = None) -> None:
+        if not model and not video_model:
             raise ValueError("the sam segmenter needs model: a local SAM folder (backends.segmenter.model)")
-        self.path = Path(model)
+        self.path = Path(model) if model else None
+        self.video_model = Path(video_model) if video_model else None
+        self.video = None
         self.device = device
         self.mask_threshold = float(mask_threshold)
         self.dtype = dtype
@@ -137,6 +152,8 @@ class SamSegmenter:
         import torch
         from transformers import SamModel, SamProcessor
 
+        if self.path is None:
+            raise ValueError("per-frame segmentation needs model: a local SAM folder (backends.segmenter.model)")
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"SAM folder {str(self.path)!r} has no config.json (models are never downloaded)")
         dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
@@ -172,4 +189,71 @@ class SamSegmenter:
             logits = self.processor.post_process_masks(pred.pred_masks.float().cpu(), images["original_sizes"][i:i + 1],
                                                        images["reshaped_input_sizes"][i:i + 1], binarize=False)[0]
             out.append(logits[:, 0].numpy())
+        return out
+
+    # ------------------------------------------------------------------ SAM 2 video propagation
+    def load_video(self) -> None:
+        if self.video is not None:
+            return
+        import torch
+        from transformers import Sam2VideoModel
+
+        if not (self.video_model / "config.json").is_file():
+            raise FileNotFoundError(f"SAM 2 folder {str(self.video_model)!r} has no config.json (models are never downloaded)")
+        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
+        self.video = Sam2VideoModel.from_pretrained(self.video_model, dtype=dtype, local_files_only=True)
+        self.video = self.video.to(self.device).eval()
+
+    def video_pixels(self, frames: np.ndarray):
+        """frames (T, H, W, 3) uint8 -> (T, 3, S, S) as SAM 2 reads them: resized to its square input
+        (bilinear), scaled to [0, 1], normalized with the ImageNet mean / std (Sam2VideoVideoProcessor's
+        rule, written out because that processor needs torchvision)."""
+        import torch
+        import torch.nn.functional as F
+
+        size = int(self.video.config.image_size)
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def propagate(self, frames: np.ndarray, boxes: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """frames (T, H, W, 3), per subject boxes (T, 4) with NaN rows -> per subject masks (T, H, W)
+        bool from SAM 2: each subject prompted with its box on its first found frame and propagated
+        forward; frames before that stay empty. None without a video model."""
+        if self.video_model is None:
+            return None
+        return [logits > self.mask_threshold for logits in self.propagate_logits(frames, boxes)]
+
+    def propagate_logits(self, frames: np.ndarray, boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per subject SAM 2 mask logits (T, H, W) at frame size; -inf before the subject's first frame."""
+        import torch
+        import torch.nn.functional as F
+        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+        self.load_video()
+        steps, height, width = frames.shape[:3]
+        out = [np.full((steps, height, width), -np.inf, dtype=np.float32) for _ in boxes]
+        first = {k: int(np.flatnonzero(~np.isnan(b).any(1))[0]) for k, b in enumerate(boxes) if (~np.isnan(b).any(1)).any()}
+        if not first:
+            return out
+        size = int(self.video.config.image_size)
+        session = Sam2VideoInferenceSession(
+            video=self.video_pixels(frames).to(self.video.dtype), video_height=height, video_width=width,
+            inference_device=self.device, inference_state_device=self.device, video_storage_device=self.device,
+            dtype=self.video.dtype)
+        for k, t in first.items():
+            # A box prompt is two corner points with labels 2 and 3, in the model's square input (SAM 2 Sec. 4).
+            corners = torch.as_tensor(sam2_box(boxes[k][t], height, width, size), dtype=torch.float32).reshape(1, 1, 2, 2)
+            session.add_point_inputs(session.obj_id_to_idx(k), t, {
+                "point_coords": corners.to(self.device), "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32,
+                                                                                      device=self.device)})
+        session.obj_with_new_inputs = list(first)
+        with torch.inference_mode():
+            for result in self.video.propagate_in_video_iterator(session, start_frame_idx=min(first.values())):
+                logits = F.interpolate(result.pred_masks.float(), (height, width), mode="bilinear", align_corners=False)
+                for row, k in enumerate(result.object_ids):
+                    if result.frame_idx >= first[k]:
+                        out[k][result.frame_idx] = logits[row, 0].cpu().numpy()
         return out
