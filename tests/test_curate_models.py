@@ -408,8 +408,7 @@ def test_dino_verifier_embeds_unit_cls_rows_in_batches(dino_folder):
     crops = [rng.integers(0, 256, (30 + 7 * i, 20 + 5 * i, 3), dtype=np.uint8) for i in range(4)]
     crops.insert(2, np.zeros((0, 5, 3), np.uint8))  # an empty crop: nothing to embed
     crops.append(None)
-    verifier = make_backend("verifier", "dinov2", model=str(dino_folder), batch_size=2) if _identity_exists() \
-        else DinoVerifier(str(dino_folder), batch_size=2)
+    verifier = DinoVerifier(str(dino_folder), batch_size=2)
     emb = verifier.embed(crops)
     assert emb.shape == (6, 16) and np.isnan(emb[[2, 5]]).all()
     np.testing.assert_allclose(np.linalg.norm(emb[[0, 1, 3, 4]], axis=1), 1.0, atol=1e-6)
@@ -422,13 +421,6 @@ def test_dino_verifier_embeds_unit_cls_rows_in_batches(dino_folder):
     np.testing.assert_allclose(emb, alone, atol=1e-5)
     same = verifier.embed([crops[0], crops[0].copy()])
     assert float(same[0] @ same[1]) == pytest.approx(1.0, abs=1e-6)
-
-
-def _identity_exists() -> bool:
-    """identity.py (the verify stage) re-exports DinoVerifier once it exists on this branch."""
-    import importlib.util
-
-    return importlib.util.find_spec("idcrafter.curate.identity") is not None
 
 
 # ---------------------------------------------------------------------------- captions
@@ -449,6 +441,10 @@ def test_template_captioner_names_layout_and_motion():
     prompt, descriptors = TemplateCaptioner().caption(twins)
     assert descriptors == ["an upper garment on the left", "another upper garment on the left"]
     assert all(d in prompt for d in descriptors)
+    photo = Candidate("c.mp4", "c", 25.0, frames=np.zeros((1, 64, 120, 3), np.uint8),
+                      subjects=[moving_track("person", 90, 0, frames=1), moving_track("bag", 4, 0, frames=1)])
+    assert TemplateCaptioner().caption(photo) == ("a photo of a person on the right and a bag on the left",
+                                                  ["a person on the right", "a bag on the left"])
 
 
 def test_descriptor_markup_round_trips_through_the_ccpa_parser():

@@ -107,24 +107,28 @@ def layout_words(track: SubjectTrack, height: int, width: int) -> tuple[str, str
 
 class TemplateCaptioner:
     """A prompt without a model: "a video of a person on the left, moving right, and a dog in the
-    center, staying still". Each subject's descriptor is its phrase ("a person on the left"), which
-    names it in the prompt; two subjects with one phrase are told apart by "another"."""
+    center, staying still"; a one-frame candidate (an image sample) is "a photo of ..." without
+    motion. Each subject's descriptor is its phrase ("a person on the left"), which names it in the
+    prompt; two subjects with one phrase are told apart by "another"."""
 
-    def __init__(self, device: str = "cpu", opening: str = "a video of") -> None:
+    def __init__(self, device: str = "cpu", opening: str | None = None) -> None:
         self.opening = opening
 
     def caption(self, candidate: Candidate) -> tuple[str, list[str | None]]:
         height, width = candidate.size
+        still = candidate.frames is not None and len(candidate.frames) == 1
+        opening = self.opening or ("a photo of" if still else "a video of")
         parts, descriptors = [], []
         for track in candidate.subjects:
             where, how = layout_words(track, height, width)
+            how = "" if still else how
             phrase = " ".join(w for w in (subject_phrase(track.category), where) if w)
             while any(phrase in d for d in descriptors):
                 phrase = "another " + phrase.split(" ", 1)[1]
             descriptors.append(phrase)
             parts.append(f"{phrase}, {how}" if how else phrase)
-        body = parts[0] if len(parts) < 2 else ", ".join(parts[:-1]) + ", and " + parts[-1]
-        return f"{self.opening} {body}".strip() if parts else "", descriptors
+        body = " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + ", and " + parts[-1]
+        return f"{opening} {body}".strip() if parts else "", descriptors
 
 
 # ---------------------------------------------------------------------------- Qwen2.5-VL
@@ -132,6 +136,8 @@ DESCRIPTOR_INSTRUCTION = ("Describe the {category} in this image in a short phra
                           "for example 'a red knit sweater'. Answer with the phrase only.")
 PROMPT_INSTRUCTION = ("The first {frames} images are frames of one video; the others show its subjects. "
                       "Describe the video in one detailed sentence: the subjects, what they do and the scene.")
+IMAGE_INSTRUCTION = ("The first image is a photo; the others show its subjects. "
+                     "Describe the photo in one detailed sentence: the subjects, what they do and the scene.")
 INCLUDE_INSTRUCTION = " Use these phrases word for word: {phrases}."
 
 
@@ -234,7 +240,7 @@ class QwenCaptioner:
             refs = [im for im in (_subject_image(cand, t) for t in cand.subjects) if im is not None]
             frames = list(_sample_frames(cand.frames, self.frames)) if cand.frames is not None else []
             wanted = [per_subject[id(t)] for t in cand.subjects if per_subject[id(t)]]
-            text = PROMPT_INSTRUCTION.format(frames=len(frames))
+            text = IMAGE_INSTRUCTION if len(frames) == 1 else PROMPT_INSTRUCTION.format(frames=len(frames))
             if wanted:
                 text += INCLUDE_INSTRUCTION.format(phrases="; ".join(f"'{w}'" for w in wanted))
             conversations.append((frames + refs, text))
