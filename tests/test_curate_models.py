@@ -462,6 +462,7 @@ def test_descriptor_markup_round_trips_through_the_ccpa_parser():
     with pytest.raises(ValueError, match="does not occur"):
         mark_descriptors(prompt, ["bag"], ["a leather bag"])
     assert clean_text('  \n "A <face>tall</face> man." \nmore', max_words=2) == "A tall"
+    assert clean_text("a\x0fred\ufffd\ufffd bike\x03.") == "a red bike"
 
 
 @pytest.fixture(scope="module")
@@ -691,3 +692,31 @@ def test_sam2_propagation_masks_each_subject_from_its_first_frame(tmp_path, sam_
                                                                            subjects=tracks)])
     for track, masks in zip(kept[0].subjects, both):
         np.testing.assert_array_equal(track.masks, np.stack([largest_component(m) for m in masks]))
+
+
+# ---------------------------------------------------------------------------- the model stages together
+def test_model_stages_run_in_sequence_on_tiny_models(gd_folder, sam_folder, qwen_folder):
+    from idcrafter.curate.core import run_stages
+
+    stages = [DetectStage(categories={"person": "a person", "dog": "a dog"}, detector="grounding-dino",
+                          detector_options={"model": str(gd_folder), "box_threshold": 0.8}, min_presence=1.0),
+              SegmentStage(segmenter="sam", segmenter_options={"model": str(sam_folder)}, max_empty=1.0),
+              CaptionStage(captioner="qwen2.5-vl", captioner_options={"model": str(qwen_folder), "max_image_side": 56,
+                                                                      "prompt_tokens": 16}, descriptors=True)]
+    # Two still scenes (one frame repeated: every detection is found in every frame) and a clip that
+    # lost its frames upstream.
+    cands = [Candidate(f"still{k}.mp4", f"still{k}", 25.0, frames=np.repeat(noise_frames(1, seed=20 + k), 3, 0))
+             for k in range(2)]
+    cands.append(Candidate("empty.mp4", "empty", 25.0, frames=np.zeros((0, 48, 80, 3), np.uint8)))
+    funnel = Funnel()
+    kept = run_stages(stages, cands, funnel)
+    rows = funnel.as_dict()
+    assert [c.key for c in kept] == ["still0", "still1"]
+    assert rows["detect"] | {"seconds": 0} == {"in": 3, "kept": 2, "dropped": {"no frames": 1}, "seconds": 0}
+    assert rows["segment"]["in"] == rows["caption"]["in"] == rows["caption"]["kept"] == 2
+    for cand in kept:
+        assert len(cand.subjects) > 1 and cand.prompt
+        for track in cand.subjects:
+            assert track.present().all() and np.allclose(track.boxes, track.boxes[0], atol=1e-3)
+            assert track.masks.shape == (3, 48, 80) and (track.masks == track.masks[0]).mean() > 0.999
+            assert track.descriptor and track.descriptor in cand.prompt

@@ -39,9 +39,12 @@ def subject_phrase(category: str) -> str:
 
 
 def clean_text(text: str, max_words: int | None = None) -> str:
-    """A model's answer as one plain line: first non-empty line, no quotes, no `<...>` tags (they
-    would break descriptor markup), single spaces, at most `max_words` words, no trailing period."""
+    """A model's answer as one plain line: first non-empty line, printable characters only, no
+    quotes, no `<...>` tags (they would break descriptor markup), single spaces, at most `max_words`
+    words, no trailing period."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    # Control characters and U+FFFD (bytes a tokenizer could not decode) are noise in a prompt.
+    line = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in line)
     line = re.sub(r"<[^>]*>|[<>\"`]", " ", line)
     words = line.split()
     if max_words is not None:
