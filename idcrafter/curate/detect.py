@@ -339,8 +339,8 @@ class KeypointStage(Stage):
         inputs = self.processor(images=list(frames), boxes=[c.tolist() for c in coco], return_tensors="pt")
         with torch.inference_mode():
             outputs = self.model(pixel_values=inputs["pixel_values"].to(self.device))
-        poses = self.processor.post_process_pose_estimation(outputs.cpu() if hasattr(outputs, "cpu") else outputs,
-                                                            boxes=[c.tolist() for c in coco])
+        outputs.heatmaps = outputs.heatmaps.float().cpu()  # decoded on the CPU, in numpy
+        poses = self.processor.post_process_pose_estimation(outputs, boxes=[c.tolist() for c in coco])
         return [np.stack([np.concatenate([p["keypoints"].numpy(), p["scores"].numpy()[:, None]], -1) for p in frame])
                 for frame in poses]
 
@@ -350,6 +350,9 @@ class KeypointStage(Stage):
         results: list[Outcome] = []
         for cand in batch:
             people = [tr for tr in cand.subjects if tr.category in self.people]
+            if cand.frames is None or not people:
+                results.append(cand)
+                continue
             frames = [t for t in range(len(cand.frames)) if any(tr.present()[t] for tr in people)]
             for tr in people:
                 tr.keypoints = np.full((len(cand.frames), 17, 3), np.nan)
