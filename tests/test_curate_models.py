@@ -166,22 +166,14 @@ def test_tracking_keeps_ids_through_crossing_paths():
     np.testing.assert_array_equal(b.boxes[:, 0], 100 - 6 * t)
     assert a.present().sum() == 15 and b.present().all() and dog.present().all()
     assert np.isnan(a.boxes[9]).all() and a.scores[9] == 0 and a.scores[10] == pytest.approx(0.9)
-    # The boxes cross: around t = 7-8 A's box overlaps B's more than its own previous box.
-    assert box_iou(a.boxes[7], b.boxes[8])[0, 0] > box_iou(a.boxes[7], a.boxes[8])[0, 0] - 0.2
+    # The trap: after the crossing, A's last box overlaps B's new box more than A's own new box.
+    assert box_iou(a.boxes[7], b.boxes[8])[0, 0] > 0.8 > 0.6 > box_iou(a.boxes[7], a.boxes[8])[0, 0]
 
 
-def test_tracking_on_last_box_alone_would_swap_crossing_ids():
-    # Without the velocity, at the crossing both tracks predict the same place: here a zero-velocity
-    # tracker (max_gap irrelevant) is emulated by matching each frame to the previous boxes.
-    dets = crossing_detections()
-    swapped = 0
-    prev = {0: dets[0][0].box, 1: dets[0][1].box}
-    for frame in dets[1:]:
-        people = [d.box for d in frame if d.category == "person"]
-        for k in prev:
-            prev[k] = people[int(box_iou(prev[k], np.stack(people))[0].argmax())]
-        swapped += prev[0] is prev[1]
-    assert swapped > 0  # the naive rule confuses them; link_tracks (above) does not
+def test_tracking_on_the_last_box_alone_swaps_crossing_ids():
+    tracks = link_tracks(crossing_detections(), iou_min=0.3, max_gap=2, velocity=False)
+    a = next(tr for tr in tracks if tr.category == "person" and tr.boxes[0, 0] == 10)
+    assert a.boxes[8, 0] == 100 - 6 * 8  # A's track took B's box where their paths crossed
 
 
 class SquareDetector:

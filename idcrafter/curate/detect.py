@@ -72,14 +72,15 @@ def _predict(track: dict[str, Any], t: int) -> np.ndarray:
     return track["boxes"][last] + track["velocity"] * (t - last)
 
 
-def link_tracks(per_frame: Sequence[Sequence[Detection]], iou_min: float = 0.3, max_gap: int = 2) -> list[SubjectTrack]:
+def link_tracks(per_frame: Sequence[Sequence[Detection]], iou_min: float = 0.3, max_gap: int = 2,
+                velocity: bool = True) -> list[SubjectTrack]:
     """Detections per frame -> subject tracks, one per object followed over the frames.
 
     Per category and frame, the live tracks (seen within the last `max_gap` + 1 frames) are matched
     to the frame's detections by the Hungarian assignment on 1 - IoU between each track's predicted
     box and each detection; a pair needs IoU >= `iou_min`. The prediction extrapolates the last
-    velocity, so two subjects whose paths cross keep their ids where matching on the last box alone
-    would swap them. An unmatched detection starts a new track. Tracks come in order of first
+    velocity (`velocity=False`: the last box), so two subjects whose paths cross keep their ids where
+    matching on the last box alone swaps them. An unmatched detection starts a new track. Tracks come in order of first
     appearance; each has boxes (T, 4) with NaN rows where unseen and scores (T,).
     """
     from scipy.optimize import linear_sum_assignment
@@ -97,7 +98,8 @@ def link_tracks(per_frame: Sequence[Sequence[Detection]], iou_min: float = 0.3, 
                 for row, col in zip(*linear_sum_assignment(1.0 - iou)):
                     if iou[row, col] >= iou_min:
                         track = tracks[live[row]]
-                        track["velocity"] = (boxes[col] - track["boxes"][track["last"]]) / (t - track["last"])
+                        if velocity:
+                            track["velocity"] = (boxes[col] - track["boxes"][track["last"]]) / (t - track["last"])
                         track["boxes"][t], track["scores"][t], track["last"] = boxes[col], dets[col].score, t
                         matched.add(int(col))
             for col in range(len(dets)):
