@@ -197,22 +197,21 @@ class QwenCaptioner:
         import torch
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from idcrafter.video.vlm import Qwen2_5_VLImageTextProcessor
+        from idcrafter.rewards.natural import load_image_text_processor
 
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"Qwen2.5-VL folder {str(self.path)!r} has no config.json (models are never downloaded)")
         dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.path, dtype=dtype, local_files_only=True)
         self.model = self.model.to(self.device).eval()
-        self.processor = Qwen2_5_VLImageTextProcessor.from_pretrained(self.path, local_files_only=True)
+        self.processor = load_image_text_processor(self.path)  # without the video processor (needs torchvision)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
 
     def generate(self, conversations: Sequence[tuple[Sequence[np.ndarray], str]], max_new_tokens: int) -> list[str]:
         """(images, text) user turns -> the model's greedy answers, generated as one batch."""
         import torch
-        from PIL import Image
 
-        from idcrafter.video.vlm import fit_to_patch_grid
+        from idcrafter.rewards.natural import fit_frame
 
         self.load()
         if not conversations:
@@ -222,7 +221,7 @@ class QwenCaptioner:
             content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                             add_generation_prompt=True))
-            images += [fit_to_patch_grid(Image.fromarray(np.ascontiguousarray(p)), self.max_image_side) for p in pictures]
+            images += [fit_frame(p, self.max_image_side) for p in pictures]  # sides in multiples of 28
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
