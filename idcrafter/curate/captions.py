@@ -228,30 +228,34 @@ class QwenCaptioner:
                                       pad_token_id=self.processor.tokenizer.pad_token_id)
         return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def describe(self, subjects: Sequence[tuple[np.ndarray | None, str]]) -> list[str | None]:
+        """(image, category) per subject -> its descriptor (None without an image or an answer)."""
+        asks = [(image, category) for image, category in subjects if image is not None]
+        text = [DESCRIPTOR_INSTRUCTION.format(category=CATEGORY_WORDS.get(c, c), words=self.descriptor_words)
+                for _, c in asks]
+        answers = iter(self.generate([([image], t) for (image, _), t in zip(asks, text)],
+                                     max_new_tokens=4 * self.descriptor_words))
+        return [clean_text(next(answers), self.descriptor_words) or None if image is not None else None
+                for image, _ in subjects]
+
     def caption_batch(self, candidates: Sequence[Candidate]) -> list[tuple[str, list[str | None]]]:
-        """Per candidate (prompt, descriptors); every descriptor occurs verbatim in its prompt."""
-        items = [(c, t, _subject_image(c, t)) for c in candidates for t in c.subjects]
-        asks = [(image, track.category) for _, track, image in items if image is not None] if self.descriptors else []
-        answers = iter(self.generate([([image], DESCRIPTOR_INSTRUCTION.format(category=CATEGORY_WORDS.get(cat, cat),
-                                                                             words=self.descriptor_words))
-                                      for image, cat in asks], max_new_tokens=4 * self.descriptor_words))
-        per_subject = {id(track): (clean_text(next(answers), self.descriptor_words) or None)
-                       if self.descriptors and image is not None else None for _, track, image in items}
+        """Per candidate (prompt, descriptors); every descriptor occurs verbatim in its prompt. The
+        descriptors of the whole batch are one generate call, the prompts another."""
+        images = [[_subject_image(c, t) for t in c.subjects] for c in candidates]
+        descriptors: list[list[str | None]] = [[None] * len(c.subjects) for c in candidates]
+        if self.descriptors:
+            flat = iter(self.describe([(im, t.category) for c, ims in zip(candidates, images)
+                                       for t, im in zip(c.subjects, ims)]))
+            descriptors = [[next(flat) for _ in c.subjects] for c in candidates]
         conversations = []
-        for cand in candidates:
-            refs = [im for im in (_subject_image(cand, t) for t in cand.subjects) if im is not None]
+        for cand, ims, texts in zip(candidates, images, descriptors):
             frames = list(_sample_frames(cand.frames, self.frames)) if cand.frames is not None else []
-            wanted = [per_subject[id(t)] for t in cand.subjects if per_subject[id(t)]]
             text = IMAGE_INSTRUCTION if len(frames) == 1 else PROMPT_INSTRUCTION.format(frames=len(frames))
-            if wanted:
-                text += INCLUDE_INSTRUCTION.format(phrases="; ".join(f"'{w}'" for w in wanted))
-            conversations.append((frames + refs, text))
+            if any(texts):
+                text += INCLUDE_INSTRUCTION.format(phrases="; ".join(f"'{d}'" for d in texts if d))
+            conversations.append((frames + [im for im in ims if im is not None], text))
         prompts = self.generate(conversations, max_new_tokens=self.prompt_tokens)
-        results = []
-        for cand, prompt in zip(candidates, prompts):
-            descriptors = [per_subject[id(t)] for t in cand.subjects]
-            results.append((join_descriptors(clean_text(prompt), descriptors), descriptors))
-        return results
+        return [(join_descriptors(clean_text(p), texts), texts) for p, texts in zip(prompts, descriptors)]
 
     def caption(self, candidate: Candidate) -> tuple[str, list[str | None]]:
         return self.caption_batch([candidate])[0]
