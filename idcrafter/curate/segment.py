@@ -109,7 +109,7 @@ class SegmentStage(Stage):
                 continue
             boxes = [fill_gaps(tr.boxes, self.max_gap) for tr in cand.subjects]
             video = getattr(self.segmenter, "propagate", None)
-            masks = video(cand.frames, boxes) if video is not None and self.segmenter.video_model else None
+            masks = video(cand.frames, boxes) if video is not None and getattr(self.segmenter, "video_model", None) else None
             if masks is None:
                 masks = self.masks(cand.frames, boxes)
             else:
