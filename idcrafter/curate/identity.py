@@ -96,51 +96,64 @@ class VerifyStage(Stage):
     Per subject, `frames` views spread over the clip are cut (masked subject on white, or the box
     without a mask) and embedded with the verifier of its category, with its reference (its face
     crop, for the face verifier) when the reference stage ran first. Scores: the reference against
-    every view, else every pair of views. Kept when min >= min_cosine and mean >= mean_cosine
-    (defaults: the verifier's own `threshold`, else 0.5); the subject records `identity` (mean)
-    and info["identity_min"].
+    every view, else every pair of views. Kept when min >= threshold and mean >= mean_threshold;
+    the subject records `identity` (the mean) and info["identity_min"].
 
-    verifiers: one backend name for every category, or {category: name} with "*" for the rest;
-    options: {backend name: keyword options}; min_cosine / mean_cosine: a number or {backend
-    name: number}; min_views: embeddings needed (views + reference) to decide at all.
+    verifier: the backend for every category (a registered name or a built backend);
+    verifiers: {category: name or backend} for categories that need another one (people: "face");
+    options: {backend name: keyword options} for backends built here by name;
+    threshold / mean_threshold: a number, or {category: number} with "*" for the rest (default:
+    the verifier's own `threshold` attribute, else 0.5; mean_threshold defaults to threshold);
+    min_views: embeddings needed (views + reference) to decide at all.
     Drops: "identity below threshold", "subject cannot be verified", "no verifier for the
     subject's category".
     """
 
     name = "verify"
 
-    def __init__(self, verifiers: str | Mapping[str, str] = "toyworld", options: Mapping[str, dict] | None = None,
-                 min_cosine: float | Mapping[str, float] | None = None,
-                 mean_cosine: float | Mapping[str, float] | None = None, frames: int = 4, min_views: int = 2,
+    def __init__(self, verifier=None, verifiers: Mapping[str, object] | None = None,
+                 options: Mapping[str, dict] | None = None, threshold: float | Mapping[str, float] | None = None,
+                 mean_threshold: float | Mapping[str, float] | None = None, frames: int = 4, min_views: int = 2,
                  pad: float = 0.1, batch_size: int = 8, device: str = "cpu"):
         super().__init__()
-        self.verifiers = {"*": verifiers} if isinstance(verifiers, str) else dict(verifiers)
-        if not self.verifiers:
-            raise ValueError("verify: no verifier given")
+        self.specs = dict(verifiers or {})
+        if verifier is not None:
+            self.specs.setdefault("*", verifier)
+        if not self.specs:
+            raise ValueError("verify: no verifier given (verifier=... or verifiers={category: ...})")
         self.options = {k: dict(v) for k, v in (options or {}).items()}
-        self.min_cosine, self.mean_cosine = min_cosine, mean_cosine
+        self.threshold, self.mean_threshold = threshold, mean_threshold
         if int(frames) < 1 or int(min_views) < 2:
             raise ValueError(f"verify: frames must be >= 1 and min_views >= 2, got {frames}, {min_views}")
         self.frames, self.min_views, self.pad = int(frames), int(min_views), float(pad)
         self.batch_size, self.device = int(batch_size), device
-        self.backends: dict[str, object] = {}
-
-    def backend_name(self, category: str) -> str | None:
-        return self.verifiers.get(category, self.verifiers.get("*"))
+        self.backends: dict[str, object] = {}  # category (or "*") -> built backend
 
     def setup(self) -> None:
-        for name in set(self.verifiers.values()):
-            self.backends[name] = make_backend("verifier", name, device=self.device, **self.options.get(name, {}))
+        built: dict[str, object] = {}  # one instance per backend name
+        for category, spec in self.specs.items():
+            if isinstance(spec, str):
+                if spec not in built:
+                    built[spec] = make_backend("verifier", spec, device=self.device, **self.options.get(spec, {}))
+                spec = built[spec]
+            self.backends[category] = spec
 
-    def _threshold(self, setting, name: str, default: float) -> float:
+    def key(self, category: str) -> str | None:
+        """The category's entry in the verifiers ("*" when it has none of its own)."""
+        return category if category in self.backends else ("*" if "*" in self.backends else None)
+
+    @staticmethod
+    def _setting(setting, key: str):
         if isinstance(setting, Mapping):
-            setting = setting.get(name)
-        return float(setting) if setting is not None else default
+            setting = setting.get(key, setting.get("*"))
+        return setting
 
-    def thresholds(self, name: str) -> tuple[float, float]:
-        """(min, mean) cosine thresholds of backend `name`."""
-        low = self._threshold(self.min_cosine, name, float(getattr(self.backends.get(name), "threshold", 0.5)))
-        return low, self._threshold(self.mean_cosine, name, low)
+    def thresholds(self, key: str) -> tuple[float, float]:
+        """(min, mean) cosine thresholds for a verifiers entry."""
+        low = self._setting(self.threshold, key)
+        low = float(low if low is not None else getattr(self.backends[key], "threshold", 0.5))
+        mean = self._setting(self.mean_threshold, key)
+        return low, float(mean if mean is not None else low)
 
     def _views(self, c: Candidate, track: SubjectTrack, face: bool) -> tuple[list[np.ndarray | None], np.ndarray | None]:
         crops = []
@@ -152,52 +165,52 @@ class VerifyStage(Stage):
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
         # every crop of the batch for each backend in one call: models run on batches
-        jobs: dict[str, list[np.ndarray | None]] = {}
-        plan = []  # per (candidate, subject): backend, slice of its views, index of its reference or None
+        jobs: dict[int, tuple[object, list]] = {}  # id(backend) -> (backend, crops)
+        plan = []  # per (candidate, subject): (verifiers key, backend id, slice of its views, reference row) or None
         for c in batch:
             for track in c.subjects:
-                name = self.backend_name(track.category)
-                if name is None:
+                key = self.key(track.category)
+                if key is None:
                     plan.append(None)
                     continue
-                crops, reference = self._views(c, track, isinstance(self.backends[name], FaceVerifier))
-                queue = jobs.setdefault(name, [])
+                backend = self.backends[key]
+                crops, reference = self._views(c, track, isinstance(backend, FaceVerifier))
+                queue = jobs.setdefault(id(backend), (backend, []))[1]
                 first = len(queue)
                 queue.extend(crops)
                 ref_at = None
                 if reference is not None:
                     ref_at = len(queue)
                     queue.append(reference)
-                plan.append((name, slice(first, first + len(crops)), ref_at))
+                plan.append((key, id(backend), slice(first, first + len(crops)), ref_at))
         embedded = {}
-        for name, crops in jobs.items():
+        for bid, (backend, crops) in jobs.items():
             keep = [i for i, x in enumerate(crops) if x is not None]
-            rows = self.backends[name].embed([crops[i] for i in keep]) if keep else np.zeros((0, 1))
+            rows = np.asarray(backend.embed([crops[i] for i in keep]), np.float32) if keep else np.zeros((0, 1), np.float32)
             out = np.full((len(crops), rows.shape[1]), np.nan, np.float32)
             out[keep] = rows
-            embedded[name] = out
-        results, k = [], 0
+            embedded[bid] = out
+        results, n = [], 0
         for c in batch:
             reason = None
             for track in c.subjects:
-                entry, k = plan[k], k + 1
+                entry, n = plan[n], n + 1
                 if reason:
                     continue
                 if entry is None:
                     reason = "no verifier for the subject's category"
                     continue
-                name, views, ref_at = entry
-                rows = embedded[name][views]
-                reference = None if ref_at is None else embedded[name][ref_at]
+                key, bid, views, ref_at = entry
+                rows = embedded[bid][views]
+                reference = None if ref_at is None else embedded[bid][ref_at]
                 found = int((~np.isnan(rows).any(axis=1)).sum()) + int(reference is not None and not np.isnan(reference).any())
                 sims = subject_similarities(rows, reference)
                 if found < self.min_views or not len(sims):
                     reason = "subject cannot be verified"
                     continue
-                low, mean = self.thresholds(name)
+                low, mean = self.thresholds(key)
                 track.identity = float(sims.mean())
                 track.info["identity_min"] = float(sims.min())
-                track.info["verifier"] = name
                 if sims.min() < low or sims.mean() < mean:
                     reason = "identity below threshold"
             results.append(Dropped(c, reason) if reason else c)

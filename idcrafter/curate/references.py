@@ -2,14 +2,17 @@
 
 A model that sees its target's own pixels as the reference learns to copy and paste them, so a
 reference always comes from another moment of the same shot:
-- rule "first-middle" (MultiCrafter, App. data preparation: "we sample an initial frame as the
-  source for reference images and a middle frame as the target scene"): references from the
-  candidate's first frame; the candidate is cut down to its middle frame, the image sample;
-- rule "context" (ID-Crafter Sec. 3.4 / App. B: subject-video pairs, the reference taken outside
-  the sampled clip): references from `Candidate.context`, frames of the same shot outside the clip.
-  The subject is found there with the detector and segmenter backends: its box is extrapolated
-  from the track (constant velocity) to the context frame, matched to the detections (Hungarian
-  on 1 - IoU), segmented, and the context frame where it shows the most pixels is used.
+- rule "first-frame" (MultiCrafter, App. C: "we sample an initial frame as the source for
+  reference images and a middle frame as the target scene"): references from the shot's first
+  frame (the candidate's context frame, as the `shots` stage's image mode leaves it; or, for a
+  candidate of several frames, its own first frame, the candidate then being cut down to its
+  middle frame);
+- rule "outside-clip" (ID-Crafter Sec. 3.4 / App. B: subject-video pairs, the reference taken
+  outside the sampled clip): references from `Candidate.context`, frames of the same shot outside
+  the clip, the view showing most of the subject.
+In a context frame the subject is found with the detector and segmenter backends: its box is
+extrapolated from the track (constant velocity) to that frame, matched to the detections
+(`match_subjects`) and segmented.
 Each reference is the masked subject on white, a square around its mask; for people (categories
 in `face_categories`) a face crop from the same frame as well (MultiCrafter saves "the segmented
 portraits and cropped faces from the initial frame" as references).
@@ -17,7 +20,7 @@ portraits and cropped faces from the initial frame" as references).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,7 +29,8 @@ from scipy.optimize import linear_sum_assignment
 from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, SubjectTrack, make_backend
 from idcrafter.curate.toyworld import box_iou
 
-__all__ = ["PERSON_CATEGORIES", "ReferenceStage", "extrapolate_box", "face_crop", "subject_crop", "target_frames"]
+__all__ = ["PERSON_CATEGORIES", "ReferenceStage", "extrapolate_box", "face_crop", "match_subjects", "subject_crop",
+           "target_frames"]
 
 PERSON_CATEGORIES = ("person", "man", "woman", "boy", "girl", "child", "face")
 
@@ -106,37 +110,66 @@ def _slice_track(track: SubjectTrack, t: int) -> None:
         track.keypoints = track.keypoints[t:t + 1]
 
 
+def _backend(kind: str, spec, device: str, options: dict):
+    """A backend given by registered name (built here, on `device`) or as a built instance."""
+    if isinstance(spec, str):
+        return make_backend(kind, spec, device=device, **options)
+    return spec
+
+
+def match_subjects(predicted: np.ndarray, found: np.ndarray, diagonal: float, min_iou: float,
+                   max_shift: float) -> list[tuple[int, int]]:
+    """Subjects (predicted boxes (n, 4)) to detections (boxes (m, 4)) -> [(subject, detection)].
+
+    Hungarian on (1 - IoU) + centre distance / frame diagonal, one detection per subject; a pair
+    is kept when the boxes overlap by `min_iou` or their centres are within `max_shift` of the
+    diagonal (a subject that moved further than its own size between the two frames)."""
+    if not len(predicted) or not len(found):
+        return []
+    iou = box_iou(predicted, found)
+    centre_p = (predicted[:, :2] + predicted[:, 2:]) / 2
+    centre_f = (found[:, :2] + found[:, 2:]) / 2
+    shift = np.linalg.norm(centre_p[:, None] - centre_f[None], axis=-1) / max(diagonal, 1.0)
+    rows, cols = linear_sum_assignment(1.0 - iou + shift)
+    return [(int(r), int(k)) for r, k in zip(rows, cols) if iou[r, k] >= min_iou or shift[r, k] <= max_shift]
+
+
 class ReferenceStage(Stage):
     """References for every subject, from frames that are not the target (see the module docstring).
 
-    Options: rule ("context" | "first-middle"), size (side of the reference square; None: as
-    cut), pad (margin around the subject), detector / segmenter (backend names for the context
-    rule, with detector_options / segmenter_options), categories (words for the detector; default
-    the subjects' own), min_iou (a context detection must overlap the extrapolated box this much),
-    face_categories (subjects that also get a face crop), face_backend ("dlib" | "insightface",
-    with face_options), require_face (drop a person whose reference frame shows no face).
+    Options: rule ("outside-clip": the best view among the context frames; "first-frame": the
+    candidate's first frame when it has several (it is then cut to its middle frame), else its
+    earliest context frame), size (side of the reference square; None: as cut), pad (margin
+    around the subject), detector / segmenter (backend names or built backends, to find subjects
+    in context frames; options for named ones in detector_options / segmenter_options),
+    categories (the category names the detector is asked for; default the subjects' own),
+    min_iou / max_shift (how a detection in a context frame is matched to a subject, see
+    `match_subjects`), face_categories (subjects that also get a face crop), face_backend
+    ("dlib" | "insightface", with face_options), require_face (drop a person whose reference frame
+    shows no face).
     Drops: "no frame outside the clip", "subject not in the reference frame", "no face in the
-    reference frame".
+    reference frame", "no subjects".
     """
 
     name = "references"
+    RULES = ("outside-clip", "first-frame")
 
-    def __init__(self, rule: str = "context", size: int | None = None, pad: float = 0.1,
-                 detector: str = "toyworld", segmenter: str = "toyworld", detector_options: dict | None = None,
-                 segmenter_options: dict | None = None, categories: Sequence[str] | None = None,
-                 min_iou: float = 0.1, face_categories: Sequence[str] = PERSON_CATEGORIES,
+    def __init__(self, rule: str = "outside-clip", size: int | None = None, pad: float = 0.1,
+                 detector="toyworld", segmenter="toyworld", detector_options: dict | None = None,
+                 segmenter_options: dict | None = None, categories: Sequence[str] | Mapping[str, str] | None = None,
+                 min_iou: float = 0.1, max_shift: float = 0.15, face_categories: Sequence[str] = PERSON_CATEGORIES,
                  face_backend: str = "dlib", face_options: dict | None = None, require_face: bool = False,
                  batch_size: int = 8, device: str = "cpu"):
         super().__init__()
-        if rule not in ("context", "first-middle"):
-            raise ValueError(f"references: rule must be 'context' or 'first-middle', got {rule!r}")
+        if rule not in self.RULES:
+            raise ValueError(f"references: rule must be one of {', '.join(self.RULES)}, got {rule!r}")
         if size is not None and int(size) < 8:
             raise ValueError(f"references: size must be >= 8, got {size}")
         self.rule, self.size, self.pad = rule, None if size is None else int(size), float(pad)
-        self.detector_name, self.segmenter_name = detector, segmenter
+        self.detector_spec, self.segmenter_spec = detector, segmenter
         self.detector_options, self.segmenter_options = dict(detector_options or {}), dict(segmenter_options or {})
-        self.categories = None if categories is None else list(categories)
-        self.min_iou = float(min_iou)
+        self.categories = None if categories is None else list(categories)  # a mapping gives its category names
+        self.min_iou, self.max_shift = float(min_iou), float(max_shift)
         self.face_categories = frozenset(face_categories)
         self.face_backend_name, self.face_options = face_backend, dict(face_options or {})
         self.require_face = bool(require_face)
@@ -144,9 +177,8 @@ class ReferenceStage(Stage):
         self.detector = self.segmenter = self.faces = None
 
     def setup(self) -> None:
-        if self.rule == "context":
-            self.detector = make_backend("detector", self.detector_name, device=self.device, **self.detector_options)
-            self.segmenter = make_backend("segmenter", self.segmenter_name, device=self.device, **self.segmenter_options)
+        self.detector = _backend("detector", self.detector_spec, self.device, self.detector_options)
+        self.segmenter = _backend("segmenter", self.segmenter_spec, self.device, self.segmenter_options)
 
     def _face_backend(self):
         if self.faces is None:
@@ -174,9 +206,8 @@ class ReferenceStage(Stage):
                 track.face = face_crop(frame, faces.boxes[best] + np.array([x0, y0, x0, y0], np.float32))
         return None
 
-    def _first_middle(self, c: Candidate) -> Outcome:
-        if c.frames is None or len(c.frames) < 2:
-            return Dropped(c, "fewer than 2 frames for reference and target")
+    def _from_first_frame(self, c: Candidate) -> Outcome:
+        """The candidate's own first frame as the reference frame; the candidate becomes its middle frame."""
         mid = len(c.frames) // 2
         indices = c.frame_indices if c.frame_indices is not None else np.arange(c.start, c.start + len(c.frames))
         for track in c.subjects:
@@ -190,33 +221,30 @@ class ReferenceStage(Stage):
         c.frames = c.frames[mid:mid + 1]
         c.frame_indices = np.asarray(indices[mid:mid + 1])
         c.start, c.end = int(indices[mid]), int(indices[mid]) + 1
-        c.info["reference_rule"] = self.rule
         return c
 
-    def _context(self, c: Candidate) -> Outcome:
-        target = target_frames(c)
-        context = sorted(i for i in c.context if int(i) not in target)
-        if not context:
-            return Dropped(c, "no frame outside the clip")
+    def _from_context(self, c: Candidate, context: list[int]) -> Outcome:
+        """Each subject found in the context frames; its best view (most pixels, then furthest
+        from the clip) becomes its reference."""
         indices = c.frame_indices if c.frame_indices is not None else np.arange(c.start, c.start + len(c.frames))
         frames = np.stack([c.context[i] for i in context])
         categories = self.categories or sorted({s.category for s in c.subjects})
         detections = self.detector.detect(frames, categories)
-        # per subject: (visible pixels, distance from the clip, context position, box, mask) of its best view
-        best: list[tuple | None] = [None] * len(c.subjects)
+        diagonal = float(np.hypot(*frames.shape[1:3]))
+        best: list[tuple | None] = [None] * len(c.subjects)  # (pixels, distance, context position, box, mask)
         for j, (index, found) in enumerate(zip(context, detections)):
+            found = [d for d in found if d.category in categories]
             if not found:
                 continue
             predicted = np.stack([extrapolate_box(s, indices, index) for s in c.subjects])
             boxes = np.stack([np.asarray(d.box, np.float64) for d in found])
-            iou = box_iou(predicted, boxes)
-            rows, cols = linear_sum_assignment(1.0 - iou)
-            keep = [(r, k) for r, k in zip(rows, cols) if iou[r, k] >= self.min_iou]
-            if not keep:
+            pairs = [(r, k) for r, k in match_subjects(predicted, boxes, diagonal, self.min_iou, self.max_shift)
+                     if found[k].category == c.subjects[r].category]
+            if not pairs:
                 continue
-            masks = self.segmenter.segment(frames[j:j + 1], [boxes[[k for _, k in keep]]])[0]
+            masks = self.segmenter.segment(frames[j:j + 1], [boxes[[k for _, k in pairs]]])[0]
             distance = min(abs(index - int(c.start)), abs(index - (int(c.end) - 1)))
-            for (r, k), mask in zip(keep, masks):
+            for (r, k), mask in zip(pairs, masks):
                 view = (int(mask.sum()), distance, j, boxes[k], mask)
                 if mask.any() and (best[r] is None or view[:2] > best[r][:2]):
                     best[r] = view
@@ -227,7 +255,6 @@ class ReferenceStage(Stage):
             reason = self._set_reference(track, frames[j], mask, box, context[j])
             if reason:
                 return Dropped(c, reason)
-        c.info["reference_rule"] = self.rule
         return c
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
@@ -236,9 +263,17 @@ class ReferenceStage(Stage):
             if not c.subjects:
                 out.append(Dropped(c, "no subjects"))
                 continue
-            result = self._first_middle(c) if self.rule == "first-middle" else self._context(c)
+            if self.rule == "first-frame" and c.frames is not None and len(c.frames) >= 2:
+                result = self._from_first_frame(c)
+            else:
+                target = target_frames(c)
+                context = sorted(int(i) for i in c.context if int(i) not in target)
+                if self.rule == "first-frame":
+                    context = context[:1]
+                result = self._from_context(c, context) if context else Dropped(c, "no frame outside the clip")
             if isinstance(result, Candidate):
                 # the rule of this stage: a reference never comes from the target's frames
                 assert all(s.reference_frame not in target_frames(result) for s in result.subjects)
+                result.info["reference_rule"] = self.rule
             out.append(result)
         return out
