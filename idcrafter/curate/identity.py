@@ -164,6 +164,9 @@ class VerifyStage(Stage):
         return crops, reference
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
+        if not self._ready:  # called directly, not through `run`
+            self.setup()
+            self._ready = True
         # every crop of the batch for each backend in one call: models run on batches
         jobs: dict[int, tuple[object, list]] = {}  # id(backend) -> (backend, crops)
         plan = []  # per (candidate, subject): (verifiers key, backend id, slice of its views, reference row) or None

@@ -9,7 +9,7 @@ reference always comes from another moment of the same shot:
   middle frame);
 - rule "outside-clip" (ID-Crafter Sec. 3.4 / App. B: subject-video pairs, the reference taken
   outside the sampled clip): references from `Candidate.context`, frames of the same shot outside
-  the clip, the view showing most of the subject.
+  the clip, the view where the subject shows best.
 In a context frame the subject is found with the detector and segmenter backends: its box is
 extrapolated from the track (constant velocity) to that frame, matched to the detections
 (`match_subjects`) and segmented.
@@ -224,14 +224,15 @@ class ReferenceStage(Stage):
         return c
 
     def _from_context(self, c: Candidate, context: list[int]) -> Outcome:
-        """Each subject found in the context frames; its best view (most pixels, then furthest
-        from the clip) becomes its reference."""
+        """Each subject found in the context frames; its best view becomes its reference: the
+        detection that fits the box extrapolated from the track best (a subject partly hidden,
+        or merged with another into one detection, fits worse), then the frame furthest from the clip."""
         indices = c.frame_indices if c.frame_indices is not None else np.arange(c.start, c.start + len(c.frames))
         frames = np.stack([c.context[i] for i in context])
         categories = self.categories or sorted({s.category for s in c.subjects})
         detections = self.detector.detect(frames, categories)
         diagonal = float(np.hypot(*frames.shape[1:3]))
-        best: list[tuple | None] = [None] * len(c.subjects)  # (pixels, distance, context position, box, mask)
+        best: list[tuple | None] = [None] * len(c.subjects)  # (fit, distance, context position, box, mask)
         for j, (index, found) in enumerate(zip(context, detections)):
             found = [d for d in found if d.category in categories]
             if not found:
@@ -243,9 +244,10 @@ class ReferenceStage(Stage):
             if not pairs:
                 continue
             masks = self.segmenter.segment(frames[j:j + 1], [boxes[[k for _, k in pairs]]])[0]
+            fit = box_iou(predicted, boxes)
             distance = min(abs(index - int(c.start)), abs(index - (int(c.end) - 1)))
             for (r, k), mask in zip(pairs, masks):
-                view = (int(mask.sum()), distance, j, boxes[k], mask)
+                view = (round(float(fit[r, k]), 2), distance, j, boxes[k], mask)
                 if mask.any() and (best[r] is None or view[:2] > best[r][:2]):
                     best[r] = view
         for track, view in zip(c.subjects, best):
@@ -258,6 +260,9 @@ class ReferenceStage(Stage):
         return c
 
     def process(self, batch: list[Candidate]) -> list[Outcome]:
+        if not self._ready:  # called directly, not through `run`
+            self.setup()
+            self._ready = True
         out = []
         for c in batch:
             if not c.subjects:
