@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, SubjectTrack, make_backend
-from idcrafter.curate.references import subject_crop
+from idcrafter.curate.references import shared_face_backend, subject_crop
 
 __all__ = ["FaceVerifier", "VerifyStage", "subject_similarities", "view_positions"]
 
@@ -46,9 +46,7 @@ class FaceVerifier:
     THRESHOLDS = {"dlib": 0.93, "insightface": 0.4}
 
     def __init__(self, backend: str = "dlib", threshold: float | None = None, device: str = "cpu", **options):
-        from idcrafter.rewards.faces import make_face_backend
-
-        self.backend = make_face_backend(backend, device, **options)
+        self.backend = shared_face_backend(backend, device, **options)
         self.threshold = float(threshold if threshold is not None else self.THRESHOLDS.get(backend, 0.5))
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:

@@ -29,8 +29,8 @@ from scipy.optimize import linear_sum_assignment
 from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, SubjectTrack, make_backend
 from idcrafter.curate.toyworld import box_iou
 
-__all__ = ["PERSON_CATEGORIES", "ReferenceStage", "extrapolate_box", "face_crop", "match_subjects", "subject_crop",
-           "target_frames"]
+__all__ = ["PERSON_CATEGORIES", "ReferenceStage", "extrapolate_box", "face_crop", "match_subjects", "shared_face_backend",
+           "subject_crop", "target_frames"]
 
 PERSON_CATEGORIES = ("person", "man", "woman", "boy", "girl", "child", "face")
 
@@ -110,6 +110,20 @@ def _slice_track(track: SubjectTrack, t: int) -> None:
         track.keypoints = track.keypoints[t:t + 1]
 
 
+_FACE_BACKENDS: dict[str, object] = {}
+
+
+def shared_face_backend(name: str, device: str = "cpu", **options):
+    """The face backend (`idcrafter.rewards.faces.make_face_backend`) for these settings, built
+    once per process: the reference and verify stages share it (dlib's models take seconds to load)."""
+    from idcrafter.rewards.faces import make_face_backend
+
+    key = repr((name, str(device), sorted(options.items())))
+    if key not in _FACE_BACKENDS:
+        _FACE_BACKENDS[key] = make_face_backend(name, device, **options)
+    return _FACE_BACKENDS[key]
+
+
 def _backend(kind: str, spec, device: str, options: dict):
     """A backend given by registered name (built here, on `device`) or as a built instance."""
     if isinstance(spec, str):
@@ -182,9 +196,7 @@ class ReferenceStage(Stage):
 
     def _face_backend(self):
         if self.faces is None:
-            from idcrafter.rewards.faces import make_face_backend
-
-            self.faces = make_face_backend(self.face_backend_name, self.device, **self.face_options)
+            self.faces = shared_face_backend(self.face_backend_name, self.device, **self.face_options)
         return self.faces
 
     def _set_reference(self, track: SubjectTrack, frame: np.ndarray, mask: np.ndarray | None, box: np.ndarray,
