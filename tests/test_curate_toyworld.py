@@ -233,6 +233,17 @@ def test_extrapolated_box_follows_constant_velocity():
     assert np.allclose(extrapolate_box(track, np.arange(10, 19), 25), [30.0, 1.0, 40.0, 11.0])
 
 
+def test_match_subjects_pairs_moved_subjects_and_leaves_far_detections():
+    from idcrafter.curate.references import match_subjects
+
+    subjects = np.array([[0.0, 0, 20, 20], [40, 0, 60, 20]])
+    # both moved 15 px right (no overlap left for the first), listed in the other order, plus a far one
+    found = np.array([[55.0, 0, 75, 20], [100, 80, 120, 100], [15, 0, 35, 20]])
+    assert match_subjects(subjects, found, diagonal=160.0, min_iou=0.1, max_shift=0.25) == [(0, 2), (1, 0)]
+    assert match_subjects(subjects, found[1:2], diagonal=160.0, min_iou=0.1, max_shift=0.25) == []
+    assert match_subjects(subjects, np.zeros((0, 4)), diagonal=160.0, min_iou=0.1, max_shift=0.25) == []
+
+
 def test_references_of_a_toy_shot_show_the_right_identities(raw, verifier):
     candidate = shot_candidate(raw, 0)
     [out] = ReferenceStage(rule="outside-clip", size=32).process([candidate])

@@ -163,6 +163,12 @@ class ReferenceStage(Stage):
     shows no face).
     Drops: "no frame outside the clip", "subject not in the reference frame", "no face in the
     reference frame", "no subjects".
+
+    Run it before `verify`: the verifier then checks every reference against the subject in the
+    target frames (MultiCrafter App. C compares the reference and target frames), which catches a
+    reference cut from the wrong subject; an image candidate (one target frame) can only be
+    verified against its reference. max_shift 0.25: toy subjects move up to ~0.2 of the frame
+    diagonal between a shot's first and middle frames.
     """
 
     name = "references"
@@ -171,7 +177,7 @@ class ReferenceStage(Stage):
     def __init__(self, rule: str = "outside-clip", size: int | None = None, pad: float = 0.1,
                  detector="toyworld", segmenter="toyworld", detector_options: dict | None = None,
                  segmenter_options: dict | None = None, categories: Sequence[str] | Mapping[str, str] | None = None,
-                 min_iou: float = 0.1, max_shift: float = 0.15, face_categories: Sequence[str] = PERSON_CATEGORIES,
+                 min_iou: float = 0.1, max_shift: float = 0.25, face_categories: Sequence[str] = PERSON_CATEGORIES,
                  face_backend: str = "dlib", face_options: dict | None = None, require_face: bool = False,
                  batch_size: int = 8, device: str = "cpu"):
         super().__init__()
