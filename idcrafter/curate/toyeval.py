@@ -373,11 +373,13 @@ def write_truth_manifest(raw: str | Path, truth: str | Path, out: str | Path, nu
 
 
 def compare_training(out: str | Path, manifests: dict[str, str | Path], steps: int, batch_size: int = 8,
-                     lr: float = 5e-4, seed: int = 0, eval_samples: int = 64, limit: int = 32) -> dict:
+                     lr: float = 5e-4, seed: int = 0, eval_samples: int = 64, limit: int = 32,
+                     attn_loss_weight: float = 0.3) -> dict:
     """The toy-world model trained from the same base, for the same steps, on each manifest
     ({"curated": ..., "truth": ...}) -> {name: held-out ToyID summary}, also written to
     out/training.json. Each run's data, cache and checkpoints go to out/<name>; the held-out clips
-    are the toy world's held-out pool (`idcrafter.toyworld.build` steps)."""
+    are the toy world's held-out pool; the recipe is `idcrafter.toyworld.build`'s (full fine-tuning,
+    IDAR on the masks at `attn_loss_weight`)."""
     from idcrafter.rewards.toyid import DEFAULT_TOYID_PATH
     from idcrafter.toyworld import build
     from idcrafter.toyworld.evaluate import evaluate_model
@@ -396,7 +398,8 @@ def compare_training(out: str | Path, manifests: dict[str, str | Path], steps: i
         folder.mkdir(parents=True, exist_ok=True)
         build.log(f"{name}: cache and train {steps} steps on {manifest}")
         cache = build.step_cache(folder, base, Path(manifest))
-        run = build.step_train(folder, base, Path(manifest), steps, batch_size, lr, seed, cache=cache)
+        run = build.step_train(folder, base, Path(manifest), steps, batch_size, lr, seed,
+                               extra=["--attn-loss-weight", str(attn_loss_weight)], cache=cache)
         model = build.assemble_model(folder, base, run)
         results[name] = evaluate_model(model, held, DEFAULT_TOYID_PATH, limit=limit, seed=seed)["summary"]
     with atomic_write(out / "training.json") as tmp:
@@ -420,10 +423,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     raw, truth = out / "raw", out / "truth"
     if not (truth / "truth.json").is_file():
-        write_raw_videos_args = dict(num_videos=args.videos, seed=args.seed)
         from idcrafter.curate.toyworld import write_raw_videos
 
-        write_raw_videos(out, **write_raw_videos_args)
+        write_raw_videos(out, args.videos, seed=args.seed)
     via = args.via
     if via == "auto":
         via = "cli" if (ROOT / "scripts" / "curate.py").is_file() else "minimal"
