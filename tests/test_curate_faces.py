@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idcrafter.curate.core import Candidate, SubjectTrack
+from idcrafter.curate.core import Candidate, Dropped, SubjectTrack
 from idcrafter.curate.identity import FaceVerifier, VerifyStage
 from idcrafter.curate.references import ReferenceStage
 
@@ -107,6 +107,11 @@ def test_a_clip_spliced_from_two_peoples_photos_is_dropped(spliced_clip):
         [candidate(frames, tracks, "spliced")])
     [dropped] = stage.process([with_ref])
     assert dropped.reason == "identity below threshold" and with_ref.subjects[0].identity < 0.9
+    # a person box with no face in the reference frame (the shirt below the left face)
+    shirt = candidate(frames, [np.tile([[20.0, 300, 200, 360]], (9, 1))], "shirt")
+    [no_face] = ReferenceStage(rule="first-frame", face_options={"upsample": 0}, require_face=True).process([shirt])
+    assert isinstance(no_face, Dropped) and no_face.reason == "no face in the reference frame"
+    assert np.isnan(stage.backends["person"].embed([frames[0, 300:360, 20:200]])).all()
     # the unspliced halves pass
     kept = stage.run([candidate(frames[:4], [tracks[0][:4]], "a"), candidate(frames[4:], [tracks[0][4:]], "b")])
     assert [c.key for c in kept] == ["a", "b"]
