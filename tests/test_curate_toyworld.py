@@ -321,7 +321,7 @@ def raw_folder(tmp_path_factory):
 
 
 def test_hard_cuts_and_linking_recover_shots_and_tracks(raw):
-    from idcrafter.curate.toyeval import hard_cuts, link_detections
+    from idcrafter.toyworld.curation import hard_cuts, link_detections
 
     assert hard_cuts(raw.frames) == [(0, 25), (25, 50)]
     moving = [np.array([2.0 * t, 0, 2.0 * t + 10, 10]) for t in range(5)]
@@ -334,7 +334,7 @@ def test_hard_cuts_and_linking_recover_shots_and_tracks(raw):
 
 
 def test_ground_truth_manifest_scores_perfectly_and_swapped_references_do_not(raw_folder, tmp_path):
-    from idcrafter.curate.toyeval import evaluate_manifest, write_truth_manifest
+    from idcrafter.toyworld.curation import evaluate_manifest, write_truth_manifest
 
     raw_dir, truth_dir = raw_folder
     manifest = write_truth_manifest(raw_dir, truth_dir, tmp_path / "truth")
@@ -353,8 +353,8 @@ def test_ground_truth_manifest_scores_perfectly_and_swapped_references_do_not(ra
 
 
 def test_minimal_curation_of_toy_raw_videos_end_to_end(raw_folder, tmp_path):
-    from idcrafter.curate.toyeval import curate_minimal, evaluate_manifest
     from idcrafter.data.validate import main as validate
+    from idcrafter.toyworld.curation import curate_minimal, evaluate_manifest
 
     raw_dir, truth_dir = raw_folder
     report = curate_minimal(raw_dir, tmp_path / "curated")

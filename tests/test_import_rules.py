@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ["core", "flow", "rl", "rewards", "data", "train"]
+SHARED = ["core", "flow", "rl", "rewards", "data", "train", "curate"]
 
 
 def imported_modules(path: Path) -> set[str]:

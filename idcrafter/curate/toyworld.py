@@ -12,7 +12,7 @@ Backends (`--backend toyworld`, registered in `idcrafter.curate.core.BACKENDS`):
 Raw footage: `make_raw_video` strings several toy clips together with hard cuts (a new background
 and a new set of identities per shot); `write_raw_videos` writes the videos to one folder and their
 ground truth (shot bounds, identities, visible masks, boxes) to another, so the pipeline never
-sees it and `idcrafter.curate.toyeval` can score what curation recovered.
+sees it and `idcrafter.toyworld.curation` can score what curation recovered.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def write_raw_videos(folder: str | Path, num_videos: int, seed: int, pool: str =
     raw/<id>.mp4: the videos (H.264, the toy world's 8 fps), all curation gets to see.
     truth/<id>.npz: per shot k, `masks_k` (N, F, H, W) bool and `boxes_k` (N, F, 4);
     truth/truth.json: per video its shots (start, end, identity keys, motions), the generator
-    options. Withheld from curation; `idcrafter.curate.toyeval` reads it to score the result.
+    options. Withheld from curation; `idcrafter.toyworld.curation` reads it to score the result.
     """
     from idcrafter.utils.media import write_video
 

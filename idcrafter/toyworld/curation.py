@@ -1,7 +1,7 @@
 """Curation scored against known ground truth: toy raw videos -> curation -> manifest -> metrics
 (docs/design.md 8.1, 9).
 
-    python -m idcrafter.curate.toyeval --out runs/curate-toy [--videos 16] [--train-steps 2000]
+    python -m idcrafter.toyworld.curation --out runs/curate-toy [--videos 16] [--train-steps 2000]
 
 1. raw: `write_raw_videos` (several shots with hard cuts per video); the ground truth (shot bounds,
    identities, visible masks) goes to a folder curation never reads;
