@@ -204,6 +204,8 @@ def test_bad_input_exit_2(world, tmp_path, capsys):
         (["--set", "adapter=banana"], "adapter"),
         (["--category-weights", "face=2,hat=1"], "hat"),
         (["--category-weights", "face=nan"], "finite"),
+        (["--validate-every", "2"], "--validate-every 2: give the held-out samples with --validation-data"),
+        (["--validate-every", "2", "--validation-data", str(video)], "is a video"),
     ]
     for extra, needle in cases:
         try:
@@ -303,3 +305,68 @@ def test_one_for_all_draws_categories_in_the_paper_ratio(tmp_path):
     assert chi2([2, 2, 2, 1]) < 11.34, (counts, in_data)
     assert chi2(in_data) > 7.81 or np.allclose(in_data / in_data.sum(), [2 / 7, 2 / 7, 2 / 7, 1 / 7], atol=0.05)
     assert chi2([1, 1, 1, 1]) > 7.81, counts
+
+
+def test_validation_samples_show_the_trained_model(world, tmp_path):
+    """One-for-All on 2 ranks under ZeRO-3 with --validate-every 2: strips at steps 2 and 3 (the
+    last), one row per held-out sample (its 2 references on white, then the 32 x 32 image), the
+    rows in TensorBoard; the step-3 images are what the inference pipeline makes with the adapter
+    exported at step 3 (same categories, seeds, steps, size and reference canvas)."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from idcrafter.data.manifest import read_samples
+    from idcrafter.utils.media import fit_on_canvas, load_rgb
+    from mcimage.pipeline import MCImagePipeline
+
+    root, multi, single, bases = world
+    base = bases["tiny-one-for-all"]
+    out = tmp_path / "run"
+    proc = launch("scripts/train_image.py", [
+        "--preset", "tiny-one-for-all", "--base", str(base), "--data", str(single), "--output", str(out),
+        "--deepspeed_config", "ds_configs/zero3.json", "--size", f"{SIZE}x{SIZE}", "--ref-size", f"{REF}x{REF}",
+        "--max-steps", "3", "--batch-size", "2", "--save-every", "3", "--log-every", "1", "--no-progress",
+        "--stage", "single", "--lr", "1e-2", "--seed", "5", "--validate-every", "2", "--validation-data", str(multi),
+        "--validation-samples", "2", "--validation-steps", "2"], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 3: 2 validation samples" in proc.stderr
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_00000002.png", "step_00000003.png"]
+    strips = {}
+    for step in (2, 3):
+        with Image.open(out / "validation" / f"step_{step:08d}.png") as im:
+            assert im.mode == "RGB" and im.size == ((2 + 1) * SIZE, 2 * SIZE)
+            strips[step] = np.asarray(im)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["validation/0", "validation/1"]
+    for i in range(2):
+        logged = events.Images(f"validation/{i}")
+        assert [e.step for e in logged] == [2, 3]
+        row = np.asarray(Image.open(io.BytesIO(logged[-1].encoded_image_string)).convert("RGB"))
+        np.testing.assert_array_equal(row, strips[3][SIZE * i: SIZE * (i + 1)])
+
+    items = read_samples(multi)[:2]
+    pipe = MCImagePipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(i):
+        s = items[i]
+        out_i = pipe(s.prompt, [x.image for x in s.subjects], [x.category for x in s.subjects], height=SIZE, width=SIZE,
+                     num_inference_steps=2, generator=torch.Generator().manual_seed(5 + i), output_type="np",
+                     ref_size=(REF, REF)).images[0]
+        return (out_i * 255).round()
+
+    before = [image(i) for i in range(2)]
+    pipe = MCImagePipeline.from_pretrained(base, adapter=out / "adapter")
+    pipe.set_progress_bar_config(disable=True)
+    gap = 0.0
+    for i in range(2):
+        cells = strips[3][SIZE * i: SIZE * (i + 1)]
+        for k, subject in enumerate(items[i].subjects):
+            want_ref = np.asarray(fit_on_canvas(load_rgb(subject.image), SIZE, SIZE))
+            np.testing.assert_array_equal(cells[:, SIZE * k: SIZE * (k + 1)], want_ref)
+        want = image(i)
+        np.testing.assert_allclose(cells[:, 2 * SIZE:], want, atol=1, rtol=0)
+        gap = max(gap, float(np.abs(want - before[i]).max()))
+    assert gap > 10  # the trained adapter shows in the pixels: the strip is not the base model's

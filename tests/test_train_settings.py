@@ -9,7 +9,14 @@ import json
 import pytest
 
 from idcrafter.cli import train_image, train_rl, train_video
-from idcrafter.train.cli import RunSettings, parse_settings, save_settings, settings_dict
+from idcrafter.train.cli import (
+    RunSettings,
+    ValidationSettings,
+    parse_settings,
+    save_settings,
+    settings_dict,
+    train_args,
+)
 
 
 def test_run_options_come_from_the_settings_fields():
@@ -32,24 +39,33 @@ def test_run_options_come_from_the_settings_fields():
     assert generated == list(RunSettings.__dataclass_fields__)  # every field, in field order
 
 
-@pytest.mark.parametrize("script, settings, left_out", [
-    (train_video, "VideoSettings", set()),
-    (train_image, "ImageSettings", set()),
-    (train_rl, "RLSettings", {"batch_size", "grad_accum", "ema_decay"}),
+@pytest.mark.parametrize("script, settings, left_out, validation", [
+    (train_video, "VideoSettings", set(), True),
+    (train_image, "ImageSettings", set(), True),
+    (train_rl, "RLSettings", {"batch_size", "grad_accum", "ema_decay"}, False),
 ])
-def test_every_option_is_a_settings_field(script, settings, left_out):
-    """A trainer's command line is its settings dataclass plus RunSettings, nothing else; the
-    parsed options build the dataclasses."""
+def test_every_option_is_a_settings_field(script, settings, left_out, validation):
+    """A trainer's command line is its settings dataclass plus RunSettings (plus, for SFT,
+    ValidationSettings), nothing else; the parsed options build the dataclasses."""
     cls = getattr(script, settings)
     own, run = set(cls.__dataclass_fields__), set(RunSettings.__dataclass_fields__) - left_out
+    checks = set(ValidationSettings.__dataclass_fields__) if validation else set()
     parser = script.build_parser()
     dests = {a.dest for a in parser._actions} - {"help", "config", "local_rank"}
-    assert dests == own | run and not own & run
+    assert dests == own | run | checks and not own & run and not (own | run) & checks
     args = parser.parse_args(["--data", "d.jsonl", "--output", "o"])
     values = vars(args)
     assert cls(**{k: values[k] for k in own}) == cls(data="d.jsonl")  # the fields' defaults are the options'
     assert RunSettings(**{k: values[k] for k in run}) == RunSettings(
         output="o", **{k: parser.get_default(k) for k in run if k != "output"})
+    if validation:  # off by default: existing runs are unchanged
+        assert ValidationSettings(**{k: values[k] for k in checks}) == ValidationSettings()
+        assert (args.validate_every, args.validation_data, args.validation_samples, args.validation_steps) == (
+            0, None, 4, None)
+        run_args = train_args(parser.parse_args(["--data", "d", "--output", "o", "--validate-every", "5",
+                                                 "--validation-data", "v.jsonl", "--validation-steps", "8"]))
+        assert (run_args.validate_every, run_args.validation_data, run_args.validation_samples,
+                run_args.validation_steps) == (5, "v.jsonl", 4, 8)
 
 
 def test_config_file_values_and_command_line_overrides(tmp_path):

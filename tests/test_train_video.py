@@ -142,6 +142,14 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, data):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = train(tmp_path / "o", bad_manifest)
     assert proc.returncode == 2 and "bad lines" in proc.stderr, proc.stderr
+    for extra, message in [  # validation samples need a held-out manifest, and a good one
+        (["--validate-every", "2"], "--validate-every 2: give the held-out samples with --validation-data"),
+        (["--validate-every", "2", "--validation-data", str(bad_manifest)], "--validation-data"),
+    ]:
+        proc = train(tmp_path / "o", data, *extra)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_two_hundred_steps_lower_loss_and_leakage(tmp_path):
@@ -227,3 +235,100 @@ def test_lr_schedules_follow_their_formulas_and_resume_continues_them(data, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((runs["cosine"] / "summary.json").read_text())["resumed_from"] == "step_00000003"
     np.testing.assert_allclose(logged_lrs(runs["cosine"]), cosine, rtol=0, atol=1e-9)
+
+
+def tensorboard_images(folder: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """{tag: [(step, uint8 [H, W, 3])]} of the images in a TensorBoard folder."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+                  for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+@pytest.fixture(scope="module")
+def validation_runs(data, tmp_path_factory):
+    """The same 4 steps on 2 ranks with EMA under ZeRO-3 and ZeRO-2, sampling 2 of 3 held-out
+    samples with 2 steps at steps 3 and 4 (--validate-every 3, and the last step)."""
+    root = tmp_path_factory.mktemp("validation")
+    held_out = write_manifest(root / "held_out", n=3, seed=7)
+    runs = {}
+    for zero in (3, 2):
+        runs[zero] = root / f"zero{zero}"
+        proc = train(runs[zero], data, "--max-steps", "4", "--save-every", "4", "--lr", "1e-2", "--ema-decay", "0.5",
+                     "--validate-every", "3", "--validation-data", str(held_out), "--validation-samples", "2",
+                     "--validation-steps", "2", "--seed", "3", ranks=2, zero=zero)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "step 4: 2 validation samples" in proc.stderr
+    return held_out, runs
+
+
+def strip(output: Path, step: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(output / "validation" / f"step_{step:08d}.png") as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
+def test_validation_samples_show_the_trained_model(validation_runs):
+    """Strips at steps 3 and 4, one row per held-out sample (2 reference cells + 4 frames of 64 x 64),
+    the rows in TensorBoard; the step-4 frames are what the inference pipeline makes with the
+    adapter exported at step 4 (EMA weights, same seeds and steps), and not the base model's."""
+    from idcrafter.data.manifest import read_samples
+    from idcrafter.train.validation import frame_indices
+    from idcrafter.utils.media import fit_on_canvas, load_rgb
+    from idcrafter.video.config import IDCrafterConfig
+    from idcrafter.video.pipeline import IDCrafterPipeline
+    from idcrafter.video.presets import build_components
+
+    held_out, runs = validation_runs
+    out = runs[3]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_00000003.png", "step_00000004.png"]
+    strips = {step: strip(out, step) for step in (3, 4)}
+    assert all(s.shape == (2 * 64, (2 + 4) * 64, 3) for s in strips.values())
+    board = tensorboard_images(out / "tensorboard")
+    assert sorted(board) == ["validation/0", "validation/1"]
+    for i in range(2):
+        assert [s for s, _ in board[f"validation/{i}"]] == [3, 4]
+        np.testing.assert_array_equal(board[f"validation/{i}"][1][1], strips[4][64 * i: 64 * (i + 1)])
+
+    pipe = IDCrafterPipeline.from_components(build_components(IDCrafterConfig.from_preset("tiny"), seed=3))
+    pipe.set_progress_bar_config(disable=True)
+    items = read_samples(held_out)[:2]
+
+    def frames(i):
+        video = pipe(items[i].prompt, [s.image for s in items[i].subjects], num_inference_steps=2,
+                     generator=torch.Generator().manual_seed(3 + i), output_type="np").frames[0]
+        return (video[frame_indices(9)] * 255).round()
+
+    for i in range(2):  # the first columns: each sample's references, fitted on white
+        for k, subject in enumerate(items[i].subjects):
+            cell = np.asarray(fit_on_canvas(load_rgb(subject.image), 64, 64))
+            np.testing.assert_array_equal(strips[4][64 * i: 64 * (i + 1), 64 * k: 64 * (k + 1)], cell)
+    base = [frames(i) for i in range(2)]
+    pipe.transformer.load_adapter(out / "adapter")
+    gap = 0.0
+    for i in range(2):
+        got = strips[4][64 * i: 64 * (i + 1), 2 * 64:].reshape(64, 4, 64, 3).transpose(1, 0, 2, 3)
+        want = frames(i)
+        np.testing.assert_allclose(got, want, atol=1, rtol=0)
+        gap = max(gap, float(np.abs(want - base[i]).max()))
+    assert gap > 10  # the trained adapter shows in the pixels: the strip is not the base model's
+
+
+def test_ema_validation_and_export_agree_under_zero2_and_zero3(validation_runs):
+    """ZeRO-3 keeps small parameters gathered between forwards; the EMA weights reach them too, so
+    the exported EMA adapter and the validation samples are those of ZeRO-2."""
+    _, runs = validation_runs
+    a = load_file(str(runs[3] / "adapter" / "idcrafter_adapter.safetensors"))
+    b = load_file(str(runs[2] / "adapter" / "idcrafter_adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    for step in (3, 4):
+        np.testing.assert_allclose(strip(runs[3], step), strip(runs[2], step), atol=1, rtol=0)

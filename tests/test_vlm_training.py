@@ -70,7 +70,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vlm_run(tmp_path_factory, data, qwen) -> Path:
     out = tmp_path_factory.mktemp("run") / "vlm"
-    proc = train(out, data, *TRAIN, "--vlm", str(qwen))
+    proc = train(out, data, *TRAIN, "--vlm", str(qwen), "--validate-every", "4", "--validation-data", str(data),
+                 "--validation-samples", "1", "--validation-steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -121,6 +122,30 @@ def test_exported_adapter_reads_the_vlm_in_the_pipeline(vlm_run, encoder):
     assert (with_vlm - zeroed).abs().max() > 1e-3
     without = tiny_pipeline(adapter, None)(PROMPT, REFS, generator=torch.Generator().manual_seed(1), num_inference_steps=2, output_type="latent").frames
     assert (with_vlm - without).abs().max() > 1e-3
+
+
+def test_validation_samples_read_the_vlm(vlm_run, data, encoder):
+    """The step-4 validation frames of a VLM run are the pipeline's with the exported adapter and
+    the VLM, not those of a pipeline without it."""
+    from PIL import Image
+
+    from idcrafter.data.manifest import read_samples
+    from idcrafter.train.validation import frame_indices
+
+    item = read_samples(data)[0]
+
+    def frames(vlm):
+        video = tiny_pipeline(vlm_run / "adapter", vlm)(
+            item.prompt, [s.image for s in item.subjects], generator=torch.Generator().manual_seed(0),
+            num_inference_steps=2, output_type="np").frames[0]
+        return (video[frame_indices(9)] * 255).round()
+
+    with Image.open(vlm_run / "validation" / "step_00000004.png") as im:
+        strip = np.asarray(im)
+    assert strip.shape == (64, (2 + 4) * 64, 3)
+    got = strip[:, 2 * 64:].reshape(64, 4, 64, 3).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(got, frames(encoder), atol=1, rtol=0)
+    assert np.abs(got - frames(None)).max() > 5  # without the VLM's tokens the frames are other ones
 
 
 def test_dropout_gives_the_vlm_only_what_each_condition_leaves(vlm_run, data, qwen, encoder):

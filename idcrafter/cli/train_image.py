@@ -78,12 +78,13 @@ class ImageSettings:
 
 
 def build_parser() -> ArgumentParser:
-    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments
+    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments, add_validation_arguments
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, ImageSettings, only=INPUT_FIELDS)
     add_run_arguments(p, lr=None, weight_decay=None)
     add_dataclass_arguments(p, ImageSettings, exclude=INPUT_FIELDS)
+    add_validation_arguments(p)
     return p
 
 
@@ -154,7 +155,7 @@ def overrides(args) -> dict:
 
 def validate(args) -> None:
     """Everything that can be checked before a model loads or a file is written."""
-    from idcrafter.train.cli import check_run_paths
+    from idcrafter.train.cli import check_run_paths, check_validation
     from idcrafter.utils.folders import check_model_folder
     from mcimage.config import PRESETS
     from mcimage.infer import check_size, read_adapter
@@ -162,6 +163,7 @@ def validate(args) -> None:
     if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     check_run_paths(args)
+    check_validation(args)
     if args.base is not None:
         check_model_folder(args.base, "--base", required=("transformer", "vae"))
     if args.adapter is not None:
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
             policy=args.trainable,
         )
         spec.load_samples()  # manifest problems are reported before DeepSpeed starts
+        if args.validate_every:
+            spec.validation_items(args.validation_data, args.validation_samples)
     except InputError as err:
         return fail(str(err))
 

@@ -60,12 +60,13 @@ class VideoSettings:
 
 
 def build_parser() -> ArgumentParser:
-    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments
+    from idcrafter.train.cli import add_dataclass_arguments, add_run_arguments, add_validation_arguments
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, VideoSettings, only=INPUT_FIELDS)
     add_run_arguments(p)
     add_dataclass_arguments(p, VideoSettings, exclude=INPUT_FIELDS)
+    add_validation_arguments(p)
     return p
 
 
@@ -73,7 +74,7 @@ def validate(args) -> list:
     """Everything that can be checked before a model loads or a file is written; returns the
     manifest's samples."""
     from idcrafter.data.manifest import read_samples
-    from idcrafter.train.cli import check_run_paths
+    from idcrafter.train.cli import check_run_paths, check_validation
     from idcrafter.utils.cli import check_input_dir, parse_size
     from idcrafter.utils.folders import check_model_folder
     from idcrafter.video.config import PRESETS, STAGE3_HIERARCHIES, IDCrafterConfig
@@ -82,6 +83,7 @@ def validate(args) -> list:
     if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     check_run_paths(args)
+    check_validation(args)
     if args.cache is not None:
         check_input_dir(args.cache, "--cache")
     if args.base is not None:
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
                           cache=args.cache),
             policy=args.trainable, samples=samples,
         )
+        if args.validate_every:  # a bad held-out manifest is reported before DeepSpeed starts
+            spec.validation_items(args.validation_data, args.validation_samples)
     except InputError as err:
         return fail(str(err))
 

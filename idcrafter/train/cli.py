@@ -20,6 +20,7 @@ from pathlib import Path
 
 from idcrafter.train.ds_config import LR_SCHEDULES
 from idcrafter.utils.cli import (
+    MAX_SAMPLING_STEPS,
     InputError,
     check_input_file,
     check_output_dir,
@@ -108,6 +109,37 @@ class RunSettings:
     keep_last: int = setting(2, type=integer(1))
     log_every: int = setting(10, type=integer(1))
     no_progress: bool = setting(False)
+
+
+@dataclass
+class ValidationSettings:
+    """Validation samples during SFT (`idcrafter.train.validation`): the held-out set, how often, how many."""
+
+    validate_every: int = setting(
+        0, type=integer(0), metavar="N",
+        help="every N steps and at the last step, sample --validation-data with the training model into "
+             "OUTPUT/validation/step_*.png and TensorBoard (default 0: off)")
+    validation_data: str | None = setting(None, metavar="PATH",
+                                          help="JSONL manifest of held-out samples, in the format of --data")
+    validation_samples: int = setting(4, type=integer(1, 64), metavar="K",
+                                      help="sample the first K samples of --validation-data, the same ones every time")
+    validation_steps: int | None = setting(
+        None, type=integer(1, MAX_SAMPLING_STEPS), metavar="S",
+        help="sampling steps (default: the preset's: 50 for Wan, 28 MultiCrafter, 25 One-for-All, 4 for tiny presets)")
+
+
+def add_validation_arguments(p: argparse.ArgumentParser) -> None:
+    """The `ValidationSettings` options (the SFT scripts)."""
+    add_dataclass_arguments(p, ValidationSettings)
+
+
+def check_validation(args: argparse.Namespace) -> None:
+    """--validate-every needs a held-out manifest that exists (never the training data by default)."""
+    if args.validate_every and args.validation_data is None:
+        raise InputError(f"--validate-every {args.validate_every}: give the held-out samples with --validation-data "
+                         "(a manifest in the format of --data)")
+    if args.validation_data is not None:
+        check_input_file(args.validation_data, "--validation-data")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 1000, lr: float | None = 1e-5,
@@ -207,7 +239,8 @@ def train_args(args: argparse.Namespace, **overrides):
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
         progress=not args.no_progress,
     )
-    for name in ("batch_size", "grad_accum", "ema_decay", "trainable", "gradient_checkpointing"):
+    for name in ("batch_size", "grad_accum", "ema_decay", "trainable", "gradient_checkpointing", "validate_every",
+                 "validation_data", "validation_samples", "validation_steps"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
     values.update(overrides)

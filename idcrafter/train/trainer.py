@@ -11,6 +11,7 @@ Checkpoints are complete or invisible and resume unpickles no code (`idcrafter.t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -79,6 +80,13 @@ class TrainArgs:
     resume: str | None = None
     log_every: int = 10
     progress: bool = True
+    # Validation samples (idcrafter.train.validation): every N steps and at the last one (0: off), the
+    # first `validation_samples` of the manifest `validation_data`, `validation_steps` sampling steps
+    # (None: the preset's), noise from `seed` (sample i: seed + i), the same at every validation.
+    validate_every: int = 0
+    validation_data: str | None = None
+    validation_samples: int = 4
+    validation_steps: int | None = None
     # the resolved command-line settings, saved in the run folder (idcrafter.train.cli.save_settings)
     settings: dict | None = None
 
@@ -95,6 +103,9 @@ class TrainingSpec(Protocol):
     def loss(self, model: nn.Module, conditions: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
     def export(self, model: nn.Module, folder: Path) -> None: ...
     def describe(self) -> dict: ...
+    # Only with --validate-every: the held-out samples, and the model's samples of them.
+    def validation_items(self, path: str, limit: int) -> list: ...
+    def validation_samples(self, model: nn.Module, items: list, steps: int | None, seed: int) -> list: ...
 
 
 def _mix_seed(*parts: int) -> int:
@@ -218,6 +229,9 @@ class Trainer:
                 f"the data gives no full batch for rank {self.rank}: {len(keys) - unreadable} usable samples for "
                 f"batch size {self.args.batch_size} x {self.world_size} ranks"
             )
+        a = self.args
+        self.validation_items = (self.spec.validation_items(a.validation_data, a.validation_samples)
+                                 if a.validate_every else [])
 
     def build_engine(self) -> None:
         import deepspeed
@@ -321,8 +335,36 @@ class Trainer:
 
     def after_step(self) -> dict[str, float]:
         """Hook: metrics computed after an optimizer step (e.g. a held-out evaluation); when it
-        returns any, the step is logged whatever `log_every` says."""
+        returns any, the step is logged whatever `log_every` says. SFT writes its validation
+        samples here when they are due."""
+        every = self.args.validate_every
+        if every and (self.step % every == 0 or self.step == self.args.max_steps):
+            self.validate()
         return {}
+
+    def validate(self) -> Path | None:
+        """Sample the held-out items with the training model (the engine's module, no copy of the
+        weights; the EMA weights swapped in when EMA is on) in eval mode without grad, then back to
+        train mode. Every rank runs the same forwards (under ZeRO-3 each forward gathers the
+        parameters with a collective); rank 0 writes the strip and the TensorBoard images and
+        returns the PNG path."""
+        from idcrafter.train.validation import validation_rows, write_validation
+
+        a, model = self.args, self.engine.module
+        started, training = time.perf_counter(), model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                samples = self.spec.validation_samples(model, self.validation_items, a.validation_steps, a.seed)
+        finally:
+            model.train(training)
+        if self.rank != 0:
+            return None
+        rows = validation_rows(samples, [[s.image for s in item.subjects] for item in self.validation_items])
+        path = write_validation(self.output, self.step, rows, self.log.writer)
+        logger.info("step %d: %d validation samples in %.1fs -> %s", self.step, len(samples),
+                    time.perf_counter() - started, path)
+        return path
 
     def after_training(self) -> None:
         """Hook: called once after the last step."""
