@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from idcrafter.utils.cli import MAX_GUIDANCE, MAX_SAMPLING_STEPS, InputError
+from idcrafter.utils.cli import MAX_GUIDANCE, MAX_SAMPLING_STEPS, InputError, user_file
 from idcrafter.utils.io import atomic_write, publish_file
 from idcrafter.utils.jsonl import read_jsonl
 from idcrafter.utils.logging import get_logger
@@ -407,7 +407,9 @@ def parse_jobs(
     jobs: list[Job] = []
     errors: list[JobError] = []
     seen: dict[str, int] = {}
-    for number, record, problem in read_jsonl(path, "job file"):
+    with user_file():  # a job file that cannot be read at all: one line naming it
+        lines = list(read_jsonl(path, "job file"))
+    for number, record, problem in lines:
         if problem is not None:
             errors.append(JobError(number, problem))
             continue

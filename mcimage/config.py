@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from idcrafter.core.lora_config import FLUX_TARGET_MODULES, MoELoRAConfig
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError
 
 __all__ = ["FLUX_CONFIGS", "PRESETS", "MCImageConfig", "check_categories"]
 
@@ -378,12 +378,12 @@ def read_adapter_config(folder: str | Path) -> MCImageConfig:
 
 
 def check_adapter_fits(config: MCImageConfig, flux: dict[str, Any], adapter: str | Path, base: str | Path) -> None:
-    """InputError when the FLUX architecture an adapter was trained on (`config.flux`) differs from
+    """ConfigError when the FLUX architecture an adapter was trained on (`config.flux`) differs from
     the base transformer's config `flux` (keys both have; lists and tuples compare alike)."""
     def same(a, b) -> bool:
         return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
     diff = sorted(k for k, v in config.flux.items() if k in flux and not same(flux[k], v))
     if diff:
-        raise InputError(f"{adapter}: adapter was trained on a different FLUX architecture than {base} "
-                         f"({', '.join(f'{k}: {config.flux[k]} vs {flux[k]}' for k in diff[:3])})")
+        raise ConfigError(f"{adapter}: adapter was trained on a different FLUX architecture than {base} "
+                          f"({', '.join(f'{k}: {config.flux[k]} vs {flux[k]}' for k in diff[:3])})")

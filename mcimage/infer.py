@@ -33,6 +33,7 @@ from idcrafter.utils.cli import (
     check_output_file,
     check_preset,
     parse_size,
+    user_file,
 )
 from mcimage.config import (
     ADAPTER_CONFIG_NAME,
@@ -160,7 +161,8 @@ def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str
     check_preset(config.preset, preset, adapter)
     if base is not None:
         flux = read_json_object(base / "transformer" / "config.json", "--model transformer")
-        check_adapter_fits(config, flux, adapter, base / "transformer")
+        with user_file():  # its message names the adapter and the base
+            check_adapter_fits(config, flux, adapter, base / "transformer")
     return config
 
 
@@ -245,7 +247,8 @@ def check_subjects(
                     f"({c_name}: {' '.join(categories or []) or 'none'})"
                 )
     for ref in refs:
-        load_rgb(ref, r_name)
+        with user_file():  # its message names `r_name` and the file
+            load_rgb(ref, r_name)
 
 
 def validate(req: ImageInferenceRequest) -> MCImageConfig:

@@ -291,7 +291,7 @@ class MCImagePipeline(DiffusionPipeline):
         this class for a folder `save_pretrained` wrote (see `save_pretrained`), with equal output.
 
         Raises:
-            InputError: `base` is not a local folder (nor a Hugging Face id in the local cache).
+            FileFormatError: `base` is not a local folder (nor a Hugging Face id in the local cache).
             FileNotFoundError: `base` has no transformer/ subfolder (or another component's), or
                 `adapter` does not exist.
             ValueError: a broken adapter (unreadable config or weights, or weights that do not fit
@@ -428,7 +428,7 @@ class MCImagePipeline(DiffusionPipeline):
             ref = Image.fromarray(ref[..., 0] if ref.ndim == 3 and ref.shape[2] == 1 else ref)
         if not isinstance(ref, Image.Image):
             raise ValueError(f"reference {k}: expected a path, PIL image or uint8 array, got {type(ref).__name__}")
-        return to_rgb(ref, what=f"reference {k}")  # InputError (a ValueError) for modes with no RGB reading
+        return to_rgb(ref, what=f"reference {k}")  # FileFormatError (a ValueError) for modes with no RGB reading
 
     def _latent_affine(self) -> tuple[float, float]:
         """FLUX's latent normalisation z' = (z - shift) * scaling; identity for codecs without one."""

@@ -20,7 +20,7 @@ import torch
 from idcrafter.core.moe_lora import moe_lora_disabled
 from idcrafter.core.positions import canonical_category
 from idcrafter.rl.trainer import load_prompt_samples, reference_arrays
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from mcimage.config import check_categories
 from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 from mcimage.transformer import unpack_latents
@@ -97,13 +97,13 @@ class ImageRLSpec:
             return None
         if self.categories is not None:
             if len(manifest) > len(self.categories):
-                raise InputError(f"{path}: sample {sample_id} has {len(manifest)} subjects but --categories gives "
-                                 f"{len(self.categories)}")
+                raise FileFormatError(f"{path}: sample {sample_id} has {len(manifest)} subjects but --categories gives "
+                                      f"{len(self.categories)}")
             return self.categories[: len(manifest)]
         try:
             return check_categories(self.config, len(manifest), manifest)
         except ValueError as err:
-            raise InputError(f"{path}: sample {sample_id}: {err} (or pass --categories)") from None
+            raise FileFormatError(f"{path}: sample {sample_id}: {err} (or pass --categories)") from None
 
     def reward_inputs(self, item: ImageItem) -> tuple[str, list[np.ndarray], dict]:
         from idcrafter.core.positions import parse_descriptor_markup

@@ -33,7 +33,7 @@ from torch import nn
 from idcrafter.core.positions import DescriptorSpan, canonical_category, descriptor_token_indices
 from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from mcimage.config import PRESETS, MCImageConfig, check_categories
 from mcimage.transformer import MCImageTransformer, pack_latents
 
@@ -121,16 +121,16 @@ class ImageTrainingSpec:
     def __init__(self, model_args: ImageModelArgs, data_args: ImageDataArgs, policy: str = "adapter"):
         self.m, self.d, self.policy = model_args, data_args, policy
         if data_args.stage not in STAGES:
-            raise InputError(f"--stage {data_args.stage!r}: use one of {', '.join(STAGES)}")
+            raise ConfigError(f"--stage {data_args.stage!r}: use one of {', '.join(STAGES)}")
         if model_args.adapter is not None:
             try:
                 config = MCImageTransformer.read_adapter_config(model_args.adapter)
             except ValueError as err:
-                raise InputError(f"--adapter {model_args.adapter}: {err}") from None
+                raise FileFormatError(f"--adapter {model_args.adapter}: {err}") from None
         elif model_args.preset in PRESETS:
             config = MCImageConfig.from_preset(model_args.preset)
         else:
-            raise InputError(f"--preset {model_args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"--preset {model_args.preset!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
         overrides = dict(model_args.overrides)
         if model_args.attn_loss_weight is None:
             idar = overrides.get("idar", config.idar)
@@ -142,27 +142,27 @@ class ImageTrainingSpec:
             try:
                 config = dataclasses.replace(config, **overrides)
             except (TypeError, ValueError) as err:
-                raise InputError(f"config overrides {overrides}: {err}") from None
+                raise ConfigError(f"config overrides {overrides}: {err}") from None
         self.config = config
         routing = model_args.merged_lora_routing
         if routing is not None and (config.adapter != "moe_lora" or len(routing) != config.num_experts):
-            raise InputError(f"--merged-lora-routing: {len(routing)} gates, but the adapter is {config.adapter!r}"
-                             + (f" with {config.num_experts} experts" if config.adapter == "moe_lora" else "")
-                             + " (it merges the experts of a MoE-LoRA, one gate each)")
+            raise ConfigError(f"--merged-lora-routing: {len(routing)} gates, but the adapter is {config.adapter!r}"
+                              + (f" with {config.num_experts} experts" if config.adapter == "moe_lora" else "")
+                              + " (it merges the experts of a MoE-LoRA, one gate each)")
         if model_args.attn_loss_weight > 0 and not config.idar:
-            raise InputError("--attn-loss-weight > 0 needs IDAR share capture (config idar=True)")
+            raise ConfigError("--attn-loss-weight > 0 needs IDAR share capture (config idar=True)")
         flux = config.flux
         if model_args.base is not None:
             import json
 
             path = Path(model_args.base) / "transformer" / "config.json"
             if not path.is_file():
-                raise InputError(f"--base {model_args.base}: not a FLUX diffusers folder (no transformer/config.json)")
+                raise FileFormatError(f"--base {model_args.base}: not a FLUX diffusers folder (no transformer/config.json)")
             try:
                 flux = json.loads(path.read_text())
                 flux["num_attention_heads"] * flux["attention_head_dim"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise InputError(f"--base {model_args.base}: {path} is not a FLUX transformer config ({err})") from None
+                raise FileFormatError(f"--base {model_args.base}: {path} is not a FLUX transformer config ({err})") from None
         self.hidden_size = flux["num_attention_heads"] * flux["attention_head_dim"]
         self.height, self.width = data_args.height, data_args.width
         self.ref_size = tuple(data_args.ref_size or config.ref_size or (self.height, self.width))
@@ -185,7 +185,7 @@ class ImageTrainingSpec:
                     pipe.transformer.load_adapter(self.m.adapter)
         except (ValueError, OSError, KeyError) as err:
             what = f"--base {self.m.base}" if self.m.base is not None else f"--adapter {self.m.adapter}"
-            raise InputError(f"{what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise FileFormatError(f"{what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         model = pipe.transformer
         loaded = model.mc_config
         if self.m.base is not None:  # the loaded transformer's architecture is the one that counts
@@ -197,8 +197,8 @@ class ImageTrainingSpec:
             fixed = sorted(k for k in self.m.overrides if k not in model.CAPTURE_FIELDS
                            and getattr(loaded, k) != getattr(self.config, k))
             if fixed:
-                raise InputError(f"--set {', '.join(fixed)}: the loaded adapter fixes these (its config has "
-                                 f"{', '.join(f'{k}={getattr(loaded, k)!r}' for k in fixed)})")
+                raise ConfigError(f"--set {', '.join(fixed)}: the loaded adapter fixes these (its config has "
+                                  f"{', '.join(f'{k}={getattr(loaded, k)!r}' for k in fixed)})")
             capture = {k: getattr(self.config, k) for k in model.CAPTURE_FIELDS} if self.m.attn_loss_weight > 0 else {}
             self.config = dataclasses.replace(loaded, **capture)
             model.set_capture_config(self.config)
@@ -209,7 +209,7 @@ class ImageTrainingSpec:
         mult = pipe.vae_scale_factor * 2
         for what, (h, w) in (("size", (self.height, self.width)), ("reference size", self.ref_size)):
             if h % mult or w % mult:
-                raise InputError(f"{what} {h}x{w}: height and width must be multiples of {mult} for this model")
+                raise ConfigError(f"{what} {h}x{w}: height and width must be multiples of {mult} for this model")
         target_len = (self.height // mult) * (self.width // mult)
         self.shift = scheduler_shift(pipe.scheduler.config, target_len)
         return model
@@ -218,7 +218,7 @@ class ImageTrainingSpec:
         try:
             return list(model.trainable_parameters(policy).values())
         except ValueError as err:
-            raise InputError(f"--trainable {policy}: {err}") from None
+            raise ConfigError(f"--trainable {policy}: {err}") from None
 
     # ------------------------------------------------------------------ data
     def load_samples(self) -> list:
@@ -227,31 +227,31 @@ class ImageTrainingSpec:
         samples = read_samples(self.d.data)
         videos = [s.id for s in samples if s.is_video]
         if videos:
-            raise InputError(f"--data {self.d.data}: {len(videos)} samples are videos (first: {videos[0]}); "
-                             "the image branch trains on image samples")
+            raise FileFormatError(f"--data {self.d.data}: {len(videos)} samples are videos (first: {videos[0]}); "
+                                  "the image branch trains on image samples")
         if self.d.stage == "single":
             samples = [s for s in samples if len(s.subjects) == 1]
         elif self.d.stage == "multi":
             samples = [s for s in samples if len(s.subjects) >= 2]
         if not samples:
-            raise InputError(f"--data {self.d.data}: no samples for stage {self.d.stage!r}")
+            raise FileFormatError(f"--data {self.d.data}: no samples for stage {self.d.stage!r}")
         too_many = [s.id for s in samples if len(s.subjects) > self.config.max_subjects]
         if too_many:
-            raise InputError(f"--data {self.d.data}: {len(too_many)} samples have more than "
-                             f"{self.config.max_subjects} subjects (first: {too_many[0]})")
+            raise FileFormatError(f"--data {self.d.data}: {len(too_many)} samples have more than "
+                                  f"{self.config.max_subjects} subjects (first: {too_many[0]})")
         cfg = self.config
         if cfg.uses_categories and cfg.category_binding == "true":
             for s in samples:  # category ids need one known, distinct category per reference
                 try:
                     check_categories(cfg, len(s.subjects), [x.category for x in s.subjects])
                 except ValueError as err:
-                    raise InputError(f"--data {self.d.data}: line {s.line} ({s.id}): {err}") from None
+                    raise FileFormatError(f"--data {self.d.data}: line {s.line} ({s.id}): {err}") from None
         if cfg.category_binding == "random":
             drawable = sum(w > 0 for w in cfg.category_weights.values())
             most = max(len(s.subjects) for s in samples)
             if most > drawable:
-                raise InputError(f"category_binding random draws from {drawable} categories but samples have up to "
-                                 f"{most} subjects")
+                raise ConfigError(f"category_binding random draws from {drawable} categories but samples have up to "
+                                  f"{most} subjects")
         self.sample_weights(samples)  # its problems too are reported before DeepSpeed starts
         return samples
 
@@ -266,13 +266,13 @@ class ImageTrainingSpec:
             return None
         multi = [s for s in samples if len(s.subjects) != 1]
         if multi:
-            raise InputError(f"--data {self.d.data}: category resampling is for single-subject pairs and "
-                             f"{len(multi)} samples have several subjects (first: line {multi[0].line}); use "
-                             "--stage single or --category-weights none")
+            raise ConfigError(f"--data {self.d.data}: category resampling is for single-subject pairs and "
+                              f"{len(multi)} samples have several subjects (first: line {multi[0].line}); use "
+                              "--stage single or --category-weights none")
         cats = [canonical_category(s.subjects[0].category) for s in samples]
         missing = sorted(set(cats) - set(cfg.category_weights))
         if missing:
-            raise InputError(f"--category-weights has no weight for {', '.join(missing)} (categories of the data)")
+            raise ConfigError(f"--category-weights has no weight for {', '.join(missing)} (categories of the data)")
         counts = {c: cats.count(c) for c in set(cats)}
         return [cfg.category_weights[c] / counts[c] for c in cats]
 
@@ -425,19 +425,20 @@ class ImageTrainingSpec:
     # ------------------------------------------------------------------ validation
     def validation_items(self, path: str, limit: int) -> list:
         """The first `limit` samples of the held-out manifest `path`: image samples whose references
-        the model can place (a category each for category position ids). InputError naming
-        --validation-data otherwise."""
+        the model can place (a category each for category position ids). Otherwise FileFormatError
+        (a video sample) or ConfigError (categories the model cannot place), naming --validation-data;
+        a bad manifest is read_samples' InputError (a boundary check)."""
         from idcrafter.data.manifest import read_samples
 
         items = read_samples(path, "--validation-data", self.config.max_subjects)[:limit]
         for s in items:
             if s.is_video:
-                raise InputError(f"--validation-data {path}: line {s.line} ({s.id}) is a video; the image branch "
+                raise FileFormatError(f"--validation-data {path}: line {s.line} ({s.id}) is a video; the image branch "
                                  "samples images")
             try:
                 check_categories(self.config, len(s.subjects), self.validation_categories(s))
             except ValueError as err:
-                raise InputError(f"--validation-data {path}: line {s.line} ({s.id}): {err}") from None
+                raise ConfigError(f"--validation-data {path}: line {s.line} ({s.id}): {err}") from None
         return items
 
     def validation_categories(self, sample) -> list[str] | None:

@@ -60,7 +60,7 @@ from idcrafter.core.positions import (
     uno_diagonal_ids,
 )
 from idcrafter.flow.matching import velocity_from_sample
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write
 from mcimage.config import (
     ADAPTER_CONFIG_NAME,
@@ -228,7 +228,7 @@ def build_sequence(
 def resolve_model_path(name: str | os.PathLike, what: str = "model") -> Path:
     """A local folder, or a Hugging Face id already in the local cache (resolved without network).
 
-    Raises InputError (one line) for anything else: mcimage never downloads a model behind a
+    Raises FileFormatError (one line) for anything else: mcimage never downloads a model behind a
     user's back, and an id that is not cached cannot load offline.
     """
     path = Path(name)
@@ -243,7 +243,7 @@ def resolve_model_path(name: str | os.PathLike, what: str = "model") -> Path:
             return Path(snapshot_download(text, local_files_only=True))
         except Exception:  # not cached, or not a valid id: huggingface_hub raises several types
             pass
-    raise InputError(
+    raise FileFormatError(
         f"{what} {text}: not a local folder"
         + (" nor a Hugging Face model in the local cache (nothing is downloaded; run `hf download "
            f"{text}` first, or pass a folder)" if hub_like else "")
@@ -430,8 +430,8 @@ class MCImageTransformer(FluxTransformer2DModel):
         with it replaces its adapter by that one.
 
         Raises:
-            InputError: not a local folder (or cached Hugging Face id); an adapter trained on
-                another FLUX architecture.
+            FileFormatError: not a local folder (or cached Hugging Face id).
+            ConfigError: an adapter trained on another FLUX architecture.
             FileNotFoundError: `adapter` does not exist.
             ValueError: an unreadable adapter config or weights that do not fit.
         """
@@ -691,17 +691,17 @@ class MCImageTransformer(FluxTransformer2DModel):
         """Load weights written by `save_adapter`; names and shapes must match exactly."""
         path = Path(folder) / ADAPTER_WEIGHTS_NAME
         if not path.is_file():
-            raise InputError(f"{path}: adapter weights not found")
+            raise FileFormatError(f"{path}: adapter weights not found")
         tensors = load_file(str(path))
         params = self._added_parameters("adapter")
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
-            raise InputError(
+            raise FileFormatError(
                 f"{path}: adapter does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise InputError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}")
+                raise FileFormatError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))

@@ -38,6 +38,7 @@ from idcrafter.data import (
 )
 from idcrafter.data.validate import main as validate_main
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.media import read_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def test_sample_frame_indices_errors():
     with pytest.raises(VideoTooShort, match="has 15 frames.*need 16") as info:
         sample_frame_indices(15, 30, 16, 9)
     assert (info.value.num_source_frames, info.value.needed) == (15, 16)
-    assert isinstance(info.value, InputError)
+    assert isinstance(info.value, FileFormatError)
     with pytest.raises(VideoTooShort):
         sample_frame_indices(20, 30, 16, 9, start=5)
     assert sample_frame_indices(20, 30, 16, 9, start=4)[-1] == 19
@@ -289,7 +290,7 @@ def test_load_clip_decodes_the_sampled_frames(files):
     np.testing.assert_array_equal(load_clip(good, 5, 16, start=3, source_fps=16), read_video(good)[3:8])
     with pytest.raises(VideoTooShort, match="short.mp4.*has 5 frames"):
         load_clip(files / "videos" / "short.mp4", 9, 16)
-    with pytest.raises(InputError, match="corrupt.mp4 cannot be decoded"):
+    with pytest.raises(FileFormatError, match="corrupt.mp4 cannot be decoded"):
         load_clip(files / "videos" / "corrupt.mp4", 9, 16)
     with pytest.raises(ValueError, match="4n\\+1"):
         load_clip(good, 8, 16)

@@ -31,6 +31,7 @@ from idcrafter.eval.report import OUTPUT_FILES, write_report
 from idcrafter.rewards.base import RewardModel, RewardOutput, register_reward
 from idcrafter.utils.cli import InputError
 from idcrafter.utils.deps import MissingDependencyError, is_available
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "evaluate.py")
@@ -169,7 +170,7 @@ def test_weighted_total_formula():
                                "toyid": 0.2, "motion": 0.12}
     assert check_weights("face=1,motion=0") == {"face": 1.0, "motion": 0.0}
     for bad in ("face=0,motion=0", "face=-1", "bogus=1", "face"):
-        with pytest.raises(InputError):
+        with pytest.raises(ConfigError, match="^--weights: "):
             check_weights(bad)
 
 
@@ -274,7 +275,7 @@ def test_leakage_column_from_attention_shares(tmp_path):
     assert report.total() == pytest.approx(1 - expected)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     data[1].attention = tmp_path / "bad.npz"
-    with pytest.raises(InputError, match="bad.npz"):
+    with pytest.raises(FileFormatError, match="bad.npz"):
         evaluate(data, {}, metrics=("leakage",), progress=False)
 
 

@@ -44,3 +44,57 @@ def test_importing_the_package_needs_no_optional_dependency():
             "bad = [m for m in ('flash_attn', 'insightface', 'decord', 'gradio') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# docs/design.md 10: InputError (a user's mistake, exit 2) is raised only at the boundary.
+BOUNDARY = {
+    "idcrafter/utils/cli.py",
+    "idcrafter/utils/folders.py",
+    "idcrafter/data/manifest.py",
+    "idcrafter/data/validate.py",
+    "idcrafter/render.py",
+    "idcrafter/train/cli.py",
+    "idcrafter/video/infer.py",
+    "idcrafter/eval/inputs.py",
+    "mcimage/infer.py",
+}
+BOUNDARY_FOLDERS = ("idcrafter/cli/",)
+
+
+def names_input_error(path: Path) -> list[int]:
+    """Lines where the module imports or names InputError (docstrings and comments do not count)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                alias.name.rsplit(".", 1)[-1] == "InputError" for alias in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Name) and node.id == "InputError":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr == "InputError":
+            lines.append(node.lineno)
+    return lines
+
+
+def library_modules() -> list[str]:
+    paths = sorted(p.relative_to(ROOT).as_posix() for package in ("idcrafter", "mcimage")
+                   for p in (ROOT / package).rglob("*.py"))
+    return [p for p in paths if p not in BOUNDARY and not p.startswith(BOUNDARY_FOLDERS)]
+
+
+def test_library_code_never_names_input_error():
+    modules = library_modules()
+    assert len(modules) > 50 and "idcrafter/train/trainer.py" in modules and "mcimage/pipeline.py" in modules
+    bad = {m: names_input_error(ROOT / m) for m in modules}
+    assert not {m: lines for m, lines in bad.items() if lines}
+
+
+def test_the_input_error_check_finds_every_spelling(tmp_path):
+    """The check itself catches an import, a raise, an except clause and `cli.InputError`."""
+    path = tmp_path / "m.py"
+    path.write_text('"""InputError in a docstring is fine."""\n'
+                    "from idcrafter.utils.cli import InputError\n"
+                    "import idcrafter.utils.cli as cli\n"
+                    "try:\n    raise InputError('x')\nexcept cli.InputError:\n    pass\n")
+    assert sorted(names_input_error(path)) == [2, 5, 6]
+    for boundary in BOUNDARY:
+        assert (ROOT / boundary).is_file(), boundary

@@ -19,6 +19,7 @@ from tiny_data import save_older_layout
 
 from idcrafter.core.moe_lora import DIFFUSERS_LORA_WEIGHTS_NAME, moe_lora_layers
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from mcimage.config import MCImageConfig
 from mcimage.infer import BUILTIN_MODEL
 from mcimage.pipeline import MCImagePipeline
@@ -105,11 +106,11 @@ def test_pipeline_variant_and_shards_round_trip(tmp_path):
 
 def test_hub_ids_that_cannot_load_offline_are_one_line_input_errors(tmp_path):
     for load in (MCImagePipeline.from_pretrained, MCImageTransformer.from_pretrained):
-        with pytest.raises(InputError, match="nobody-here/no-such-model: not a local folder nor a Hugging Face "
-                                             "model in the local cache") as err:
+        with pytest.raises(FileFormatError, match="nobody-here/no-such-model: not a local folder nor a Hugging Face "
+                                                  "model in the local cache") as err:
             load("nobody-here/no-such-model")
         assert "\n" not in str(err.value)
-    with pytest.raises(InputError, match="not a local folder$"):
+    with pytest.raises(FileFormatError, match="not a local folder$"):
         MCImageTransformer.from_pretrained(tmp_path / "missing" / "transformer")
 
 
@@ -343,7 +344,7 @@ def test_training_export_flag_merges_the_experts(tmp_path, monkeypatch):
         b = f.get_tensor(key)
     r = spec.config.lora_rank
     assert b.shape[1] == 4 * r and float(b[:, : 3 * r].abs().max()) == 0 and float(b[:, 3 * r:].abs().max()) > 0
-    with pytest.raises(InputError, match="--merged-lora-routing: 2 gates, but the adapter is 'moe_lora' with 4 experts"):
+    with pytest.raises(ConfigError, match="--merged-lora-routing: 2 gates, but the adapter is 'moe_lora' with 4 experts"):
         ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", merged_lora_routing=(0.5, 0.5)),
                           ImageDataArgs(data="unused.jsonl"))
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.media import load_image, load_rgb, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_every_pil_mode_is_read_faithfully_or_refused(mode):
     image, expected, tolerance = case(mode)
     assert image.mode == mode
     if expected is None:
-        with pytest.raises(InputError, match=f"unsupported image mode '{mode}'"):
+        with pytest.raises(FileFormatError, match=f"unsupported image mode '{mode}'"):
             to_rgb(image)
         return
     got = np.asarray(to_rgb(image)).astype(np.int64)
@@ -128,9 +129,9 @@ def test_every_pil_mode_is_read_faithfully_or_refused(mode):
 
 
 def test_wider_than_16_bit_integers_are_refused():
-    with pytest.raises(InputError, match="outside 0..65535"):
+    with pytest.raises(FileFormatError, match="outside 0..65535"):
         to_rgb(Image.fromarray(np.array([[0, 70000]], np.int32), "I"))
-    with pytest.raises(InputError, match="outside 0..65535"):
+    with pytest.raises(FileFormatError, match="outside 0..65535"):
         to_rgb(Image.fromarray(np.array([[-5, 7]], np.int32), "I"))
 
 
@@ -191,7 +192,7 @@ def test_the_same_rule_in_inference_training_and_evaluation(photo, tmp_path):
 
     # evaluation reads generated stills the same way
     np.testing.assert_array_equal(read_image(path)[0], upright)
-    with pytest.raises(InputError, match="unsupported image mode 'F'"):
+    with pytest.raises(FileFormatError, match="unsupported image mode 'F'"):
         read_image(floats)
     # inference (both branches) refuses the float image at validation
     with pytest.raises(InputError, match="unsupported image mode 'F'"):

@@ -33,6 +33,7 @@ from idcrafter.render import (
 )
 from idcrafter.utils import media
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -637,5 +638,5 @@ def test_write_image_writes_what_decodes_at_its_size(tmp_path, suffix):
     path = media.write_image(moving_gradient(1, 24, 40)[0], tmp_path / f"still{suffix}")
     assert media.verify_image(path, size=(24, 40)) == (24, 40) and Image.open(path).size == (40, 24)
     assert [p.name for p in tmp_path.iterdir()] == [f"still{suffix}"]
-    with pytest.raises(InputError, match=r"\.xyz is not an image format PIL writes"):
+    with pytest.raises(FileFormatError, match=r"\.xyz is not an image format PIL writes"):
         media.write_image(moving_gradient(1)[0], tmp_path / "still.xyz")

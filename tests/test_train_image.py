@@ -222,7 +222,7 @@ def test_bad_input_exit_2(world, tmp_path, capsys):
 
 def test_a_loaded_adapter_brings_its_config(world, tmp_path):
     """BASE/mcimage_adapter's config wins over the preset; only IDAR capture follows the request."""
-    from idcrafter.utils.cli import InputError
+    from idcrafter.utils.errors import ConfigError
     from mcimage.config import MCImageConfig
     from mcimage.pipeline import MCImagePipeline
     from mcimage.presets import build_tiny_components
@@ -239,7 +239,7 @@ def test_a_loaded_adapter_brings_its_config(world, tmp_path):
     assert sorted(n for n, p in model.processors.items() if p.capture) == ["transformer_blocks.0", "transformer_blocks.1"]
     spec = ImageTrainingSpec(ImageModelArgs(preset="tiny-multicrafter", base=str(base), overrides={"dam": True}), data,
                              policy="all")
-    with pytest.raises(InputError, match="dam"):
+    with pytest.raises(ConfigError, match="dam"):
         spec.build_model(torch.device("cpu"), torch.float32)
 
 

@@ -17,6 +17,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 from tiny_data import video_refs as refs
 
 from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from idcrafter.video.config import IDCrafterConfig, read_model_config
 from idcrafter.video.pipeline import PIPELINE_MODULE, IDCrafterPipeline
 from idcrafter.video.presets import build_components
@@ -313,19 +314,22 @@ def test_assembled_toy_model_holds_the_fine_tuned_base_and_adapter(tmp_path):
 
 def test_hub_style_arguments_are_refused_in_one_line(tmp_path):
     folder = make_pipe(trained=False).save_pretrained(tmp_path / "model")
-    cases = [
-        (IDCrafterPipeline.from_pretrained, ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",), {}, "not a local folder"),
-        (IDCrafterPipeline.from_pretrained, (folder,), {"revision": "main"}, "revision= is a Hugging Face Hub option"),
-        (IDCrafterPipeline.from_pretrained, (folder,), {"custom_pipeline": "lpw_stable_diffusion"}, "custom_pipeline="),
-        (IDCrafterPipeline.from_pretrained, (folder,), {"colour": "red"}, "unknown option"),
-        (IDCrafterPipeline.from_pretrained, (tmp_path,), {}, "no transformer/ subfolder"),
-        (IDCrafterTransformer.from_pretrained, ("org/model",), {}, "not a local folder"),
-        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "transformer", "token": "x"}, "token="),
-        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "unet"}, "no unet/ subfolder"),
-        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "vae"}, "AutoencoderKLWan, not a Wan"),
+    cases = [  # a missing folder or the wrong kind: FileFormatError; a Hub option: ConfigError; a typo: TypeError
+        (IDCrafterPipeline.from_pretrained, ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",), {}, FileFormatError, "not a local folder"),
+        (IDCrafterPipeline.from_pretrained, (folder,), {"revision": "main"}, ConfigError,
+         "revision= is a Hugging Face Hub option"),
+        (IDCrafterPipeline.from_pretrained, (folder,), {"custom_pipeline": "lpw_stable_diffusion"}, ConfigError,
+         "custom_pipeline="),
+        (IDCrafterPipeline.from_pretrained, (folder,), {"colour": "red"}, TypeError, "unknown option"),
+        (IDCrafterPipeline.from_pretrained, (tmp_path,), {}, FileFormatError, "no transformer/ subfolder"),
+        (IDCrafterTransformer.from_pretrained, ("org/model",), {}, FileFormatError, "not a local folder"),
+        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "transformer", "token": "x"}, ConfigError, "token="),
+        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "unet"}, FileFormatError, "no unet/ subfolder"),
+        (IDCrafterTransformer.from_pretrained, (folder,), {"subfolder": "vae"}, FileFormatError,
+         "AutoencoderKLWan, not a Wan"),
     ]
-    for load, args, kwargs, message in cases:
-        with pytest.raises(InputError, match=message) as err:
+    for load, args, kwargs, error, message in cases:
+        with pytest.raises(error, match=message) as err:
             load(*args, **kwargs)
         assert "\n" not in str(err.value)
 
@@ -366,6 +370,6 @@ def test_a_checkpoint_missing_the_adapter_weights_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "m")
     base = {k: v.contiguous() for k, v in model.to_wan().state_dict().items()}
     save_file(base, str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InputError, match=r"lacks weights for \['adapter\.") as err:
+    with pytest.raises(FileFormatError, match=r"lacks weights for \['adapter\.") as err:
         IDCrafterTransformer.from_pretrained(tmp_path / "m")
     assert "\n" not in str(err.value)

@@ -29,6 +29,7 @@ from idcrafter.utils.cli import (
     number,
     parse_size,
     seed,
+    user_file,
 )
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
@@ -72,7 +73,8 @@ def _validate(args) -> None:
         if not getattr(args, name).strip():
             raise InputError(f"--{name.replace('_', '-')} is empty")
     for ref in args.refs:
-        load_image(ref)  # InputError names a missing or unreadable file
+        with user_file("--refs"):  # a missing or unreadable file
+            load_image(ref)
     if args.categories is not None and len(args.categories) != len(args.refs):
         raise InputError(f"--categories has {len(args.categories)} entries for {len(args.refs)} --refs")
     if args.adapter and not args.model:
@@ -134,13 +136,17 @@ def main(argv=None) -> int:
         height, width = _size(args.size, tiny)
         check_device(args.device)
         _validate(args)
-        pipe = _load(args)
+        with user_file():  # the library's messages name --model, --adapter and their files
+            pipe = _load(args)
         mult = pipe.vae_scale_factor * 2
         if height % mult or width % mult:
             raise InputError(f"--size {height}x{width}: height and width must be multiples of {mult}")
-        pipe.check_inputs([args.prompt_a], args.refs, args.categories, height, width)
+        try:
+            pipe.check_inputs([args.prompt_a], args.refs, args.categories, height, width)
+        except ValueError as err:  # the pipeline's checks of these user values (references, categories, markup)
+            raise InputError(str(err).splitlines()[0]) from None
         write(pipe, args, height, width)
-    except (InputError, ValueError, FileNotFoundError) as err:
+    except InputError as err:
         return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
     print(f"wrote {args.out}")
     return 0

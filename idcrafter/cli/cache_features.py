@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, seed, user_file
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 
@@ -61,14 +61,15 @@ def main(argv=None) -> int:
 
         from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
-        spec = VideoTrainingSpec(
-            VideoModelArgs(preset=args.preset, base=args.base, init_seed=args.seed, vlm=args.vlm),
-            VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width),
-        )
-        spec.load_samples()
-        device = torch.device(args.device)
-        spec.build_model(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        counts = spec.build_cache(args.out, device)
+        with user_file():  # the library's messages name --data, --base, --out and their files
+            spec = VideoTrainingSpec(
+                VideoModelArgs(preset=args.preset, base=args.base, init_seed=args.seed, vlm=args.vlm),
+                VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width),
+            )
+            spec.load_samples()
+            device = torch.device(args.device)
+            spec.build_model(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+            counts = spec.build_cache(args.out, device)
     except InputError as err:
         return fail(str(err))
     print(json.dumps(counts))

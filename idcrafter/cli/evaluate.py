@@ -26,6 +26,7 @@ from idcrafter.utils.cli import (
     fail,
     integer,
     seed,
+    user_file,
 )
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
 
     try:
         check_device(args.device)
-        report = run(EvalRequest(**{k: v for k, v in vars(args).items() if k != "config"}))
-    except (InputError, FileNotFoundError) as err:
+        with user_file():  # the library's messages name the option (--data, --videos, --weights, ...)
+            report = run(EvalRequest(**{k: v for k, v in vars(args).items() if k != "config"}))
+    except InputError as err:
         return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
     print(markdown_table(report), end="")
     print(f"wrote {Path(args.out) / 'per_sample.csv'}, summary.json, table.md, summary.png")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed, user_file
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
@@ -97,11 +97,13 @@ def main(argv=None) -> int:
             from idcrafter.video.infer import InferenceRequest, plan, run, validate
 
             req = InferenceRequest(**values)
-        if args.dry_run:
-            validate(req)
-            print(plan(req))
-            return 0
-        path = run(req)
+        # the library's file and settings errors on the folders and files given name them
+        with user_file():
+            if args.dry_run:
+                validate(req)
+                print(plan(req))
+                return 0
+            path = run(req)
     except InputError as err:
         return fail(str(err).splitlines()[0])
     print(f"wrote {path}")

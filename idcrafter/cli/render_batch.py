@@ -37,6 +37,7 @@ from idcrafter.utils.cli import (
     check_output_dir,
     fail,
     integer,
+    user_file,
 )
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
@@ -77,40 +78,41 @@ def main(argv=None) -> int:
 
     try:
         check_dtype(args.dtype)
-        rank, world = rank_and_world()
-        jobs, errors = checked_jobs(args.jobs, args.out)
-        out_dir = check_output_dir(args.out, "--out")
-        modes = {job.mode for job in shard(jobs, rank, world)}
-        import torch
+        with user_file():  # the library's file and settings errors on --model, --adapter, ... name them
+            rank, world = rank_and_world()
+            jobs, errors = checked_jobs(args.jobs, args.out)
+            out_dir = check_output_dir(args.out, "--out")
+            modes = {job.mode for job in shard(jobs, rank, world)}
+            import torch
 
-        from mcimage.infer import ImageInferenceRequest, is_image_request
-        from mcimage.infer import load_pipeline as load_image_pipeline
-        from mcimage.infer import model_config as image_model_config
+            from mcimage.infer import ImageInferenceRequest, is_image_request
+            from mcimage.infer import load_pipeline as load_image_pipeline
+            from mcimage.infer import model_config as image_model_config
 
-        if args.device is not None:
-            device = check_device(args.device)
-        else:
-            device = f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu"
-        image_args = (args.image_model, args.image_adapter, args.image_preset)
-        main_is_image = is_image_request(args.preset, args.model, args.adapter)
-        if main_is_image and any(v is not None for v in image_args):
-            return fail("--model/--adapter/--preset already name an image model; drop --image-model/--image-adapter/--image-preset")
-        if main_is_image:
-            image_args = (args.model, args.adapter, args.preset)
-        image_req = ImageInferenceRequest(refs=[], prompt="-", out="-.png", model=image_args[0], adapter=image_args[1],
-                                          preset=image_args[2], device=device, dtype=args.dtype)
-        image_config = image_model_config(image_req)
-        config = base = limits = None
-        if not main_is_image:
-            from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config, model_limits
+            if args.device is not None:
+                device = check_device(args.device)
+            else:
+                device = f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu"
+            image_args = (args.image_model, args.image_adapter, args.image_preset)
+            main_is_image = is_image_request(args.preset, args.model, args.adapter)
+            if main_is_image and any(v is not None for v in image_args):
+                return fail("--model/--adapter/--preset already name an image model; drop --image-model/--image-adapter/--image-preset")
+            if main_is_image:
+                image_args = (args.model, args.adapter, args.preset)
+            image_req = ImageInferenceRequest(refs=[], prompt="-", out="-.png", model=image_args[0], adapter=image_args[1],
+                                              preset=image_args[2], device=device, dtype=args.dtype)
+            image_config = image_model_config(image_req)
+            config = base = limits = None
+            if not main_is_image:
+                from idcrafter.video.infer import InferenceRequest, load_pipeline, model_config, model_limits
 
-            base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
-                                    preset=args.preset, device=device, dtype=args.dtype)
-            config = model_config(base)
-            limits = model_limits(config, args.model)
-        # every check is done: only now are models loaded
-        image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
-        pipe = load_pipeline(base) if base is not None and "video" in modes else None
+                base = InferenceRequest(refs=[], prompt="-", out="-.mp4", model=args.model, adapter=args.adapter,
+                                        preset=args.preset, device=device, dtype=args.dtype)
+                config = model_config(base)
+                limits = model_limits(config, args.model)
+            # every check is done: only now are models loaded
+            image_pipe = load_image_pipeline(image_req, image_config) if "image" in modes else None
+            pipe = load_pipeline(base) if base is not None and "video" in modes else None
     except InputError as err:
         return fail(str(err))
 

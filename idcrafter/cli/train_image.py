@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from idcrafter.train.cli import setting
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, number, parse_size, user_file
 
 POLICIES = ("adapter", "lora", "dam", "all")
 
@@ -182,22 +182,23 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     try:
-        args = parse_settings(parser, argv)
-        validate(args)
-        from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
+        with user_file():  # the library's messages name the option (--data, --base, --adapter, ...)
+            args = parse_settings(parser, argv)
+            validate(args)
+            from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 
-        height, width = parse_size(args.size, "--size", multiple=16)
-        ref_size = parse_size(args.ref_size, "--ref-size", multiple=16) if args.ref_size else None
-        spec = ImageTrainingSpec(
-            ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
-                           init_seed=args.seed, attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
-                           overrides=overrides(args), merged_lora_routing=parse_routing(args.merged_lora_routing)),
-            ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage),
-            policy=args.trainable,
-        )
-        spec.load_samples()  # manifest problems are reported before DeepSpeed starts
-        if args.validate_every:
-            spec.validation_items(args.validation_data, args.validation_samples)
+            height, width = parse_size(args.size, "--size", multiple=16)
+            ref_size = parse_size(args.ref_size, "--ref-size", multiple=16) if args.ref_size else None
+            spec = ImageTrainingSpec(
+                ImageModelArgs(preset=args.preset or "tiny-multicrafter", base=args.base, adapter=args.adapter,
+                               init_seed=args.seed, attn_loss_weight=args.attn_loss_weight, guidance=args.guidance,
+                               overrides=overrides(args), merged_lora_routing=parse_routing(args.merged_lora_routing)),
+                ImageDataArgs(data=args.data, height=height, width=width, ref_size=ref_size, stage=args.stage),
+                policy=args.trainable,
+            )
+            spec.load_samples()  # manifest problems are reported before DeepSpeed starts
+            if args.validate_every:
+                spec.validation_items(args.validation_data, args.validation_samples)
     except InputError as err:
         return fail(str(err))
 
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     args.lr, args.weight_decay = run_args.lr, run_args.weight_decay  # saved as resolved
     run_args.settings = settings_dict(parser, args)
     try:
-        summary = Trainer(spec, run_args).run()
+        with user_file():  # a damaged checkpoint to resume, a data or settings mismatch
+            summary = Trainer(spec, run_args).run()
     except (InputError, AllSamplesFailed) as err:
         return fail(str(err))
     except NonFiniteLoss as err:

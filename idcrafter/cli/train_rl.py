@@ -39,6 +39,7 @@ from idcrafter.utils.cli import (
     integer,
     number,
     parse_size,
+    user_file,
 )
 
 BRANCHES = ("video", "image")
@@ -251,43 +252,44 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     try:
-        args = parse_settings(parser, argv)
-        validate(args)
-        from idcrafter.rewards.base import (
-            IMAGE_OBJECT_WEIGHTS,
-            IMAGE_WEIGHTS,
-            VIDEO_WEIGHTS,
-            CompositeReward,
-            list_rewards,
-            parse_weights,
-        )
-        from idcrafter.rl.trainer import RLArgs
+        with user_file():  # the library's messages name the option (--data, --base, --adapter, ...)
+            args = parse_settings(parser, argv)
+            validate(args)
+            from idcrafter.rewards.base import (
+                IMAGE_OBJECT_WEIGHTS,
+                IMAGE_WEIGHTS,
+                VIDEO_WEIGHTS,
+                CompositeReward,
+                list_rewards,
+                parse_weights,
+            )
+            from idcrafter.rl.trainer import RLArgs
 
-        try:
-            default = VIDEO_WEIGHTS if args.branch == "video" else \
-                IMAGE_OBJECT_WEIGHTS if args.subjects == "objects" else IMAGE_WEIGHTS
-            weights = parse_weights(args.reward) if args.reward else dict(default)
-            unknown = sorted(set(weights) - set(list_rewards()))
-            if unknown:
-                raise InputError(f"--reward names unknown rewards {unknown}; known: {', '.join(list_rewards())}")
-            rl = RLArgs(objective=args.objective, group_size=args.group_size, groups=args.groups,
-                        num_steps=args.num_steps, window=args.window, window_every=args.window_every,
-                        window_stride=args.window_stride, window_start=args.window_start,
-                        noise_level=args.noise_level, clip_eps=args.clip_eps, kl_weight=args.kl_weight,
-                        inner_epochs=args.inner_epochs, normalise_rewards=args.normalise_rewards,
-                        eval_every=args.eval_every, eval_limit=args.eval_limit)
-            rl.sliding_window()
-            options = reward_options(args.reward_option)
-            unknown = sorted(set(options) - set(weights))
-            if unknown:
-                raise InputError(f"--reward-option names {unknown}, which are not in --reward {sorted(weights)}")
-            import torch
+            try:
+                default = VIDEO_WEIGHTS if args.branch == "video" else \
+                    IMAGE_OBJECT_WEIGHTS if args.subjects == "objects" else IMAGE_WEIGHTS
+                weights = parse_weights(args.reward) if args.reward else dict(default)
+                unknown = sorted(set(weights) - set(list_rewards()))
+                if unknown:
+                    raise InputError(f"--reward names unknown rewards {unknown}; known: {', '.join(list_rewards())}")
+                rl = RLArgs(objective=args.objective, group_size=args.group_size, groups=args.groups,
+                            num_steps=args.num_steps, window=args.window, window_every=args.window_every,
+                            window_stride=args.window_stride, window_start=args.window_start,
+                            noise_level=args.noise_level, clip_eps=args.clip_eps, kl_weight=args.kl_weight,
+                            inner_epochs=args.inner_epochs, normalise_rewards=args.normalise_rewards,
+                            eval_every=args.eval_every, eval_limit=args.eval_limit)
+                rl.sliding_window()
+                options = reward_options(args.reward_option)
+                unknown = sorted(set(options) - set(weights))
+                if unknown:
+                    raise InputError(f"--reward-option names {unknown}, which are not in --reward {sorted(weights)}")
+                import torch
 
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            reward = CompositeReward(weights, options=options, device=device)
-        except ValueError as err:  # the reward registry's and RLArgs' own checks of user values
-            raise InputError(str(err)) from None
-        spec = build_spec(args)
+                device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                reward = CompositeReward(weights, options=options, device=device)
+            except ValueError as err:  # the reward registry's and RLArgs' own checks of user values
+                raise InputError(str(err)) from None
+            spec = build_spec(args)
     except InputError as err:
         return fail(str(err))
 
@@ -298,9 +300,10 @@ def main(argv=None) -> int:
 
     setup_logging()
     try:
-        run_args = train_args(args, betas=(0.9, 0.95), batch_size=args.group_size,
-                              settings=settings_dict(parser, args))
-        summary = RLTrainer(spec, run_args, rl, reward).run()
+        with user_file():  # a damaged checkpoint to resume, a sample file that does not read
+            run_args = train_args(args, betas=(0.9, 0.95), batch_size=args.group_size,
+                                  settings=settings_dict(parser, args))
+            summary = RLTrainer(spec, run_args, rl, reward).run()
     except InputError as err:
         return fail(str(err))
     except NonFiniteLoss as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from idcrafter.train.cli import setting
-from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number
+from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, user_file
 from idcrafter.video.config import HIERARCHIES
 
 # Listed before the run options in --help: what the run reads.
@@ -129,24 +129,25 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     try:
-        args = parse_settings(parser, argv)
-        samples = validate(args)
-        from idcrafter.train.cli import train_args
-        from idcrafter.utils.cli import parse_size
-        from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
+        with user_file():  # the library's messages name the option (--data, --base, --adapter, ...)
+            args = parse_settings(parser, argv)
+            samples = validate(args)
+            from idcrafter.train.cli import train_args
+            from idcrafter.utils.cli import parse_size
+            from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
 
-        height, width = parse_size(args.size) if args.size else (None, None)
-        spec = VideoTrainingSpec(
-            VideoModelArgs(preset=args.preset or "tiny", base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
-                           attn_loss_weight=args.attn_loss_weight, init_seed=args.seed,
-                           drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy,
-                           vlm=args.vlm),
-            VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width,
-                          cache=args.cache),
-            policy=args.trainable, samples=samples,
-        )
-        if args.validate_every:  # a bad held-out manifest is reported before DeepSpeed starts
-            spec.validation_items(args.validation_data, args.validation_samples)
+            height, width = parse_size(args.size) if args.size else (None, None)
+            spec = VideoTrainingSpec(
+                VideoModelArgs(preset=args.preset or "tiny", base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
+                               attn_loss_weight=args.attn_loss_weight, init_seed=args.seed,
+                               drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy,
+                               vlm=args.vlm),
+                VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width,
+                              cache=args.cache),
+                policy=args.trainable, samples=samples,
+            )
+            if args.validate_every:  # a bad held-out manifest is reported before DeepSpeed starts
+                spec.validation_items(args.validation_data, args.validation_samples)
     except InputError as err:
         return fail(str(err))
 
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     try:
-        summary = Trainer(spec, train_args(args, settings=settings_dict(parser, args))).run()
+        with user_file():  # a damaged checkpoint to resume, a data or settings mismatch
+            summary = Trainer(spec, train_args(args, settings=settings_dict(parser, args))).run()
     except (InputError, AllSamplesFailed) as err:
         return fail(str(err))
     except NonFiniteLoss as err:

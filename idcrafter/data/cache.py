@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idcrafter.data.buckets import Bucket
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
 
@@ -48,7 +48,7 @@ VERSION = 1
 _WRITER = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class CacheMismatchError(InputError):
+class CacheMismatchError(FileFormatError):
     """The cache on disk was built with other settings (its fingerprint differs)."""
 
 
@@ -83,7 +83,7 @@ def stored_encoders(folder: str | os.PathLike) -> dict | None:
             index = json.loads(path.read_text(encoding="utf-8"))
             record = json.loads(index["fingerprint"])
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"feature cache index {path} cannot be read ({err.__class__.__name__}: {err})") from None
+            raise FileFormatError(f"feature cache index {path} cannot be read ({err.__class__.__name__}: {err})") from None
         encoders = record.get("encoders") if isinstance(record, dict) else None
         return dict(encoders) if isinstance(encoders, dict) else {}
     return None
@@ -142,11 +142,11 @@ class FeatureCache:
             try:
                 index = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as err:
-                raise InputError(f"feature cache index {path} cannot be read ({err})") from None
+                raise FileFormatError(f"feature cache index {path} cannot be read ({err})") from None
             if not isinstance(index, dict) or index.get("format") != FORMAT:
-                raise InputError(f"{path} is not a feature cache index")
+                raise FileFormatError(f"{path} is not a feature cache index")
             if index.get("version") != VERSION:
-                raise InputError(f"{path}: cache format version {index.get('version')}, this code reads {VERSION}")
+                raise FileFormatError(f"{path}: cache format version {index.get('version')}, this code reads {VERSION}")
             stored = index.get("fingerprint")
             if self.fingerprint is None:
                 self.fingerprint = stored
@@ -226,7 +226,7 @@ class FeatureCache:
             with safe_open(str(path), framework="pt") as f:
                 return {key: f.get_tensor(f"{entry['slot']}.{key}") for key in entry["keys"]}
         except Exception as err:  # a deleted or damaged shard: name it
-            raise InputError(f"feature cache shard {path} cannot be read ({err.__class__.__name__}: {err})") from None
+            raise FileFormatError(f"feature cache shard {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
     def __contains__(self, sample_id: object) -> bool:
         return sample_id in self._buffer or sample_id in self._entries

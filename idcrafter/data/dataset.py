@@ -25,7 +25,7 @@ from idcrafter.data.cache import FeatureCache
 from idcrafter.data.manifest import Sample, is_video_path, load_manifest
 from idcrafter.data.video import VideoInfo, load_clip, max_clip_start, media_size, probe_video
 from idcrafter.utils import media
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
 
@@ -45,8 +45,8 @@ def _load_image(path: Path, role: str):
     """`media.load_image`, with errors naming the file's role (its messages say "reference image")."""
     try:
         return media.load_image(path)
-    except InputError as err:
-        raise InputError(str(err).replace("reference image", role, 1)) from None
+    except FileFormatError as err:
+        raise FileFormatError(str(err).replace("reference image", role, 1)) from None
 
 
 def _mask_values(image) -> np.ndarray:
@@ -163,14 +163,14 @@ class VideoDataset(Dataset):
     ) -> VideoDataset:
         """Load and validate a manifest, keep `split` (all samples when None), build the dataset.
 
-        Bad lines raise `InputError` listing them (fix the manifest before a long run), unless
+        Bad lines raise `FileFormatError` listing them (fix the manifest before a long run), unless
         `allow_bad_lines`, which drops them with a warning.
         """
         samples, errors = load_manifest(path)
         if errors and not allow_bad_lines:
             shown = "; ".join(str(e) for e in errors[:5])
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise InputError(f"{path}: {len(errors)} bad lines: {shown}{more}; run python -m idcrafter.data.validate")
+            raise FileFormatError(f"{path}: {len(errors)} bad lines: {shown}{more}; run python -m idcrafter.data.validate")
         for error in errors:
             logger.warning("%s: dropping %s", path, error)
         if split is not None:
@@ -200,21 +200,21 @@ class VideoDataset(Dataset):
         return [stat.st_size, stat.st_mtime_ns]
 
     def _size(self, index: int) -> tuple[int, int]:
-        """(height, width) of the sample's video or image from its header; InputError if unreadable."""
+        """(height, width) of the sample's video or image from its header; FileFormatError if unreadable."""
         if index not in self._sizes:
             path = self.samples[index].media
             try:
                 self._sizes[index] = media_size(path, is_video=self.samples[index].is_video)
-            except InputError as err:
+            except FileFormatError as err:
                 self._sizes[index] = None
                 self._size_errors[index] = str(err)
         size = self._sizes[index]
         if size is None:
-            raise InputError(self._size_errors[index])
+            raise FileFormatError(self._size_errors[index])
         return size
 
     def bucket_of(self, index: int) -> Bucket:
-        """The sample's bucket, from the file header (cached); InputError when it cannot be read."""
+        """The sample's bucket, from the file header (cached); FileFormatError when it cannot be read."""
         return nearest_bucket(*self._size(index), self.buckets)
 
     def clip_frames(self, index: int) -> int:
@@ -238,7 +238,7 @@ class VideoDataset(Dataset):
         for index, sample in enumerate(self.samples):
             try:
                 bucket = self.bucket_of(index)
-            except InputError as err:
+            except FileFormatError as err:
                 self._fail(sample, str(err))
                 keys.append(None)
                 continue
@@ -293,7 +293,7 @@ class VideoDataset(Dataset):
             return sample.fps
         fps = probe_video(sample.video).fps
         if not fps:
-            raise InputError(f"video {sample.video}: the container gives no frame rate; set 'fps' in the manifest")
+            raise FileFormatError(f"video {sample.video}: the container gives no frame rate; set 'fps' in the manifest")
         return fps
 
     def _load_masks(
@@ -315,7 +315,7 @@ class VideoDataset(Dataset):
                 values = _mask_values(_load_image(subject.mask, "mask"))[None]  # [1, H, W]: every frame
             mh, mw = values.shape[-2:]
             if abs(math.log((mw / mh) / (size[1] / size[0]))) > 0.01:
-                raise InputError(
+                raise FileFormatError(
                     f"mask {subject.mask} is {mh}x{mw}, which does not match the {size[0]}x{size[1]} "
                     f"{'video' if sample.is_video else 'image'}'s aspect ratio"
                 )
@@ -326,7 +326,7 @@ class VideoDataset(Dataset):
 
     def _load(self, index: int, sample: Sample) -> dict[str, Any]:
         if len(sample.subjects) > self.max_subjects:
-            raise InputError(f"{len(sample.subjects)} subjects, more than max_subjects={self.max_subjects}")
+            raise FileFormatError(f"{len(sample.subjects)} subjects, more than max_subjects={self.max_subjects}")
         size = self._size(index)
         bucket = nearest_bucket(*size, self.buckets)
         frames = self.clip_frames(index)
@@ -343,7 +343,7 @@ class VideoDataset(Dataset):
         if self.cache is not None:
             cached = self.cache.get(sample.id)
             if cached is None and not self.load_pixels:
-                raise InputError(f"not in the feature cache {self.cache.folder}")
+                raise FileFormatError(f"not in the feature cache {self.cache.folder}")
             item.update(cached or {})
         needs_fps = sample.is_video and (self.load_pixels or any(
             s.mask is not None and is_video_path(s.mask) for s in sample.subjects
@@ -365,7 +365,7 @@ class VideoDataset(Dataset):
         sample = self.samples[index]
         try:
             return self._load(index, sample)
-        except InputError as err:  # VideoTooShort included; every file problem arrives as InputError
+        except FileFormatError as err:  # VideoTooShort included; every file problem arrives as FileFormatError
             self._fail(sample, str(err))
             return None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from idcrafter.utils.cli import InputError, path_problem
+from idcrafter.utils.cli import InputError, path_problem, user_file
 from idcrafter.utils.jsonl import read_jsonl
 
 __all__ = [
@@ -243,7 +243,9 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> tuple[li
     samples: list[Sample] = []
     errors: list[ManifestError] = []
     seen: dict[str, int] = {}
-    for number, record, problem in read_jsonl(path, "manifest"):
+    with user_file():  # a manifest that cannot be read at all: the user's file, one line naming it
+        lines = list(read_jsonl(path, "manifest"))
+    for number, record, problem in lines:
         if problem is not None:
             errors.append(ManifestError(number, problem))
             continue

@@ -14,6 +14,7 @@ import sys
 
 from idcrafter.data.manifest import ManifestError, Sample, is_video_path, load_manifest, manifest_stats
 from idcrafter.utils.cli import ArgumentParser, InputError, fail
+from idcrafter.utils.errors import FileFormatError
 
 EXIT_BAD_LINES = 1
 
@@ -23,13 +24,13 @@ def _histogram(counts: dict) -> str:
 
 
 def _decode_video_head(path) -> None:
-    """Probe the header and decode the first frame; InputError naming the file otherwise."""
+    """Probe the header and decode the first frame; FileFormatError naming the file otherwise."""
     from idcrafter.data.video import probe_video
     from idcrafter.utils.media import read_video
 
     info = probe_video(path)
     if info.height <= 0 or info.width <= 0:
-        raise InputError(f"video {path}: the header gives no frame size")
+        raise FileFormatError(f"video {path}: the header gives no frame size")
     read_video(path, num_frames=1)
 
 
@@ -51,7 +52,7 @@ def decode_problems(sample: Sample) -> list[str]:
                 load_image(path, what)  # masks are grey levels or alpha: any mode the mask reader takes
             else:
                 load_rgb(path, what)
-        except InputError as err:
+        except FileFormatError as err:  # the library's file errors; anything else is a bug
             problems.append(str(err))
     return problems
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from idcrafter.data.manifest import is_video_path
-from idcrafter.utils.cli import InputError
 from idcrafter.utils.deps import is_available
+from idcrafter.utils.errors import FileFormatError
 
 __all__ = [
     "VideoInfo",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class VideoTooShort(InputError):
+class VideoTooShort(FileFormatError):
     """The video has fewer frames than the requested clip spans."""
 
     def __init__(self, message: str, num_source_frames: int, needed: int):
@@ -96,29 +96,29 @@ def max_clip_start(num_source_frames: int, source_fps: float, target_fps: float,
     return math.ceil(num_source_frames - (num_frames - 1) * stride) - 1
 
 
-def _open_error(path: Path, err: Exception) -> InputError:
-    return InputError(f"video {path} cannot be decoded ({err.__class__.__name__}: {err})")
+def _open_error(path: Path, err: Exception) -> FileFormatError:
+    return FileFormatError(f"video {path} cannot be decoded ({err.__class__.__name__}: {err})")
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """Size, frame count and frame rate from the container header, without decoding frames."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"video {path} does not exist")
+        raise FileFormatError(f"video {path} does not exist")
     try:
         # PyAV (a hard dependency) even when decord decodes: decord has no header-only size query.
         import av
 
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise InputError(f"video {path} has no video stream")
+                raise FileFormatError(f"video {path} has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             return VideoInfo(
                 int(stream.codec_context.height), int(stream.codec_context.width), int(stream.frames or 0),
                 float(rate) if rate else None,
             )
-    except InputError:
+    except FileFormatError:
         raise
     except Exception as err:  # decoders raise many types for corrupt files
         raise _open_error(path, err) from None
@@ -133,7 +133,7 @@ def media_size(path: str | os.PathLike, is_video: bool | None = None) -> tuple[i
     if is_video_path(path) if is_video is None else is_video:
         info = probe_video(path)
         if info.height <= 0 or info.width <= 0:
-            raise InputError(f"video {path}: the header gives no frame size")
+            raise FileFormatError(f"video {path}: the header gives no frame size")
         return info.height, info.width
     from PIL import Image
 
@@ -141,14 +141,14 @@ def media_size(path: str | os.PathLike, is_video: bool | None = None) -> tuple[i
 
     problem = path_problem(path)
     if problem:
-        raise InputError(f"image {path} {problem}")
+        raise FileFormatError(f"image {path} {problem}")
     try:
         with Image.open(path) as img:
             # EXIF orientations 5-8 turn the image by 90 degrees: `load_image` returns it upright.
             turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
             return (img.width, img.height) if turned else (img.height, img.width)
     except Exception as err:
-        raise InputError(f"image {path} cannot be read ({err.__class__.__name__}: {err})") from None
+        raise FileFormatError(f"image {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
 def _decode_pyav(path: Path, wanted: set[int], last: int) -> tuple[dict[int, np.ndarray], int]:
@@ -159,7 +159,7 @@ def _decode_pyav(path: Path, wanted: set[int], last: int) -> tuple[dict[int, np.
     count = 0
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise InputError(f"video {path} has no video stream")
+            raise FileFormatError(f"video {path} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         previous = None
@@ -189,7 +189,7 @@ def load_clip(
     Only the needed frames are kept (a 1080p source is not held in memory whole). `source_fps`
     overrides the container's frame rate. An image file gives a one-frame clip [1, H, W, 3];
     `is_video` None tells a video from an image by the file extension.
-    Raises `InputError` naming the file for a missing or undecodable file, `VideoTooShort` when
+    Raises `FileFormatError` naming the file for a missing or undecodable file, `VideoTooShort` when
     the video is shorter than the clip.
     """
     path = Path(path)
@@ -201,7 +201,7 @@ def load_clip(
     info = probe_video(path)
     fps = source_fps or info.fps
     if not fps:
-        raise InputError(f"video {path}: the container gives no frame rate; set 'fps' in the manifest")
+        raise FileFormatError(f"video {path}: the container gives no frame rate; set 'fps' in the manifest")
     try:
         if is_available("decord"):
             import decord
@@ -216,13 +216,13 @@ def load_clip(
             indices = [math.floor(p + 0.5) for p in _positions(stride, num_frames, start)]
         kept, count = _decode_pyav(path, set(indices), max(indices))
         if count == 0:
-            raise InputError(f"video {path} has no frames")
+            raise FileFormatError(f"video {path} has no frames")
         if count <= max(indices):  # the header promised more frames than the stream holds
             indices = sample_frame_indices(count, fps, target_fps, num_frames, start)
         return np.stack([kept[i] for i in indices])
     except VideoTooShort as err:
         raise VideoTooShort(f"video {path}: {err}", err.num_source_frames, err.needed) from None
-    except InputError:
+    except FileFormatError:
         raise
     except Exception as err:  # decoders raise many types for corrupt files
         raise _open_error(path, err) from None

@@ -15,7 +15,7 @@ import numpy as np
 
 from idcrafter.eval.metrics import BUILTIN_METRICS, REWARD_METRICS, SKIP_ERRORS, EvalItem, one_line
 from idcrafter.rewards.base import RewardModel, build_reward
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.cli import InputError, user_file
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -148,8 +148,10 @@ def load_items(manifest: str | Path, generated: Sequence[str | Path]) -> list[Ev
             raise InputError(f"--videos {path}: a folder among files (give one folder, or one file per sample)")
         if path.suffix.lower() not in (*VIDEO_SUFFIXES, *IMAGE_SUFFIXES):
             raise InputError(f"--videos {path}: not a video or image file (suffix {path.suffix or 'none'})")
-        media_size(path, is_video=path.suffix.lower() in VIDEO_SUFFIXES)  # exists and opens, before any model loads
-        refs = [_load_ref(s.image) for s in sample.subjects]
+        with user_file("--videos"):
+            media_size(path, is_video=path.suffix.lower() in VIDEO_SUFFIXES)  # exists and opens, before any model loads
+        with user_file("--data"):  # the references the manifest names
+            refs = [_load_ref(s.image) for s in sample.subjects]
         attention = path.with_suffix(".npz")
         items.append(EvalItem(id=sample.id, prompt=sample.prompt, refs=refs, categories=[s.category for s in sample.subjects],
                               path=path, attention=attention if attention.is_file() else None))

@@ -45,7 +45,7 @@ import numpy as np
 
 from idcrafter.eval.motion import motion_score
 from idcrafter.rewards.base import RewardModel, parse_weights
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 __all__ = [
     "BUILTIN_METRICS",
@@ -124,16 +124,16 @@ def weighted_total(values: Mapping[str, float | None], weights: Mapping[str, flo
 
 
 def check_weights(spec: str | Mapping[str, float] | None, known: Sequence[str] = tuple(COLUMNS)) -> dict[str, float]:
-    """--weights "face=0.2,motion=0.1" (or a mapping; None: the defaults) -> {key: weight}; InputError if bad."""
+    """--weights "face=0.2,motion=0.1" (or a mapping; None: the defaults) -> {key: weight}; ConfigError if bad."""
     if spec is None:
         return dict(DEFAULT_WEIGHTS)
     try:
         weights = parse_weights(spec)
     except ValueError as err:
-        raise InputError(f"--weights: {err}") from None
+        raise ConfigError(f"--weights: {err}") from None
     unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise InputError(f"--weights: unknown column {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"--weights: unknown column {', '.join(unknown)}; known: {', '.join(known)}")
     return weights
 
 
@@ -165,12 +165,12 @@ def load_attention(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("share", "masks", "grid") if k not in data]
             if missing:
-                raise InputError(f"attention file {path}: missing array {', '.join(missing)} (needs share, masks, grid)")
+                raise FileFormatError(f"attention file {path}: missing array {', '.join(missing)} (needs share, masks, grid)")
             return {k: data[k] for k in ("share", "masks", "grid")}
-    except InputError:
+    except FileFormatError:
         raise
     except Exception as err:  # zip / format errors come in many types
-        raise InputError(f"attention file {path} cannot be read ({err.__class__.__name__}: {err})") from None
+        raise FileFormatError(f"attention file {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
 # ------------------------------------------------------------------------------------ items
@@ -215,7 +215,7 @@ class EvalItem:
             return attention_leakage(data["share"], data["masks"], data["grid"])
         except (ValueError, RuntimeError, IndexError) as err:
             where = self.attention if isinstance(self.attention, (str, Path)) else f"sample {self.id}"
-            raise InputError(f"attention file {where}: {str(err).splitlines()[0]}") from None
+            raise FileFormatError(f"attention file {where}: {str(err).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------ report
@@ -323,7 +323,7 @@ def evaluate(
     """
     unknown = sorted(set(metrics) - set(BUILTIN_METRICS))
     if unknown:
-        raise InputError(f"unknown built-in metric {', '.join(unknown)}; known: {', '.join(BUILTIN_METRICS)}")
+        raise ConfigError(f"unknown built-in metric {', '.join(unknown)}; known: {', '.join(BUILTIN_METRICS)}")
     weights = check_weights(weights, known=sorted({*COLUMNS, *rewards, *(extra_columns or {})}))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

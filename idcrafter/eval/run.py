@@ -1,7 +1,8 @@
 """One evaluation run as `scripts/evaluate.py` does it: validate, load, score, write.
 
 Inputs are validated (names, weights, options, manifest, every generated file and reference)
-before any model loads; bad input raises `InputError` and writes nothing. `--toyworld` generates
+before any model loads; bad input raises `ConfigError` or `FileFormatError` (one line naming the
+option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` generates
 held-out toy-world samples with a model first (the only path that imports `idcrafter.video`).
 """
 
@@ -15,7 +16,7 @@ from idcrafter.eval.inputs import KNOWN, build_rewards, load_items, parse_metric
 from idcrafter.eval.metrics import BUILTIN_METRICS, COLUMNS, REWARD_METRICS, Report, check_weights, evaluate
 from idcrafter.eval.motion import FLOW_METHODS
 from idcrafter.eval.report import write_report
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 __all__ = ["TOYWORLD_METRICS", "EvalRequest", "run", "run_toyworld", "validate"]
 
@@ -53,28 +54,28 @@ def validate(req: EvalRequest) -> _Checked:
     """Every argument that needs no file: names, options, weights, numbers, the output folder."""
     out = Path(req.out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
+        raise ConfigError(f"--out {out}: exists and is not a folder")
     if req.flow not in FLOW_METHODS:
-        raise InputError(f"--flow {req.flow!r}: known methods are {', '.join(FLOW_METHODS)}")
+        raise ConfigError(f"--flow {req.flow!r}: known methods are {', '.join(FLOW_METHODS)}")
     if req.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {req.batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {req.batch_size}")
     if req.examples < 0:
-        raise InputError(f"--examples must be >= 0, got {req.examples}")
+        raise ConfigError(f"--examples must be >= 0, got {req.examples}")
     metrics = parse_metrics(req.metrics if req.metrics is not None else (TOYWORLD_METRICS if req.toyworld else None), KNOWN)
     options = parse_model_options(req.model_options)
     weights = check_weights(req.weights)
     if req.toyworld:
         if req.data or req.videos:
-            raise InputError("--toyworld generates its own samples; leave out --data and --videos")
+            raise ConfigError("--toyworld generates its own samples; leave out --data and --videos")
         if req.samples < 1:
-            raise InputError(f"--samples must be >= 1, got {req.samples}")
+            raise ConfigError(f"--samples must be >= 1, got {req.samples}")
         if req.steps is not None and req.steps < 1:
-            raise InputError(f"--steps must be >= 1, got {req.steps}")
+            raise ConfigError(f"--steps must be >= 1, got {req.steps}")
     else:
         if not req.data:
-            raise InputError("--data MANIFEST is required (or --toyworld)")
+            raise ConfigError("--data MANIFEST is required (or --toyworld)")
         if not req.videos:
-            raise InputError("--videos is required: a folder of <id>.mp4 / <id>.png, or one file per manifest sample")
+            raise ConfigError("--videos is required: a folder of <id>.mp4 / <id>.png, or one file per manifest sample")
     return _Checked(metrics, options, weights)
 
 
@@ -117,26 +118,26 @@ class _RecordingPipeline:
 
 
 def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> tuple[Path, Path]:
-    """The model folder and the ToyID embedder folder of a --toyworld run (InputError if missing)."""
+    """The model folder and the ToyID embedder folder of a --toyworld run (FileFormatError or ConfigError if missing)."""
     toyid = options.get("toyid", {}).get("path")
     if req.model is not None:
         model = Path(req.model)
         if not (model / "transformer").is_dir():
-            raise InputError(f"--model {model}: not a Wan diffusers folder (no transformer/ subfolder)")
+            raise FileFormatError(f"--model {model}: not a Wan diffusers folder (no transformer/ subfolder)")
     else:
         from idcrafter.video.defaults import TOYWORLD_MODEL, toyworld_available
 
         if not toyworld_available():
-            raise InputError("--toyworld: no toy-world model is installed (python -m idcrafter.toyworld.build "
-                             "--install); pass --model FOLDER")
+            raise ConfigError("--toyworld: no toy-world model is installed (python -m idcrafter.toyworld.build "
+                              "--install); pass --model FOLDER")
         model = TOYWORLD_MODEL
         if toyid is None and (TOYWORLD_MODEL.parent / "toyid" / "toyid.json").is_file():
             toyid = TOYWORLD_MODEL.parent / "toyid"
     if toyid is None:
-        raise InputError("--toyworld needs the ToyID embedder: pass --model-option toyid.path=FOLDER")
+        raise ConfigError("--toyworld needs the ToyID embedder: pass --model-option toyid.path=FOLDER")
     toyid = Path(str(toyid))
     if not (toyid / "toyid.json").is_file():
-        raise InputError(f"toyid.path {toyid}: no toyid.json in that folder (a ToyIDEmbedder.save folder)")
+        raise FileFormatError(f"toyid.path {toyid}: no toyid.json in that folder (a ToyIDEmbedder.save folder)")
     options.setdefault("toyid", {})["path"] = str(toyid)
     return model, toyid
 
@@ -154,7 +155,7 @@ def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
     try:
         pipe = IDCrafterPipeline.from_pretrained(model)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model {model}: cannot load ({str(err).splitlines()[0] if str(err) else err.__class__.__name__})") from None
+        raise FileFormatError(f"--model {model}: cannot load ({str(err).splitlines()[0] if str(err) else err.__class__.__name__})") from None
     cfg = pipe.config_idc
     size = cfg.height if cfg.height == cfg.width else 64
     out = Path(req.out)

@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from idcrafter.rewards.base import register_reward
 from idcrafter.rewards.clip import _FrameReward
 from idcrafter.rewards.common import model_dtype, require_path, unit_rows
-from idcrafter.utils.cli import InputError
 from idcrafter.utils.deps import require
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 __all__ = [
     "HPSReward",
@@ -108,18 +108,18 @@ _TOP_FIXED = {"init_logit_bias": (None,), "multimodal_cfg": (None,)}
 def load_open_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The open_clip state dict of an HPS checkpoint: `torch.load(weights_only=True)` of a plain
     {"state_dict": {...}} (HPSv2's release format) or of a bare state dict; a "module." prefix (DDP)
-    is dropped. Anything else is refused with a one-line InputError."""
+    is dropped. Anything else is refused with a one-line FileFormatError."""
     path = Path(path)
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"reward 'hps': {path} is not a plain tensor checkpoint that torch.load(weights_only=True) "
-                         f"accepts ({first[:160]})") from None
+        raise FileFormatError(f"reward 'hps': {path} is not a plain tensor checkpoint that torch.load(weights_only=True) "
+                              f"accepts ({first[:160]})") from None
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"reward 'hps': {path} holds no open_clip state dict (expected a dict of tensors, "
-                         "or {'state_dict': dict of tensors})")
+        raise FileFormatError(f"reward 'hps': {path} holds no open_clip state dict (expected a dict of tensors, "
+                              "or {'state_dict': dict of tensors})")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -148,24 +148,24 @@ def load_open_clip_arch(arch: str | os.PathLike | Mapping) -> dict:
         folder = _open_clip_configs_dir()
         path = folder / f"{name}.json" if folder is not None else path
     if not path.is_file():
-        raise InputError(f"reward 'hps': arch={name!r} is neither a known open_clip architecture "
-                         f"({', '.join(OPEN_CLIP_ARCHS)}, or one of an installed open_clip) nor a model-config .json file")
+        raise ConfigError(f"reward 'hps': arch={name!r} is neither a known open_clip architecture "
+                          f"({', '.join(OPEN_CLIP_ARCHS)}, or one of an installed open_clip) nor a model-config .json file")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"reward 'hps': arch file {path} is not readable JSON ({err})") from None
+        raise FileFormatError(f"reward 'hps': arch file {path} is not readable JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict) or not isinstance(
             config.get("text_cfg"), dict) or "embed_dim" not in config:
-        raise InputError(f"reward 'hps': arch file {path} is not an open_clip model config "
-                         "(needs embed_dim, vision_cfg, text_cfg)")
+        raise FileFormatError(f"reward 'hps': arch file {path} is not an open_clip model config "
+                              "(needs embed_dim, vision_cfg, text_cfg)")
     return config
 
 
 def _check_fixed(where: str, cfg: Mapping, fixed: Mapping[str, tuple]) -> None:
     for key, allowed in fixed.items():
         if key in cfg and cfg[key] not in allowed:
-            raise InputError(f"reward 'hps': open_clip option {where}.{key}={cfg[key]!r} is not supported "
-                             f"(only {' or '.join(repr(a) for a in allowed)}); HPS checkpoints are plain ViT CLIPs")
+            raise ConfigError(f"reward 'hps': open_clip option {where}.{key}={cfg[key]!r} is not supported "
+                              f"(only {' or '.join(repr(a) for a in allowed)}); HPS checkpoints are plain ViT CLIPs")
 
 
 def clip_config_from_open_clip(arch: Mapping):
@@ -178,14 +178,14 @@ def clip_config_from_open_clip(arch: Mapping):
     _check_fixed("text_cfg", text, _TEXT_FIXED)
     layers, image_size = vision.get("layers", 12), vision.get("image_size", 224)
     if not isinstance(layers, int):
-        raise InputError(f"reward 'hps': vision_cfg.layers={layers!r} is a ResNet tower; only ViT towers are supported")
+        raise ConfigError(f"reward 'hps': vision_cfg.layers={layers!r} is a ResNet tower; only ViT towers are supported")
     if isinstance(image_size, (list, tuple)):
         if len(set(image_size)) != 1:
-            raise InputError(f"reward 'hps': non-square image_size {image_size} is not supported")
+            raise ConfigError(f"reward 'hps': non-square image_size {image_size} is not supported")
         image_size = image_size[0]
     width, head_width = int(vision.get("width", 768)), int(vision.get("head_width", 64))
     if width % head_width:
-        raise InputError(f"reward 'hps': vision width {width} is not a multiple of head_width {head_width}")
+        raise ConfigError(f"reward 'hps': vision width {width} is not a multiple of head_width {head_width}")
     act = "quick_gelu" if arch.get("quick_gelu", False) else "gelu"
     text_width = int(text.get("width", 512))
     return CLIPConfig(
@@ -207,14 +207,14 @@ def convert_open_clip_state_dict(state: Mapping[str, torch.Tensor], vision_layer
     """open_clip `CLIP` state dict -> transformers `CLIPModel` state dict (mapping in the module doc).
 
     A `CustomTextCLIP` layout (text tower under "text.") is accepted too. Every key must be used:
-    a missing or an unknown one is a one-line InputError."""
+    a missing or an unknown one is a one-line FileFormatError."""
     src = {(k[len("text."):] if k.startswith("text.") else k): v for k, v in state.items()}
     src.pop("attn_mask", None)  # the causal mask buffer, present in some older saves
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
         if key not in src:
-            raise InputError(f"reward 'hps': the checkpoint has no {key!r} (not an open_clip ViT CLIP of this arch)")
+            raise FileFormatError(f"reward 'hps': the checkpoint has no {key!r} (not an open_clip ViT CLIP of this arch)")
         used.add(key)
         return src[key]
 
@@ -248,8 +248,8 @@ def convert_open_clip_state_dict(state: Mapping[str, torch.Tensor], vision_layer
     out["text_projection.weight"] = take("text_projection").t()
     unknown = sorted(set(src) - used)
     if unknown:
-        raise InputError(f"reward 'hps': the checkpoint has {len(unknown)} keys this arch does not use "
-                         f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); check arch=")
+        raise FileFormatError(f"reward 'hps': the checkpoint has {len(unknown)} keys this arch does not use "
+                              f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); check arch=")
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -267,11 +267,11 @@ def build_clip_model(state: Mapping[str, torch.Tensor], arch: str | os.PathLike 
     expected = model.state_dict()
     for key, value in converted.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise InputError(f"reward 'hps': the checkpoint does not fit the arch: {key} is {tuple(value.shape)}, "
-                             f"the arch expects {tuple(expected[key].shape)}")
+            raise FileFormatError(f"reward 'hps': the checkpoint does not fit the arch: {key} is {tuple(value.shape)}, "
+                                  f"the arch expects {tuple(expected[key].shape)}")
     missing = sorted(set(expected) - set(converted))
     if missing:
-        raise InputError(f"reward 'hps': conversion left {missing[:3]} unset")
+        raise FileFormatError(f"reward 'hps': conversion left {missing[:3]} unset")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     # The position ids are non-persistent buffers: rebuild them off the meta device.
     for embeddings in (model.text_model.embeddings, model.vision_model.embeddings):
@@ -320,7 +320,7 @@ def clip_tokenizer_from_bpe(path: str | os.PathLike, vocab_size: int = 49408):
     count = vocab_size - 2 * 256 - 2
     merges = [tuple(line.split()) for line in lines[1:1 + count]]
     if count <= 0 or len(merges) != count or any(len(m) != 2 for m in merges):
-        raise InputError(f"reward 'hps': {path} does not hold {count} BPE merges for a {vocab_size}-token vocabulary")
+        raise FileFormatError(f"reward 'hps': {path} does not hold {count} BPE merges for a {vocab_size}-token vocabulary")
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
@@ -354,8 +354,8 @@ class OpenCLIPTokenizer:
             self.tokenizer = clip_tokenizer_from_bpe(source, vocab_size)
         vocab = self.tokenizer.get_vocab()
         if "<|startoftext|>" not in vocab or "<|endoftext|>" not in vocab:
-            raise InputError(f"reward 'hps': the tokenizer in {source} is not a CLIP tokenizer "
-                             "(no <|startoftext|> / <|endoftext|>)")
+            raise FileFormatError(f"reward 'hps': the tokenizer in {source} is not a CLIP tokenizer "
+                                  "(no <|startoftext|> / <|endoftext|>)")
         self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         self.context_length = int(context_length)
         self.ftfy = require("ftfy", extra="hps")
@@ -395,14 +395,14 @@ class HPSScorer:
         if tokenizer_path is None:
             tokenizer_path = _default_bpe_file()
             if tokenizer_path is None:
-                raise InputError(f"reward {reward!r}: no tokenizer_path given and open_clip is not installed; pass "
-                                 "tokenizer_path=... (a CLIP tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
+                raise ConfigError(f"reward {reward!r}: no tokenizer_path given and open_clip is not installed; pass "
+                                  "tokenizer_path=... (a CLIP tokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
         self.tokenizer_path = require_path(reward, tokenizer_path, "a CLIP tokenizer folder or bpe_simple_vocab_16e6.txt.gz",
                                            "tokenizer_path")
         self.arch = load_open_clip_arch(arch)  # checked now: a bad name fails before anything loads
         self.device, self.dtype = torch.device(device), model_dtype(dtype)
         if int(batch_size) < 1:
-            raise InputError(f"reward {reward!r}: batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"reward {reward!r}: batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.model = self.tokenizer = None
 
@@ -412,8 +412,8 @@ class HPSScorer:
             text = model.config.text_config
             self.tokenizer = OpenCLIPTokenizer(self.tokenizer_path, text.max_position_embeddings, text.vocab_size)
             if max(self.tokenizer.sot, self.tokenizer.eot) >= text.vocab_size:
-                raise InputError(f"reward 'hps': the tokenizer's special tokens ({self.tokenizer.sot}, "
-                                 f"{self.tokenizer.eot}) lie outside the {text.vocab_size}-token text tower")
+                raise FileFormatError(f"reward 'hps': the tokenizer's special tokens ({self.tokenizer.sot}, "
+                                      f"{self.tokenizer.eot}) lie outside the {text.vocab_size}-token text tower")
             self.model = model.to(self.device)
         return self
 

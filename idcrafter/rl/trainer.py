@@ -100,7 +100,7 @@ class RLSpec(Protocol):
 
 def load_prompt_samples(path: str | Path, max_subjects: int, flag: str = "--data") -> list:
     """The manifest samples an RL run draws its (prompt, subjects) items from (docs/design.md 8; only the
-    prompt and the subjects' images and categories are used). InputError on bad lines, no
+    prompt and the subjects' images and categories are used). The manifest validation's one-line error on bad lines, no
     samples, or samples with more subjects than the model takes."""
     from idcrafter.data.manifest import read_samples
 

@@ -13,7 +13,7 @@ DeepSpeed assumes one filesystem shared by every rank for checkpoints, and so do
 
 Resume unpickles with `torch.load(..., weights_only=True)` only: tensors, plain containers, and the
 few DeepSpeed classes its optimizer state holds (`deepspeed_safe_globals`). A file that needs any
-other global (a copied run folder whose pickle would run code) stops the run with an `InputError`
+other global (a copied run folder whose pickle would run code) stops the run with a `FileFormatError`
 naming the file and the refused global, and nothing in it runs.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from idcrafter.utils.io import atomic_write
 
 MARKER = "complete.json"
@@ -230,7 +230,7 @@ def first_line(message: str) -> str:
 def safe_load(path: str | Path, map_location: Any = None, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)` with DeepSpeed's few classes allowed.
 
-    InputError (one line: the file and the refused global) when the pickle asks for anything else;
+    FileFormatError (one line: the file and the refused global) when the pickle asks for anything else;
     torch refuses before calling it, so nothing in the file runs.
     """
     try:
@@ -239,8 +239,8 @@ def safe_load(path: str | Path, map_location: Any = None, mmap: bool = False) ->
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise
-        raise InputError(f"checkpoint file {path}: {refused_global(str(err))}; resume loads tensors and "
-                         f"DeepSpeed's own state only, and nothing in this file was run") from None
+        raise FileFormatError(f"checkpoint file {path}: {refused_global(str(err))}; resume loads tensors and "
+                              f"DeepSpeed's own state only, and nothing in this file was run") from None
 
 
 def check_unpickling(folder: Path, marker: Marker) -> None:
@@ -249,7 +249,7 @@ def check_unpickling(folder: Path, marker: Marker) -> None:
     Files in torch's zip format are memory-mapped, so this reads the pickles, not the tensors.
     The engine's own loads are weights-only as well; checking here first makes every rank refuse
     together (rank 0 decides) instead of one rank failing inside DeepSpeed while the others wait.
-    InputError for a refused global; Incomplete for a file torch cannot read.
+    FileFormatError for a refused global; Incomplete for a file torch cannot read.
     """
     for name in sorted(marker.files):
         if not name.endswith(".pt"):
@@ -289,11 +289,11 @@ def safe_checkpoint_engine(engine):
 
     current = engine.checkpoint_engine
     if type(current) is not TorchCheckpointEngine:
-        raise InputError(f"--deepspeed_config: checkpoint engine {type(current).__name__} is not supported; "
-                         "remove checkpoint.writer and datastates (resume loads through torch's weights-only loader)")
+        raise ConfigError(f"--deepspeed_config: checkpoint engine {type(current).__name__} is not supported; "
+                          "remove checkpoint.writer and datastates (resume loads through torch's weights-only loader)")
     if engine.load_universal_checkpoint():
-        raise InputError("--deepspeed_config: checkpoint.load_universal is not supported "
-                         "(its loaders unpickle arbitrary objects)")
+        raise ConfigError("--deepspeed_config: checkpoint.load_universal is not supported "
+                          "(its loaders unpickle arbitrary objects)")
     cls = _weights_only_engine_class()
     safe = cls.__new__(cls)
     safe.__dict__.update(vars(current))
@@ -318,7 +318,7 @@ def read_rank_state(folder: Path, rank: int) -> dict[str, int]:
     state = json.loads((folder / state_file(rank)).read_text())
     for key in ("step", "epoch", "position", "skipped_batches"):
         if type(state.get(key)) is not int:
-            raise InputError(f"{folder / state_file(rank)}: {key} is not an integer")
+            raise FileFormatError(f"{folder / state_file(rank)}: {key} is not an integer")
     return state
 
 
@@ -366,14 +366,14 @@ def check_compatible(tag: str, marker: Marker, world_size: int, snapshots: tuple
     check_world_size(tag, marker, world_size)
     for name in snapshots:
         if any(snapshot_file(name, r) not in marker.files for r in range(marker.world_size)):
-            raise InputError(f"checkpoint {tag} has no {name} state ({SNAPSHOT_REASONS.get(name, 'its run kept none')})")
+            raise FileFormatError(f"checkpoint {tag} has no {name} state ({SNAPSHOT_REASONS.get(name, 'its run kept none')})")
 
 
 def check_world_size(tag: str, marker: Marker, world_size: int) -> None:
     """ZeRO partitions optimizer state per rank, so a checkpoint resumes on its own world size only."""
     if marker.world_size != world_size:
-        raise InputError(f"checkpoint {tag} was written by {marker.world_size} ranks and this run has {world_size}; "
-                         f"relaunch with {marker.world_size} ranks or start a new --output")
+        raise ConfigError(f"checkpoint {tag} was written by {marker.world_size} ranks and this run has {world_size}; "
+                          f"relaunch with {marker.world_size} ranks or start a new --output")
 
 
 def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, snapshots: tuple[str, ...] = ()) -> ResumeChoice:
@@ -382,9 +382,9 @@ def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, snapshots: t
     auto: the newest complete folder, walking back past unfinished or damaged ones (they are
     returned in `skipped` with the reason); none: start fresh. The newest complete checkpoint of
     another world size (or without a parameter snapshot this run keeps) is an error rather than something
-    to walk past: resuming an older one, or starting over, would silently drop the newest progress. TAG: that checkpoint, or an InputError
+    to walk past: resuming an older one, or starting over, would silently drop the newest progress. TAG: that checkpoint, or a FileFormatError / ConfigError
     naming what is wrong and the complete tags there are. A pickle that needs a global other than
-    DeepSpeed's is an InputError in both modes.
+    DeepSpeed's is a FileFormatError in both modes.
     """
     if resume == "auto":
         skipped = []
@@ -401,17 +401,17 @@ def choose_checkpoint(ckpt_dir: Path, resume: str, world_size: int, snapshots: t
         return ResumeChoice(None, None, tuple(skipped))
     tag = resume
     if not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
-        raise InputError(f"--resume {tag!r}: use auto or the name of a folder in {ckpt_dir}")
+        raise ConfigError(f"--resume {tag!r}: use auto or the name of a folder in {ckpt_dir}")
     available = ", ".join(complete_tags(ckpt_dir)) or "none"
     folder = ckpt_dir / tag
     if not folder.is_dir():
-        raise InputError(f"--resume {tag}: no such checkpoint in {ckpt_dir}; complete checkpoints: {available}")
+        raise FileFormatError(f"--resume {tag}: no such checkpoint in {ckpt_dir}; complete checkpoints: {available}")
     try:
         marker = check_files(folder)
         check_rank_files(marker)
         check_unpickling(folder, marker)
     except Incomplete as why:
-        raise InputError(f"--resume {tag}: the checkpoint is incomplete ({why}); "
-                         f"complete checkpoints: {available}") from None
+        raise FileFormatError(f"--resume {tag}: the checkpoint is incomplete ({why}); "
+                              f"complete checkpoints: {available}") from None
     check_compatible(tag, marker, world_size, snapshots)
     return ResumeChoice(tag, marker, ())

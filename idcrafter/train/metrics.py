@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write
 
 
@@ -21,7 +21,7 @@ def kept_lines(text: str, through: int | None) -> list[str]:
         try:
             keep = json.loads(line)["step"] <= through
         except (json.JSONDecodeError, TypeError, KeyError):
-            raise InputError(f"metrics.jsonl line {number} is not a logged row: {line[:80]!r}") from None
+            raise FileFormatError(f"metrics.jsonl line {number} is not a logged row: {line[:80]!r}") from None
         if keep:
             kept.append(line)
     return kept

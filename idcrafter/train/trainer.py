@@ -28,7 +28,7 @@ from idcrafter.train import checkpoint as ckpt
 from idcrafter.train.ds_config import prepare_ds_config, zero_stage
 from idcrafter.train.ema import ShardedEMA
 from idcrafter.train.metrics import DrawLog, MetricLog
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
 
@@ -184,7 +184,7 @@ class Trainer:
         """Which checkpoint `--resume` means, before anything heavy loads: a bad tag fails fast.
 
         Rank 0 decides from the shared checkpoint folder and broadcasts, so all ranks resume the
-        same checkpoint or all stop with the same InputError.
+        same checkpoint or all stop with the same FileFormatError or ConfigError.
         """
         if not self.args.resume:
             return
@@ -193,11 +193,11 @@ class Trainer:
             try:
                 decision[0] = ckpt.choose_checkpoint(self.ckpt_dir, self.args.resume, self.world_size,
                                                      snapshots=self.snapshot_names())
-            except InputError as err:
-                decision[0] = str(err)
+            except (FileFormatError, ConfigError) as err:
+                decision[0] = err  # pickled to the other ranks, which raise the same error
         self.dist.broadcast_object_list(decision, src=0)
-        if isinstance(decision[0], str):
-            raise InputError(decision[0])
+        if isinstance(decision[0], Exception):
+            raise decision[0]
         self.resume_choice = decision[0]
         if self.rank == 0:
             for tag, why in self.resume_choice.skipped:
@@ -225,7 +225,7 @@ class Trainer:
             unreadable = sum(k is None for k in keys)
             if keys and unreadable == len(keys):
                 raise AllSamplesFailed(f"every sample failed to decode ({unreadable} of {len(keys)} unreadable)")
-            raise InputError(
+            raise ConfigError(
                 f"the data gives no full batch for rank {self.rank}: {len(keys) - unreadable} usable samples for "
                 f"batch size {self.args.batch_size} x {self.world_size} ranks"
             )
@@ -258,16 +258,16 @@ class Trainer:
             return
         stage = zero_stage(self.ds_config)
         if choice.marker.zero_stage != stage:
-            raise InputError(f"checkpoint {choice.tag} was written with ZeRO stage {choice.marker.zero_stage} and "
-                             f"this run uses stage {stage}; resume with the same --deepspeed_config")
+            raise ConfigError(f"checkpoint {choice.tag} was written with ZeRO stage {choice.marker.zero_stage} and "
+                              f"this run uses stage {stage}; resume with the same --deepspeed_config")
         folder = self.ckpt_dir / choice.tag
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=choice.tag)
         if load_path is None:
-            raise InputError(f"checkpoint {folder}: DeepSpeed found no model states to load")
+            raise FileFormatError(f"checkpoint {folder}: DeepSpeed found no model states to load")
         state = ckpt.read_rank_state(folder, self.rank)
         if state["step"] != choice.marker.step:
-            raise InputError(f"checkpoint {folder}: {ckpt.state_file(self.rank)} is for step {state['step']}, "
-                             f"{ckpt.MARKER} for step {choice.marker.step}")
+            raise FileFormatError(f"checkpoint {folder}: {ckpt.state_file(self.rank)} is for step {state['step']}, "
+                                  f"{ckpt.MARKER} for step {choice.marker.step}")
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.skipped_batches = state["skipped_batches"]
         for name, snapshot in self.snapshots().items():

@@ -3,8 +3,14 @@
 Bad input gets one line naming the input and the problem, exit code 2, no traceback and no file
 written. Scripts parse with `ArgumentParser` (argparse's own errors become that one line), give
 numeric options a checked `type=` (`integer`, `number`, `seed`), then check paths, devices and
-the bounds a model sets with the functions below, before any model loads. Everything else raises
-ordinary exceptions, so real bugs keep their traceback.
+the bounds a model sets with the functions below, before any model loads.
+
+The rule that tells a user's mistake from a bug (docs/design.md 10): `InputError` is raised only
+at the boundary, here, in `idcrafter.cli`, and in the manifest, job-file and request validation.
+Library code raises the ordinary exceptions of `idcrafter.utils.errors` (`FileFormatError`,
+`ConfigError`) or plain ValueError/TypeError; the boundary turns the first two (and
+`FileNotFoundError`) into an `InputError` naming the option, with `user_file`. The scripts catch
+`InputError` only, so any other exception, a real bug, keeps its traceback.
 
 Nothing here imports torch at module level: a tool that stops on bad input stops fast.
 """
@@ -17,8 +23,11 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 EXIT_BAD_INPUT = 2
 # Sampling steps beyond the schedulers' 1000 training timesteps (Wan and FLUX) only repeat timesteps.
@@ -31,7 +40,34 @@ SEED_MAX = 2**64 - 1
 
 
 class InputError(ValueError):
-    """Bad user input; scripts print its message as one line and exit with code 2."""
+    """Bad user input; scripts print its message as one line and exit with code 2.
+
+    Raised only at the boundary (this module, `idcrafter.cli`, the manifest and job-file validation,
+    the inference request checks); library code raises `idcrafter.utils.errors` instead.
+    """
+
+
+# The library's exceptions for a problem in what it was given (a file, a setting); anything else is a bug.
+USER_FILE_ERRORS = (FileFormatError, ConfigError, FileNotFoundError)
+
+
+@contextmanager
+def user_file(flag: str = "") -> Iterator[None]:
+    """Turn the library's file and settings errors raised inside into an `InputError` naming `flag`.
+
+    Wrap the library calls that read what the user named (a model or adapter folder, a checkpoint
+    to resume, a manifest, a media file): `FileFormatError`, `ConfigError` and `FileNotFoundError`
+    become one line `flag: message` (the message alone when it already starts with `flag`, or when
+    `flag` is empty because the library's message names the option). Every other exception passes
+    through untouched: a plain ValueError, KeyError or RuntimeError is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except USER_FILE_ERRORS as err:
+        message = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.filename}: {err.strerror}"
+        if flag and not message.startswith(flag):
+            message = f"{flag}: {message}"
+        raise InputError(message) from None
 
 
 def fail(message: str) -> int:

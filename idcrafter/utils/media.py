@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from idcrafter.utils.cli import InputError
 from idcrafter.utils.deps import is_available
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write
 
 if TYPE_CHECKING:
@@ -30,37 +30,37 @@ RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "
 def load_image(path: str | Path, what: str = "reference image") -> Image.Image:
     """Open an image fully (so a truncated file fails here, not later) and turn it upright by its
     EXIF orientation (phone photos are stored sideways with a tag saying so). Any PIL mode; see
-    `load_rgb` for RGB. InputError names `what` and the file: missing, a folder, unreadable."""
+    `load_rgb` for RGB. FileFormatError names `what` and the file: missing, a folder, unreadable."""
     from idcrafter.utils.cli import path_problem
 
     path = Path(path)
     problem = path_problem(path)
     if problem:
-        raise InputError(f"{what} {path} {problem}")
+        raise FileFormatError(f"{what} {path} {problem}")
     try:
         with Image.open(path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return upright if upright is not img else img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as err:
-        raise InputError(f"{what} {path} cannot be read ({err.__class__.__name__}: {err})") from None
+        raise FileFormatError(f"{what} {path} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255), what: str = "image") -> Image.Image:
     """Any PIL image -> RGB by the table above; transparent images are composited on `background`.
 
-    Raises InputError (naming `what`) for the modes that have no faithful RGB reading.
+    Raises FileFormatError (naming `what`) for the modes that have no faithful RGB reading.
     """
     mode = image.mode
     if mode == "RGB":
         return image
     if mode not in RGB_CONVERTIBLE_MODES:
         hint = "32-bit float images have no agreed value range" if mode == "F" else "an unknown mode"
-        raise InputError(f"{what}: unsupported image mode {mode!r} ({hint}); save it as 8- or 16-bit RGB or grey")
+        raise FileFormatError(f"{what}: unsupported image mode {mode!r} ({hint}); save it as 8- or 16-bit RGB or grey")
     if mode in HIGH_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise InputError(f"{what}: 32-bit integer image with values outside 0..65535; save it as 8- or 16-bit")
+            raise FileFormatError(f"{what}: 32-bit integer image with values outside 0..65535; save it as 8- or 16-bit")
         return Image.fromarray((values / 257.0).round().astype(np.uint8), "L").convert("RGB")
     if mode == "La":  # premultiplied grey + alpha: PIL converts it to nothing else
         grey_band, alpha_band = image.split()
@@ -102,7 +102,7 @@ def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
     """Decode a video to uint8 [F, H, W, 3] with decord when installed, else PyAV."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"video {path} does not exist")
+        raise FileFormatError(f"video {path} does not exist")
     try:
         if is_available("decord"):
             import decord
@@ -120,12 +120,12 @@ def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
                     if num_frames is not None and len(frames) >= num_frames:
                         break
             frames = np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
-    except InputError:
+    except FileFormatError:
         raise
     except Exception as err:  # decoders raise many types for corrupt files
-        raise InputError(f"video {path} cannot be decoded ({err.__class__.__name__}: {err})") from None
+        raise FileFormatError(f"video {path} cannot be decoded ({err.__class__.__name__}: {err})") from None
     if len(frames) == 0:
-        raise InputError(f"video {path} has no frames")
+        raise FileFormatError(f"video {path} has no frames")
     return frames
 
 
@@ -226,7 +226,7 @@ def encode_video(frames: np.ndarray, path: str | Path, fps: float) -> Path:
     path = Path(path)
     problem = video_suffix_problem(path.suffix)
     if problem:
-        raise InputError(f"output {path}: {problem}")
+        raise FileFormatError(f"output {path}: {problem}")
     container_format, encoder, pix_fmt = VIDEO_CODECS[path.suffix.lower()]
     _, height, width, _ = frames.shape
     if encoder in _EVEN_SIZE_ENCODERS and (height % 2 or width % 2):
@@ -295,7 +295,7 @@ def write_video(frames: np.ndarray | list, path: str | Path, fps: float = 16) ->
     path = Path(path)
     problem = video_suffix_problem(path.suffix)
     if problem:
-        raise InputError(f"output {path}: {problem}")
+        raise FileFormatError(f"output {path}: {problem}")
     with atomic_write(path) as tmp:
         encode_video(frames, tmp, fps)
         verify_video(tmp, frames=len(frames), size=frames.shape[1:3])
@@ -312,7 +312,7 @@ def write_image(image: Image.Image | np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     problem = image_suffix_problem(path.suffix)
     if problem:
-        raise InputError(f"output {path}: {problem}")
+        raise FileFormatError(f"output {path}: {problem}")
     with atomic_write(path) as tmp:
         image.convert("RGB").save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
         verify_image(tmp, size=(image.height, image.width))

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idcrafter.utils.cli import MAX_SAMPLING_STEPS, InputError, check_int
+from idcrafter.utils.cli import MAX_SAMPLING_STEPS
+from idcrafter.utils.errors import ConfigError, FileFormatError
 
 # WanTransformer3DModel configs of the released checkpoints (diffusers layout), and a tiny one.
 WAN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -245,21 +246,21 @@ def model_folder_config(folder: str | Path) -> tuple[IDCrafterConfig, dict] | No
 
 
 def local_model_folder(path: Any, what: str, options: Mapping[str, Any] | None = None) -> Path:
-    """`path` as an existing local folder; InputError (one line naming `what`) for anything that only a
+    """`path` as an existing local folder; FileFormatError or ConfigError (one line naming `what`) for anything that only a
     download could satisfy: a hub id or missing path, or a Hub option (`HUB_OPTIONS`) in `options`
     set to anything but its default. Models are never downloaded (docs/design.md 10)."""
     for key in HUB_OPTIONS:
         if (options or {}).get(key) not in (None, False):
-            raise InputError(f"{what}: {key}= is a Hugging Face Hub option; models load from local folders only")
+            raise ConfigError(f"{what}: {key}= is a Hugging Face Hub option; models load from local folders only")
     if not isinstance(path, (str, Path)) or not str(path):
-        raise InputError(f"{what}: expected a local model folder, got {type(path).__name__} {path!r}")
+        raise TypeError(f"{what}: expected a local model folder, got {type(path).__name__} {path!r}")
     folder = Path(path)
     if not folder.is_dir():
-        raise InputError(f"{what}: {path} is not a local folder (models load from local folders only; "
-                         "hub ids are not downloaded)")
+        raise FileFormatError(f"{what}: {path} is not a local folder (models load from local folders only; "
+                              "hub ids are not downloaded)")
     subfolder = (options or {}).get("subfolder")
     if subfolder and not (folder / subfolder).is_dir():
-        raise InputError(f"{what}: {folder} has no {subfolder}/ subfolder")
+        raise FileFormatError(f"{what}: {folder} has no {subfolder}/ subfolder")
     return folder
 
 
@@ -275,12 +276,12 @@ def base_signature(wan: Mapping[str, Any]) -> dict[str, int]:
 
 
 def check_adapter_fits(meta: Mapping[str, Any], wan: Mapping[str, Any], adapter: str | Path) -> None:
-    """InputError when an adapter's recorded base (`meta["base"]`) differs from this Wan config."""
+    """ConfigError when an adapter's recorded base (`meta["base"]`) differs from this Wan config."""
     ours = base_signature(wan)
     for key, value in (meta.get("base") or {}).items():
         if ours.get(key) != value:
-            raise InputError(f"adapter {adapter} was trained for a base model with {key}={value}, "
-                             f"this base model has {key}={ours.get(key)}")
+            raise ConfigError(f"adapter {adapter} was trained for a base model with {key}={value}, "
+                              f"this base model has {key}={ours.get(key)}")
 
 
 def vae_scale_factors(vae_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -313,15 +314,18 @@ class VideoLimits:
 
     def check(self, height: int, width: int, frames: int, steps: int,
               names: tuple[str, str, str] = ("--size", "--frames", "--steps")) -> None:
-        """InputError naming the option (`names`: size, frames, steps) for a request past a bound."""
+        """ConfigError naming the option (`names`: size, frames, steps) for a request past a bound."""
         size_name, frames_name, steps_name = names
         if height > self.max_height or width > self.max_width:
-            raise InputError(f"{size_name} {height}x{width}: this model's rotary position range covers at most "
-                             f"{self.max_height}x{self.max_width}")
+            raise ConfigError(f"{size_name} {height}x{width}: this model's rotary position range covers at most "
+                              f"{self.max_height}x{self.max_width}")
         if frames > self.max_frames:
-            raise InputError(f"{frames_name} {frames}: this model's rotary position range covers at most "
-                             f"{self.max_frames} frames")
-        check_int(steps, steps_name, 1, self.max_steps)
+            raise ConfigError(f"{frames_name} {frames}: this model's rotary position range covers at most "
+                              f"{self.max_frames} frames")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"{steps_name} must be an integer, got {steps!r}")
+        if not 1 <= steps <= self.max_steps:
+            raise ConfigError(f"{steps_name} must be in [1, {self.max_steps}], got {steps}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

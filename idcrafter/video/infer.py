@@ -25,6 +25,7 @@ from idcrafter.utils.cli import (
     check_preset,
     parse_size,
     path_problem,
+    user_file,
 )
 from idcrafter.utils.media import VIDEO_CODECS, load_rgb, read_video, video_suffix_problem
 from idcrafter.video.config import (
@@ -122,7 +123,8 @@ def read_adapter(adapter: Path, flag: str, base: Path | None = None, preset: str
     else:
         base_wan = IDCrafterConfig.from_preset(preset or "tiny").wan
     try:
-        check_adapter_fits(meta, base_wan, adapter)
+        with user_file():  # its message names the adapter
+            check_adapter_fits(meta, base_wan, adapter)
     except (KeyError, TypeError) as err:  # a transformer config without the fields every Wan config has
         raise InputError(f"{flag} {adapter}: the base transformer config is not a Wan config ({err!r})") from None
     return config
@@ -270,14 +272,16 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         raise InputError(f"--refs: {len(req.refs)} references, this model supports at most {config.max_subjects}")
     vlm = check_vlm(req.vlm, config, req.adapter, req.model)
     for ref in req.refs:
-        load_rgb(ref)
+        with user_file("--refs"):
+            load_rgb(ref)
     height, width = parse_size(req.size, multiple=16) if req.size else (config.height, config.width)
     frames = req.frames if req.frames is not None else config.num_frames
     check_int(frames, "--frames", 1)
     if (frames - 1) % 4:
         raise InputError(f"--frames {frames}: the frame count must be 4n+1 (e.g. 9, 17, 81)")
     steps = req.steps if req.steps is not None else config.num_inference_steps
-    model_limits(config, req.model).check(height, width, frames, steps)
+    with user_file():  # the message names --size, --frames or --steps
+        model_limits(config, req.model).check(height, width, frames, steps)
     guidance = {}
     for name in ("guidance_image", "guidance_text"):
         value = getattr(req, name)
@@ -286,7 +290,8 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
     check_number(req.strength, "--strength", 0.0, 1.0, lo_open=True)
     if req.edit_video is not None:
         check_input_file(req.edit_video, "--edit-video")
-        video = read_video(req.edit_video, frames)
+        with user_file("--edit-video"):
+            video = read_video(req.edit_video, frames)
         if len(video) < frames:
             raise InputError(f"--edit-video {req.edit_video}: {len(video)} frames, {frames} needed")
     req.resolved = dict(

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.utils.media import fit_on_canvas, image_to_tensor, load_image, read_video
 from idcrafter.video.attention import LayerKV, SubjectStream
@@ -240,7 +240,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         may be stored in half precision) applies to the text encoder and the transformer.
         kwargs: `variant`, `use_safetensors`, `low_cpu_mem_usage` for the model components, or a
         component object to use as is (`transformer=...`). Folders only: a hub id or a Hub option
-        (revision=, custom_pipeline=, token=, ...) is an InputError; so is anything else unknown.
+        (revision=, custom_pipeline=, token=, ...) is a ConfigError; anything else unknown a TypeError.
         """
         what = f"{cls.__name__}.from_pretrained"
         folder = local_model_folder(pretrained_model_name_or_path, what, kwargs)
@@ -249,10 +249,10 @@ class IDCrafterPipeline(DiffusionPipeline):
         for ignored in ("local_files_only", "trust_remote_code"):  # offline always; no code runs from the folder
             kwargs.pop(ignored, None)
         if kwargs:
-            raise InputError(f"{what}: unknown option(s) {', '.join(sorted(kwargs))}")
+            raise TypeError(f"{what}: unknown option(s) {', '.join(sorted(kwargs))}")
         torch_dtype = torch_dtype or torch.float32
         if not (folder / "transformer").is_dir() and "transformer" not in components:
-            raise InputError(f"{what}: {folder} is not a Wan diffusers folder (no transformer/ subfolder)")
+            raise FileFormatError(f"{what}: {folder} is not a Wan diffusers folder (no transformer/ subfolder)")
         own = "transformer" in components or (
             (folder / "transformer" / "config.json").is_file() and read_model_config(folder / "transformer") is not None
         )
@@ -290,7 +290,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         """diffusers' `save_pretrained`, written atomically, plus what makes diffusers load the folder
         as this pipeline (see the class docstring). Returns the folder."""
         if push_to_hub:
-            raise InputError("IDCrafterPipeline.save_pretrained: push_to_hub= is not supported (folders only)")
+            raise ValueError("IDCrafterPipeline.save_pretrained: push_to_hub= is not supported (folders only)")
         folder = Path(save_directory)
         with atomic_write_dir(folder) as tmp, self._without_vlm():
             super().save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant,
@@ -573,7 +573,7 @@ class IDCrafterPipeline(DiffusionPipeline):
             raise ValueError(f"size {height}x{width}: height and width must be positive multiples of 16")
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_temporal:
             raise ValueError(f"num_frames {num_frames} must be {self.vae_scale_temporal}n+1")
-        # past the rotary range the transformer fails deep inside; say so here (InputError is a ValueError)
+        # past the rotary range the transformer fails deep inside; say so here (ConfigError is a ValueError)
         limits = VideoLimits.from_configs(self.transformer.wan_config, dict(self.vae.config))
         limits.check(height, width, num_frames, 1, names=("size", "num_frames", "steps"))
         if not 0 < strength <= 1:

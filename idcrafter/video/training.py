@@ -22,7 +22,7 @@ from torch import nn
 
 from idcrafter.core.regularization import idar_loss, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target, sample_timesteps
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from idcrafter.video.config import IDCrafterConfig
 from idcrafter.video.transformer import IDCrafterTransformer, to_velocity
 
@@ -81,8 +81,8 @@ class VideoTrainingSpec:
 
             size = vlm_hidden_size(model_args.vlm)
             if self.config.use_vlm and self.config.vlm_dim != size:
-                raise InputError(f"--vlm {model_args.vlm}: hidden size {size}, but the adapter's VLM connector reads "
-                                 f"{self.config.vlm_dim} (it was trained with another VLM)")
+                raise ConfigError(f"--vlm {model_args.vlm}: hidden size {size}, but the adapter's VLM connector reads "
+                                  f"{self.config.vlm_dim} (it was trained with another VLM)")
             self.config = dataclasses.replace(self.config, use_vlm=True, vlm_dim=size)
         self.vlm_encoder = None  # loaded on first use: a run from a complete feature cache never needs it
         self._by_id: dict | None = None
@@ -137,7 +137,7 @@ class VideoTrainingSpec:
 
     # ------------------------------------------------------------------ data
     def load_samples(self) -> list:
-        """The manifest's samples, validated (cached); InputError naming the first bad line, or
+        """The manifest's samples, validated (cached); the manifest validation's one-line error naming the first bad line, or
         for a manifest without samples. Scripts call it before DeepSpeed starts."""
         if self.samples is None:
             from idcrafter.data.manifest import read_samples
@@ -190,7 +190,7 @@ class VideoTrainingSpec:
 
         samples, errors = load_manifest(self.d.data)
         if errors:
-            raise InputError(f"--data {self.d.data}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
+            raise FileFormatError(f"--data {self.d.data}: {len(errors)} bad lines (line {errors[0].line}: {errors[0].message})")
         dataset = VideoDataset(samples, num_frames=self.num_frames, fps=self.d.fps, buckets=[Bucket(self.height, self.width)],
                                ref_size=self.ref_size, max_subjects=self.config.max_subjects)
 
@@ -280,7 +280,7 @@ class VideoTrainingSpec:
     def vlm(self):
         """The frozen Qwen2.5-VL, loaded on first use on this rank (bf16 on a GPU, float32 on a CPU)."""
         if self.m.vlm is None:
-            raise InputError("this model was trained with the VLM encoder: give the VLM folder (--vlm)")
+            raise ConfigError("this model was trained with the VLM encoder: give the VLM folder (--vlm)")
         if self.vlm_encoder is None:
             from idcrafter.video.vlm import VLMSemanticEncoder
 

@@ -40,7 +40,7 @@ from torch import nn
 from idcrafter.core.lora_config import MoELoRAConfig
 from idcrafter.core.moe_lora import inject_moe_lora, load_moe_lora, save_moe_lora
 from idcrafter.flow.matching import velocity_from_sample
-from idcrafter.utils.cli import InputError
+from idcrafter.utils.errors import FileFormatError
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
@@ -308,13 +308,13 @@ class IDCrafterTransformer(WanTransformer3DModel):
         `adapter`: an adapter folder (`save_adapter`) whose config and weights replace the folder's
         adapter, or, on a stock folder, join it; an adapter that carries its own fine-tuned
         transformer (`adapter/transformer`) brings the base weights too. Models load from local
-        folders only: a hub id or a Hub option (revision=, token=, ...) is an InputError.
+        folders only: a hub id or a Hub option (revision=, token=, ...) is a ConfigError.
         """
         what = f"{cls.__name__}.from_pretrained"
         folder = local_model_folder(pretrained_model_name_or_path, what, kwargs)
         config_path = folder / (kwargs.get("subfolder") or "") / "config.json"
         if not config_path.is_file():
-            raise InputError(f"{what}: {config_path.parent} has no config.json (not a diffusers model folder)")
+            raise FileFormatError(f"{what}: {config_path.parent} has no config.json (not a diffusers model folder)")
         name = json.loads(config_path.read_text()).get("_class_name")
         if name == MODEL_CLASS:
             model = cls._load_own(folder, kwargs)
@@ -323,7 +323,7 @@ class IDCrafterTransformer(WanTransformer3DModel):
                 model.load_adapter(adapter)
             return model
         if name != "WanTransformer3DModel":
-            raise InputError(f"{what}: {config_path} is a {name}, not a Wan transformer")
+            raise FileFormatError(f"{what}: {config_path} is a {name}, not a Wan transformer")
         # A stock Wan transformer, with or without an adapter folder: the conversion path.
         tuned = adapter is not None and (Path(adapter) / "transformer").is_dir()
         if tuned:  # a full fine-tune: the adapter's own transformer is the base
@@ -338,13 +338,13 @@ class IDCrafterTransformer(WanTransformer3DModel):
     @classmethod
     def _load_own(cls, folder: Path, kwargs: dict) -> IDCrafterTransformer:
         """diffusers' loading; a checkpoint that leaves weights out (which diffusers would leave
-        uninitialised on the meta device) is an InputError."""
+        uninitialised on the meta device) is a FileFormatError."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(folder, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
-            raise InputError(f"{cls.__name__}.from_pretrained: {folder} lacks weights for {missing[:3]}"
-                             f"{'...' if len(missing) > 3 else ''} ({len(missing)} tensors)")
+            raise FileFormatError(f"{cls.__name__}.from_pretrained: {folder} lacks weights for {missing[:3]}"
+                                  f"{'...' if len(missing) > 3 else ''} ({len(missing)} tensors)")
         return (model, info) if wants_info else model
 
     # ------------------------------------------------------------------ training
@@ -550,13 +550,13 @@ class IDCrafterTransformer(WanTransformer3DModel):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise InputError(
+            raise FileFormatError(
                 f"adapter {folder} does not match this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
         for key, tensor in state.items():
             if tensor.shape != expected[key].shape:
-                raise InputError(
+                raise FileFormatError(
                     f"adapter {folder}: {key} has shape {list(tensor.shape)} in the file but {list(expected[key].shape)} in the model"
                 )
         self.adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
@@ -569,5 +569,5 @@ class IDCrafterTransformer(WanTransformer3DModel):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("adapter.")]
         if missing or unexpected:
-            raise InputError(f"{source}: the transformer does not fit this model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise FileFormatError(f"{source}: the transformer does not fit this model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
