@@ -50,6 +50,7 @@ def test_importing_the_package_needs_no_optional_dependency():
 BOUNDARY = {
     "idcrafter/utils/cli.py",
     "idcrafter/utils/folders.py",
+    "idcrafter/utils/settings_file.py",
     "idcrafter/data/manifest.py",
     "idcrafter/data/validate.py",
     "idcrafter/render.py",
