@@ -111,6 +111,24 @@ def test_benchmark_video_cases(case, tmp_path):
         assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
 
 
+def test_benchmark_lora_ours_equals_peft():
+    """Our plain LoRA and peft's (diffusers' add_adapter) on the same stock Wan and the same LoRA
+    weights compute the same function with the same trainable parameters."""
+    from idcrafter.benchmarks import load_cases
+
+    case = load_cases()["lora"]
+    report = case.run(device="cpu", full=False, repeats=1, quick=True)
+    assert report["max_abs_diff"] < 1e-5 and report["grad_max_abs_diff"] < 1e-6
+    assert report["lora_effect"] > 1e-3  # the LoRA changes the output: the equality is not vacuous
+    rows = report["results"]
+    # 2 blocks x rank 4 x (8 attention projections 32 -> 32, FFN 32 -> 64 -> 32): r (in + out) each.
+    assert report["layers"] == 20
+    assert rows["ours"]["trainable"] == rows["peft"]["trainable"] == 2 * 4 * (8 * 64 + 2 * 96) == 5632
+    assert rows["none"]["trainable"] == 0 and rows["none"]["time_ratio"] == 1.0
+    assert rows["ours"]["peak_mib"] > rows["none"]["peak_mib"]  # the LoRA activations are counted
+    assert "ours / peft" in case.format_table(report)
+
+
 def test_copy_as_float16_converts_floats_outside_kept_folders(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
