@@ -18,6 +18,16 @@ TINY_FLUX = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _release_deepspeed_shm():
+    """At the end of the session, unlink the DeepSpeed /dev/shm buffers its runs left (see ports.py)."""
+    from ports import release_leftovers, shm_names
+
+    before = shm_names()
+    yield
+    release_leftovers(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

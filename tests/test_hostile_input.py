@@ -29,11 +29,9 @@ TOY_IMAGE = ROOT / "idcrafter" / "assets" / "toyimage" / "model"
 
 def launcher_env() -> dict[str, str]:
     """What a one-process launch sets (torchrun, deepspeed, tests/test_train_video.py), with a free port."""
-    import socket
+    from ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return dict(os.environ, PYTHONPATH=str(ROOT / "tests"), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 

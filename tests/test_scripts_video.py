@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import av
 import pytest
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [str(ROOT / "examples" / "subject_a.png"), str(ROOT / "examples" / "subject_b.png")]
@@ -156,12 +156,6 @@ def test_batch_resumes_after_a_kill_and_never_renders_twice(tmp_path):
     assert [e["line"] for e in summary["invalid"]] == [3]
     assert sorted(summary["skipped"]) == sorted(first) and len(summary["rendered"]) == 6 - len(first)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_split_the_jobs(tmp_path):

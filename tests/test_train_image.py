@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, REF = 32, 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: str, args: list[str], ranks: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:

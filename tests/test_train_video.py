@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 from tiny_data import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(output: Path, data: Path, *extra: str, ranks: int = 1, zero: int = 2, timeout: int = 400):

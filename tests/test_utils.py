@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,50 @@ def test_benchmark_video_cases(case, tmp_path):
         assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
     else:
         assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
+
+
+def test_benchmark_lora_ours_equals_peft():
+    """Our plain LoRA and peft's (diffusers' add_adapter) on the same stock Wan and the same LoRA
+    weights compute the same function with the same trainable parameters."""
+    from idcrafter.benchmarks import load_cases
+
+    case = load_cases()["lora"]
+    report = case.run(device="cpu", full=False, repeats=1, quick=True)
+    assert report["max_abs_diff"] < 1e-5 and report["grad_max_abs_diff"] < 1e-6
+    assert report["lora_effect"] > 1e-3  # the LoRA changes the output: the equality is not vacuous
+    rows = report["results"]
+    # 2 blocks x rank 4 x (8 attention projections 32 -> 32, FFN 32 -> 64 -> 32): r (in + out) each.
+    assert report["layers"] == 20
+    assert rows["ours"]["trainable"] == rows["peft"]["trainable"] == 2 * 4 * (8 * 64 + 2 * 96) == 5632
+    assert rows["none"]["trainable"] == 0 and rows["none"]["time_ratio"] == 1.0
+    assert rows["ours"]["peak_mib"] > rows["none"]["peak_mib"]  # the LoRA activations are counted
+    assert "ours / peft" in case.format_table(report)
+
+
+def test_session_releases_only_its_own_deepspeed_shm_names(tmp_path):
+    """conftest's end-of-session release: names of this session's ports and user, created during it
+    and mapped by no live process; a live mapping keeps its name."""
+    import mmap
+
+    from ports import SHM_PREFIX, free_port, owned_leftovers, release_leftovers, shm_names
+
+    port, other = free_port(), 1
+
+    def name(uid, port, rank=0):
+        return f"{SHM_PREFIX}{uid}_127.0.0.1_{port}_{rank}"
+
+    uid = os.getuid()
+    ours = {name(uid, port, 0), name(uid, port, 1)}
+    old, foreign, other_user = name(uid, port, 2), name(uid, other), name(uid + 1, port)
+    names = ours | {old, foreign, other_user, f"{SHM_PREFIX}garbage", "unrelated"}
+    assert owned_leftovers(names, {old}, {port}, set(), uid) == sorted(ours)
+    assert owned_leftovers(names, {old}, {port}, {name(uid, port, 1)}, uid) == [name(uid, port, 0)]
+    # On files: the name this process maps stays, the other one of ours goes, the rest stay.
+    for n in names:
+        (tmp_path / n).write_bytes(b"x" * 4096)
+    with open(tmp_path / name(uid, port, 1), "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert release_leftovers({old}, tmp_path) == [name(uid, port, 0)]
+    assert shm_names(tmp_path) == names - {name(uid, port, 0), "unrelated"}
 
 
 def test_copy_as_float16_converts_floats_outside_kept_folders(tmp_path):

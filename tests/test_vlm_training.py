@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 from tiny_data import write_manifest
 
@@ -25,12 +25,6 @@ REFS = [str(ROOT / "examples" / "subject_a.png"), str(ROOT / "examples" / "subje
 PROMPT = "two squares move right"
 # High dropout so a few steps of batch 2 meet every case of `VideoTrainingSpec.vlm_conditions`.
 TRAIN = ["--max-steps", "4", "--save-every", "4", "--batch-size", "2", "--drop-text", "0.5", "--drop-subjects", "0.5"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

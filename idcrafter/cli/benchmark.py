@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py attention [--device cuda] [--full] [--json out.json]
     python scripts/benchmark.py video-overhead | video-step-cache
+    python scripts/benchmark.py lora [--quick]
     python scripts/benchmark.py image-idar [--config flux-dev|small|tiny] [--quick] [--share-chunk 64 1024]
     python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
     python scripts/benchmark.py toyimage --out runs/toyimage --steps 1500
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--config", default=None, help="image-idar: flux-dev, small or tiny (default: flux-dev on CUDA, else small)")
-    parser.add_argument("--quick", action="store_true", help="image-idar: tiny sizes (seconds, for tests)")
+    parser.add_argument("--quick", action="store_true", help="image-idar, lora: tiny sizes (seconds, for tests)")
     parser.add_argument("--share-chunk", type=int, nargs="+", default=[],
                         help="image-idar: extra IDAR rows with these share query chunks (memory vs chunk)")
     parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")

@@ -105,7 +105,9 @@ def _gather_refs(k: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.
     """
     index = torch.cat([torch.arange(s, e, device=k.device) for s, e in ranges])
     sizes = torch.tensor([e - s for s, e in ranges], device=k.device)
-    subject = torch.repeat_interleave(torch.arange(len(ranges), device=k.device), sizes)
+    # output_size from the Python ranges: no device sync to read `sizes`, and meta tensors (shape
+    # checks of full-size models) have no values to read.
+    subject = torch.repeat_interleave(torch.arange(len(ranges), device=k.device), sizes, output_size=index.numel())
     return k.index_select(2, index), F.one_hot(subject, len(ranges))
 
 

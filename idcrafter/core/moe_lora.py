@@ -186,11 +186,13 @@ class MoELoRALinear(nn.Module):
         if self.disabled:
             return y
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if self.lora_router is None:  # plain LoRA (E = 1): two matmuls, as peft's LoRA runs them
+            delta = F.linear(F.linear(self.lora_dropout(x), lora_A[0]), lora_B[0])
+            return y + (delta * self.scaling).to(y.dtype)
         h = torch.einsum("...i,eri->...er", self.lora_dropout(x), lora_A)  # [..., E, r]
-        if self.lora_router is not None:
-            gates, probs, expert_index = self.route(x)
-            self._after_routing(gates, probs, expert_index)
-            h = h * gates.to(x.dtype).unsqueeze(-1)
+        gates, probs, expert_index = self.route(x)
+        self._after_routing(gates, probs, expert_index)
+        h = h * gates.to(x.dtype).unsqueeze(-1)
         # One contraction over experts and rank mixes the gated expert outputs.
         delta = torch.einsum("...er,eor->...o", h, lora_B)
         return y + (delta * self.scaling).to(y.dtype)

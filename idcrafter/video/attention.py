@@ -223,9 +223,10 @@ class CrossModalAttention(_Attention):
             keep = torch.cat([keep, vm], dim=1)
         k, v = self.key_value(tokens)
         # Eagerly, a mask that keeps every key is dropped (the unmasked kernel, and no mask for
-        # backends that take none); compiled, that data-dependent test would break the graph, and an
+        # backends that take none); compiled, that data-dependent test would break the graph, and on
+        # the meta device (shape checks of full-size models) there are no values to test: an
         # all-True mask gives the same attention.
-        if not torch.compiler.is_compiling() and bool(keep.all()):
+        if not torch.compiler.is_compiling() and not keep.is_meta and bool(keep.all()):
             return LayerKV(k, v, None)
         return LayerKV(k, v, keep)
 
