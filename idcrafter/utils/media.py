@@ -237,8 +237,14 @@ def encode_video(frames: np.ndarray, path: str | Path, fps: float) -> Path:
     with av.open(str(path), "w", format=container_format, options=_CONTAINER_OPTIONS.get(container_format, {})) as out:
         stream = out.add_stream(encoder, rate=rate, options=_ENCODER_OPTIONS[encoder])
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for rgb in frames:
-            frame = _pal8_frame(rgb) if pix_fmt == "pal8" else av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        for index, rgb in enumerate(frames):
+            if pix_fmt == "pal8":
+                frame = _pal8_frame(rgb)
+            else:
+                # Converted here, not by the encoder's implicit reformat, and stamped: left to the
+                # encoder, the same frames gave different decoded pixels from run to run.
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format=pix_fmt)
+            frame.pts = index
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
     return path
