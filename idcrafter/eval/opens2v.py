@@ -1,0 +1,255 @@
+"""OpenS2V-Eval's own computations: the Motion statistic and the leaderboard's normalisation and totals.
+
+Everything here follows the benchmark's public evaluation code (OpenS2V-Nexus, Yuan et al. 2025,
+repository PKU-YuanGroup/OpenS2V-Nexus, Apache-2.0), re-implemented: `eval/get_motionscore.py` for
+Motion, `eval/v1.0_backup/merge_result.py` (v1.0, the leaderboard's first table) and
+`eval/merge_result.py` (v1.1, Motion split into smoothness and amplitude) for the normalisation and
+the weighted totals. The Motion statistic is not a flow magnitude (that is `idcrafter.eval.motion`,
+the legacy protocol's column); on real videos the two differ by about 7x.
+
+Motion (`farneback_motion`), as `get_motionscore.py` computes it:
+  1. every frame of the video is decoded (decord there; `idcrafter.utils.media.read_video` uses
+     decord when installed, else PyAV, which gives the same RGB frames for yuv420p H.264);
+  2. each RGB frame goes through OpenCV's BGR->grey conversion: the benchmark hands RGB arrays to
+     COLOR_BGR2GRAY, so red and blue weights are swapped. Kept, because the published numbers use it;
+  3. Farneback flow between consecutive frames (pyr_scale 0.5, levels 3, winsize 15, iterations 3,
+     poly_n 5, poly_sigma 1.2, flags 0);
+  4. each [H, W, 2] flow map is resized with INTER_AREA to 16 x int(H * 16 / W) pixels;
+  5. the maps are averaged over time, then over pixels AND over the two channels (dx and dy are
+     signed: opposite motions cancel, and the score is the mean displacement along x + y over 2);
+  6. the absolute value of that float32 mean is the score ("motion_fb").
+The benchmark also reports "motion_lk" (Lucas-Kanade tracks drawn with random colours on a black
+canvas, the canvas mean); the leaderboard does not use it, and its colours are unseeded, so it is
+not reproducible. `lucas_kanade_motion` gives its expectation over the colours (or the exact value
+for given colours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DOMAINS",
+    "LK_MAX_CORNERS",
+    "RANGES",
+    "VERSIONS",
+    "WEIGHTS",
+    "benchmark_grey",
+    "domain_totals",
+    "farneback_motion",
+    "lucas_kanade_motion",
+    "normalised_columns",
+    "Range",
+]
+
+# Farneback parameters of get_motionscore.py (positional order of cv2.calcOpticalFlowFarneback).
+FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0}
+DOWNSCALE_WIDTH = 16  # get_motionscore.py `_downscale_maps(downscale_size=16)`
+# get_motionscore.py `compute_lk_optical_flow`: goodFeaturesToTrack and calcOpticalFlowPyrLK settings.
+LK_MAX_CORNERS = 50
+LK_FEATURES = {"maxCorners": LK_MAX_CORNERS, "qualityLevel": 0.3, "minDistance": 7, "blockSize": 7}
+LK_WIN, LK_LEVELS, LK_CRITERIA_COUNT, LK_CRITERIA_EPS = (15, 15), 2, 10, 0.03
+LK_LINE_THICKNESS = 2
+# np.random.randint(0, 255) draws 0..254: mean 127 per channel.
+LK_EXPECTED_COLOUR = 127.0
+
+
+def _cv2():
+    from idcrafter.utils.deps import require
+
+    return require("cv2")
+
+
+def benchmark_grey(frame: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 grey [H, W] exactly as the benchmark converts it (COLOR_BGR2GRAY on
+    an RGB array: 0.114 R + 0.587 G + 0.299 B)."""
+    return _cv2().cvtColor(np.ascontiguousarray(frame, dtype=np.uint8), _cv2().COLOR_BGR2GRAY)
+
+
+def _check_frames(frames) -> list[np.ndarray]:
+    frames = [np.asarray(f) for f in frames]
+    for f in frames:
+        if f.ndim != 3 or f.shape[-1] != 3 or f.dtype != np.uint8:
+            raise ValueError(f"OpenS2V motion: frames must be uint8 [H, W, 3], got {f.dtype} {f.shape}")
+    return frames
+
+
+def farneback_motion(frames) -> float | None:
+    """OpenS2V-Eval's Motion ("motion_fb") of a clip; see the module docstring for the steps.
+
+    Args:
+        frames: uint8 [F, H, W, 3] RGB (every frame of the video, as decoded).
+    Returns:
+        |mean over time, pixels and (dx, dy) of the 16-pixel-wide Farneback maps|; None for F < 2.
+    """
+    frames = _check_frames(frames)
+    if len(frames) < 2:
+        return None
+    cv2 = _cv2()
+    grey = [benchmark_grey(f) for f in frames]
+    maps = []
+    for prev, nxt in zip(grey[:-1], grey[1:]):
+        flow = cv2.calcOpticalFlowFarneback(prev, nxt, None, **FARNEBACK)
+        size = (DOWNSCALE_WIDTH, int(flow.shape[0] * (DOWNSCALE_WIDTH / flow.shape[1])))
+        maps.append(cv2.resize(flow, size, interpolation=cv2.INTER_AREA))
+    # float32 throughout, as numpy averages the benchmark's float32 maps: the published digits depend on it.
+    return abs(float(np.mean(np.mean(np.array(maps), axis=0))))
+
+
+def lucas_kanade_motion(frames, colours: np.ndarray | None = None) -> float | None:
+    """The benchmark's "motion_lk": up to 50 corners of the first frame tracked frame to frame with
+    pyramidal Lucas-Kanade; each step's track segments drawn as 2-pixel lines on a black RGB canvas in
+    the corner's colour; the score is the canvas mean over pixels and channels.
+
+    The benchmark draws the colours unseeded (uniform 0..254), so its number changes from run to run.
+    With `colours` None this returns the expectation over those colours, 127 x the covered fraction of
+    the canvas (every covered pixel ends with some corner's colour, each channel of mean 127);
+    with `colours` [50, 3] it returns the value for that draw.
+
+    Args:
+        frames: uint8 [F, H, W, 3] RGB.
+    Returns:
+        the canvas mean; None for F < 2.
+    """
+    frames = _check_frames(frames)
+    if len(frames) < 2:
+        return None
+    cv2 = _cv2()
+    expected = colours is None
+    if expected:
+        colours = np.ones((LK_MAX_CORNERS, 3), np.int64)  # coverage mask: 1 where any track passed
+    colours = np.asarray(colours)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, LK_CRITERIA_COUNT, LK_CRITERIA_EPS)
+    old = benchmark_grey(frames[0])
+    points = cv2.goodFeaturesToTrack(old, mask=None, **LK_FEATURES)
+    canvas = np.zeros_like(frames[0])
+    if points is None:  # a flat first frame has no corners: nothing is drawn
+        return 0.0
+    for frame in frames[1:]:
+        new_grey = benchmark_grey(frame)
+        if len(points) == 0:
+            break
+        moved, status, _ = cv2.calcOpticalFlowPyrLK(old, new_grey, points, None, winSize=LK_WIN, maxLevel=LK_LEVELS,
+                                                     criteria=criteria)
+        good_new, good_old = moved[status == 1], points[status == 1]
+        # Colours go by the index among this step's surviving tracks, as in the benchmark (not by corner).
+        for i, (a, b) in enumerate(zip(good_new, good_old)):
+            canvas = cv2.line(canvas, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), colours[i].tolist(),
+                              LK_LINE_THICKNESS)
+        old = new_grey
+        points = good_new.reshape(-1, 1, 2)
+    mean = float(np.mean(np.mean(canvas, axis=0)))
+    return mean * LK_EXPECTED_COLOUR if expected else mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# Leaderboard normalisation and totals
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """A column's fixed [low, high] and how per-video values are clipped before averaging: `clip_low`
+    False means only the upper bound is applied (the benchmark clamps FaceSim, GmeScore, NexusScore
+    and Motion from above only), `absolute` takes |x| first (Motion), `drop_zero` leaves zeros out of
+    the mean (NexusScore: a video where no subject was found)."""
+
+    low: float
+    high: float
+    clip_low: bool = False
+    absolute: bool = False
+    drop_zero: bool = False
+
+    def clip(self, value: float) -> float:
+        value = abs(value) if self.absolute else value
+        value = min(value, self.high)
+        return max(value, self.low) if self.clip_low else value
+
+    def normalise(self, mean: float) -> float:
+        return (mean - self.low) / (self.high - self.low)
+
+
+# Column keys are our report's; the source names are merge_result.py's. Ranges are its min_/max_ constants:
+# aes 4..7 (clamped both ways), motion 0..1 (abs, upper), facesim_cur 0..1 (upper), gme 0..1 (upper),
+# nexus 0..0.05 (upper, zeros dropped), natural 1..5 (clamped both ways). v1.1 keeps them and adds
+# motion_smoothness 0..1 (abs, upper); its motion_amplitude is v1.0's motion.
+RANGES: dict[str, Range] = {
+    "aesthetics": Range(4.0, 7.0, clip_low=True),
+    "motion": Range(0.0, 1.0, absolute=True),
+    "motion_smoothness": Range(0.0, 1.0, absolute=True),
+    "facesim_cur": Range(0.0, 1.0),
+    "gmescore": Range(0.0, 1.0),
+    "nexusscore": Range(0.0, 0.05, drop_zero=True),
+    "naturalscore": Range(1.0, 5.0, clip_low=True),
+}
+
+DOMAINS = ("Open-Domain", "Human-Domain", "Single-Domain")
+VERSIONS = ("v1.0", "v1.1")
+
+# merge_result.py's totals. Every domain but Human-Domain uses the first row (its test is
+# `eval_type != "Human-Domain"`); Human-Domain has no NexusScore. The v1.0 rows reproduce the published
+# leaderboard's TotalScore from its columns (tests/test_eval_opens2v.py checks rows of each table).
+WEIGHTS: dict[str, dict[str, dict[str, float]]] = {
+    "v1.0": {
+        "default": {"aesthetics": 0.12, "motion": 0.12, "facesim_cur": 0.20, "gmescore": 0.12, "nexusscore": 0.20,
+                    "naturalscore": 0.24},
+        "Human-Domain": {"aesthetics": 0.15, "motion": 0.15, "facesim_cur": 0.25, "gmescore": 0.15,
+                         "naturalscore": 0.30},
+    },
+    "v1.1": {
+        "default": {"aesthetics": 0.16, "motion_smoothness": 0.06, "motion": 0.02, "facesim_cur": 0.20,
+                    "gmescore": 0.12, "nexusscore": 0.20, "naturalscore": 0.24},
+        "Human-Domain": {"aesthetics": 0.18, "motion_smoothness": 0.09, "motion": 0.03, "facesim_cur": 0.25,
+                         "gmescore": 0.15, "naturalscore": 0.30},
+    },
+}
+
+
+def domain_weights(domain: str, version: str = "v1.0") -> dict[str, float]:
+    """The weights of `domain`'s total (ValueError for an unknown domain or version)."""
+    if version not in WEIGHTS:
+        raise ValueError(f"unknown OpenS2V-Eval version {version!r}; known: {', '.join(VERSIONS)}")
+    if domain not in DOMAINS and domain != "Single-Object":
+        raise ValueError(f"unknown OpenS2V-Eval domain {domain!r}; known: {', '.join(DOMAINS)}")
+    table = WEIGHTS[version]
+    return dict(table["Human-Domain"] if domain == "Human-Domain" else table["default"])
+
+
+def normalised_columns(values: Mapping[str, Sequence[float | None]]) -> dict[str, float | None]:
+    """Per-video raw scores -> the leaderboard's column values in [0, 1] (displayed x 100 as %).
+
+    Per column: each video's value is clipped by `RANGES` (None, NaN and, for NexusScore, 0 are left
+    out), the clipped values are averaged, and the mean is min-max normalised. A column with no
+    value gives None (the benchmark would use 0 there and normalise that; we report it as missing).
+
+    Args:
+        values: column key -> one value (or None) per video.
+    """
+    out: dict[str, float | None] = {}
+    for key, column in values.items():
+        rng = RANGES.get(key)
+        if rng is None:
+            raise ValueError(f"no OpenS2V range for column {key!r}; known: {', '.join(RANGES)}")
+        kept = [rng.clip(float(v)) for v in column
+                if v is not None and not math.isnan(float(v)) and not (rng.drop_zero and float(v) == 0)]
+        out[key] = rng.normalise(sum(kept) / len(kept)) if kept else None
+    return out
+
+
+def domain_totals(columns: Mapping[str, float | None], domain: str,
+                  version: str = "v1.0") -> tuple[float | None, list[str]]:
+    """The leaderboard's TotalScore of `domain` from normalised columns (`normalised_columns`).
+
+    Returns (total, missing): total = sum_k w_k n_k over the domain's weights (they sum to 1); when a
+    weighted column is missing the total is None and `missing` names those columns (a partial sum
+    would not be comparable with the leaderboard).
+    """
+    weights = domain_weights(domain, version)
+    missing = [k for k in weights if columns.get(k) is None]
+    if missing:
+        return None, missing
+    return sum(w * float(columns[k]) for k, w in weights.items()), []

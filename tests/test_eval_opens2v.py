@@ -1,0 +1,204 @@
+"""idcrafter.eval.opens2v: OpenS2V-Eval's Motion statistic against OpenCV run the benchmark's way and
+against the benchmark's published demo scores; the leaderboard's normalisation and totals against
+hand-computed and published rows."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from idcrafter.eval.opens2v import (
+    RANGES,
+    domain_totals,
+    domain_weights,
+    farneback_motion,
+    lucas_kanade_motion,
+    normalised_columns,
+)
+from idcrafter.utils.media import read_video, write_video
+
+cv2 = pytest.importorskip("cv2")
+
+MIRROR = Path("/work/.mirror/PKU-YuanGroup+OpenS2V-Nexus/repo")
+# The benchmark's published scores of its two demo videos (eval/demo_result/model_name_output_json/motionscore.json).
+PUBLISHED_MOTION = {"faceobj_14": {"motion_fb": 0.35025984048843384, "motion_lk": 6.677787793803418},
+                    "singleface_3": {"motion_fb": 0.038793787360191345, "motion_lk": 0.5988706931089743}}
+
+
+def moving_texture(dx: float, dy: float, frames: int = 6, h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    """uint8 [F, H, W, 3]: a smooth colour texture moving by (dx, dy) pixels per frame (wrapping)."""
+    rng = np.random.default_rng(seed)
+    base = ndimage.gaussian_filter(rng.random((h, w, 3)), (3.0, 3.0, 0), mode="wrap")
+    base = (base - base.min()) / (base.max() - base.min())
+    clip = [ndimage.shift(base, (dy * f, dx * f, 0), order=3, mode="grid-wrap") for f in range(frames)]
+    return (np.clip(np.stack(clip), 0, 1) * 255).round().astype(np.uint8)
+
+
+def benchmark_way(frames: np.ndarray) -> float:
+    """get_motionscore.py's motion_fb written out step by step with OpenCV, independently of the module."""
+    grey = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames]
+    maps = []
+    for a, b in zip(grey[:-1], grey[1:]):
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        maps.append(cv2.resize(flow, (16, int(flow.shape[0] * 16 / flow.shape[1])), interpolation=cv2.INTER_AREA))
+    return abs(float(np.array(maps).mean(axis=0).mean()))
+
+
+def demo_video(name: str, tmp_path: Path) -> Path:
+    if not (MIRROR / "HEAD").exists():
+        pytest.skip("the OpenS2V-Nexus repository snapshot is not on this machine")
+    out = tmp_path / f"{name}.mp4"
+    data = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:eval/demo_result/model_name_input_video/{name}.mp4"],
+                          capture_output=True, check=True).stdout
+    out.write_bytes(data)
+    return out
+
+
+# ------------------------------------------------------------------------------------ Motion
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MOTION))
+def test_motion_reproduces_published_demo_scores(name, tmp_path):
+    frames = read_video(demo_video(name, tmp_path))
+    assert frames.shape == (69, 480, 832, 3)  # every frame, as the benchmark decodes
+    # The published float32 value to every printed digit (0.35025984048843384, 0.038793787360191345).
+    assert farneback_motion(frames) == PUBLISHED_MOTION[name]["motion_fb"]
+    # motion_lk uses unseeded random colours: its expectation is within 20% of the published draw
+    # (6.790 vs 6.678 and 0.700 vs 0.599 here).
+    assert lucas_kanade_motion(frames) == pytest.approx(PUBLISHED_MOTION[name]["motion_lk"], rel=0.2)
+
+
+def test_motion_matches_opencv_run_the_benchmark_way_on_a_written_video(tmp_path):
+    path = write_video(moving_texture(3.0, 1.0), tmp_path / "moving.mp4", fps=16)
+    frames = read_video(path)
+    assert farneback_motion(frames) == benchmark_way(frames)
+
+
+@pytest.mark.parametrize(("dx", "dy", "expected"), [(2.0, 0.0, 1.0), (3.0, 1.0, 2.0), (0.0, -2.0, 1.0), (2.0, -2.0, 0.0)])
+def test_motion_is_the_mean_signed_displacement_over_both_axes(dx, dy, expected):
+    # The statistic is |mean(dx) + mean(dy)| / 2 in pixels per frame: a diagonal (2, -2) cancels to 0.
+    score = farneback_motion(moving_texture(dx, dy))
+    assert score == pytest.approx(expected, abs=0.15)
+
+
+def test_motion_of_static_and_single_frames():
+    still = np.repeat(moving_texture(1.0, 0.0)[:1], 4, axis=0)
+    # OpenCV's Farneback leaves a residue of ~2e-4 px on identical frames; the benchmark's number has it too.
+    assert farneback_motion(still) == pytest.approx(0.0, abs=1e-3)
+    assert farneback_motion(still) == benchmark_way(still)
+    assert farneback_motion(still[:1]) is None
+    assert lucas_kanade_motion(still[:1]) is None
+    assert lucas_kanade_motion(np.zeros_like(still)) == 0.0  # a flat first frame has no corners to track
+    with pytest.raises(ValueError, match="uint8"):
+        farneback_motion(still.astype(np.float32))
+
+
+def test_benchmark_grey_swaps_red_and_blue():
+    from idcrafter.eval.opens2v import benchmark_grey
+
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 200
+    assert benchmark_grey(red)[0, 0] == round(0.114 * 200)  # BGR2GRAY on RGB: red gets blue's weight
+
+
+def test_lucas_kanade_expectation_and_given_colours():
+    frames = moving_texture(2.0, 1.0, frames=5)
+    expected = lucas_kanade_motion(frames)
+    assert expected > 0
+    grey = np.full((50, 3), 50)
+    assert lucas_kanade_motion(frames, grey) == pytest.approx(expected * 50 / 127, rel=1e-12)
+    assert lucas_kanade_motion(frames, np.full((50, 3), 127)) == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------ normalisation and totals
+
+
+def test_normalisation_clips_per_video_then_normalises_the_mean():
+    cols = normalised_columns({
+        "aesthetics": [3.0, 5.5, 8.0],        # clipped to 4, 5.5, 7 -> mean 5.5 -> (5.5 - 4) / 3 = 0.5
+        "motion": [-0.4, 2.0, None],          # |x| and upper clip: 0.4, 1.0 -> 0.7
+        "facesim_cur": [-0.2, 0.6],           # upper clip only: mean 0.2
+        "gmescore": [0.7, 1.3],               # 0.7, 1.0 -> 0.85
+        "nexusscore": [0.0, 0.02, 0.08],      # zero dropped; 0.02, 0.05 -> 0.035 / 0.05 = 0.7
+        "naturalscore": [0.0, 4.0, 6.0],      # 1, 4, 5 -> 10/3 -> (10/3 - 1) / 4 = 0.5833...
+        "motion_smoothness": [],              # no value: missing
+    })
+    assert cols["aesthetics"] == pytest.approx(0.5)
+    assert cols["motion"] == pytest.approx(0.7)
+    assert cols["facesim_cur"] == pytest.approx(0.2)
+    assert cols["gmescore"] == pytest.approx(0.85)
+    assert cols["nexusscore"] == pytest.approx(0.7)
+    assert cols["naturalscore"] == pytest.approx(7 / 12)
+    assert cols["motion_smoothness"] is None
+    with pytest.raises(ValueError, match="no OpenS2V range"):
+        normalised_columns({"clip_text": [0.3]})
+
+
+def test_demo_row_of_the_benchmark_merge():
+    # The benchmark's demo merge (leaderboard/file_v1.0/model_name_Open-Domain.json): its per-video
+    # scores give aes 0.3343864281972249 (raw 5.0031592845916748, one video), motion 0.1945268139243126,
+    # facesim_cur 0.9420197624713182, gme 0.6767578125, nexus 0.260009765625, natural 0.6666666666666667,
+    # total 0.5450864321738482.
+    cols = normalised_columns({
+        "aesthetics": [4 + 3 * 0.3343864281972249],
+        "motion": [0.35025984048843384, 0.038793787360191345],
+        "facesim_cur": [0.9420197624713182],
+        "gmescore": [0.68115234375, 0.67236328125],
+        "nexusscore": [0.01300048828125],
+        "naturalscore": [np.mean([4, 4, 4]), np.mean([3, 3, 4])],
+    })
+    assert cols["motion"] == pytest.approx(0.1945268139243126, abs=1e-15)
+    assert cols["gmescore"] == pytest.approx(0.6767578125, abs=1e-15)
+    assert cols["nexusscore"] == pytest.approx(0.260009765625, abs=1e-14)
+    assert cols["naturalscore"] == pytest.approx(0.6666666666666667, abs=1e-15)
+    total, missing = domain_totals(cols, "Open-Domain")
+    assert missing == [] and total == pytest.approx(0.5450864321738482, abs=1e-12)
+
+
+# Published leaderboard rows (leaderboard/file_v1.0/results_*.csv, in %): columns -> TotalScore.
+OPEN_ROWS = {  # aes, motion, facesim, gme, nexus, natural, total
+    "Vidu2.0": (41.47, 13.52, 35.11, 67.57, 43.55, 71.44, 47.59),
+    "Kling1.6": (44.60, 41.60, 40.10, 66.20, 45.92, 79.06, 54.46),
+    "VACE-14B": (47.21, 15.02, 55.09, 67.27, 44.20, 72.78, 52.87),
+}
+HUMAN_ROWS = {  # aes, motion, facesim, gme, natural, total
+    "Vidu2.0": (47.33, 14.80, 38.50, 70.42, 71.99, 51.11),
+    "Hailuo": (52.75, 31.83, 57.79, 71.42, 74.52, 60.20),
+    "VideoMaker": (31.76, 50.09, 76.45, 45.28, 47.08, 52.31),
+}
+
+
+@pytest.mark.parametrize("model", sorted(OPEN_ROWS))
+def test_open_domain_total_reproduces_published_rows(model):
+    *vals, total = OPEN_ROWS[model]
+    cols = dict(zip(("aesthetics", "motion", "facesim_cur", "gmescore", "nexusscore", "naturalscore"), vals))
+    got, _ = domain_totals(cols, "Open-Domain")
+    assert got == pytest.approx(total, abs=0.011)  # the columns are printed to 0.01%
+    assert domain_totals(cols, "Single-Domain")[0] == got  # same weights outside Human-Domain
+
+
+@pytest.mark.parametrize("model", sorted(HUMAN_ROWS))
+def test_human_domain_total_reproduces_published_rows(model):
+    *vals, total = HUMAN_ROWS[model]
+    cols = dict(zip(("aesthetics", "motion", "facesim_cur", "gmescore", "naturalscore"), vals))
+    got, missing = domain_totals(cols, "Human-Domain")
+    assert missing == [] and got == pytest.approx(total, abs=0.011)
+
+
+def test_weights_sum_to_one_and_missing_columns_give_no_total():
+    for version in ("v1.0", "v1.1"):
+        for domain in ("Open-Domain", "Human-Domain", "Single-Domain"):
+            assert sum(domain_weights(domain, version).values()) == pytest.approx(1.0)
+            assert set(domain_weights(domain, version)) <= set(RANGES)
+    assert domain_weights("Human-Domain") == {"aesthetics": 0.15, "motion": 0.15, "facesim_cur": 0.25,
+                                              "gmescore": 0.15, "naturalscore": 0.30}
+    total, missing = domain_totals({"aesthetics": 0.5, "motion": 0.2}, "Open-Domain")
+    assert total is None and missing == ["facesim_cur", "gmescore", "nexusscore", "naturalscore"]
+    with pytest.raises(ValueError, match="domain"):
+        domain_weights("Everything")
+    with pytest.raises(ValueError, match="version"):
+        domain_weights("Open-Domain", "v9")
