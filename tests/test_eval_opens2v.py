@@ -202,3 +202,79 @@ def test_weights_sum_to_one_and_missing_columns_give_no_total():
         domain_weights("Everything")
     with pytest.raises(ValueError, match="version"):
         domain_weights("Open-Domain", "v9")
+
+
+# ------------------------------------------------------------------------------------ --protocol
+
+
+def test_protocol_resolution():
+    from idcrafter.eval.run import EvalRequest, resolve_protocol
+    from idcrafter.utils.errors import ConfigError
+
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"])) == "opens2v"
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], metrics="motion")) == "legacy"
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], weights="face=1")) == "legacy"
+    assert resolve_protocol(EvalRequest(out="o", toyworld=True)) == "legacy"
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], protocol="legacy")) == "legacy"
+    with pytest.raises(ConfigError, match="--metrics belongs to --protocol legacy"):
+        resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], metrics="motion", protocol="opens2v"))
+    with pytest.raises(ConfigError, match="known protocols"):
+        resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], protocol="vbench"))
+
+
+def write_manifest(folder: Path, motions=((3.0, 0.0), (0.0, 4.0))) -> Path:
+    """A manifest of len(motions) samples with moving-texture mp4s in folder/gen and one still PNG (s_still)."""
+    from PIL import Image
+
+    (folder / "gen").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(folder / "ref.png")
+    lines = []
+    for i, (dx, dy) in enumerate(motions):
+        write_video(moving_texture(dx, dy, seed=i), folder / "gen" / f"s{i}.mp4", fps=8)
+        lines.append({"id": f"s{i}", "video": "truth.mp4", "prompt": "a thing", "subjects": [{"image": "ref.png", "category": "object"}]})
+    Image.fromarray(moving_texture(0, 0)[0]).save(folder / "gen" / "s_still.png")
+    lines.append({"id": "s_still", "video": "truth.mp4", "prompt": "a thing", "subjects": [{"image": "ref.png", "category": "object"}]})
+    import json
+
+    (folder / "bench.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder / "bench.jsonl"
+
+
+def test_evaluate_cli_opens2v_protocol_by_default(tmp_path, capsys):
+    import json
+
+    from idcrafter.cli import evaluate as script
+
+    manifest = write_manifest(tmp_path)
+    out = tmp_path / "out"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(out),
+                        "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "opens2v" and summary["inputs"]["protocol"] == "opens2v"
+    assert "Protocol: opens2v" in printed
+    # Motion per video = the benchmark's statistic of the decoded file; None for the still image.
+    frames = [read_video(tmp_path / "gen" / f"s{i}.mp4") for i in range(2)]
+    motion = summary["columns"]["Motion"]
+    assert motion["count"] == 2
+    assert motion["mean"] == pytest.approx(np.mean([benchmark_way(f) for f in frames]), abs=1e-12)
+    assert motion["mean"] == pytest.approx(1.75, abs=0.2)  # (3 + 0) / 2 and (0 + 4) / 2 px per frame
+    # Leaderboard column: per-video |x| clipped at 1 (both are ~1.5 and ~2), averaged -> 1.0.
+    assert summary["opens2v"]["normalised"]["motion"] == pytest.approx(1.0)
+    # The columns without a model are skipped with the script and model they need; no total without them.
+    skipped = summary["skipped"]
+    assert {"aesthetics", "facesim_cur", "gmescore", "nexusscore", "naturalscore", "Total"} <= set(skipped)
+    assert "get_facesim.py" in skipped["facesim_cur"] and "missing: aesthetics" in skipped["Total"]
+    assert summary["opens2v"]["totals"]["Human-Domain"]["missing"] == ["aesthetics", "facesim_cur", "gmescore",
+                                                                      "naturalscore"]
+    assert "TotalScore Open-Domain: n/a" in printed and "motion 100.00%" in printed
+    # --protocol legacy gives the flow-magnitude Motion of idcrafter.eval.motion instead.
+    legacy = tmp_path / "legacy"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(legacy),
+                        "--protocol", "opens2v", "--metrics", "motion", "--no-progress"]) == 2  # --metrics: legacy only
+    assert "error: --protocol opens2v: --metrics belongs to --protocol legacy" in capsys.readouterr().err
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(legacy),
+                        "--metrics", "motion", "--no-progress"]) == 0
+    legacy_summary = json.loads((legacy / "summary.json").read_text())
+    assert legacy_summary["protocol"] == "legacy" and "Protocol: legacy" in capsys.readouterr().out
+    assert legacy_summary["columns"]["Motion"]["mean"] == pytest.approx((3 + 4) / 2, rel=0.15)

@@ -1,7 +1,10 @@
-"""Score generated videos / images on a benchmark manifest (FaceSim, NexusScore, CLIP-T, CLIP-I,
-DINO-I, Aesthetic, NaturalScore, ToyID, Motion, Leakage and an OpenS2V-style weighted total).
+"""Score generated videos / images on a benchmark manifest. --protocol opens2v (default): OpenS2V-Eval's
+own columns and leaderboard totals (idcrafter/eval/opens2v.py); --protocol legacy (default with
+--toyworld, --metrics or --weights): FaceSim, NexusScore, CLIP-T, CLIP-I, DINO-I, Aesthetic,
+NaturalScore, ToyID, Motion, Leakage and an OpenS2V-style weighted total.
 
-    python scripts/evaluate.py --data bench.jsonl --videos outputs/ --out runs/eval \\
+    python scripts/evaluate.py --data bench.jsonl --videos outputs/ --out runs/eval
+    python scripts/evaluate.py --data bench.jsonl --videos outputs/ --out runs/eval --protocol legacy \\
         --model-option face.backend=dlib --model-option clip_text.path=/models/clip
     python scripts/evaluate.py --data bench.jsonl --videos a.mp4 b.mp4 c.png --out runs/eval
     python scripts/evaluate.py --toyworld [--model FOLDER] [--samples 8] --out runs/eval_toy
@@ -36,6 +39,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", default=None, help="benchmark manifest (JSONL: id, prompt, subjects with image and category)")
     p.add_argument("--videos", nargs="+", default=[], help="a folder of <id>.mp4 / <id>.png, or one file per sample in manifest order")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--protocol", default=None, choices=("opens2v", "legacy"),
+                   help="opens2v: OpenS2V-Eval's columns and leaderboard totals (default); legacy: the reward-based "
+                        "columns and weighted total (default with --toyworld, --metrics or --weights)")
     p.add_argument("--metrics", default=None,
                    help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
                         "leakage (default: all; --toyworld: toyid,motion)")

@@ -35,11 +35,14 @@ import numpy as np
 __all__ = [
     "DOMAINS",
     "LK_MAX_CORNERS",
+    "PROTOCOL_COLUMNS",
     "RANGES",
     "VERSIONS",
     "WEIGHTS",
     "benchmark_grey",
     "domain_totals",
+    "domain_weights",
+    "evaluate_opens2v",
     "farneback_motion",
     "lucas_kanade_motion",
     "normalised_columns",
@@ -253,3 +256,74 @@ def domain_totals(columns: Mapping[str, float | None], domain: str,
     if missing:
         return None, missing
     return sum(w * float(columns[k]) for k, w in weights.items()), []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocol's report
+# ----------------------------------------------------------------------------------------------------
+
+# Report column key -> the benchmark script whose model it needs. Only Motion needs no model; the
+# others are skipped with this reason until their computation is wired in.
+COLUMN_SOURCES = {
+    "aesthetics": "get_aesscore.py (CLIP ViT-L/14 + the LAION aesthetic MLP head)",
+    "motion": "get_motionscore.py (OpenCV Farneback)",
+    "facesim_cur": "get_facesim.py (insightface detection and alignment + CurricularFace)",
+    "gmescore": "get_gmescore.py (GME-Qwen2-VL)",
+    "nexusscore": "get_nexusscore.py (YOLO-World detection + GME retrieval)",
+    "naturalscore": "get_naturalscore.py (a VLM rating 1-5, three repeats)",
+}
+PROTOCOL_COLUMNS = tuple(COLUMN_SOURCES)
+
+
+def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress: bool = True,
+                     version: str = "v1.0"):
+    """Score generated files with the OpenS2V-Eval protocol -> `idcrafter.eval.metrics.Report`.
+
+    Per sample: Motion (`farneback_motion`, None for a still image). The model-based columns are
+    listed in `report.skipped` with the benchmark script and model they need. `report.extra["opens2v"]`
+    holds the leaderboard's normalised columns and, per domain, the TotalScore or the columns it lacks.
+    The legacy weighted total is not computed (`report.weights` is empty): the leaderboard's total
+    replaces it.
+
+    Args:
+        items: `idcrafter.eval.metrics.EvalItem`s (frames decoded from their files).
+    """
+    from tqdm.auto import tqdm
+
+    from idcrafter.eval.metrics import TOTAL, Report, _example_frames
+
+    motion: list[float | None] = []
+    kinds: list[str] = []
+    kept = []
+    for item in tqdm(items, desc="opens2v", unit="sample", disable=not progress):
+        frames = item.load()
+        kinds.append("video" if len(frames) > 1 else "image")
+        if len(kept) < examples:
+            kept.append((item.id, _example_frames(frames, example_frames)))
+        motion.append(farneback_motion(frames))
+    skipped = {k: f"needs the benchmark's model: {src}; not computed by this protocol yet"
+               for k, src in COLUMN_SOURCES.items() if k != "motion"}
+    values: dict[str, list[float | None]] = {}
+    if all(v is None for v in motion):
+        skipped["motion"] = "every sample is a still image (Motion needs 2 or more frames)"
+    else:
+        values["motion"] = motion
+    normalised = normalised_columns({k: values.get(k, []) for k in PROTOCOL_COLUMNS})
+    totals = {}
+    for domain in DOMAINS:
+        total, missing = domain_totals(normalised, domain, version)
+        totals[domain] = {"total": total, "missing": missing}
+    open_missing = totals["Open-Domain"]["missing"]
+    if open_missing:
+        skipped[TOTAL] = f"the OpenS2V TotalScore needs every weighted column; missing: {', '.join(open_missing)}"
+    report = Report(ids=[item.id for item in items], columns=list(values), values=values, weights={},
+                    skipped=skipped, kinds=kinds, examples=kept)
+    report.extra["opens2v"] = {
+        "version": version,
+        "normalised": normalised,
+        "totals": totals,
+        "ranges": {k: [r.low, r.high] for k, r in RANGES.items()},
+        "weights": {d: domain_weights(d, version) for d in DOMAINS},
+        "sources": COLUMN_SOURCES,
+    }
+    return report

@@ -63,6 +63,8 @@ def markdown_table(report: Report) -> str:
     """The aggregate row, the per-sample rows, then what was skipped, the weights and warnings."""
     heads = [title(k) for k in report.columns]
     lines = ["# Evaluation", ""]
+    if "protocol" in report.extra:
+        lines += [f"Protocol: {report.extra['protocol']}", ""]
     if report.columns:
         lines += ["| sample | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
         lines.append(f"| **mean** ({len(report.ids)}) | " + " | ".join(f"**{_fmt(report.mean(k))}**" for k in report.columns) + " |")
@@ -72,6 +74,7 @@ def markdown_table(report: Report) -> str:
         lines.append("No column was computed.")
     if report.skipped:
         lines += ["", "Skipped:"] + [f"- {title(k)}: {reason}" for k, reason in report.skipped.items()]
+    lines += _opens2v_lines(report.extra.get("opens2v"))
     used = report.used_weights
     if used:
         total = sum(used.values())
@@ -82,6 +85,18 @@ def markdown_table(report: Report) -> str:
                            for k, c in report.warnings.items())
         lines += ["", f"Reward warnings: {counts}."]
     return "\n".join(lines) + "\n"
+
+
+def _opens2v_lines(info: Mapping[str, Any] | None) -> list[str]:
+    """The OpenS2V leaderboard's normalised columns (in %) and each domain's TotalScore or what it lacks."""
+    if not info:
+        return []
+    cols = ", ".join(f"{k} {v * 100:.2f}%" for k, v in info["normalised"].items() if v is not None)
+    lines = ["", f"OpenS2V-Eval {info['version']} leaderboard columns: {cols or 'none computed'}."]
+    for domain, row in info["totals"].items():
+        value = f"{row['total'] * 100:.2f}%" if row["total"] is not None else f"n/a (missing {', '.join(row['missing'])})"
+        lines.append(f"- TotalScore {domain}: {value}")
+    return lines
 
 
 def summary_png(report: Report) -> bytes:

@@ -4,6 +4,11 @@ Inputs are validated (names, weights, options, manifest, every generated file an
 before any model loads; bad input raises `ConfigError` or `FileFormatError` (one line naming the
 option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` generates
 held-out toy-world samples with a model first (the only path that imports `idcrafter.video`).
+
+Two protocols (`--protocol`): `opens2v` (the default for a manifest of generated files) computes
+OpenS2V-Eval's own columns and leaderboard totals (`idcrafter.eval.opens2v`); `legacy` the reward-based
+columns and weighted total of `idcrafter.eval.metrics` (the default with --toyworld, --metrics or
+--weights, which name legacy columns). The report says which protocol produced it.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from idcrafter.eval.motion import FLOW_METHODS
 from idcrafter.eval.report import write_report
 from idcrafter.utils.errors import ConfigError, FileFormatError
 
-__all__ = ["TOYWORLD_METRICS", "EvalRequest", "run", "run_toyworld", "validate"]
+__all__ = ["PROTOCOLS", "TOYWORLD_METRICS", "EvalRequest", "resolve_protocol", "run", "run_toyworld", "validate"]
 
 TOYWORLD_METRICS = ("toyid", "motion")
+PROTOCOLS = ("opens2v", "legacy")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class EvalRequest:
     samples: int = 8
     seed: int = 0
     steps: int | None = None
+    protocol: str | None = None
 
 
 @dataclass
@@ -48,6 +55,23 @@ class _Checked:
     metrics: list[str]
     options: dict[str, dict[str, object]]
     weights: dict[str, float]
+    protocol: str = "legacy"
+
+
+def resolve_protocol(req: EvalRequest) -> str:
+    """The protocol of a run: the one asked for, else `legacy` when --toyworld, --metrics or --weights
+    is given (they name legacy columns), else `opens2v`. ConfigError for an unknown name or for
+    `opens2v` combined with the legacy options."""
+    legacy_options = [flag for flag, given in (("--toyworld", req.toyworld), ("--metrics", req.metrics is not None),
+                                               ("--weights", req.weights is not None)) if given]
+    if req.protocol is None:
+        return "legacy" if legacy_options else "opens2v"
+    if req.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol {req.protocol!r}: known protocols are {', '.join(PROTOCOLS)}")
+    if req.protocol == "opens2v" and legacy_options:
+        raise ConfigError(f"--protocol opens2v: {legacy_options[0]} belongs to --protocol legacy "
+                          "(OpenS2V-Eval has fixed columns and weights)")
+    return req.protocol
 
 
 def validate(req: EvalRequest) -> _Checked:
@@ -55,6 +79,7 @@ def validate(req: EvalRequest) -> _Checked:
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
+    protocol = resolve_protocol(req)
     if req.flow not in FLOW_METHODS:
         raise ConfigError(f"--flow {req.flow!r}: known methods are {', '.join(FLOW_METHODS)}")
     if req.batch_size < 1:
@@ -76,7 +101,7 @@ def validate(req: EvalRequest) -> _Checked:
             raise ConfigError("--data MANIFEST is required (or --toyworld)")
         if not req.videos:
             raise ConfigError("--videos is required: a folder of <id>.mp4 / <id>.png, or one file per manifest sample")
-    return _Checked(metrics, options, weights)
+    return _Checked(metrics, options, weights, protocol)
 
 
 def _not_run(metrics: list[str], why: str) -> dict[str, str]:
@@ -89,14 +114,23 @@ def run(req: EvalRequest) -> Report:
     if req.toyworld:
         return run_toyworld(req, checked)
     items = load_items(req.data, req.videos)
+    if checked.protocol == "opens2v":
+        from idcrafter.eval.opens2v import evaluate_opens2v
+
+        report = evaluate_opens2v(items, examples=req.examples, progress=req.progress)
+        report.extra["protocol"] = "opens2v"
+        write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
+                                              "protocol": "opens2v"})
+        return report
     rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
                                      device=req.device)
     skipped.update(_not_run(checked.metrics, "not in --metrics"))
     report = evaluate(items, rewards, metrics=[m for m in checked.metrics if m in BUILTIN_METRICS], skipped=skipped,
                       weights=checked.weights, flow=req.flow, batch_size=req.batch_size, examples=req.examples,
                       progress=req.progress)
+    report.extra["protocol"] = "legacy"
     write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
-                                          "metrics": checked.metrics, "flow": req.flow})
+                                          "metrics": checked.metrics, "flow": req.flow, "protocol": "legacy"})
     return report
 
 
@@ -176,6 +210,7 @@ def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
         report = evaluate(items, rewards, metrics=[m for m in checked.metrics if m in BUILTIN_METRICS], skipped=skipped,
                           weights=checked.weights, extra_columns=extra, flow=req.flow, batch_size=req.batch_size,
                           examples=req.examples, progress=req.progress)
+    report.extra["protocol"] = "legacy"
     report.extra["toyworld"] = {
         "model": str(model), "toyid": str(toyid), "samples": req.samples, "seed": req.seed, "steps": req.steps,
         "videos": str(videos),
