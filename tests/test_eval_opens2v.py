@@ -278,3 +278,98 @@ def test_evaluate_cli_opens2v_protocol_by_default(tmp_path, capsys):
     legacy_summary = json.loads((legacy / "summary.json").read_text())
     assert legacy_summary["protocol"] == "legacy" and "Protocol: legacy" in capsys.readouterr().out
     assert legacy_summary["columns"]["Motion"]["mean"] == pytest.approx((3 + 4) / 2, rel=0.15)
+
+
+# ------------------------------------------------------------------------------------ Aesthetics
+
+
+def test_sample_indices_match_numpy_linspace_truncation():
+    from idcrafter.eval.opens2v import sample_indices
+
+    idx = sample_indices(69, 32)
+    assert idx[:5].tolist() == [0, 2, 4, 6, 8] and idx[-1] == 68 and len(idx) == 32
+    assert sample_indices(5, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 4]  # short clips repeat frames
+    assert sample_indices(4, None).tolist() == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_aesthetic(tmp_path_factory):
+    """A tiny random CLIP vision tower with projection + image processor, and a random LAION-style head
+    saved as the benchmark saves it (keys "layers.N.*"), all on disk."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from idcrafter.eval.opens2v import aesthetic_head
+
+    folder = tmp_path_factory.mktemp("aes")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=24)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "clip")
+    head = aesthetic_head(24)
+    for p in head.parameters():  # big enough weights that the score varies between images
+        torch.nn.init.normal_(p, std=0.5)
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, folder / "head.pth")
+    return folder
+
+
+def test_aesthetic_scorer_matches_an_independent_computation(tiny_aesthetic):
+    import torch
+    from PIL import Image
+    from transformers import CLIPVisionModelWithProjection
+
+    from idcrafter.eval.opens2v import AestheticScorer
+
+    scorer = AestheticScorer(tiny_aesthetic / "clip", tiny_aesthetic / "head.pth")
+    frames = moving_texture(3.0, 1.0, frames=40, h=48, w=64)
+    # Independently: the 32 benchmark frames, resized (shortest side 32, bicubic) and centre-cropped by
+    # hand, normalised with CLIP's mean / std, through the tower, L2-normalised, then the head's layers
+    # applied as plain matrix products from the saved state dict.
+    idx = np.linspace(0, 39, 32).astype(int)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    pixels = []
+    for f in frames[idx]:
+        img = Image.fromarray(f).resize((42, 32), Image.BICUBIC)  # 64x48 -> shortest side 32: int(42.67) = 42
+        arr = np.asarray(img, dtype=np.float64)[:, 5:37] / 255.0  # centre crop 32 of 42: left (42 - 32) // 2 = 5
+        pixels.append(((arr - mean) / std).transpose(2, 0, 1))
+    tower = CLIPVisionModelWithProjection.from_pretrained(tiny_aesthetic / "clip").eval()
+    with torch.no_grad():
+        embed = tower(pixel_values=torch.tensor(np.stack(pixels), dtype=torch.float32)).image_embeds.double()
+    x = embed / embed.norm(dim=-1, keepdim=True)
+    state = torch.load(tiny_aesthetic / "head.pth", weights_only=True)
+    for n in (0, 2, 4, 6, 7):
+        x = x @ state[f"layers.{n}.weight"].double().T + state[f"layers.{n}.bias"].double()
+    expected = x.squeeze(1).numpy()
+    got_frames = scorer.frame_scores(frames[idx])
+    # float32 tower and head against float64 matrix products; scores here are of size ~10-50
+    assert np.abs(got_frames - expected).max() < 1e-5 * np.abs(expected).max()
+    assert np.ptp(expected) > 1e-3  # the frames do score differently: the check is not on a constant
+    assert scorer(frames) == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_evaluate_cli_opens2v_aesthetics_from_model_options(tiny_aesthetic, tmp_path):
+    import json
+
+    from idcrafter.cli import evaluate as script
+    from idcrafter.eval.opens2v import AestheticScorer
+
+    manifest = write_manifest(tmp_path)
+    out = tmp_path / "out"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(out), "--no-progress",
+                        "--model-option", f"aesthetics.clip={tiny_aesthetic / 'clip'}",
+                        "--model-option", f"aesthetics.head={tiny_aesthetic / 'head.pth'}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scorer = AestheticScorer(tiny_aesthetic / "clip", tiny_aesthetic / "head.pth")
+    per_video = [scorer(read_video(tmp_path / "gen" / f"s{i}.mp4")) for i in range(2)]
+    per_video.append(scorer(np.asarray(__import__("PIL.Image").Image.open(tmp_path / "gen" / "s_still.png"))[None]))
+    assert summary["columns"]["aesthetics"]["mean"] == pytest.approx(np.mean(per_video), rel=1e-6)
+    clipped = np.clip(per_video, 4, 7)
+    assert summary["opens2v"]["normalised"]["aesthetics"] == pytest.approx((clipped.mean() - 4) / 3, abs=1e-6)
+    # a head file that does not fit the tower: the column is skipped with the reason, the run goes on
+    bad = tmp_path / "bad"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(bad), "--no-progress",
+                        "--model-option", f"aesthetics.clip={tiny_aesthetic / 'clip'}",
+                        "--model-option", f"aesthetics.head={manifest}"]) == 0
+    assert json.loads((bad / "summary.json").read_text())["skipped"]["aesthetics"].startswith("cannot load")

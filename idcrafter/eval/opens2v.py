@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "AES_FRAMES",
+    "AestheticScorer",
     "DOMAINS",
     "LK_MAX_CORNERS",
     "PROTOCOL_COLUMNS",
@@ -47,6 +49,8 @@ __all__ = [
     "lucas_kanade_motion",
     "normalised_columns",
     "Range",
+    "aesthetic_head",
+    "sample_indices",
 ]
 
 # Farneback parameters of get_motionscore.py (positional order of cv2.calcOpticalFlowFarneback).
@@ -276,7 +280,8 @@ PROTOCOL_COLUMNS = tuple(COLUMN_SOURCES)
 
 
 def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress: bool = True,
-                     version: str = "v1.0"):
+                     version: str = "v1.0", aesthetics: AestheticScorer | None = None,
+                     skipped: Mapping[str, str] | None = None):
     """Score generated files with the OpenS2V-Eval protocol -> `idcrafter.eval.metrics.Report`.
 
     Per sample: Motion (`farneback_motion`, None for a still image). The model-based columns are
@@ -287,12 +292,15 @@ def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress
 
     Args:
         items: `idcrafter.eval.metrics.EvalItem`s (frames decoded from their files).
+        aesthetics: the Aesthetics scorer, or None to skip that column.
+        skipped: column key -> reason, for the model columns whose model could not be built.
     """
     from tqdm.auto import tqdm
 
     from idcrafter.eval.metrics import TOTAL, Report, _example_frames
 
     motion: list[float | None] = []
+    aes: list[float | None] = []
     kinds: list[str] = []
     kept = []
     for item in tqdm(items, desc="opens2v", unit="sample", disable=not progress):
@@ -301,9 +309,14 @@ def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress
         if len(kept) < examples:
             kept.append((item.id, _example_frames(frames, example_frames)))
         motion.append(farneback_motion(frames))
-    skipped = {k: f"needs the benchmark's model: {src}; not computed by this protocol yet"
-               for k, src in COLUMN_SOURCES.items() if k != "motion"}
+        if aesthetics is not None:
+            aes.append(aesthetics(frames))
+    given = dict(skipped or {})
+    skipped = {k: given.get(k, f"needs the benchmark's model: {src}; not computed by this protocol yet")
+               for k, src in COLUMN_SOURCES.items() if k != "motion" and not (k == "aesthetics" and aesthetics)}
     values: dict[str, list[float | None]] = {}
+    if aesthetics is not None:
+        values["aesthetics"] = aes
     if all(v is None for v in motion):
         skipped["motion"] = "every sample is a still image (Motion needs 2 or more frames)"
     else:
@@ -316,7 +329,8 @@ def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress
     open_missing = totals["Open-Domain"]["missing"]
     if open_missing:
         skipped[TOTAL] = f"the OpenS2V TotalScore needs every weighted column; missing: {', '.join(open_missing)}"
-    report = Report(ids=[item.id for item in items], columns=list(values), values=values, weights={},
+    columns = [k for k in PROTOCOL_COLUMNS if k in values]
+    report = Report(ids=[item.id for item in items], columns=columns, values=values, weights={},
                     skipped=skipped, kinds=kinds, examples=kept)
     report.extra["opens2v"] = {
         "version": version,
@@ -327,3 +341,73 @@ def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress
         "sources": COLUMN_SOURCES,
     }
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Aesthetics (get_aesscore.py)
+# ----------------------------------------------------------------------------------------------------
+
+AES_FRAMES = 32  # get_aesscore.py --num_frames default
+
+
+def sample_indices(total: int, count: int | None) -> np.ndarray:
+    """The benchmark's frame sampling: `count` indices evenly spaced over [0, total - 1], truncated to
+    int (np.linspace(..., dtype=int)); repeats when count > total; every frame when count is None."""
+    if count is None:
+        return np.arange(total)
+    return np.linspace(0, total - 1, count, dtype=int)
+
+
+def aesthetic_head(in_features: int = 768):
+    """The LAION aesthetic predictor's MLP as get_aesscore.py builds it (module names and order match
+    its state dict: layers.0, .2, .4, .6, .7): in_features -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts
+    between (inactive in eval). `in_features` is the CLIP projection size (768 for ViT-L/14)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(in_features, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+class AestheticScorer:
+    """OpenS2V-Eval's Aesthetics: for 32 evenly spaced frames, CLIP's projected image embedding
+    (CLIPVisionModelWithProjection, its own image processor: resize shortest side, centre crop,
+    normalise), L2-normalised, through the LAION aesthetic MLP; the video's score is the mean over the
+    frames (about 1-10; the leaderboard maps [4, 7] to [0, 1]).
+
+    Args:
+        clip_path: a transformers CLIP folder (the benchmark: openai/clip-vit-large-patch14).
+        head_path: the MLP's state dict saved with torch.save (the benchmark: aesthetic-model.pth), keys
+            `layers.{0,2,4,6,7}.{weight,bias}` or the same prefixed by `layers.` as the benchmark saves it.
+    """
+
+    def __init__(self, clip_path, head_path, device: str = "cpu", frames: int = AES_FRAMES):
+        import torch
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_path)).to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(str(clip_path))
+        state = torch.load(str(head_path), map_location="cpu", weights_only=True)
+        # The benchmark's MLP holds the Sequential as `.layers`: its state dict keys start with "layers.".
+        state = {k.removeprefix("layers."): v for k, v in state.items()}
+        self.head = aesthetic_head(self.clip.config.projection_dim)
+        self.head.load_state_dict(state)
+        self.head.to(device).eval()
+        self.device = device
+        self.frames = frames
+
+    def frame_scores(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [F, H, W, 3] -> float [F] scores of the frames as given."""
+        import torch
+        from PIL import Image
+
+        images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+        with torch.no_grad():
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+            embed = self.clip(pixel_values=pixels).image_embeds
+            embed = embed / torch.linalg.vector_norm(embed, dim=-1, keepdim=True)
+            return self.head(embed).squeeze(1).float().cpu().numpy()
+
+    def __call__(self, frames: np.ndarray) -> float:
+        """uint8 [F, H, W, 3] (every decoded frame) -> the mean score of the benchmark's sampled frames."""
+        frames = np.asarray(frames)
+        return float(self.frame_scores(frames[sample_indices(len(frames), self.frames)]).mean())

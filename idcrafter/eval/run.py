@@ -13,6 +13,7 @@ columns and weighted total of `idcrafter.eval.metrics` (the default with --toywo
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = ["PROTOCOLS", "TOYWORLD_METRICS", "EvalRequest", "resolve_protocol", "
 
 TOYWORLD_METRICS = ("toyid", "motion")
 PROTOCOLS = ("opens2v", "legacy")
+OPENS2V_MODEL_COLUMNS = ("aesthetics",)
 
 
 @dataclass
@@ -87,7 +89,9 @@ def validate(req: EvalRequest) -> _Checked:
     if req.examples < 0:
         raise ConfigError(f"--examples must be >= 0, got {req.examples}")
     metrics = parse_metrics(req.metrics if req.metrics is not None else (TOYWORLD_METRICS if req.toyworld else None), KNOWN)
-    options = parse_model_options(req.model_options)
+    # --protocol opens2v's own models are options of its column names (aesthetics.clip=DIR, aesthetics.head=FILE).
+    options = parse_model_options(req.model_options, known=(*REWARD_METRICS, *OPENS2V_MODEL_COLUMNS)
+                                  if protocol == "opens2v" else REWARD_METRICS)
     weights = check_weights(req.weights)
     if req.toyworld:
         if req.data or req.videos:
@@ -117,7 +121,9 @@ def run(req: EvalRequest) -> Report:
     if checked.protocol == "opens2v":
         from idcrafter.eval.opens2v import evaluate_opens2v
 
-        report = evaluate_opens2v(items, examples=req.examples, progress=req.progress)
+        aesthetics, skipped = _opens2v_models(checked.options, req.device)
+        report = evaluate_opens2v(items, examples=req.examples, progress=req.progress, aesthetics=aesthetics,
+                                  skipped=skipped)
         report.extra["protocol"] = "opens2v"
         write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
                                               "protocol": "opens2v"})
@@ -132,6 +138,22 @@ def run(req: EvalRequest) -> Report:
     write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
                                           "metrics": checked.metrics, "flow": req.flow, "protocol": "legacy"})
     return report
+
+
+def _opens2v_models(options: dict[str, dict[str, object]], device: str):
+    """The Aesthetics scorer from --model-option aesthetics.clip=DIR / aesthetics.head=FILE, or None and
+    the one-line reason (options not given, or the model does not load)."""
+    from idcrafter.eval.metrics import SKIP_ERRORS, one_line
+    from idcrafter.eval.opens2v import AestheticScorer
+
+    opts = options.get("aesthetics", {})
+    if "clip" not in opts or "head" not in opts:
+        return None, {"aesthetics": "needs CLIP ViT-L/14 and the LAION aesthetic head: pass --model-option "
+                                    "aesthetics.clip=DIR --model-option aesthetics.head=FILE"}
+    try:
+        return AestheticScorer(opts["clip"], opts["head"], device=device), {}
+    except (*SKIP_ERRORS, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        return None, {"aesthetics": f"cannot load ({one_line(err)})"}
 
 
 class _RecordingPipeline:
