@@ -373,3 +373,33 @@ def test_evaluate_cli_opens2v_aesthetics_from_model_options(tiny_aesthetic, tmp_
                         "--model-option", f"aesthetics.clip={tiny_aesthetic / 'clip'}",
                         "--model-option", f"aesthetics.head={manifest}"]) == 0
     assert json.loads((bad / "summary.json").read_text())["skipped"]["aesthetics"].startswith("cannot load")
+
+
+# ------------------------------------------------------------------------------------ NaturalScore
+
+
+def test_natural_score_prompt_frames_parsing_and_averaging():
+    from idcrafter.eval.opens2v import (
+        NATURAL_PROMPT,
+        natural_frame_indices,
+        natural_frame_size,
+        natural_score,
+        parse_natural_score,
+    )
+
+    if (MIRROR / "HEAD").exists():  # the prompt is the benchmark's, character for character
+        source = subprocess.run(["git", "-C", str(MIRROR), "show", "HEAD:eval/get_naturalscore.py"],
+                                capture_output=True, text=True, check=True).stdout
+        assert f'prompt = """{NATURAL_PROMPT}"""' in source
+    assert NATURAL_PROMPT.strip().endswith("Please only return the score (1-5), no additional explanation.")
+    assert natural_frame_indices(69) == list(range(0, 64, 4))  # 69 // 16 = 4
+    assert natural_frame_indices(10) == list(range(10))         # step 1, reads past the end dropped
+    assert natural_frame_size(480, 832) == (295, 512)           # int(480 * 512 / 832) = 295
+    assert natural_frame_size(832, 480) == (512, 295)
+    assert [parse_natural_score(r) for r in ("4", " 3\n", "4.5", "Score: 2. It looks synthetic", "10/10", "none", None)] \
+        == [4.0, 3.0, 4.5, 2.0, None, None, None]
+    # The benchmark's demo ratings (naturalscore_1..3.json): faceobj_14 "4", "4", "4"; singleface_3 "3", "3", "4".
+    face, single = natural_score(["4", "4", "4"]), natural_score(["3", "3", "4"])
+    assert face == 4.0 and single == pytest.approx(10 / 3)
+    assert natural_score(["x", "5"]) == 5.0 and natural_score(["x"]) is None
+    assert normalised_columns({"naturalscore": [face, single]})["naturalscore"] == pytest.approx(0.6666666666666667)

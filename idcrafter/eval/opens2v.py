@@ -37,6 +37,7 @@ __all__ = [
     "AestheticScorer",
     "DOMAINS",
     "LK_MAX_CORNERS",
+    "NATURAL_PROMPT",
     "PROTOCOL_COLUMNS",
     "RANGES",
     "VERSIONS",
@@ -47,7 +48,11 @@ __all__ = [
     "evaluate_opens2v",
     "farneback_motion",
     "lucas_kanade_motion",
+    "natural_frame_indices",
+    "natural_frame_size",
+    "natural_score",
     "normalised_columns",
+    "parse_natural_score",
     "Range",
     "aesthetic_head",
     "sample_indices",
@@ -411,3 +416,82 @@ class AestheticScorer:
         """uint8 [F, H, W, 3] (every decoded frame) -> the mean score of the benchmark's sampled frames."""
         frames = np.asarray(frames)
         return float(self.frame_scores(frames[sample_indices(len(frames), self.frames)]).mean())
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaturalScore (get_naturalscore.py): the prompt, the frames shown, the reply's parsing, the averaging
+# ----------------------------------------------------------------------------------------------------
+
+NATURAL_FRAMES = 16
+NATURAL_LONG_SIDE = 512
+NATURAL_REPEATS = 3  # naturalscore_1..3.json, averaged by merge_result.py
+# The benchmark's rating prompt, verbatim (get_naturalscore.py, Apache-2.0): the rating depends on its wording
+# (\x20: the benchmark's trailing space, kept).
+NATURAL_PROMPT = """
+Your task is to determine how realistic the given video clip appears, based on 16 extracted frames. Consider the following aspects in your evaluation:
+
+- **Common sense consistency**: Are the objects, people, and interactions logically coherent in the context of the video?
+- **Physical plausibility**: Do lighting, shadows, motion, and reflections obey the laws of physics? Are the objects in motion consistent with real-world physics?
+- **Naturalness**: Does the visual quality (textures, details, proportions, etc.) resemble what we would expect in real life? Is there any unnatural visual distortion?
+- **AI generation artifacts**: Are there signs of unnatural blurring, morphing, glitches, distortions, or inconsistencies across frames?\x20
+
+**If the video contains humans**, pay special attention to:
+- Are the facial features realistic and anatomically correct (e.g., eyes, mouth, and nose proportions)?
+- Do the body parts appear proportionate and natural in motion (e.g., arm and leg movements, hand gestures)?
+
+If **no humans** are present in the video, you can focus on evaluating the realism of other visual aspects like object consistency, motion fluidity, and environmental plausibility without needing to specifically assess human-related elements.
+
+Output a score from 1 to 5 based on the criteria below, followed by an explanation of the reasoning behind your score:
+
+- **1 — Definitely AI-Generated**: Clear and frequent artifacts (e.g., blurry faces or objects, unnatural movements, inconsistent lighting), distorted shapes, implausible physics (e.g., impossible movements, lighting issues), and severe inconsistencies. Violates common sense or real-world logic. Faces and bodies may be unrealistic or distorted if humans are present.
+- **2 — Likely AI-Generated**: Noticeable AI generation cues such as inconsistent anatomy, fluctuating object textures, or mild physical implausibility (e.g., unnatural hand positions or eye movements). Faces and bodies may appear unnatural or inconsistent if humans are present. Still clearly synthetic upon inspection.
+- **3 — Uncertain / Borderline**: Mixed indicators — the video may appear mostly natural but contains subtle flaws or small anomalies that raise suspicion. Faces and bodies might show mild inconsistencies (e.g., slight distortion in facial features or body parts) if humans are present. Hard to determine definitively.
+- **4 — Likely Real**: Mostly natural and physically plausible, with only minor and rare irregularities that might be explainable (e.g., slight compression, mild lighting inconsistencies). Faces and body parts are mostly natural, with only minor imperfections, if humans are present.
+- **5 — Definitely Real**: Fully consistent with real-world physics, common sense, and appearance. No visible artifacts or signs of AI generation. Faces and body parts appear fully realistic, without any visible distortions or unnatural movements, if humans are present.
+
+Please only return the score (1-5), no additional explanation.
+"""  # noqa: E501
+
+
+def natural_frame_indices(total: int, count: int = NATURAL_FRAMES) -> list[int]:
+    """The frames the rater sees: i * max(total // count, 1) for i < count, keeping those inside the
+    video (the benchmark seeks to each and drops failed reads), so a clip under 16 frames shows all."""
+    step = max(total // count, 1)
+    return [i * step for i in range(count) if i * step < total]
+
+
+def natural_frame_size(height: int, width: int, long_side: int = NATURAL_LONG_SIDE) -> tuple[int, int]:
+    """(height, width) of a frame resized so its long side is `long_side` (the other truncated to int,
+    as the benchmark does before INTER_AREA resizing and JPEG encoding)."""
+    if height >= width:
+        return long_side, int(width * long_side / height)
+    return int(height * long_side / width), long_side
+
+
+def parse_natural_score(reply: str | float | int | None) -> float | None:
+    """A rater's reply -> its 1-5 score, or None when it holds none.
+
+    The benchmark stores the stripped reply and its merge takes float() of it (a reply that is not a
+    bare number stops it). Here a bare number is read the same way; otherwise the first standalone
+    digit 1-5 of the reply is taken (VLMs often add words despite the prompt); otherwise None.
+    Values are not clipped here: `normalised_columns` clips to [1, 5] as the merge does.
+    """
+    import re
+
+    if reply is None:
+        return None
+    if isinstance(reply, (int, float)):
+        return float(reply)
+    text = reply.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        match = re.search(r"(?<![\d.])([1-5])(?!\d|\.\d)", text)
+        return float(match.group(1)) if match else None
+    return value if math.isfinite(value) else None
+
+
+def natural_score(replies: Sequence[str | float | None]) -> float | None:
+    """One video's NaturalScore: the mean of its parsed repeats (None ones left out; None if none)."""
+    values = [v for v in (parse_natural_score(r) for r in replies) if v is not None]
+    return sum(values) / len(values) if values else None
