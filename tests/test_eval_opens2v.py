@@ -403,3 +403,36 @@ def test_natural_score_prompt_frames_parsing_and_averaging():
     assert face == 4.0 and single == pytest.approx(10 / 3)
     assert natural_score(["x", "5"]) == 5.0 and natural_score(["x"]) is None
     assert normalised_columns({"naturalscore": [face, single]})["naturalscore"] == pytest.approx(0.6666666666666667)
+
+
+# ------------------------------------------------------------------------------------ FaceSim
+
+
+def test_facesim_case_selection_reference_face_and_averaging():
+    import torch
+
+    from idcrafter.eval.opens2v import (
+        curricular_input,
+        facesim_applies,
+        facesim_padding,
+        facesim_reference,
+        facesim_video_scores,
+        largest_face,
+    )
+
+    assert [facesim_applies(i) for i in ("singleface_3", "faceobj_14", "humanobj_2", "singleobj_1", "multiobject_21")] \
+        == [True, True, True, False, False]
+    assert facesim_reference(["Images/object/cup.jpg", "Images/crop_woman/a.jpg", "Images/man/b.jpg"]) == \
+        "Images/crop_woman/a.jpg"
+    assert facesim_reference(["Images/object/cup.jpg", "Images/human/x.jpg"]) is None
+    assert largest_face([[0, 0, 10, 10], [0, 0, 20, 5], [5, 5, 30, 30]]) == 2      # areas 100, 100, 625
+    assert largest_face([[0, 0, 10, 10], [0, 0, 20, 5]]) == 1                      # equal areas: the later one
+    assert largest_face([]) is None
+    assert facesim_padding(480, 832) == (120, 208)
+    # Cur drops non-positive frames; Arc keeps them as 0 (0.9, 0, 0.6 -> 0.5).
+    assert facesim_video_scores([0.8, -0.2, 0.6], [0.9, -0.1, 0.6]) == pytest.approx((0.7, 0.5))
+    assert facesim_video_scores([], []) == (0.0, 0.0)
+    face = np.zeros((224, 224, 3), np.uint8)
+    face[:, :, 0] = 255
+    x = curricular_input(face)
+    assert x.shape == (1, 3, 112, 112) and torch.all(x[0, 0] == 1.0) and torch.all(x[0, 1:] == -1.0)

@@ -45,6 +45,12 @@ __all__ = [
     "benchmark_grey",
     "domain_totals",
     "domain_weights",
+    "curricular_input",
+    "facesim_applies",
+    "facesim_padding",
+    "facesim_reference",
+    "facesim_video_scores",
+    "largest_face",
     "evaluate_opens2v",
     "farneback_motion",
     "lucas_kanade_motion",
@@ -495,3 +501,62 @@ def natural_score(replies: Sequence[str | float | None]) -> float | None:
     """One video's NaturalScore: the mean of its parsed repeats (None ones left out; None if none)."""
     values = [v for v in (parse_natural_score(r) for r in replies) if v is not None]
     return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# FaceSim (get_facesim.py): which videos, which reference, which face, how frame scores are averaged
+# ----------------------------------------------------------------------------------------------------
+
+FACESIM_FRAMES = 32
+FACESIM_ID_KEYS = ("singlehuman", "singleface", "faceobj", "humanobj")  # ids the benchmark scores
+FACESIM_REFERENCE_DIRS = ("/man/", "/woman/", "/crop_woman/", "/crop_man/")
+FACESIM_PAD_SCALE = 1.25  # a reference with no detected face is retried on a grey-padded copy
+FACESIM_PAD_GREY = 128
+
+
+def facesim_applies(sample_id: str) -> bool:
+    """Whether the benchmark computes FaceSim for a sample id (a substring test on the file name)."""
+    return any(key in sample_id for key in FACESIM_ID_KEYS)
+
+
+def facesim_reference(img_paths: Sequence[str]) -> str | None:
+    """The face reference of a case: the first of its `img_paths` under a man / woman / crop_man /
+    crop_woman folder (the benchmark's choice); None when there is none (the case is not scored)."""
+    for path in img_paths:
+        if any(part in path for part in FACESIM_REFERENCE_DIRS):
+            return path
+    return None
+
+
+def largest_face(boxes: Sequence[Sequence[float]]) -> int | None:
+    """Index of the face the benchmark keeps among detections [x0, y0, x1, y1]: the largest box area
+    (a stable sort's last: of equal areas, the later detection); None without detections."""
+    if len(boxes) == 0:
+        return None
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    return sorted(range(len(boxes)), key=lambda i: areas[i])[-1]
+
+
+def facesim_padding(height: int, width: int, scale: float = FACESIM_PAD_SCALE) -> tuple[int, int]:
+    """(top/bottom, left/right) border of the retry copy: int(side * (scale - 1)) on each side."""
+    return int(height * (scale - 1.0)), int(width * (scale - 1.0))
+
+
+def facesim_video_scores(cur: Sequence[float], arc: Sequence[float]) -> tuple[float, float]:
+    """A video's (FaceSim-Cur, FaceSim-Arc) from the cosine similarities of its frames with a detected
+    face, each clipped at 0. Cur averages the frames with a positive score (zeros are dropped);
+    Arc averages all of them: the benchmark's drop test for Arc compares the list, not the score, to 0,
+    so it never drops. No frame: 0.0."""
+    cur_kept = [max(0.0, float(c)) for c in cur if max(0.0, float(c)) != 0.0]
+    arc_kept = [max(0.0, float(a)) for a in arc]
+    return (float(np.mean(cur_kept)) if cur_kept else 0.0, float(np.mean(arc_kept)) if arc_kept else 0.0)
+
+
+def curricular_input(face_rgb: np.ndarray):
+    """An aligned 224 x 224 RGB face (uint8 [224, 224, 3]) -> CurricularFace's input float [1, 3, 112, 112]:
+    cv2.resize to 112 (bilinear), scaled to [-1, 1] as the benchmark does."""
+    import torch
+
+    small = _cv2().resize(np.ascontiguousarray(face_rgb), (112, 112))
+    x = torch.from_numpy(np.transpose(small, (2, 0, 1))).unsqueeze(0).float()
+    return x.div(255).sub(0.5).div(0.5)
