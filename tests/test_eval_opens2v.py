@@ -215,6 +215,11 @@ def test_protocol_resolution():
     assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], metrics="motion")) == "legacy"
     assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], weights="face=1")) == "legacy"
     assert resolve_protocol(EvalRequest(out="o", toyworld=True)) == "legacy"
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], model_options=["face.backend=dlib"])) == "legacy"
+    assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], model_options=["aesthetics.clip=x"])) == "opens2v"
+    with pytest.raises(ConfigError, match="--model-option face.backend=dlib belongs to --protocol legacy"):
+        resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], model_options=["face.backend=dlib"],
+                                     protocol="opens2v"))
     assert resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], protocol="legacy")) == "legacy"
     with pytest.raises(ConfigError, match="--metrics belongs to --protocol legacy"):
         resolve_protocol(EvalRequest(out="o", data="d", videos=["v"], metrics="motion", protocol="opens2v"))

@@ -1,6 +1,6 @@
 """Score generated videos / images on a benchmark manifest. --protocol opens2v (default): OpenS2V-Eval's
 own columns and leaderboard totals (idcrafter/eval/opens2v.py); --protocol legacy (default with
---toyworld, --metrics or --weights): FaceSim, NexusScore, CLIP-T, CLIP-I, DINO-I, Aesthetic,
+--toyworld, --metrics, --weights or a reward's --model-option): FaceSim, NexusScore, CLIP-T, CLIP-I, DINO-I, Aesthetic,
 NaturalScore, ToyID, Motion, Leakage and an OpenS2V-style weighted total.
 
     python scripts/evaluate.py --data bench.jsonl --videos outputs/ --out runs/eval
@@ -41,7 +41,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--protocol", default=None, choices=("opens2v", "legacy"),
                    help="opens2v: OpenS2V-Eval's columns and leaderboard totals (default); legacy: the reward-based "
-                        "columns and weighted total (default with --toyworld, --metrics or --weights)")
+                        "columns and weighted total (default with --toyworld, --metrics, --weights or a reward's "
+                        "--model-option)")
     p.add_argument("--metrics", default=None,
                    help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
                         "leakage (default: all; --toyworld: toyid,motion)")

@@ -4,7 +4,8 @@
     report = evaluate(items, {"face": face_reward}, metrics=("motion",))
     write_report(report, "runs/eval")
 
-`metrics` holds the columns, weights and `evaluate`; `motion` the optical flow; `inputs` the manifest
+`opens2v` holds OpenS2V-Eval's own computations and leaderboard totals (`--protocol opens2v`);
+`metrics` holds the legacy columns, weights and `evaluate`; `motion` the optical flow; `inputs` the manifest
 and file matching; `report` the output files; `run` the command line's steps (`scripts/evaluate.py`).
 Imports `idcrafter.rewards`, `data`, `utils`, `core`; `idcrafter.video` only inside the --toyworld path.
 """

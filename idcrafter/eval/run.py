@@ -7,8 +7,8 @@ held-out toy-world samples with a model first (the only path that imports `idcra
 
 Two protocols (`--protocol`): `opens2v` (the default for a manifest of generated files) computes
 OpenS2V-Eval's own columns and leaderboard totals (`idcrafter.eval.opens2v`); `legacy` the reward-based
-columns and weighted total of `idcrafter.eval.metrics` (the default with --toyworld, --metrics or
---weights, which name legacy columns). The report says which protocol produced it.
+columns and weighted total of `idcrafter.eval.metrics` (the default with --toyworld, --metrics,
+--weights or a reward's --model-option, which name legacy columns). The report says which protocol produced it.
 """
 
 from __future__ import annotations
@@ -61,11 +61,14 @@ class _Checked:
 
 
 def resolve_protocol(req: EvalRequest) -> str:
-    """The protocol of a run: the one asked for, else `legacy` when --toyworld, --metrics or --weights
-    is given (they name legacy columns), else `opens2v`. ConfigError for an unknown name or for
+    """The protocol of a run: the one asked for, else `legacy` when --toyworld, --metrics, --weights or a
+    --model-option of a reward is given (they name legacy columns), else `opens2v`. ConfigError for an unknown name or for
     `opens2v` combined with the legacy options."""
+    reward_options = [spec for spec in req.model_options if spec.partition(".")[0].strip() in REWARD_METRICS]
     legacy_options = [flag for flag, given in (("--toyworld", req.toyworld), ("--metrics", req.metrics is not None),
-                                               ("--weights", req.weights is not None)) if given]
+                                               ("--weights", req.weights is not None),
+                                               (f"--model-option {reward_options[0] if reward_options else ''}",
+                                                bool(reward_options))) if given]
     if req.protocol is None:
         return "legacy" if legacy_options else "opens2v"
     if req.protocol not in PROTOCOLS:
