@@ -24,7 +24,9 @@ from idcrafter.utils.media import read_video, write_video
 
 cv2 = pytest.importorskip("cv2")
 
-# A bare git clone of PKU-YuanGroup/OpenS2V-Nexus (its demo videos and scripts); the tests that need it skip without it.
+# The benchmark demo videos (tests/data/opens2v); a bare git clone of PKU-YuanGroup/OpenS2V-Nexus for the
+# check of its NaturalScore prompt, which skips without it.
+DATA = Path(__file__).resolve().parent / "data" / "opens2v"
 MIRROR = Path(os.environ.get("OPENS2V_NEXUS_GIT", "/work/.mirror/PKU-YuanGroup+OpenS2V-Nexus/repo"))
 # The benchmark's published scores of its two demo videos (eval/demo_result/model_name_output_json/motionscore.json).
 PUBLISHED_MOTION = {"faceobj_14": {"motion_fb": 0.35025984048843384, "motion_lk": 6.677787793803418},
@@ -51,13 +53,8 @@ def benchmark_way(frames: np.ndarray) -> float:
 
 
 def demo_video(name: str, tmp_path: Path) -> Path:
-    if not (MIRROR / "HEAD").exists():
-        pytest.skip("the OpenS2V-Nexus repository snapshot is not on this machine")
-    out = tmp_path / f"{name}.mp4"
-    data = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:eval/demo_result/model_name_input_video/{name}.mp4"],
-                          capture_output=True, check=True).stdout
-    out.write_bytes(data)
-    return out
+    """The benchmark's demo video `name`, kept unchanged in tests/data/opens2v (Apache-2.0)."""
+    return DATA / f"{name}.mp4"
 
 
 # ------------------------------------------------------------------------------------ Motion
