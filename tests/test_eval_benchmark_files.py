@@ -119,3 +119,53 @@ def test_find_videos_names_missing_cases(tmp_path):
     for name in ("singlehuman_1", "singleface_1"):
         (tmp_path / f"{name}.mp4").write_bytes(b"x")
     assert find_videos(cases, tmp_path, OPEN) == [tmp_path / f"{c.id}.mp4" for c in cases]
+
+
+# ------------------------------------------------------------------------------ the command-line tools
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, f"scripts/{script}", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Two Open-Domain cases (one and three references) rendered by the built-in toy model."""
+    root = tmp_path_factory.mktemp("opens2v")
+    write_stand_in_images(read_benchmark(OPEN), root / "images")
+    proc = run_script("render_batch.py", "--opens2v", OPEN, "--images-root", root / "images", "--out", root / "videos",
+                      "--cases", "singleobj_1", "humanobj_1", "--steps", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def test_render_batch_renders_cases_by_id(rendered):
+    from idcrafter.utils.media import read_video
+
+    videos = rendered / "videos"
+    assert sorted(p.name for p in videos.glob("*.mp4")) == ["humanobj_1.mp4", "singleobj_1.mp4"]
+    summary = json.loads((videos / "summary.json").read_text())
+    assert sorted(summary["rendered"]) == ["humanobj_1.mp4", "singleobj_1.mp4"] and summary["failed"] == []
+    frames = read_video(videos / "humanobj_1.mp4")
+    assert frames.shape == (5, 64, 64, 3)  # the toy model's default clip: 5 frames of 64x64
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cases", "singleobj_1", "multiobject_9"], "Open-Domain_Eval.json: no case multiobject_9 in the file"),
+    (["--limit", "4"], "Open-Domain_Eval.json: case multiobject_1: image Images/multiobject/monitor/1.jpg does not exist"),
+    (["--jobs", "x.jsonl"], "give either --jobs FILE, or --opens2v FILE with --images-root DIR"),
+])
+def test_render_batch_bad_cases_are_one_line_before_any_work(tmp_path, extra, message):
+    cases = read_benchmark(OPEN)
+    write_stand_in_images(cases[:3], tmp_path / "images")  # the first three cases' images only
+    out = tmp_path / "out"
+    proc = run_script("render_batch.py", "--opens2v", OPEN, "--images-root", tmp_path / "images", "--out", out, *extra)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()
