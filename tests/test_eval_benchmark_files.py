@@ -169,3 +169,45 @@ def test_render_batch_bad_cases_are_one_line_before_any_work(tmp_path, extra, me
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists()
+
+
+def test_evaluate_scores_the_rendered_cases_with_their_prompts_and_references(rendered):
+    from idcrafter.eval.inputs import load_benchmark_items
+    from idcrafter.eval.motion import motion_score
+    from idcrafter.utils.media import read_video
+
+    out = rendered / "eval"
+    proc = run_script("evaluate.py", "--opens2v", OPEN, "--images-root", rendered / "images", "--videos",
+                      rendered / "videos", "--cases", "singleobj_1", "humanobj_1", "--metrics", "motion",
+                      "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(",") for line in (out / "per_sample.csv").read_text().splitlines()]
+    header, body = rows[0], rows[1:]
+    assert [r[0] for r in body] == ["singleobj_1", "humanobj_1"]
+    for row in body:  # the column is the existing Motion metric of that case's own video
+        expected = motion_score(read_video(rendered / "videos" / f"{row[0]}.mp4"))
+        assert float(row[header.index("Motion")]) == pytest.approx(expected, abs=1e-4)
+    inputs = json.loads((out / "summary.json").read_text())["inputs"]
+    assert inputs["opens2v"] == str(OPEN) and inputs["images_root"] == str(rendered / "images")
+
+    items = load_benchmark_items(OPEN, rendered / "images", rendered / "videos", ["humanobj_1"])
+    (item,) = items
+    assert item.prompt == read_benchmark(OPEN)[4].prompt and item.categories == ["Man", "Bird", "Park"]
+    # Tom Hanks (face folder), then the 4th and 5th non-face photos of the file: astronaut, chelsea
+    assert [r.shape for r in item.refs] == [(112, 112, 3), (512, 512, 3), (300, 451, 3)]
+    assert item.path == rendered / "videos" / "humanobj_1.mp4"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], f"--videos: VIDEOS: no <id>.mp4 for 8 of 10 cases of {OPEN}: singlehuman_1, singleface_1, multiobject_1"),
+    (["--cases", "singleobj_1", "faceobj_9"], f"--opens2v: {OPEN}: no case faceobj_9 in the file"),
+    (["--limit", "2", "--data", "x.jsonl"], "--opens2v FILE goes with --images-root DIR and --videos FOLDER"),
+])
+def test_evaluate_missing_videos_and_unknown_ids_are_one_line_before_any_work(rendered, tmp_path, extra, message):
+    out = tmp_path / "eval"
+    videos = rendered / "videos"
+    proc = run_script("evaluate.py", "--opens2v", OPEN, "--images-root", rendered / "images", "--videos", videos,
+                      "--out", out, *extra)
+    assert proc.returncode == 2
+    assert message.replace("VIDEOS", str(videos)) in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()

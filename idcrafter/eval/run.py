@@ -41,6 +41,10 @@ class EvalRequest:
     samples: int = 8
     seed: int = 0
     steps: int | None = None
+    opens2v: str | None = None  # a published OpenS2V-Eval file instead of --data (videos: a folder of <id>.mp4)
+    images_root: str | None = None
+    cases: list[str] | None = None
+    limit: int | None = None
 
 
 @dataclass
@@ -65,15 +69,20 @@ def validate(req: EvalRequest) -> _Checked:
     options = parse_model_options(req.model_options)
     weights = check_weights(req.weights)
     if req.toyworld:
-        if req.data or req.videos:
-            raise ConfigError("--toyworld generates its own samples; leave out --data and --videos")
+        if req.data or req.videos or req.opens2v:
+            raise ConfigError("--toyworld generates its own samples; leave out --data, --opens2v and --videos")
         if req.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {req.samples}")
         if req.steps is not None and req.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {req.steps}")
+    elif req.opens2v is not None:
+        if req.data or req.images_root is None or len(req.videos) != 1:
+            raise ConfigError("--opens2v FILE goes with --images-root DIR and --videos FOLDER (of <id>.mp4), without --data")
     else:
+        if req.images_root is not None or req.cases is not None or req.limit is not None:
+            raise ConfigError("--images-root, --cases and --limit go with --opens2v FILE")
         if not req.data:
-            raise ConfigError("--data MANIFEST is required (or --toyworld)")
+            raise ConfigError("--data MANIFEST is required (or --toyworld, or --opens2v)")
         if not req.videos:
             raise ConfigError("--videos is required: a folder of <id>.mp4 / <id>.png, or one file per manifest sample")
     return _Checked(metrics, options, weights)
@@ -88,14 +97,20 @@ def run(req: EvalRequest) -> Report:
     checked = validate(req)
     if req.toyworld:
         return run_toyworld(req, checked)
-    items = load_items(req.data, req.videos)
+    if req.opens2v is not None:
+        from idcrafter.eval.inputs import load_benchmark_items
+
+        items = load_benchmark_items(req.opens2v, req.images_root, req.videos[0], req.cases, req.limit)
+    else:
+        items = load_items(req.data, req.videos)
     rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
                                      device=req.device)
     skipped.update(_not_run(checked.metrics, "not in --metrics"))
     report = evaluate(items, rewards, metrics=[m for m in checked.metrics if m in BUILTIN_METRICS], skipped=skipped,
                       weights=checked.weights, flow=req.flow, batch_size=req.batch_size, examples=req.examples,
                       progress=req.progress)
-    write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
+    source = {"opens2v": str(req.opens2v), "images_root": str(req.images_root)} if req.opens2v else {"data": str(req.data)}
+    write_report(report, req.out, inputs={**source, "videos": [str(v) for v in req.videos],
                                           "metrics": checked.metrics, "flow": req.flow})
     return report
 
