@@ -2,12 +2,16 @@
 
 Inputs are validated (names, weights, options, manifest, every generated file and reference)
 before any model loads; bad input raises `ConfigError` or `FileFormatError` (one line naming the
-option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` generates
-held-out toy-world samples with a model first (the only path that imports `idcrafter.video`).
+option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` renders
+held-out toy-world samples with a model first, through the batch renderer in a separate process
+(`render_toyworld`), then scores the files: no evaluation process imports a generator.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,7 @@ from idcrafter.eval.motion import FLOW_METHODS
 from idcrafter.eval.report import write_report
 from idcrafter.utils.errors import ConfigError, FileFormatError
 
-__all__ = ["TOYWORLD_METRICS", "EvalRequest", "run", "run_toyworld", "validate"]
+__all__ = ["TOYWORLD_METRICS", "EvalRequest", "render_toyworld", "run", "run_toyworld", "validate"]
 
 TOYWORLD_METRICS = ("toyid", "motion")
 
@@ -115,23 +119,6 @@ def run(req: EvalRequest) -> Report:
     return report
 
 
-class _RecordingPipeline:
-    """Forwards to the pipeline and keeps every generated video: `evaluate_model` scores ToyID matched
-    vs shuffled on them while we keep the frames to write the mp4s (one generation, not two)."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.videos = []
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def __call__(self, *args, **kwargs):
-        out = self.pipe(*args, **kwargs)
-        self.videos.append(out.frames[0])
-        return out
-
-
 def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> tuple[Path, Path]:
     """The model folder and the ToyID embedder folder of a --toyworld run (FileFormatError or ConfigError if missing)."""
     toyid = options.get("toyid", {}).get("path")
@@ -157,32 +144,52 @@ def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> 
     return model, toyid
 
 
+def render_toyworld(model: Path, manifest: Path, videos: Path, seed: int = 0, steps: int | None = None) -> list[Path]:
+    """Step 1 of --toyworld: one `videos/<id>.mp4` per manifest sample (sample i seeded `seed + i`),
+    rendered by the batch renderer (`idcrafter.cli.render_batch` on a job file) in a separate
+    process, so that the evaluation process itself never imports a generator. Earlier videos of
+    these ids are removed first: a rerun renders afresh rather than resuming.
+    """
+    from idcrafter.data.manifest import load_manifest
+
+    samples, errors = load_manifest(manifest)
+    if errors:
+        raise FileFormatError(f"{manifest}: {errors[0]}")
+    jobs = Path(manifest).parent / "render_jobs.jsonl"
+    jobs.write_text("".join(
+        json.dumps({"prompt": s.prompt, "refs": [str(x.image) for x in s.subjects], "output": f"{s.id}.mp4",
+                    "seed": seed + i, **({"steps": steps} if steps is not None else {})}) + "\n"
+        for i, s in enumerate(samples)))
+    for sample in samples:
+        (videos / f"{sample.id}.mp4").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "idcrafter.cli.render_batch", "--jobs", str(jobs), "--out", str(videos),
+           "--model", str(model), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise FileFormatError(f"--model {model}: rendering the toy-world samples failed ({last})")
+    return [videos / f"{s.id}.mp4" for s in samples]
+
+
 def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
-    """Held-out toy-world samples -> one video each from the model -> mp4s in `out/videos` -> the same
-    evaluation (ToyID + Motion by default), plus `evaluate_model`'s ToyID matched / shuffled / truth."""
+    """Held-out toy-world samples -> one mp4 each rendered by the model through the batch renderer in
+    `out/videos` (`render_toyworld`) -> the files scored as any others (ToyID + Motion by default),
+    plus `evaluate_model`'s ToyID matched / shuffled / truth on the same files."""
     checked = checked or validate(req)
     model, toyid = _toyworld_paths(req, checked.options)  # before the heavy imports below
-    from idcrafter.toyworld.evaluate import evaluate_model
+    from idcrafter.toyworld.evaluate import score_files
     from idcrafter.toyworld.world import write_dataset
-    from idcrafter.utils.media import write_video
-    from idcrafter.video.pipeline import IDCrafterPipeline
+    from idcrafter.video.infer import InferenceRequest, model_config
 
-    try:
-        pipe = IDCrafterPipeline.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"--model {model}: cannot load ({str(err).splitlines()[0] if str(err) else err.__class__.__name__})") from None
-    cfg = pipe.config_idc
+    cfg = model_config(InferenceRequest(refs=[], prompt="-", out="-.mp4", model=str(model)))  # reads configs only
     size = cfg.height if cfg.height == cfg.width else 64
     out = Path(req.out)
-    recorder = _RecordingPipeline(pipe)
+    videos = out / "videos"
     with tempfile.TemporaryDirectory(prefix="idcrafter-eval-") as tmp:
         manifest = write_dataset(tmp, req.samples, seed=req.seed, pool="held_out", num_frames=cfg.num_frames, size=size)
-        toy = evaluate_model(model, manifest, toyid, limit=req.samples, seed=req.seed, steps=req.steps, pipe=recorder,
-                             progress=req.progress)
-        videos = out / "videos"
-        for row, frames in zip(toy["samples"], recorder.videos):
-            write_video(frames, videos / f"{row['id']}.mp4", fps=cfg.fps)
-        items = load_items(manifest, [videos])
+        paths = render_toyworld(model, manifest, videos, seed=req.seed, steps=req.steps)
+        toy = score_files(paths, manifest, toyid, fps=cfg.fps, seed=req.seed)
+        items = load_items(manifest, paths)
         rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
                                          device=req.device)
         skipped.update(_not_run(checked.metrics, "not part of this --toyworld run (toy sprites: ToyID and Motion)"))
@@ -195,8 +202,8 @@ def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
         "model": str(model), "toyid": str(toyid), "samples": req.samples, "seed": req.seed, "steps": req.steps,
         "videos": str(videos),
         "matched_vs_shuffled": toy["summary"],
-        "note": "toyid_matched / toyid_shuffled / toyid_truth: ToyID mean of the generated video against its own "
-                "references, against another sample's, and of the ground-truth clip (evaluate_model, before mp4 encoding)",
+        "note": "toyid_matched / toyid_shuffled / toyid_truth: ToyID mean of the rendered mp4 against its own "
+                "references, against another sample's, and of the ground-truth clip (toyworld.evaluate.score_files)",
     }
     write_report(report, out, inputs={"toyworld": True, "model": str(model), "metrics": checked.metrics, "flow": req.flow})
     return report
