@@ -239,3 +239,9 @@ def test_scoring_files_and_the_toy_mode_import_no_generator(rendered, tmp_path):
                            "print(sorted(m for m in sys.modules if m.startswith(('idcrafter.video.pipeline', "
                            "'diffusers.pipelines'))))"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "'idcrafter.video.pipeline'" in proc.stdout, proc.stderr[-1500:]
+
+
+def test_render_batch_benchmark_options_need_opens2v(tmp_path):
+    proc = run_script("render_batch.py", "--jobs", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "--limit", "2")
+    assert proc.returncode == 2 and proc.stderr == ("error: --images-root, --cases, --limit, --seed and --steps go with "
+                                                    "--opens2v FILE (a job file sets seed and steps per job)\n")

@@ -110,8 +110,10 @@ def main(argv=None) -> int:
             rank, world = rank_and_world()
             if args.opens2v is None and args.jobs is None:
                 raise InputError("--jobs FILE (or --opens2v FILE --images-root DIR) is required")
-            if args.opens2v is None and (args.images_root, args.cases, args.limit) != (None, None, None):
-                raise InputError("--images-root, --cases and --limit go with --opens2v FILE")
+            if args.opens2v is None and (args.images_root, args.cases, args.limit, args.steps, args.seed) != (
+                    None, None, None, None, 0):
+                raise InputError("--images-root, --cases, --limit, --seed and --steps go with --opens2v FILE "
+                                 "(a job file sets seed and steps per job)")
             jobs, errors = opens2v_jobs(args) if args.opens2v is not None else checked_jobs(args.jobs, args.out)
             out_dir = check_output_dir(args.out, "--out")
             modes = {job.mode for job in shard(jobs, rank, world)}
