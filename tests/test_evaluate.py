@@ -393,7 +393,9 @@ def test_toyworld_mode_generates_writes_and_scores(toy_model, tmp_path, capsys):
                       "--model-option", f"toyid.path={toy_model / 'toyid'}", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err[-2000:]
-    assert sorted(p.name for p in (out / "videos").iterdir()) == ["held_out-00000.mp4", "held_out-00001.mp4"]
+    assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == ["held_out-00000.mp4", "held_out-00001.mp4"]
+    rendered = json.loads((out / "videos" / "summary.json").read_text())  # rendered by the batch renderer
+    assert sorted(rendered["rendered"]) == ["held_out-00000.mp4", "held_out-00001.mp4"] and rendered["failed"] == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 2 and summary["columns"]["Motion"]["count"] == 2
     assert {"toyid_matched", "toyid_shuffled", "toyid_truth"} <= set(summary["aggregate"])  # evaluate_model's

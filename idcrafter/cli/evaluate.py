@@ -7,10 +7,14 @@ NaturalScore, ToyID, Motion, Leakage and an OpenS2V-style weighted total.
     python scripts/evaluate.py --data bench.jsonl --videos outputs/ --out runs/eval --protocol legacy \\
         --model-option face.backend=dlib --model-option clip_text.path=/models/clip
     python scripts/evaluate.py --data bench.jsonl --videos a.mp4 b.mp4 c.png --out runs/eval
+    python scripts/evaluate.py --opens2v Open-Domain_Eval.json --images-root OpenS2V-Eval --videos OUT --out runs/eval
     python scripts/evaluate.py --toyworld [--model FOLDER] [--samples 8] --out runs/eval_toy
 
 Files in a --videos folder are matched to samples by id (<id>.mp4, <id>.png); a list of files is
-taken in manifest order. A reward whose model is not given or cannot load is skipped with its
+taken in manifest order. With --opens2v (a published OpenS2V-Eval file: Open-Domain_Eval.json,
+Human-Domain_Eval.json, SingleObject_Eval.json) each case (or --cases ID ... / the first --limit N)
+is scored on --videos FOLDER/<id>.mp4 with its prompt and its img_paths under --images-root; an
+unknown id, a missing image or a missing video is one line, exit 2, before any model loads. A reward whose model is not given or cannot load is skipped with its
 reason. Writes per_sample.csv, summary.json, table.md (also printed) and summary.png to --out.
 Weights and normalisation ranges: idcrafter/eval/metrics.py.
 """
@@ -54,6 +58,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--flow", default="lucas-kanade", help="optical flow of Motion: lucas-kanade (numpy) or farneback (OpenCV)")
     p.add_argument("--examples", type=integer(0, 1000), default=8, help="samples shown as frame strips in summary.png")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    bench = p.add_argument_group("published OpenS2V-Eval file (instead of --data)")
+    bench.add_argument("--opens2v", default=None, help="Open-Domain_Eval.json, Human-Domain_Eval.json or SingleObject_Eval.json")
+    bench.add_argument("--images-root", default=None, help="the benchmark's data folder, holding the img_paths")
+    bench.add_argument("--cases", nargs="+", default=None, metavar="ID", help="score only these case ids")
+    bench.add_argument("--limit", type=integer(1), default=None, help="score only the first N (chosen) cases")
     toy = p.add_argument_group("toy world (--toyworld)")
     toy.add_argument("--toyworld", action="store_true", help="generate held-out toy-world samples with --model and score them")
     toy.add_argument("--model", default=None, help="model folder (default: the installed toy-world model)")

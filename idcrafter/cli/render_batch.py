@@ -18,8 +18,16 @@ the other jobs still run. Every output is decoded (frame count and size) before 
 finished. Several processes may share DIR: each output is rendered by one of them, and
 DIR/summary.json holds the results of all that ran at the same time.
 
+A published OpenS2V-Eval file (Open-Domain_Eval.json, Human-Domain_Eval.json, SingleObject_Eval.json)
+replaces the job file with --opens2v FILE --images-root DIR: every case (or --cases ID ... / the
+first --limit N) is rendered as DIR_OUT/<id>.mp4 from its prompt, with its img_paths (under
+--images-root) as references and its class_label as categories; --seed and --steps apply to all.
+
+    python scripts/render_batch.py --opens2v Open-Domain_Eval.json --images-root OpenS2V-Eval --out OUT
+
 Bad input (a missing, empty or wholly invalid job file, an --out that is a file or cannot be
-written, an unknown --device or --dtype, a bad model folder) is one line `error: ...` and exit
+written, an unknown --device or --dtype, a bad model folder, an unknown case id or a missing
+benchmark image) is one line `error: ...` and exit
 code 2, before any folder is created or model loaded.
 """
 
@@ -30,6 +38,7 @@ import sys
 from pathlib import Path
 
 from idcrafter.utils.cli import (
+    MAX_SAMPLING_STEPS,
     ArgumentParser,
     InputError,
     check_device,
@@ -37,6 +46,7 @@ from idcrafter.utils.cli import (
     check_output_dir,
     fail,
     integer,
+    seed,
     user_file,
 )
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
@@ -55,9 +65,20 @@ def checked_jobs(jobs_file: str, out: str):
     return jobs, errors
 
 
+def opens2v_jobs(args):
+    """The jobs of a published OpenS2V-Eval file (--opens2v): the chosen cases, every image checked."""
+    from idcrafter.eval.benchmark_files import case_jobs, check_images, read_benchmark, select_cases
+
+    if args.jobs is not None or args.images_root is None:
+        raise InputError("give either --jobs FILE, or --opens2v FILE with --images-root DIR")
+    cases = select_cases(read_benchmark(args.opens2v), args.opens2v, args.cases, args.limit)
+    check_images(cases, args.images_root, args.opens2v)
+    return case_jobs(cases, args.images_root, seed=args.seed, steps=args.steps), []
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", required=True, help="JSONL job file")
+    p.add_argument("--jobs", default=None, help="JSONL job file (or --opens2v)")
     p.add_argument("--out", required=True, help="output root; outputs may not escape it")
     p.add_argument("--model", default=None, help="Wan 2.1 diffusers folder (default: the built-in tiny model)")
     p.add_argument("--adapter", default=None, help="ID-Crafter adapter folder")
@@ -70,6 +91,13 @@ def main(argv=None) -> int:
     p.add_argument("--sequential-guidance", action="store_true", help="guidance passes one by one (less memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=integer(0), default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    bench = p.add_argument_group("published OpenS2V-Eval file (instead of --jobs)")
+    bench.add_argument("--opens2v", default=None, help="Open-Domain_Eval.json, Human-Domain_Eval.json or SingleObject_Eval.json")
+    bench.add_argument("--images-root", default=None, help="the benchmark's data folder, holding the img_paths")
+    bench.add_argument("--cases", nargs="+", default=None, metavar="ID", help="render only these case ids")
+    bench.add_argument("--limit", type=integer(1), default=None, help="render only the first N (chosen) cases")
+    bench.add_argument("--seed", type=seed, default=0, help="seed of every case")
+    bench.add_argument("--steps", type=integer(1, MAX_SAMPLING_STEPS), default=None, help="sampling steps (default: the model's)")
     add_config_argument(p)
     args = parse_command_line(p, argv)
 
@@ -80,7 +108,13 @@ def main(argv=None) -> int:
         check_dtype(args.dtype)
         with user_file():  # the library's file and settings errors on --model, --adapter, ... name them
             rank, world = rank_and_world()
-            jobs, errors = checked_jobs(args.jobs, args.out)
+            if args.opens2v is None and args.jobs is None:
+                raise InputError("--jobs FILE (or --opens2v FILE --images-root DIR) is required")
+            if args.opens2v is None and (args.images_root, args.cases, args.limit, args.steps, args.seed) != (
+                    None, None, None, None, 0):
+                raise InputError("--images-root, --cases, --limit, --seed and --steps go with --opens2v FILE "
+                                 "(a job file sets seed and steps per job)")
+            jobs, errors = opens2v_jobs(args) if args.opens2v is not None else checked_jobs(args.jobs, args.out)
             out_dir = check_output_dir(args.out, "--out")
             modes = {job.mode for job in shard(jobs, rank, world)}
             import torch

@@ -7,7 +7,8 @@
 `opens2v` holds OpenS2V-Eval's own computations and leaderboard totals (`--protocol opens2v`);
 `metrics` holds the legacy columns, weights and `evaluate`; `motion` the optical flow; `inputs` the manifest
 and file matching; `report` the output files; `run` the command line's steps (`scripts/evaluate.py`).
-Imports `idcrafter.rewards`, `data`, `utils`, `core`; `idcrafter.video` only inside the --toyworld path.
+Imports `idcrafter.rewards`, `data`, `utils`, `core`, never a generator: --toyworld reads the model's
+config (`idcrafter.video.infer`) and renders through the batch renderer in another process.
 """
 
 from idcrafter.eval.metrics import (

@@ -22,6 +22,7 @@ __all__ = [
     "KNOWN",
     "build_rewards",
     "find_generated",
+    "load_benchmark_items",
     "load_items",
     "parse_metrics",
     "parse_model_options",
@@ -157,3 +158,31 @@ def load_items(manifest: str | Path, generated: Sequence[str | Path]) -> list[Ev
                               path=path, attention=attention if attention.is_file() else None))
     return items
 
+
+
+def load_benchmark_items(
+    benchmark: str | Path, images_root: str | Path, videos: str | Path,
+    cases: Sequence[str] | None = None, limit: int | None = None,
+) -> list[EvalItem]:
+    """A published OpenS2V-Eval file's cases and their videos (`videos/<id>.mp4`) -> `EvalItem`s.
+
+    The case's prompt, its `img_paths` under `images_root` as references and its `class_label` as
+    categories, as the benchmark's scripts pair them. Every case id, image and video is checked
+    before anything is decoded for scoring.
+    """
+    from idcrafter.data.video import media_size
+    from idcrafter.eval.benchmark_files import check_images, find_videos, read_benchmark, select_cases
+
+    with user_file("--opens2v"):
+        chosen = select_cases(read_benchmark(benchmark), benchmark, cases, limit)
+    with user_file("--images-root"):
+        check_images(chosen, images_root, benchmark)
+    with user_file("--videos"):
+        paths = find_videos(chosen, videos, benchmark)
+        for path in paths:
+            media_size(path, is_video=True)  # exists and opens, before any model loads
+    with user_file("--images-root"):
+        return [EvalItem(id=case.id, prompt=case.prompt, refs=[_load_ref(p) for p in case.images(images_root)],
+                         categories=list(case.class_label), path=path,
+                         attention=path.with_suffix(".npz") if path.with_suffix(".npz").is_file() else None)
+                for case, path in zip(chosen, paths)]

@@ -2,8 +2,9 @@
 
 Inputs are validated (names, weights, options, manifest, every generated file and reference)
 before any model loads; bad input raises `ConfigError` or `FileFormatError` (one line naming the
-option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` generates
-held-out toy-world samples with a model first (the only path that imports `idcrafter.video`).
+option; `idcrafter.cli.evaluate` turns them into exit code 2) and writes nothing. `--toyworld` renders
+held-out toy-world samples with a model first, through the batch renderer in a separate process
+(`render_toyworld`), then scores the files: no evaluation process imports a generator.
 
 Two protocols (`--protocol`): `opens2v` (the default for a manifest of generated files) computes
 OpenS2V-Eval's own columns and leaderboard totals (`idcrafter.eval.opens2v`); `legacy` the reward-based
@@ -13,7 +14,10 @@ columns and weighted total of `idcrafter.eval.metrics` (the default with --toywo
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,8 @@ from idcrafter.eval.motion import FLOW_METHODS
 from idcrafter.eval.report import write_report
 from idcrafter.utils.errors import ConfigError, FileFormatError
 
-__all__ = ["PROTOCOLS", "TOYWORLD_METRICS", "EvalRequest", "resolve_protocol", "run", "run_toyworld", "validate"]
+__all__ = ["PROTOCOLS", "TOYWORLD_METRICS", "EvalRequest", "render_toyworld", "resolve_protocol", "run",
+           "run_toyworld", "validate"]
 
 TOYWORLD_METRICS = ("toyid", "motion")
 PROTOCOLS = ("opens2v", "legacy")
@@ -50,6 +55,10 @@ class EvalRequest:
     seed: int = 0
     steps: int | None = None
     protocol: str | None = None
+    opens2v: str | None = None  # a published OpenS2V-Eval file instead of --data (videos: a folder of <id>.mp4)
+    images_root: str | None = None
+    cases: list[str] | None = None
+    limit: int | None = None
 
 
 @dataclass
@@ -97,15 +106,20 @@ def validate(req: EvalRequest) -> _Checked:
                                   if protocol == "opens2v" else REWARD_METRICS)
     weights = check_weights(req.weights)
     if req.toyworld:
-        if req.data or req.videos:
-            raise ConfigError("--toyworld generates its own samples; leave out --data and --videos")
+        if req.data or req.videos or req.opens2v:
+            raise ConfigError("--toyworld generates its own samples; leave out --data, --opens2v and --videos")
         if req.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {req.samples}")
         if req.steps is not None and req.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {req.steps}")
+    elif req.opens2v is not None:
+        if req.data or req.images_root is None or len(req.videos) != 1:
+            raise ConfigError("--opens2v FILE goes with --images-root DIR and --videos FOLDER (of <id>.mp4), without --data")
     else:
+        if req.images_root is not None or req.cases is not None or req.limit is not None:
+            raise ConfigError("--images-root, --cases and --limit go with --opens2v FILE")
         if not req.data:
-            raise ConfigError("--data MANIFEST is required (or --toyworld)")
+            raise ConfigError("--data MANIFEST is required (or --toyworld, or --opens2v)")
         if not req.videos:
             raise ConfigError("--videos is required: a folder of <id>.mp4 / <id>.png, or one file per manifest sample")
     return _Checked(metrics, options, weights, protocol)
@@ -120,7 +134,13 @@ def run(req: EvalRequest) -> Report:
     checked = validate(req)
     if req.toyworld:
         return run_toyworld(req, checked)
-    items = load_items(req.data, req.videos)
+    if req.opens2v is not None:
+        from idcrafter.eval.inputs import load_benchmark_items
+
+        items = load_benchmark_items(req.opens2v, req.images_root, req.videos[0], req.cases, req.limit)
+    else:
+        items = load_items(req.data, req.videos)
+    source = {"opens2v": str(req.opens2v), "images_root": str(req.images_root)} if req.opens2v else {"data": str(req.data)}
     if checked.protocol == "opens2v":
         from idcrafter.eval.opens2v import evaluate_opens2v
 
@@ -128,7 +148,7 @@ def run(req: EvalRequest) -> Report:
         report = evaluate_opens2v(items, examples=req.examples, progress=req.progress, aesthetics=aesthetics,
                                   skipped=skipped)
         report.extra["protocol"] = "opens2v"
-        write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
+        write_report(report, req.out, inputs={**source, "videos": [str(v) for v in req.videos],
                                               "protocol": "opens2v"})
         return report
     rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
@@ -138,7 +158,7 @@ def run(req: EvalRequest) -> Report:
                       weights=checked.weights, flow=req.flow, batch_size=req.batch_size, examples=req.examples,
                       progress=req.progress)
     report.extra["protocol"] = "legacy"
-    write_report(report, req.out, inputs={"data": str(req.data), "videos": [str(v) for v in req.videos],
+    write_report(report, req.out, inputs={**source, "videos": [str(v) for v in req.videos],
                                           "metrics": checked.metrics, "flow": req.flow, "protocol": "legacy"})
     return report
 
@@ -157,23 +177,6 @@ def _opens2v_models(options: dict[str, dict[str, object]], device: str):
         return AestheticScorer(opts["clip"], opts["head"], device=device), {}
     except (*SKIP_ERRORS, RuntimeError, KeyError, pickle.UnpicklingError) as err:
         return None, {"aesthetics": f"cannot load ({one_line(err)})"}
-
-
-class _RecordingPipeline:
-    """Forwards to the pipeline and keeps every generated video: `evaluate_model` scores ToyID matched
-    vs shuffled on them while we keep the frames to write the mp4s (one generation, not two)."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.videos = []
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def __call__(self, *args, **kwargs):
-        out = self.pipe(*args, **kwargs)
-        self.videos.append(out.frames[0])
-        return out
 
 
 def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> tuple[Path, Path]:
@@ -201,32 +204,52 @@ def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> 
     return model, toyid
 
 
+def render_toyworld(model: Path, manifest: Path, videos: Path, seed: int = 0, steps: int | None = None) -> list[Path]:
+    """Step 1 of --toyworld: one `videos/<id>.mp4` per manifest sample (sample i seeded `seed + i`),
+    rendered by the batch renderer (`idcrafter.cli.render_batch` on a job file) in a separate
+    process, so that the evaluation process itself never imports a generator. Earlier videos of
+    these ids are removed first: a rerun renders afresh rather than resuming.
+    """
+    from idcrafter.data.manifest import load_manifest
+
+    samples, errors = load_manifest(manifest)
+    if errors:
+        raise FileFormatError(f"{manifest}: {errors[0]}")
+    jobs = Path(manifest).parent / "render_jobs.jsonl"
+    jobs.write_text("".join(
+        json.dumps({"prompt": s.prompt, "refs": [str(x.image) for x in s.subjects], "output": f"{s.id}.mp4",
+                    "seed": seed + i, **({"steps": steps} if steps is not None else {})}) + "\n"
+        for i, s in enumerate(samples)))
+    for sample in samples:
+        (videos / f"{sample.id}.mp4").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "idcrafter.cli.render_batch", "--jobs", str(jobs), "--out", str(videos),
+           "--model", str(model), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise FileFormatError(f"--model {model}: rendering the toy-world samples failed ({last})")
+    return [videos / f"{s.id}.mp4" for s in samples]
+
+
 def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
-    """Held-out toy-world samples -> one video each from the model -> mp4s in `out/videos` -> the same
-    evaluation (ToyID + Motion by default), plus `evaluate_model`'s ToyID matched / shuffled / truth."""
+    """Held-out toy-world samples -> one mp4 each rendered by the model through the batch renderer in
+    `out/videos` (`render_toyworld`) -> the files scored as any others (ToyID + Motion by default),
+    plus `evaluate_model`'s ToyID matched / shuffled / truth on the same files."""
     checked = checked or validate(req)
     model, toyid = _toyworld_paths(req, checked.options)  # before the heavy imports below
-    from idcrafter.toyworld.evaluate import evaluate_model
+    from idcrafter.toyworld.evaluate import score_files
     from idcrafter.toyworld.world import write_dataset
-    from idcrafter.utils.media import write_video
-    from idcrafter.video.pipeline import IDCrafterPipeline
+    from idcrafter.video.infer import InferenceRequest, model_config
 
-    try:
-        pipe = IDCrafterPipeline.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"--model {model}: cannot load ({str(err).splitlines()[0] if str(err) else err.__class__.__name__})") from None
-    cfg = pipe.config_idc
+    cfg = model_config(InferenceRequest(refs=[], prompt="-", out="-.mp4", model=str(model)))  # reads configs only
     size = cfg.height if cfg.height == cfg.width else 64
     out = Path(req.out)
-    recorder = _RecordingPipeline(pipe)
+    videos = out / "videos"
     with tempfile.TemporaryDirectory(prefix="idcrafter-eval-") as tmp:
         manifest = write_dataset(tmp, req.samples, seed=req.seed, pool="held_out", num_frames=cfg.num_frames, size=size)
-        toy = evaluate_model(model, manifest, toyid, limit=req.samples, seed=req.seed, steps=req.steps, pipe=recorder,
-                             progress=req.progress)
-        videos = out / "videos"
-        for row, frames in zip(toy["samples"], recorder.videos):
-            write_video(frames, videos / f"{row['id']}.mp4", fps=cfg.fps)
-        items = load_items(manifest, [videos])
+        paths = render_toyworld(model, manifest, videos, seed=req.seed, steps=req.steps)
+        toy = score_files(paths, manifest, toyid, fps=cfg.fps, seed=req.seed)
+        items = load_items(manifest, paths)
         rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
                                          device=req.device)
         skipped.update(_not_run(checked.metrics, "not part of this --toyworld run (toy sprites: ToyID and Motion)"))
@@ -240,8 +263,8 @@ def run_toyworld(req: EvalRequest, checked: _Checked | None = None) -> Report:
         "model": str(model), "toyid": str(toyid), "samples": req.samples, "seed": req.seed, "steps": req.steps,
         "videos": str(videos),
         "matched_vs_shuffled": toy["summary"],
-        "note": "toyid_matched / toyid_shuffled / toyid_truth: ToyID mean of the generated video against its own "
-                "references, against another sample's, and of the ground-truth clip (evaluate_model, before mp4 encoding)",
+        "note": "toyid_matched / toyid_shuffled / toyid_truth: ToyID mean of the rendered mp4 against its own "
+                "references, against another sample's, and of the ground-truth clip (toyworld.evaluate.score_files)",
     }
     write_report(report, out, inputs={"toyworld": True, "model": str(model), "metrics": checked.metrics, "flow": req.flow})
     return report
