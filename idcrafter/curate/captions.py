@@ -194,16 +194,12 @@ class QwenCaptioner:
     def load(self) -> None:
         if self.model is not None:
             return
-        import torch
         from transformers import Qwen2_5_VLForConditionalGeneration
 
+        from idcrafter.curate.core import load_local_model
         from idcrafter.rewards.natural import load_image_text_processor
 
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"Qwen2.5-VL folder {str(self.path)!r} has no config.json (models are never downloaded)")
-        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.path, dtype=dtype, local_files_only=True)
-        self.model = self.model.to(self.device).eval()
+        self.model = load_local_model(Qwen2_5_VLForConditionalGeneration, self.path, "Qwen2.5-VL", self.dtype, self.device)
         self.processor = load_image_text_processor(self.path)  # without the video processor (needs torchvision)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
 

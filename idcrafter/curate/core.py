@@ -18,12 +18,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 __all__ = ["BACKENDS", "STAGES", "Candidate", "Detection", "Dropped", "Funnel", "Outcome", "Stage", "SubjectTrack",
-           "make_backend", "make_stage", "run_stages"]
+           "load_local_model", "make_backend", "make_stage", "run_stages"]
 
 
 @dataclass
@@ -239,3 +240,15 @@ def make_backend(kind: str, name: str, **options):
     if name not in known:
         raise ValueError(f"unknown {kind} backend {name!r}; known: {', '.join(known)}")
     return _load(known[name])(**options)
+
+
+def load_local_model(model_class, path: Path, what: str, dtype: str | None, device: str):
+    """`model_class.from_pretrained(path)` in eval mode on `device`, never downloading:
+    FileNotFoundError naming `what` when `path` has no config.json. dtype: a torch dtype name or None
+    (float32)."""
+    import torch
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{what} folder {str(path)!r} has no config.json (models are never downloaded)")
+    dtype = getattr(torch, dtype) if dtype else torch.float32
+    return model_class.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()

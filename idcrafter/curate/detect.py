@@ -252,14 +252,11 @@ class GroundingDinoDetector:
     def load(self) -> None:
         if self.model is not None:
             return
-        import torch
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"Grounding-DINO folder {str(self.path)!r} has no config.json (models are never downloaded)")
-        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
-        self.model = GroundingDinoForObjectDetection.from_pretrained(self.path, dtype=dtype, local_files_only=True)
-        self.model = self.model.to(self.device).eval()
+        from idcrafter.curate.core import load_local_model
+
+        self.model = load_local_model(GroundingDinoForObjectDetection, self.path, "Grounding-DINO", self.dtype, self.device)
         self.processor = GroundingDinoProcessor.from_pretrained(self.path, local_files_only=True)
 
     def raw(self, frames: np.ndarray, categories: Sequence[str]):
@@ -328,9 +325,9 @@ class KeypointStage(Stage):
 
         if self.path is None:
             return
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"ViTPose folder {str(self.path)!r} has no config.json (models are never downloaded)")
-        self.model = VitPoseForPoseEstimation.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
+        from idcrafter.curate.core import load_local_model
+
+        self.model = load_local_model(VitPoseForPoseEstimation, self.path, "ViTPose", None, self.device)
         self.processor = VitPoseImageProcessor.from_pretrained(self.path, local_files_only=True)
 
     def keypoints(self, frames: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:

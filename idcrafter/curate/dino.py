@@ -33,13 +33,11 @@ class DinoVerifier:
     def load(self) -> None:
         if self.model is not None:
             return
-        import torch
         from transformers import AutoImageProcessor, Dinov2Model
 
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"DINOv2 folder {str(self.path)!r} has no config.json (models are never downloaded)")
-        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
-        self.model = Dinov2Model.from_pretrained(self.path, dtype=dtype, local_files_only=True).to(self.device).eval()
+        from idcrafter.curate.core import load_local_model
+
+        self.model = load_local_model(Dinov2Model, self.path, "DINOv2", self.dtype, self.device)
         self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
 
     @property

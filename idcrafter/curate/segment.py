@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, make_backend
+from idcrafter.curate.core import Candidate, Dropped, Outcome, Stage, load_local_model, make_backend
 
 __all__ = ["SamSegmenter", "SegmentStage", "fill_gaps", "largest_component", "sam2_box"]
 
@@ -149,15 +149,11 @@ class SamSegmenter:
     def load(self) -> None:
         if self.model is not None:
             return
-        import torch
         from transformers import SamModel, SamProcessor
 
         if self.path is None:
             raise ValueError("per-frame segmentation needs model: a local SAM folder (backends.segmenter.model)")
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"SAM folder {str(self.path)!r} has no config.json (models are never downloaded)")
-        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
-        self.model = SamModel.from_pretrained(self.path, dtype=dtype, local_files_only=True).to(self.device).eval()
+        self.model = load_local_model(SamModel, self.path, "SAM", self.dtype, self.device)
         self.processor = SamProcessor.from_pretrained(self.path, local_files_only=True)
 
     def segment(self, frames: np.ndarray, boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -195,14 +191,9 @@ class SamSegmenter:
     def load_video(self) -> None:
         if self.video is not None:
             return
-        import torch
         from transformers import Sam2VideoModel
 
-        if not (self.video_model / "config.json").is_file():
-            raise FileNotFoundError(f"SAM 2 folder {str(self.video_model)!r} has no config.json (models are never downloaded)")
-        dtype = getattr(torch, self.dtype) if self.dtype else torch.float32
-        self.video = Sam2VideoModel.from_pretrained(self.video_model, dtype=dtype, local_files_only=True)
-        self.video = self.video.to(self.device).eval()
+        self.video = load_local_model(Sam2VideoModel, self.video_model, "SAM 2", self.dtype, self.device)
 
     def video_pixels(self, frames: np.ndarray):
         """frames (T, H, W, 3) uint8 -> (T, 3, S, S) as SAM 2 reads them: resized to its square input
