@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     except InputError as err:
         return fail(str(err))
 
-    from idcrafter.train.cli import train_args
-    from idcrafter.train.trainer import AllSamplesFailed, NonFiniteLoss, Trainer
+    from idcrafter.train.cli import run_training, train_args
+    from idcrafter.train.trainer import Trainer
     from idcrafter.utils.logging import setup_logging
 
     setup_logging()
@@ -214,18 +214,7 @@ def main(argv=None) -> int:
                           weight_decay=args.weight_decay if args.weight_decay is not None else cfg.weight_decay)
     args.lr, args.weight_decay = run_args.lr, run_args.weight_decay  # saved as resolved
     run_args.settings = settings_dict(parser, args)
-    try:
-        with user_file():  # a damaged checkpoint to resume, a data or settings mismatch
-            summary = Trainer(spec, run_args).run()
-    except (InputError, AllSamplesFailed) as err:
-        return fail(str(err))
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if summary.get("failed_samples"):
-        print(f"skipped {summary['failed_samples']} samples that failed to decode", file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "failed_sample_ids"}))
-    return 0
+    return run_training(Trainer(spec, run_args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ logs, training.png and reward_curve.png, checkpoints (resume with --resume auto)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,23 +293,12 @@ def main(argv=None) -> int:
         return fail(str(err))
 
     from idcrafter.rl.trainer import RLTrainer
-    from idcrafter.train.cli import train_args
-    from idcrafter.train.trainer import NonFiniteLoss
+    from idcrafter.train.cli import run_training, train_args
     from idcrafter.utils.logging import setup_logging
 
     setup_logging()
-    try:
-        with user_file():  # a damaged checkpoint to resume, a sample file that does not read
-            run_args = train_args(args, betas=(0.9, 0.95), batch_size=args.group_size,
-                                  settings=settings_dict(parser, args))
-            summary = RLTrainer(spec, run_args, rl, reward).run()
-    except InputError as err:
-        return fail(str(err))
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    run_args = train_args(args, betas=(0.9, 0.95), batch_size=args.group_size, settings=settings_dict(parser, args))
+    return run_training(RLTrainer(spec, run_args, rl, reward))
 
 
 if __name__ == "__main__":

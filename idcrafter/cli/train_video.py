@@ -18,7 +18,6 @@ OUTPUT/metrics.jsonl, OUTPUT/training.png and OUTPUT/summary.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,22 +150,12 @@ def main(argv=None) -> int:
     except InputError as err:
         return fail(str(err))
 
-    from idcrafter.train.trainer import AllSamplesFailed, NonFiniteLoss, Trainer
+    from idcrafter.train.cli import run_training
+    from idcrafter.train.trainer import Trainer
     from idcrafter.utils.logging import setup_logging
 
     setup_logging()
-    try:
-        with user_file():  # a damaged checkpoint to resume, a data or settings mismatch
-            summary = Trainer(spec, train_args(args, settings=settings_dict(parser, args))).run()
-    except (InputError, AllSamplesFailed) as err:
-        return fail(str(err))
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if summary.get("failed_samples"):
-        print(f"skipped {summary['failed_samples']} samples that failed to decode", file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "failed_sample_ids"}))
-    return 0
+    return run_training(Trainer(spec, train_args(args, settings=settings_dict(parser, args))))
 
 
 if __name__ == "__main__":

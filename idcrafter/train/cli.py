@@ -31,7 +31,7 @@ from idcrafter.utils.cli import (
 from idcrafter.utils.settings_file import NOT_SETTINGS, add_config_argument, parse_settings
 
 __all__ = ["RunSettings", "add_config_argument", "add_dataclass_arguments", "add_run_arguments", "check_run_paths",
-           "parse_settings", "save_settings", "setting", "train_args", "write_settings"]
+           "parse_settings", "run_training", "save_settings", "setting", "train_args", "write_settings"]
 
 # The file save_settings writes in the run folder; SETTINGS_NAMES lists the names it reuses when present.
 SETTINGS_FILE = "config.yaml"
@@ -245,3 +245,28 @@ def train_args(args: argparse.Namespace, **overrides):
             values[name] = getattr(args, name)
     values.update(overrides)
     return TrainArgs(**values)
+
+
+def run_training(trainer) -> int:
+    """Run a `Trainer` (SFT or RL) the way the training commands do and return their exit code: 0 with
+    the summary printed as JSON; 2 with one line for bad input found on the way (a damaged checkpoint
+    to resume, a data or settings mismatch) or when every sample failed to decode; 1 when a loss went
+    non-finite (nothing of that step saved)."""
+    import json
+    import sys
+
+    from idcrafter.train.trainer import AllSamplesFailed, NonFiniteLoss
+    from idcrafter.utils.cli import fail, user_file
+
+    try:
+        with user_file():
+            summary = trainer.run()
+    except (InputError, AllSamplesFailed) as err:
+        return fail(str(err))
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if summary.get("failed_samples"):
+        print(f"skipped {summary['failed_samples']} samples that failed to decode", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "failed_sample_ids"}))
+    return 0
