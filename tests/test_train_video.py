@@ -194,6 +194,7 @@ def logged_lrs(output: Path) -> list[float]:
     return [json.loads(line)["lr"] for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 37 s: keeps the CI suite under its 15-minute budget
 def test_lr_schedules_follow_their_formulas_and_resume_continues_them(data, tmp_path):
     import shutil
 
