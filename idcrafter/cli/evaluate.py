@@ -43,10 +43,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", default=None, help="benchmark manifest (JSONL: id, prompt, subjects with image and category)")
     p.add_argument("--videos", nargs="+", default=[], help="a folder of <id>.mp4 / <id>.png, or one file per sample in manifest order")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--protocol", default=None, choices=("opens2v", "legacy"),
-                   help="opens2v: OpenS2V-Eval's columns and leaderboard totals (default); legacy: the reward-based "
-                        "columns and weighted total (default with --toyworld, --metrics, --weights or a reward's "
-                        "--model-option)")
+    p.add_argument("--protocol", default=None, choices=("opens2v", "multicrafter", "one-for-all", "legacy"),
+                   help="opens2v: OpenS2V-Eval's columns and leaderboard totals (default); multicrafter / one-for-all: "
+                        "those papers' image tables; legacy: the reward-based columns and weighted total (default "
+                        "with --toyworld, --metrics, --weights or a reward's --model-option)")
     p.add_argument("--metrics", default=None,
                    help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
                         "leakage (default: all; --toyworld: toyid,motion)")

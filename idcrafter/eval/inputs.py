@@ -155,7 +155,8 @@ def load_items(manifest: str | Path, generated: Sequence[str | Path]) -> list[Ev
             refs = [_load_ref(s.image) for s in sample.subjects]
         attention = path.with_suffix(".npz")
         items.append(EvalItem(id=sample.id, prompt=sample.prompt, refs=refs, categories=[s.category for s in sample.subjects],
-                              path=path, attention=attention if attention.is_file() else None))
+                              path=path, attention=attention if attention.is_file() else None,
+                              ref_paths=[str(s.image) for s in sample.subjects]))
     return items
 
 
@@ -184,5 +185,6 @@ def load_benchmark_items(
     with user_file("--images-root"):
         return [EvalItem(id=case.id, prompt=case.prompt, refs=[_load_ref(p) for p in case.images(images_root)],
                          categories=list(case.class_label), path=path,
-                         attention=path.with_suffix(".npz") if path.with_suffix(".npz").is_file() else None)
+                         attention=path.with_suffix(".npz") if path.with_suffix(".npz").is_file() else None,
+                         ref_paths=list(case.img_paths))
                 for case, path in zip(chosen, paths)]

@@ -105,7 +105,16 @@ DEFAULT_WEIGHTS: dict[str, float] = {k: c.weight for k, c in COLUMNS.items() if 
 
 
 def title(key: str) -> str:
-    return "Total" if key == TOTAL else COLUMNS[key].title if key in COLUMNS else key
+    if key == TOTAL:
+        return "Total"
+    if key in COLUMNS:
+        return COLUMNS[key].title
+    from idcrafter.eval.protocols import PROTOCOL_TABLES
+
+    for table in PROTOCOL_TABLES.values():
+        if key in table:
+            return table[key][0]
+    return key
 
 
 def normalise(key: str, value: float) -> float:
@@ -187,6 +196,8 @@ class EvalItem:
 
     frames: uint8 [F, H, W, 3] in memory, or None to decode `path` (mp4 or image) when evaluated.
     attention: None, an `.npz` path, or a dict with share / masks / grid (see `attention_leakage`).
+    ref_paths: the references' paths as the benchmark file or manifest names them (OpenS2V picks the
+        face reference by its folder, e.g. ".../man/..."), one per entry of `refs`.
     """
 
     id: str
@@ -196,6 +207,7 @@ class EvalItem:
     frames: np.ndarray | None = None
     path: Path | None = None
     attention: Path | Mapping[str, Any] | None = None
+    ref_paths: list[str] = field(default_factory=list)
 
     def load(self) -> np.ndarray:
         if self.frames is not None:

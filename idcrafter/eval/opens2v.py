@@ -61,6 +61,7 @@ __all__ = [
     "parse_natural_score",
     "Range",
     "aesthetic_head",
+    "build_aesthetics",
     "sample_indices",
 ]
 
@@ -277,8 +278,8 @@ def domain_totals(columns: Mapping[str, float | None], domain: str,
 # The protocol's report
 # ----------------------------------------------------------------------------------------------------
 
-# Report column key -> the benchmark script whose model it needs. Only Motion needs no model; the
-# others are skipped with this reason until their computation is wired in.
+# Report column key -> the benchmark script (and model) that computes it. Columns whose model is not
+# built are skipped with the reason `idcrafter.eval.protocols.build_scorers` gives.
 COLUMN_SOURCES = {
     "aesthetics": "get_aesscore.py (CLIP ViT-L/14 + the LAION aesthetic MLP head)",
     "motion": "get_motionscore.py (OpenCV Farneback)",
@@ -288,50 +289,43 @@ COLUMN_SOURCES = {
     "naturalscore": "get_naturalscore.py (a VLM rating 1-5, three repeats)",
 }
 PROTOCOL_COLUMNS = tuple(COLUMN_SOURCES)
+# Columns the benchmark reports beside the leaderboard's (no range, no weight): shown, not normalised.
+REPORTED_COLUMNS: tuple[str, ...] = ()
 
 
-def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress: bool = True,
-                     version: str = "v1.0", aesthetics: AestheticScorer | None = None,
-                     skipped: Mapping[str, str] | None = None):
+def evaluate_opens2v(items, scorers=None, examples: int = 8, example_frames: int = 4, progress: bool = True,
+                     version: str = "v1.0", skipped: Mapping[str, str] | None = None):
     """Score generated files with the OpenS2V-Eval protocol -> `idcrafter.eval.metrics.Report`.
 
-    Per sample: Motion (`farneback_motion`, None for a still image). The model-based columns are
-    listed in `report.skipped` with the benchmark script and model they need. `report.extra["opens2v"]`
-    holds the leaderboard's normalised columns and, per domain, the TotalScore or the columns it lacks.
-    The legacy weighted total is not computed (`report.weights` is empty): the leaderboard's total
-    replaces it.
+    Per sample: Motion (`farneback_motion`, None for a still image) and the columns of every scorer
+    given (`idcrafter.eval.protocols`: scorer(item, frames) -> {column: value}). Columns without a
+    scorer are listed in `report.skipped` with the reason from `skipped` (else the benchmark script
+    and model they need). `report.extra["opens2v"]` holds the leaderboard's normalised columns and,
+    per domain, the TotalScore or the columns it lacks. The legacy weighted total is not computed
+    (`report.weights` is empty): the leaderboard's total replaces it.
 
     Args:
         items: `idcrafter.eval.metrics.EvalItem`s (frames decoded from their files).
-        aesthetics: the Aesthetics scorer, or None to skip that column.
+        scorers: option name -> scorer (`idcrafter.eval.protocols.build_scorers`).
         skipped: column key -> reason, for the model columns whose model could not be built.
     """
-    from tqdm.auto import tqdm
+    from idcrafter.eval.metrics import TOTAL, Report
+    from idcrafter.eval.protocols import score_items
 
-    from idcrafter.eval.metrics import TOTAL, Report, _example_frames
-
-    motion: list[float | None] = []
-    aes: list[float | None] = []
-    kinds: list[str] = []
-    kept = []
-    for item in tqdm(items, desc="opens2v", unit="sample", disable=not progress):
-        frames = item.load()
-        kinds.append("video" if len(frames) > 1 else "image")
-        if len(kept) < examples:
-            kept.append((item.id, _example_frames(frames, example_frames)))
-        motion.append(farneback_motion(frames))
-        if aesthetics is not None:
-            aes.append(aesthetics(frames))
+    everything = (*PROTOCOL_COLUMNS, *REPORTED_COLUMNS)
+    values, kinds, kept = score_items(items, scorers or {}, everything, per_frames={"motion": farneback_motion},
+                                      examples=examples, example_frames=example_frames, progress=progress,
+                                      desc="opens2v")
     given = dict(skipped or {})
-    skipped = {k: given.get(k, f"needs the benchmark's model: {src}; not computed by this protocol yet")
-               for k, src in COLUMN_SOURCES.items() if k != "motion" and not (k == "aesthetics" and aesthetics)}
-    values: dict[str, list[float | None]] = {}
-    if aesthetics is not None:
-        values["aesthetics"] = aes
-    if all(v is None for v in motion):
-        skipped["motion"] = "every sample is a still image (Motion needs 2 or more frames)"
-    else:
-        values["motion"] = motion
+    skipped = {}
+    for key in everything:
+        if all(v is None for v in values[key]):
+            values.pop(key)
+            if key == "motion":
+                skipped[key] = "every sample is a still image (Motion needs 2 or more frames)"
+            else:
+                skipped[key] = given.get(key, f"needs the benchmark's model: {COLUMN_SOURCES.get(key, key)}; "
+                                              "no value for any sample")
     normalised = normalised_columns({k: values.get(k, []) for k in PROTOCOL_COLUMNS})
     totals = {}
     for domain in DOMAINS:
@@ -340,7 +334,7 @@ def evaluate_opens2v(items, examples: int = 8, example_frames: int = 4, progress
     open_missing = totals["Open-Domain"]["missing"]
     if open_missing:
         skipped[TOTAL] = f"the OpenS2V TotalScore needs every weighted column; missing: {', '.join(open_missing)}"
-    columns = [k for k in PROTOCOL_COLUMNS if k in values]
+    columns = [k for k in everything if k in values]
     report = Report(ids=[item.id for item in items], columns=columns, values=values, weights={},
                     skipped=skipped, kinds=kinds, examples=kept)
     report.extra["opens2v"] = {
@@ -422,6 +416,12 @@ class AestheticScorer:
         """uint8 [F, H, W, 3] (every decoded frame) -> the mean score of the benchmark's sampled frames."""
         frames = np.asarray(frames)
         return float(self.frame_scores(frames[sample_indices(len(frames), self.frames)]).mean())
+
+
+def build_aesthetics(options: Mapping[str, object], device: str = "cpu"):
+    """The Aesthetics column model (`idcrafter.eval.protocols`): options clip=DIR, head=FILE."""
+    scorer = AestheticScorer(options["clip"], options["head"], device=device)
+    return lambda item, frames: {"aesthetics": scorer(frames)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ columns and weighted total of `idcrafter.eval.metrics` (the default with --toywo
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from idcrafter.eval.inputs import KNOWN, build_rewards, load_items, parse_metrics, parse_model_options
 from idcrafter.eval.metrics import BUILTIN_METRICS, COLUMNS, REWARD_METRICS, Report, check_weights, evaluate
 from idcrafter.eval.motion import FLOW_METHODS
+from idcrafter.eval.protocols import build_scorers, evaluate_protocol, model_options
 from idcrafter.eval.report import write_report
 from idcrafter.utils.errors import ConfigError, FileFormatError
 
@@ -32,8 +32,7 @@ __all__ = ["PROTOCOLS", "TOYWORLD_METRICS", "EvalRequest", "render_toyworld", "r
            "run_toyworld", "validate"]
 
 TOYWORLD_METRICS = ("toyid", "motion")
-PROTOCOLS = ("opens2v", "legacy")
-OPENS2V_MODEL_COLUMNS = ("aesthetics",)
+PROTOCOLS = ("opens2v", "multicrafter", "one-for-all", "legacy")
 
 
 @dataclass
@@ -82,9 +81,9 @@ def resolve_protocol(req: EvalRequest) -> str:
         return "legacy" if legacy_options else "opens2v"
     if req.protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol {req.protocol!r}: known protocols are {', '.join(PROTOCOLS)}")
-    if req.protocol == "opens2v" and legacy_options:
-        raise ConfigError(f"--protocol opens2v: {legacy_options[0]} belongs to --protocol legacy "
-                          "(OpenS2V-Eval has fixed columns and weights)")
+    if req.protocol != "legacy" and legacy_options:
+        raise ConfigError(f"--protocol {req.protocol}: {legacy_options[0]} belongs to --protocol legacy "
+                          "(a published protocol has fixed columns and weights)")
     return req.protocol
 
 
@@ -101,9 +100,9 @@ def validate(req: EvalRequest) -> _Checked:
     if req.examples < 0:
         raise ConfigError(f"--examples must be >= 0, got {req.examples}")
     metrics = parse_metrics(req.metrics if req.metrics is not None else (TOYWORLD_METRICS if req.toyworld else None), KNOWN)
-    # --protocol opens2v's own models are options of its column names (aesthetics.clip=DIR, aesthetics.head=FILE).
-    options = parse_model_options(req.model_options, known=(*REWARD_METRICS, *OPENS2V_MODEL_COLUMNS)
-                                  if protocol == "opens2v" else REWARD_METRICS)
+    # A published protocol's models are options of its column models (aesthetics.clip=DIR, ...).
+    options = parse_model_options(req.model_options, known=REWARD_METRICS if protocol == "legacy"
+                                  else (*REWARD_METRICS, *model_options(protocol)))
     weights = check_weights(req.weights)
     if req.toyworld:
         if req.data or req.videos or req.opens2v:
@@ -141,15 +140,18 @@ def run(req: EvalRequest) -> Report:
     else:
         items = load_items(req.data, req.videos)
     source = {"opens2v": str(req.opens2v), "images_root": str(req.images_root)} if req.opens2v else {"data": str(req.data)}
-    if checked.protocol == "opens2v":
-        from idcrafter.eval.opens2v import evaluate_opens2v
+    if checked.protocol != "legacy":
+        scorers, skipped = build_scorers(checked.protocol, checked.options, req.device)
+        if checked.protocol == "opens2v":
+            from idcrafter.eval.opens2v import evaluate_opens2v
 
-        aesthetics, skipped = _opens2v_models(checked.options, req.device)
-        report = evaluate_opens2v(items, examples=req.examples, progress=req.progress, aesthetics=aesthetics,
-                                  skipped=skipped)
-        report.extra["protocol"] = "opens2v"
+            report = evaluate_opens2v(items, scorers, examples=req.examples, progress=req.progress, skipped=skipped)
+        else:
+            report = evaluate_protocol(checked.protocol, items, scorers, examples=req.examples, progress=req.progress,
+                                       skipped=skipped)
+        report.extra["protocol"] = checked.protocol
         write_report(report, req.out, inputs={**source, "videos": [str(v) for v in req.videos],
-                                              "protocol": "opens2v"})
+                                              "protocol": checked.protocol})
         return report
     rewards, skipped = build_rewards([m for m in checked.metrics if m in REWARD_METRICS], checked.options,
                                      device=req.device)
@@ -161,22 +163,6 @@ def run(req: EvalRequest) -> Report:
     write_report(report, req.out, inputs={**source, "videos": [str(v) for v in req.videos],
                                           "metrics": checked.metrics, "flow": req.flow, "protocol": "legacy"})
     return report
-
-
-def _opens2v_models(options: dict[str, dict[str, object]], device: str):
-    """The Aesthetics scorer from --model-option aesthetics.clip=DIR / aesthetics.head=FILE, or None and
-    the one-line reason (options not given, or the model does not load)."""
-    from idcrafter.eval.metrics import SKIP_ERRORS, one_line
-    from idcrafter.eval.opens2v import AestheticScorer
-
-    opts = options.get("aesthetics", {})
-    if "clip" not in opts or "head" not in opts:
-        return None, {"aesthetics": "needs CLIP ViT-L/14 and the LAION aesthetic head: pass --model-option "
-                                    "aesthetics.clip=DIR --model-option aesthetics.head=FILE"}
-    try:
-        return AestheticScorer(opts["clip"], opts["head"], device=device), {}
-    except (*SKIP_ERRORS, RuntimeError, KeyError, pickle.UnpicklingError) as err:
-        return None, {"aesthetics": f"cannot load ({one_line(err)})"}
 
 
 def _toyworld_paths(req: EvalRequest, options: dict[str, dict[str, object]]) -> tuple[Path, Path]:
