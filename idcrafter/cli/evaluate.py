@@ -47,6 +47,9 @@ def build_parser() -> ArgumentParser:
                    help="opens2v: OpenS2V-Eval's columns and leaderboard totals (default); multicrafter / one-for-all: "
                         "those papers' image tables; legacy: the reward-based columns and weighted total (default "
                         "with --toyworld, --metrics, --weights or a reward's --model-option)")
+    p.add_argument("--leaderboard", default="v1.0", choices=("v1.0", "v1.1"),
+                   help="--protocol opens2v: the leaderboard version whose weights make the totals (v1.1 adds "
+                        "Motion Smoothness, --model-option smoothness.path=QWEN2.5-VL-DIR)")
     p.add_argument("--metrics", default=None,
                    help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
                         "leakage (default: all; --toyworld: toyid,motion)")

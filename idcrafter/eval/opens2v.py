@@ -283,6 +283,7 @@ def domain_totals(columns: Mapping[str, float | None], domain: str,
 COLUMN_SOURCES = {
     "aesthetics": "get_aesscore.py (CLIP ViT-L/14 + the LAION aesthetic MLP head)",
     "motion": "get_motionscore.py (OpenCV Farneback)",
+    "motion_smoothness": "get_motion_smoothness.py (v1.1: Q-Align window scores; a local Qwen2.5-VL substitutes it)",
     "facesim_cur": "get_facesim.py (insightface detection and alignment + CurricularFace)",
     "gmescore": "get_gmescore.py (GME-Qwen2-VL)",
     "nexusscore": "get_nexusscore.py (YOLO-World detection + GME retrieval)",

@@ -67,6 +67,8 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
     "opens2v": (
         ColumnModel("aesthetics", ("aesthetics",), ("clip", "head"), "idcrafter.eval.opens2v:build_aesthetics",
                     "CLIP ViT-L/14 and the LAION aesthetic head (get_aesscore.py)"),
+        ColumnModel("smoothness", ("motion_smoothness",), ("path",), "idcrafter.eval.smoothness:build_smoothness",
+                    "a local Qwen2.5-VL standing in for Q-Align (get_motion_smoothness.py, leaderboard v1.1)"),
     ),
     "multicrafter": (),
     "one-for-all": (),

@@ -58,6 +58,7 @@ class EvalRequest:
     images_root: str | None = None
     cases: list[str] | None = None
     limit: int | None = None
+    leaderboard: str = "v1.0"  # the OpenS2V leaderboard version whose weights make the totals
 
 
 @dataclass
@@ -95,6 +96,10 @@ def validate(req: EvalRequest) -> _Checked:
     protocol = resolve_protocol(req)
     if req.flow not in FLOW_METHODS:
         raise ConfigError(f"--flow {req.flow!r}: known methods are {', '.join(FLOW_METHODS)}")
+    from idcrafter.eval.opens2v import VERSIONS
+
+    if req.leaderboard not in VERSIONS:
+        raise ConfigError(f"--leaderboard {req.leaderboard!r}: known versions are {', '.join(VERSIONS)}")
     if req.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {req.batch_size}")
     if req.examples < 0:
@@ -145,7 +150,8 @@ def run(req: EvalRequest) -> Report:
         if checked.protocol == "opens2v":
             from idcrafter.eval.opens2v import evaluate_opens2v
 
-            report = evaluate_opens2v(items, scorers, examples=req.examples, progress=req.progress, skipped=skipped)
+            report = evaluate_opens2v(items, scorers, examples=req.examples, progress=req.progress, skipped=skipped,
+                                      version=req.leaderboard)
         else:
             report = evaluate_protocol(checked.protocol, items, scorers, examples=req.examples, progress=req.progress,
                                        skipped=skipped)
