@@ -67,6 +67,9 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
     "opens2v": (
         ColumnModel("aesthetics", ("aesthetics",), ("clip", "head"), "idcrafter.eval.opens2v:build_aesthetics",
                     "CLIP ViT-L/14 and the LAION aesthetic head (get_aesscore.py)"),
+        ColumnModel("facesim", ("facesim_cur", "facesim_arc"), ("root", "curricular"),
+                    "idcrafter.eval.facesim:build_facesim",
+                    "insightface detection + ArcFace and the CurricularFace IR-101 backbone (get_facesim.py)"),
     ),
     "multicrafter": (),
     "one-for-all": (),
