@@ -291,7 +291,8 @@ COLUMN_SOURCES = {
 }
 PROTOCOL_COLUMNS = tuple(COLUMN_SOURCES)
 # Columns the benchmark reports beside the leaderboard's (no range, no weight): shown, not normalised.
-REPORTED_COLUMNS: tuple[str, ...] = ()
+# FaceSim-Arc: get_facesim.py's second score (the leaderboard's FaceSim is Cur).
+REPORTED_COLUMNS: tuple[str, ...] = ("facesim_arc",)
 
 
 def evaluate_opens2v(items, scorers=None, examples: int = 8, example_frames: int = 4, progress: bool = True,
