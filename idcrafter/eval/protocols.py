@@ -67,6 +67,8 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
     "opens2v": (
         ColumnModel("aesthetics", ("aesthetics",), ("clip", "head"), "idcrafter.eval.opens2v:build_aesthetics",
                     "CLIP ViT-L/14 and the LAION aesthetic head (get_aesscore.py)"),
+        ColumnModel("naturalscore", ("naturalscore",), ("path",), "idcrafter.eval.naturalscore:build_naturalscore",
+                    "a local Qwen2.5-VL / Qwen2-VL folder in place of GPT-4o (get_naturalscore.py)"),
     ),
     "multicrafter": (),
     "one-for-all": (),
@@ -140,10 +142,11 @@ def score_items(items: Sequence, scorers: Mapping[str, Scorer], columns: Sequenc
 PROTOCOL_TABLES: dict[str, dict[str, tuple[str, str]]] = {
     "multicrafter": {
         "mc_clip_t": ("CLIP-T", "CLIP image-text cosine of the output and the prompt (MultiCrafter Sec. 5.1)"),
-        "mc_face_sim": ("Face-Sim", "ArcFace cosine, faces matched to references by the Hungarian algorithm"),
-        "mc_dino_i": ("DINO-I", "DINO cosine of the output and each reference"),
-        "mc_clip_i": ("CLIP-I", "CLIP image cosine of the output and each reference"),
-        "mc_aes": ("AES", "HPS v2 of the output and the prompt"),
+        "mc_face_sim": ("Face-Sim", "ArcFace cosine (clipped at 0) of each reference face and the output face the "
+                                    "Hungarian algorithm matches to it, unmatched 0, averaged over reference faces"),
+        "mc_dino_i": ("DINO-I", "DINO CLS cosine of the output and each reference, averaged"),
+        "mc_clip_i": ("CLIP-I", "CLIP image cosine of the output and each reference, averaged"),
+        "mc_aes": ("AES", "HPS v2: cosine of the output and the prompt in the HPS v2 CLIP"),
     },
     "one-for-all": {
         "ofa_facesim": ("FaceSim", "face embedding cosine of the output and each person reference"),
