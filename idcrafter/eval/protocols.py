@@ -70,7 +70,17 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
         ColumnModel("naturalscore", ("naturalscore",), ("path",), "idcrafter.eval.naturalscore:build_naturalscore",
                     "a local Qwen2.5-VL / Qwen2-VL folder in place of GPT-4o (get_naturalscore.py)"),
     ),
-    "multicrafter": (),
+    "multicrafter": (
+        ColumnModel("clip", ("mc_clip_t", "mc_clip_i"), ("path",), "idcrafter.eval.multicrafter:build_clip",
+                    "a CLIP folder (UNO / DreamBench: openai/clip-vit-base-patch32)"),
+        ColumnModel("face", ("mc_face_sim",), ("backend",), "idcrafter.eval.multicrafter:build_face",
+                    "ArcFace through insightface (backend=insightface root=DIR; backend=dlib substitutes dlib's "
+                    "descriptor)"),
+        ColumnModel("dino", ("mc_dino_i",), ("path",), "idcrafter.eval.multicrafter:build_dino",
+                    "a DINO ViT folder (UNO / DreamBench: facebook/dino-vits16)"),
+        ColumnModel("hps", ("mc_aes",), ("path",), "idcrafter.eval.multicrafter:build_hps",
+                    "the HPS v2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14)"),
+    ),
     "one-for-all": (),
 }
 
