@@ -72,8 +72,20 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
         ColumnModel("facesim", ("facesim_cur", "facesim_arc"), ("root", "curricular"),
                     "idcrafter.eval.facesim:build_facesim",
                     "insightface detection + ArcFace and the CurricularFace IR-101 backbone (get_facesim.py)"),
+        ColumnModel("naturalscore", ("naturalscore",), ("path",), "idcrafter.eval.naturalscore:build_naturalscore",
+                    "a local Qwen2.5-VL / Qwen2-VL folder in place of GPT-4o (get_naturalscore.py)"),
     ),
-    "multicrafter": (),
+    "multicrafter": (
+        ColumnModel("clip", ("mc_clip_t", "mc_clip_i"), ("path",), "idcrafter.eval.multicrafter:build_clip",
+                    "a CLIP folder (UNO / DreamBench: openai/clip-vit-base-patch32)"),
+        ColumnModel("face", ("mc_face_sim",), ("backend",), "idcrafter.eval.multicrafter:build_face",
+                    "ArcFace through insightface (backend=insightface root=DIR; backend=dlib substitutes dlib's "
+                    "descriptor)"),
+        ColumnModel("dino", ("mc_dino_i",), ("path",), "idcrafter.eval.multicrafter:build_dino",
+                    "a DINO ViT folder (UNO / DreamBench: facebook/dino-vits16)"),
+        ColumnModel("hps", ("mc_aes",), ("path",), "idcrafter.eval.multicrafter:build_hps",
+                    "the HPS v2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14)"),
+    ),
     "one-for-all": (),
 }
 
@@ -145,10 +157,11 @@ def score_items(items: Sequence, scorers: Mapping[str, Scorer], columns: Sequenc
 PROTOCOL_TABLES: dict[str, dict[str, tuple[str, str]]] = {
     "multicrafter": {
         "mc_clip_t": ("CLIP-T", "CLIP image-text cosine of the output and the prompt (MultiCrafter Sec. 5.1)"),
-        "mc_face_sim": ("Face-Sim", "ArcFace cosine, faces matched to references by the Hungarian algorithm"),
-        "mc_dino_i": ("DINO-I", "DINO cosine of the output and each reference"),
-        "mc_clip_i": ("CLIP-I", "CLIP image cosine of the output and each reference"),
-        "mc_aes": ("AES", "HPS v2 of the output and the prompt"),
+        "mc_face_sim": ("Face-Sim", "ArcFace cosine (clipped at 0) of each reference face and the output face the "
+                                    "Hungarian algorithm matches to it, unmatched 0, averaged over reference faces"),
+        "mc_dino_i": ("DINO-I", "DINO CLS cosine of the output and each reference, averaged"),
+        "mc_clip_i": ("CLIP-I", "CLIP image cosine of the output and each reference, averaged"),
+        "mc_aes": ("AES", "HPS v2: cosine of the output and the prompt in the HPS v2 CLIP"),
     },
     "one-for-all": {
         "ofa_facesim": ("FaceSim", "face embedding cosine of the output and each person reference"),

@@ -73,7 +73,10 @@ def resolve_protocol(req: EvalRequest) -> str:
     """The protocol of a run: the one asked for, else `legacy` when --toyworld, --metrics, --weights or a
     --model-option of a reward is given (they name legacy columns), else `opens2v`. ConfigError for an unknown name or for
     `opens2v` combined with the legacy options."""
-    reward_options = [spec for spec in req.model_options if spec.partition(".")[0].strip() in REWARD_METRICS]
+    # A name the asked protocol's column models take (multicrafter's "face") is that protocol's, not a reward's.
+    own = model_options(req.protocol) if req.protocol in PROTOCOLS else ()
+    reward_options = [spec for spec in req.model_options
+                      if spec.partition(".")[0].strip() in REWARD_METRICS and spec.partition(".")[0].strip() not in own]
     legacy_options = [flag for flag, given in (("--toyworld", req.toyworld), ("--metrics", req.metrics is not None),
                                                ("--weights", req.weights is not None),
                                                (f"--model-option {reward_options[0] if reward_options else ''}",
