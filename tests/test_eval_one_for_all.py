@@ -208,6 +208,11 @@ def test_builders_refuse_files_that_do_not_load(models, tmp_path):
         build_dino({**good, "treshold": 0.3}, "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         build_face({"backend": "arcface"}, "cpu")
+    # insightface looks for the paper's AuraFace pack unless another is named
+    with pytest.raises(ValueError, match="no insightface model pack at .*models/auraface"):
+        build_face({"backend": "insightface", "root": str(tmp_path)}, "cpu")
+    with pytest.raises(ValueError, match="models/antelopev2"):
+        build_face({"backend": "insightface", "root": str(tmp_path), "model_name": "antelopev2"}, "cpu")
 
 
 # ------------------------------------------------------------------------------------ FaceSim (real dlib)
