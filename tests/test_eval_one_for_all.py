@@ -115,7 +115,9 @@ class Direct:
 
     @torch.no_grad()
     def clip_images(self, images) -> torch.Tensor:
-        out = self.clip.get_image_features(**self.clip_processor(images=list(images), return_tensors="pt"))
+        # PIL images: their layout is not guessed (a crop 3 pixels high would pass for [C, H, W] as an array)
+        pil = [Image.fromarray(np.ascontiguousarray(x)) for x in images]
+        out = self.clip.get_image_features(**self.clip_processor(images=pil, return_tensors="pt"))
         out = out if isinstance(out, torch.Tensor) else out.pooler_output
         return (out / out.norm(dim=-1, keepdim=True)).double()
 
@@ -127,7 +129,8 @@ class Direct:
 
     @torch.no_grad()
     def dino_images(self, images) -> torch.Tensor:
-        cls = self.dino(**self.dino_processor(images=list(images), return_tensors="pt")).last_hidden_state[:, 0]
+        pil = [Image.fromarray(np.ascontiguousarray(x)) for x in images]
+        cls = self.dino(**self.dino_processor(images=pil, return_tensors="pt")).last_hidden_state[:, 0]
         return (cls / cls.norm(dim=-1, keepdim=True)).double()
 
 
@@ -179,6 +182,16 @@ def test_fashionclip_image_and_text_scores(models, direct):
     frames = np.stack([image, noise(48, 64, 12), noise(48, 64, 13)])
     per_frame = [scorer(item, f[None])["ofa_fashionclip_i"] for f in frames]
     assert scorer(item, frames)["ofa_fashionclip_i"] == pytest.approx(np.mean(per_frame), abs=1e-6)
+
+
+def test_thin_crops_are_embedded_as_height_width_channels(models, direct):
+    from idcrafter.rewards.clip import CLIPEmbedder, DINOEmbedder
+
+    # A crop 3 pixels high: the image processors alone would read [3, 4, 3] as channels first.
+    crops = [noise(3, 4, 7), noise(1, 5, 8), noise(9, 3, 9)]
+    clip, dino = CLIPEmbedder(models["clip"]), DINOEmbedder(models["dino"])
+    assert torch.allclose(clip.images(crops).double(), direct.clip_images(crops), atol=1e-6)
+    assert torch.allclose(dino.images(crops).double(), direct.dino_images(crops), atol=1e-6)
 
 
 def test_subject_not_found_scores_zero_and_no_subject_gives_no_value(models):
