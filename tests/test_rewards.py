@@ -248,8 +248,8 @@ def clip_direct(folder):
     tokenizer = CLIPTokenizer.from_pretrained(folder)
 
     @torch.no_grad()
-    def images(xs):
-        return unit(features(model.get_image_features(**processor(images=list(xs), return_tensors="pt"))))
+    def images(xs):  # channels_last: a crop 3 pixels high would otherwise be read as [C, H, W]
+        return unit(features(model.get_image_features(**processor(images=list(xs), return_tensors="pt", input_data_format="channels_last"))))
 
     @torch.no_grad()
     def texts(xs):
@@ -306,7 +306,7 @@ def test_dino_image_equals_the_direct_cls_cosine(dino_folder):
 
     @torch.no_grad()
     def cls(xs):
-        hidden = model(**processor(images=list(xs), return_tensors="pt")).last_hidden_state
+        hidden = model(**processor(images=list(xs), return_tensors="pt", input_data_format="channels_last")).last_hidden_state
         return unit(hidden[:, 0])  # Dinov2Model's last_hidden_state is already layer-normed
 
     clip, refs = video(4, seed=7), [video(1, seed=8)[0], video(1, 32, 32, seed=9)[0]]
@@ -473,7 +473,7 @@ def dino_direct(folder):
 
     @torch.no_grad()
     def cls(xs):
-        return unit(model(**processor(images=list(xs), return_tensors="pt")).last_hidden_state[:, 0])
+        return unit(model(**processor(images=list(xs), return_tensors="pt", input_data_format="channels_last")).last_hidden_state[:, 0])
 
     return cls
 

@@ -81,3 +81,86 @@ def video_refs():
     b = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     ImageDraw.Draw(b).rectangle((5, 5, 35, 35), fill=(20, 60, 240, 255))
     return [a, b]
+
+
+# ------------------------------------------------------------------------------------ tiny image models
+# Tiny random transformers models saved with save_pretrained, for the scorers that load a folder by path.
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIPModel (32-wide towers, 16-d projection) with a character-level tokenizer (any lower-case
+    text, digits and ., are in its vocabulary) and a PIL image processor (32 x 32 centre crop)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz.,0123456789":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
+    """A Dinov2Model (32-wide, 2 layers, 8-pixel patches) with DINOv2's PIL image processor settings."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32,
+                          patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(config).eval()
+    model.save_pretrained(folder)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return Path(folder)
+
+
+GROUNDING_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "face", "dog", "cat", "object",
+                   "upper", "lower", "garment", "dress", "bag"]
+
+
+def save_tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
+    """A Grounding-DINO (Swin 8-wide with 2 stages, BERT 16-wide, 12 queries) with its processor; the
+    vocabulary holds the category words of `GROUNDING_WORDS`."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(GROUNDING_WORDS)})
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                   window_size=2, out_features=["stage1", "stage2"]),
+        text_config=BertConfig(vocab_size=len(GROUNDING_WORDS), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=16, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12, num_feature_levels=2,
+        encoder_n_points=1, decoder_n_points=1, max_text_len=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config).eval()
+    model.save_pretrained(folder)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+                           tokenizer=tokenizer).save_pretrained(folder)
+    return Path(folder)

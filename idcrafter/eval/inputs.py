@@ -156,7 +156,8 @@ def load_items(manifest: str | Path, generated: Sequence[str | Path]) -> list[Ev
         attention = path.with_suffix(".npz")
         items.append(EvalItem(id=sample.id, prompt=sample.prompt, refs=refs, categories=[s.category for s in sample.subjects],
                               path=path, attention=attention if attention.is_file() else None,
-                              ref_paths=[str(s.image) for s in sample.subjects]))
+                              ref_paths=[str(s.image) for s in sample.subjects],
+                              descriptors=[s.descriptor for s in sample.subjects]))
     return items
 
 

@@ -198,6 +198,8 @@ class EvalItem:
     attention: None, an `.npz` path, or a dict with share / masks / grid (see `attention_leakage`).
     ref_paths: the references' paths as the benchmark file or manifest names them (OpenS2V picks the
         face reference by its folder, e.g. ".../man/..."), one per entry of `refs`.
+    descriptors: the manifest's `descriptor` of each reference (None where it gives none), one per
+        entry of `refs`, or empty (One-for-All's FashionCLIP-T reads the clothing descriptions).
     """
 
     id: str
@@ -208,6 +210,7 @@ class EvalItem:
     path: Path | None = None
     attention: Path | Mapping[str, Any] | None = None
     ref_paths: list[str] = field(default_factory=list)
+    descriptors: list[str | None] = field(default_factory=list)
 
     def load(self) -> np.ndarray:
         if self.frames is not None:

@@ -86,7 +86,16 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
         ColumnModel("hps", ("mc_aes",), ("path",), "idcrafter.eval.multicrafter:build_hps",
                     "the HPS v2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14)"),
     ),
-    "one-for-all": (),
+    "one-for-all": (
+        ColumnModel("facesim", ("ofa_facesim",), ("backend",), "idcrafter.eval.one_for_all:build_face",
+                    "fal's AuraFace (insightface pack: backend=insightface root=DIR); backend=dlib substitutes "
+                    "dlib's descriptor"),
+        ColumnModel("fashionclip", ("ofa_fashionclip_i", "ofa_fashionclip_t"), ("path", "detector"),
+                    "idcrafter.eval.one_for_all:build_fashionclip",
+                    "FashionCLIP (a transformers CLIP folder) and Grounding-DINO crops"),
+        ColumnModel("dino", ("ofa_dino",), ("path", "detector"), "idcrafter.eval.one_for_all:build_dino",
+                    "DINOv2 and Grounding-DINO crops"),
+    ),
 }
 
 
@@ -189,8 +198,10 @@ def evaluate_protocol(protocol: str, items: Sequence, scorers: Mapping[str, Scor
         if all(v is None for v in values[key]):
             values.pop(key)
             out_skipped[key] = given.get(key, f"no value for any sample ({table[key][1]})")
+    # A scorer may count what it could not find (a subject without a box, ...) in its `warnings`.
+    warnings = {name: dict(s.warnings) for name, s in scorers.items() if getattr(s, "warnings", None)}
     report = Report(ids=[item.id for item in items], columns=[k for k in table if k in values], values=values,
-                    weights={}, skipped=out_skipped, kinds=kinds, examples=kept)
+                    weights={}, skipped=out_skipped, warnings=warnings, kinds=kinds, examples=kept)
     report.extra[protocol] = {"titles": {k: t for k, (t, _) in table.items()},
                               "definitions": {k: d for k, (_, d) in table.items()}}
     return report

@@ -80,7 +80,9 @@ class CLIPEmbedder:
         self.load()
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
+            # channels_last: the processor guesses the layout, and takes a crop 1 or 3 pixels high for [C, H, W].
+            pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt",
+                                    input_data_format="channels_last")["pixel_values"]
             pooled = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
             out.append(unit_rows(self.model.visual_projection(pooled)).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
@@ -127,7 +129,9 @@ class DINOEmbedder:
         self.load()
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
+            # channels_last: the processor guesses the layout, and takes a crop 1 or 3 pixels high for [C, H, W].
+            pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt",
+                                    input_data_format="channels_last")["pixel_values"]
             # pooler_output is the layer-normed CLS token, the feature DINO-I compares.
             cls = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
             out.append(unit_rows(cls).cpu())
