@@ -67,9 +67,18 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
     "opens2v": (
         ColumnModel("aesthetics", ("aesthetics",), ("clip", "head"), "idcrafter.eval.opens2v:build_aesthetics",
                     "CLIP ViT-L/14 and the LAION aesthetic head (get_aesscore.py)"),
+        ColumnModel("gmescore", ("gmescore",), ("path",), "idcrafter.eval.gme:build_gmescore",
+                    "GME-Qwen2-VL, a transformers Qwen2-VL folder (get_gmescore.py)"),
+        ColumnModel("nexusscore", ("nexusscore",), ("detector",), "idcrafter.eval.nexusscore:build_nexusscore",
+                    "an image-guided detector and GME-Qwen2-VL (get_nexusscore.py; its YOLO-World is substituted by "
+                    "OWLv2 image-guided detection: detector=DIR gme=DIR; --nexus idcrafter: Grounding-DINO "
+                    "detector=DIR clip=DIR [sam=DIR])"),
     ),
     "multicrafter": (),
-    "one-for-all": (),
+    "one-for-all": (
+        ColumnModel("gme", ("ofa_gme_i", "ofa_gme_t"), ("path", "detector"), "idcrafter.eval.gme:build_one_for_all",
+                    "GME-Qwen2-VL (path=DIR) and Grounding-DINO crops (detector=DIR) (One-for-All App. D)"),
+    ),
 }
 
 
