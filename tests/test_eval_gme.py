@@ -3,6 +3,7 @@ random transformers models saved to disk and loaded by path, against independent
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,173 @@ def test_build_nexusscore_needs_the_variant_models(models):
         build_nexusscore({"detector": str(models["gd"]), "variant": "idcrafter"})
     with pytest.raises(ConfigError, match="known variants are benchmark, idcrafter"):
         build_nexusscore({"detector": str(models["gd"]), "variant": "grounded"})
+
+
+# ------------------------------------------------------------------------------------ ID-Crafter's NexusScore
+def clip_image_embeddings(folder: Path, images) -> torch.Tensor:
+    """Unit CLIP image embeddings float64 [N, D] from the stock CLIPModel and its processor."""
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = CLIPImageProcessorPil.from_pretrained(folder)(images=list(images), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).double()
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def test_idcrafter_nexusscore_masks_the_best_box_and_averages_clip_cosines(models):
+    from idcrafter.eval.nexusscore import IDCrafterNexusScorer, build_nexusscore
+    from idcrafter.rewards.nexus import GroundingDINODetector
+
+    frames = np.stack([noise(48, 64, 60 + s) for s in range(3)])
+    item = nexus_item("multiobj_1", ["dog", "person", "dog"], frames)
+    scorer = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"]),
+                               "box_threshold": 0.0})
+    assert isinstance(scorer, IDCrafterNexusScorer) and scorer.segmenter is None and scorer.frames is None
+    got = scorer(item, frames)["nexusscore"]
+    # By hand: every frame; per category the two best boxes (Grounding-DINO's own ranking), the dogs taking
+    # them in order; the box as the mask; CLIP cosine of the masked frame with the reference.
+    found = GroundingDINODetector(models["gd"], box_threshold=0.0).detect(list(frames), {"dog": 2, "person": 1})
+    ref_emb = clip_image_embeddings(models["clip"], item.refs)
+    scores = np.zeros((3, 3))
+    for f, per_frame in enumerate(found):
+        for k, (cat, rank) in enumerate([("dog", 0), ("person", 0), ("dog", 1)]):
+            x0, y0, x1, y1 = per_frame[cat][0][rank]
+            masked = np.zeros_like(frames[f])
+            masked[y0:y1, x0:x1] = frames[f][y0:y1, x0:x1]
+            scores[f, k] = float(clip_image_embeddings(models["clip"], [masked])[0] @ ref_emb[k])
+    assert got == pytest.approx(scores.mean(), abs=1e-6)
+    assert np.ptp(scores) > 1e-3
+    # with SAM, the masks are SAM's masks of the same boxes
+    from tiny_data import build_tiny_sam
+
+    from idcrafter.curate.segment import SamSegmenter
+
+    sam = build_tiny_sam(models["gd"].parent / "sam")
+    with_sam = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"]),
+                                 "box_threshold": 0.0, "sam": str(sam), "frames": 2})
+    got_sam = with_sam(item, frames)["nexusscore"]
+    picked = frames[[0, 2]]  # np.linspace(0, 2, 2, dtype=int)
+    boxes = [np.stack([found[f]["dog"][0][0], found[f]["person"][0][0], found[f]["dog"][0][1]]) for f in (0, 2)]
+    masks = SamSegmenter(str(sam)).segment(picked, boxes)
+    sam_scores = [[float(clip_image_embeddings(models["clip"], [picked[i] * m[:, :, None]])[0] @ ref_emb[k])
+                   for k, m in enumerate(masks[i])] for i in range(2)]
+    assert got_sam == pytest.approx(np.mean(sam_scores), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ One-for-All GME-I / GME-T
+def test_one_for_all_gme_i_and_t_match_a_hand_computation(models, small):
+    from idcrafter.eval.gme import OneForAllGmeScorer, build_one_for_all
+    from idcrafter.eval.metrics import EvalItem
+    from idcrafter.rewards.nexus import GroundingDINODetector
+
+    image = noise(48, 64, 70)
+    refs = [noise(20, 20, 71), noise(24, 16, 72)]
+    item = EvalItem(id="c1", prompt="a person with a bag", refs=refs, categories=["Person", "bag"], frames=image[None])
+    scorer = build_one_for_all({"path": str(models["gme"]), "detector": str(models["gd"]), "box_threshold": 0.0,
+                                "min_image_tokens": 4, "max_image_tokens": 16})
+    assert isinstance(scorer, OneForAllGmeScorer)
+    got = scorer(item, image[None])
+    query = small.text_embeddings(["a person with a bag"], instruction=QUERY)[0]
+    assert got["ofa_gme_t"] == pytest.approx(float(small.image_embeddings([image])[0] @ query), abs=1e-6)
+    found = GroundingDINODetector(models["gd"], box_threshold=0.0).detect([image], {"person": 1, "bag": 1})[0]
+    crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in (found["person"][0][0], found["bag"][0][0])]
+    emb = small.image_embeddings(refs + crops).double()
+    expected = (float(emb[0] @ emb[2]) + float(emb[1] @ emb[3])) / 2
+    assert got["ofa_gme_i"] == pytest.approx(expected, abs=1e-6)
+    # a category Grounding-DINO finds no box for (threshold above every score) scores 0 for that reference
+    strict = OneForAllGmeScorer(small, GroundingDINODetector(models["gd"], box_threshold=1.01))
+    assert strict.gme_i(image, refs, ["person", "bag"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------ scripts/evaluate.py
+def write_bench(folder: Path, still: bool = False) -> Path:
+    """Two generated clips (or stills) with a prompt and one "dog" reference each, as a manifest."""
+    from idcrafter.utils.media import write_video
+
+    (folder / "gen").mkdir(parents=True)
+    Image.fromarray(noise(20, 20, 80)).save(folder / "ref.png")
+    lines = []
+    for i in range(2):
+        clip = np.stack([noise(24, 32, 90 + 10 * i + f) for f in range(4)])
+        if still:
+            Image.fromarray(clip[0]).save(folder / "gen" / f"s{i}.png")
+        else:
+            write_video(clip, folder / "gen" / f"s{i}.mp4", fps=8)
+        lines.append({"id": f"s{i}", "video": "truth.mp4", "prompt": f"a dog number {i}",
+                      "subjects": [{"image": "ref.png", "category": "dog"}]})
+    (folder / "bench.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder / "bench.jsonl"
+
+
+def items_of(folder: Path, still: bool = False):
+    from idcrafter.eval.inputs import load_items
+
+    items = load_items(folder / "bench.jsonl", [folder / "gen"])
+    return [(item, item.load()) for item in items]
+
+
+SMALL = ["min_image_tokens=4", "max_image_tokens=16"]
+
+
+def test_evaluate_cli_gmescore_and_nexusscore_columns(models, small, tmp_path, capsys):
+    from idcrafter.cli import evaluate as script
+    from idcrafter.eval.gme import gmescore
+    from idcrafter.eval.nexusscore import ImageGuidedDetector, NexusScorer
+
+    manifest = write_bench(tmp_path)
+    out = tmp_path / "out"
+    options = [f"gmescore.path={models['gme']}", f"nexusscore.detector={models['owl']}",
+               f"nexusscore.gme={models['gme']}", *(f"{m}.{o}" for m in ("gmescore", "nexusscore") for o in SMALL)]
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(out), "--no-progress",
+                        *(x for o in options for x in ("--model-option", o))]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = items_of(tmp_path)
+    gme = [gmescore(small, item.prompt, frames) for item, frames in pairs]
+    nexus = [NexusScorer(small, ImageGuidedDetector(models["owl"]))(item, frames)["nexusscore"] for item, frames in pairs]
+    assert summary["columns"]["gmescore"]["mean"] == pytest.approx(np.mean(gme), abs=1e-6)
+    assert summary["columns"]["nexusscore"]["mean"] == pytest.approx(np.mean(nexus), abs=1e-6)
+    assert max(nexus) > 0
+    assert summary["opens2v"]["normalised"]["gmescore"] == pytest.approx(np.mean(np.minimum(gme, 1.0)), abs=1e-6)
+    # --nexus idcrafter: Grounding-DINO + CLIP instead; without its CLIP folder the column is skipped with why
+    capsys.readouterr()
+    ida = tmp_path / "ida"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
+                        "--nexus", "idcrafter", "--model-option", f"nexusscore.detector={models['gd']}"]) == 0
+    assert "nexusscore.clip=DIR" in json.loads((ida / "summary.json").read_text())["skipped"]["nexusscore"]
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
+                        "--nexus", "idcrafter", "--model-option", f"nexusscore.detector={models['gd']}",
+                        "--model-option", f"nexusscore.clip={models['clip']}"]) == 0
+    from idcrafter.eval.nexusscore import build_nexusscore
+
+    scorer = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"])})
+    expected = [scorer(item, frames)["nexusscore"] for item, frames in pairs]
+    assert json.loads((ida / "summary.json").read_text())["columns"]["nexusscore"]["mean"] == pytest.approx(
+        np.mean(expected), abs=1e-6)
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
+                        "--nexus", "idcrafter", "--protocol", "legacy"]) == 2
+    assert "error: --nexus idcrafter: the NexusScore variants are columns of --protocol opens2v" in capsys.readouterr().err
+
+
+def test_evaluate_cli_one_for_all_gme_columns(models, small, tmp_path):
+    from idcrafter.cli import evaluate as script
+    from idcrafter.eval.gme import OneForAllGmeScorer
+    from idcrafter.rewards.nexus import GroundingDINODetector
+
+    manifest = write_bench(tmp_path, still=True)
+    out = tmp_path / "out"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(out), "--no-progress",
+                        "--protocol", "one-for-all", "--model-option", f"gme.path={models['gme']}",
+                        "--model-option", f"gme.detector={models['gd']}", "--model-option", "gme.box_threshold=0",
+                        *(x for o in SMALL for x in ("--model-option", f"gme.{o}"))]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scorer = OneForAllGmeScorer(small, GroundingDINODetector(models["gd"], box_threshold=0.0))
+    rows = [scorer(item, frames) for item, frames in items_of(tmp_path)]
+    for key, title in (("ofa_gme_i", "GME-I"), ("ofa_gme_t", "GME-T")):
+        assert summary["columns"][title]["mean"] == pytest.approx(np.mean([r[key] for r in rows]), abs=1e-6)
+    # without the detector both columns are skipped with the options they need
+    bare = tmp_path / "bare"
+    assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(bare), "--no-progress",
+                        "--protocol", "one-for-all", "--model-option", f"gme.path={models['gme']}"]) == 0
+    skipped = json.loads((bare / "summary.json").read_text())["skipped"]
+    assert "--model-option gme.detector=" in skipped["GME-I"] and "--model-option gme.detector=" in skipped["GME-T"]
