@@ -20,8 +20,8 @@ The benchmark's recipe (OpenS2V-Nexus, `eval/get_nexusscore.py`, Apache-2.0), re
 Substituted model: the benchmark detects with YOLO-World (v2-L, image-prompt adapter) through
 mmyolo / mmcv, which cannot be installed here. We use transformers' image-guided detection of OWLv2
 (or OWL-ViT): the reference image is the query, the detector's score is the sigmoid of its
-image-guided logit, boxes are converted to pixels of the frame and clipped to it (YOLO-World's boxes
-are), and steps 3-5 are the benchmark's. Detection scores of the two detectors are not calibrated
+image-guided logit, boxes are converted to pixels of the frame and clipped to it (OWLv2's may reach
+into the square padding it adds), and steps 3-5 are the benchmark's. Detection scores of the two detectors are not calibrated
 alike, so the 0.5 / 0.6 thresholds select differently; numbers are comparable in recipe, not to the
 digit. Crops are taken as PIL's `crop` takes the benchmark's float boxes (coordinates rounded).
 
