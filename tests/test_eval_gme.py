@@ -41,6 +41,13 @@ def build_tiny_gme(folder: Path, seed: int = 0) -> Path:
         model = Qwen2VLForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     _processor_class()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer).save_pretrained(folder)
+    # Name the stock classes, as the published GME folder does (our loader reads them either way).
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        data = json.loads((folder / name).read_text())
+        if "processor_class" in data:
+            data["processor_class"] = "Qwen2VLProcessor"
+        data.get("image_processor", {})["image_processor_type"] = "Qwen2VLImageProcessor"
+        (folder / name).write_text(json.dumps(data, indent=2) + "\n")
     return folder
 
 
