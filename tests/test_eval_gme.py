@@ -342,6 +342,8 @@ def test_nexusscore_matches_a_hand_computation(models, small):
     scorer = NexusScorer(small, detector)
     assert scorer(face, frames)["nexusscore"] == pytest.approx(scorer(dog, frames)["nexusscore"], abs=1e-7)
     assert scorer(face, frames)["nexusscore"] != pytest.approx(got, abs=1e-6)
+    # a face case of one person has no subject for NexusScore: no value (the benchmark writes none for singleface_3)
+    assert scorer(nexus_item("singleface_3", ["Man"], frames), frames) == {"nexusscore": None}
 
 
 def test_build_nexusscore_needs_the_variant_models(models):

@@ -13,7 +13,8 @@ The benchmark's recipe (OpenS2V-Nexus, `eval/get_nexusscore.py`, Apache-2.0), re
      and of its label (a text query with "Find an image that matches the given text.");
      retrieval = <crop, reference>, text = <crop, label>;
   5. a box is kept when its detector score > 0.6, text > 0.30 and retrieval != 0; the score is
-     mean(kept retrievals) / frame_obj, 0 when none is kept (`nexus_retrieval_score`).
+     mean(kept retrievals) / frame_obj, 0 when none is kept (`nexus_retrieval_score`); a video without
+     any box has no score (the benchmark's script writes none for it).
      (Dividing a mean by the number of detections makes the values small: the leaderboard maps
      [0, 0.05] to [0, 1] and leaves zeros out of the mean.)
 
@@ -192,12 +193,15 @@ class NexusScorer:
                 records += [(k, label, float(s), pil_crop(frame, b)) for b, s in zip(boxes, scores)]
         return records, frame_obj
 
-    def __call__(self, item, frames: np.ndarray) -> dict[str, float]:
+    def __call__(self, item, frames: np.ndarray) -> dict[str, float | None]:
         from idcrafter.eval.gme import QUERY_INSTRUCTION
 
         records, frame_obj = self.crops(item, frames)
         if not records:
-            return {"nexusscore": 0.0}
+            # No box in any frame (or no subject: a face case of one person): the benchmark's script fails on
+            # the empty embedding batch and writes no score for the video (its demo output has none for
+            # singleface_3). No value, then; boxes that are all rejected give 0, as there.
+            return {"nexusscore": None}
         # Each reference and label is embedded once: the benchmark embeds one copy per crop, all equal.
         refs = sorted({k for k, *_ in records})
         labels = sorted({label for _, label, *_ in records})
