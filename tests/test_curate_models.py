@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_data import build_tiny_grounding_dino, build_tiny_sam
 
 from idcrafter.curate.captions import (
     CaptionStage,
@@ -32,44 +33,8 @@ from idcrafter.curate.detect import (
 from idcrafter.curate.dino import DinoVerifier
 from idcrafter.curate.segment import SamSegmenter, SegmentStage, fill_gaps, largest_component, sam2_box
 
+
 # ---------------------------------------------------------------------------- tiny models
-GD_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "dog", "face", "bag", "upper",
-            "lower", "garment"]
-
-
-def build_tiny_grounding_dino(folder, seed: int = 0):
-    """A ~170k-parameter Grounding-DINO (Swin 8-wide, BERT 32-wide, 20 queries) with its processor."""
-    from transformers import (
-        BertConfig,
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(GD_WORDS) + "\n")
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                   image_size=64, out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(GD_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, max_text_len=32,
-        encoder_n_points=2, decoder_n_points=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(config).eval()
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
-        tokenizer=BertTokenizer(str(folder / "vocab.txt")))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def gd_folder(tmp_path_factory):
     return build_tiny_grounding_dino(tmp_path_factory.mktemp("gd") / "grounding-dino")
@@ -241,35 +206,6 @@ def test_detect_stage_builds_its_backend_from_the_registry(gd_folder):
 
 
 # ---------------------------------------------------------------------------- segmentation
-def build_tiny_sam(folder, seed: int = 0):
-    """A ~17k-parameter SAM (64-pixel encoder, 8-pixel patches) with its processor."""
-    from transformers import (
-        SamConfig,
-        SamImageProcessorPil,
-        SamMaskDecoderConfig,
-        SamModel,
-        SamProcessor,
-        SamPromptEncoderConfig,
-        SamVisionConfig,
-    )
-
-    config = SamConfig(
-        vision_config=SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
-                                      output_channels=16, image_size=64, patch_size=8, global_attn_indexes=[0],
-                                      window_size=0, num_pos_feats=8),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                 mlp_dim=32, iou_head_hidden_dim=16))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SamModel(config).eval()
-    processor = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64},
-                                                                  pad_size={"height": 64, "width": 64}))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def sam_folder(tmp_path_factory):
     return build_tiny_sam(tmp_path_factory.mktemp("sam") / "sam")

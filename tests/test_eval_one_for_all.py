@@ -29,7 +29,7 @@ from idcrafter.eval.one_for_all import (
     scored_frames,
     subject_references,
 )
-from tests.tiny_data import save_tiny_clip, save_tiny_dinov2, save_tiny_grounding_dino
+from tests.tiny_data import build_tiny_grounding_dino, save_tiny_clip, save_tiny_dinov2
 
 
 def noise(height: int, width: int, seed: int) -> np.ndarray:
@@ -43,7 +43,7 @@ def noise(height: int, width: int, seed: int) -> np.ndarray:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ofa")
     return {"clip": save_tiny_clip(root / "fashionclip"), "dino": save_tiny_dinov2(root / "dinov2"),
-            "gd": save_tiny_grounding_dino(root / "grounding-dino")}
+            "gd": build_tiny_grounding_dino(root / "grounding-dino")}
 
 
 # ------------------------------------------------------------------------------------ pure rules

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from idcrafter.utils.media import write_video
@@ -83,10 +84,74 @@ def video_refs():
     return [a, b]
 
 
-# ------------------------------------------------------------------------------------ tiny image models
-# Tiny random transformers models saved with save_pretrained, for the scorers that load a folder by path.
+# ---------------------------------------------------------------------------- tiny detection models
+GD_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "dog", "face", "bag", "upper",
+            "lower", "garment", "cat", "object", "dress"]
 
 
+def build_tiny_grounding_dino(folder, seed: int = 0):
+    """A ~170k-parameter Grounding-DINO (Swin 8-wide, BERT 32-wide, 20 queries) with its processor."""
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(GD_WORDS) + "\n")
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   image_size=64, out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(GD_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, max_text_len=32,
+        encoder_n_points=2, decoder_n_points=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config).eval()
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+        tokenizer=BertTokenizer(str(folder / "vocab.txt")))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sam(folder, seed: int = 0):
+    """A ~17k-parameter SAM (64-pixel encoder, 8-pixel patches) with its processor."""
+    from transformers import (
+        SamConfig,
+        SamImageProcessorPil,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                      output_channels=16, image_size=64, patch_size=8, global_attn_indexes=[0],
+                                      window_size=0, num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 mlp_dim=32, iou_head_hidden_dim=16))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(config).eval()
+    processor = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64},
+                                                                  pad_size={"height": 64, "width": 64}))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------- tiny embedders
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A CLIPModel (32-wide towers, 16-d projection) with a character-level tokenizer (any lower-case
     text, digits and ., are in its vocabulary) and a PIL image processor (32 x 32 centre crop)."""
@@ -127,40 +192,4 @@ def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return Path(folder)
-
-
-GROUNDING_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "person", "face", "dog", "cat", "object",
-                   "upper", "lower", "garment", "dress", "bag"]
-
-
-def save_tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
-    """A Grounding-DINO (Swin 8-wide with 2 stages, BERT 16-wide, 12 queries) with its processor; the
-    vocabulary holds the category words of `GROUNDING_WORDS`."""
-    import torch
-    from transformers import (
-        BertConfig,
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
-
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(GROUNDING_WORDS)})
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                   window_size=2, out_features=["stage1", "stage2"]),
-        text_config=BertConfig(vocab_size=len(GROUNDING_WORDS), hidden_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=16, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12, num_feature_levels=2,
-        encoder_n_points=1, decoder_n_points=1, max_text_len=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(config).eval()
-    model.save_pretrained(folder)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
-                           tokenizer=tokenizer).save_pretrained(folder)
     return Path(folder)

@@ -50,6 +50,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--leaderboard", default="v1.0", choices=("v1.0", "v1.1"),
                    help="--protocol opens2v: the leaderboard version whose weights make the totals (v1.1 adds "
                         "Motion Smoothness, --model-option smoothness.path=QWEN2.5-VL-DIR)")
+    p.add_argument("--nexus", default=None, choices=("benchmark", "idcrafter"),
+                   help="NexusScore of --protocol opens2v: benchmark (get_nexusscore.py: image-guided detection + GME; "
+                        "default) or idcrafter (ID-Crafter App. C: Grounded-SAM masks + CLIP); sets "
+                        "--model-option nexusscore.variant")
     p.add_argument("--metrics", default=None,
                    help="comma list of face, nexus, clip_text, clip_image, dino_image, aesthetic, natural, toyid, motion, "
                         "leakage (default: all; --toyworld: toyid,motion)")
@@ -81,10 +85,15 @@ def main(argv=None) -> int:
     from idcrafter.eval.report import markdown_table
     from idcrafter.eval.run import EvalRequest, run
 
+    request = {k: v for k, v in vars(args).items() if k not in ("config", "nexus")}
+    if args.nexus is not None:
+        if args.protocol not in (None, "opens2v"):
+            return fail(f"--nexus {args.nexus}: the NexusScore variants are columns of --protocol opens2v")
+        request["model_options"] = [*args.model_options, f"nexusscore.variant={args.nexus}"]
     try:
         check_device(args.device)
         with user_file():  # the library's messages name the option (--data, --videos, --weights, ...)
-            report = run(EvalRequest(**{k: v for k, v in vars(args).items() if k != "config"}))
+            report = run(EvalRequest(**request))
     except InputError as err:
         return fail(str(err).splitlines()[0] if str(err) else err.__class__.__name__)
     print(markdown_table(report), end="")

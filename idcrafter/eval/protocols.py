@@ -74,6 +74,12 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
                     "insightface detection + ArcFace and the CurricularFace IR-101 backbone (get_facesim.py)"),
         ColumnModel("naturalscore", ("naturalscore",), ("path",), "idcrafter.eval.naturalscore:build_naturalscore",
                     "a local Qwen2.5-VL / Qwen2-VL folder in place of GPT-4o (get_naturalscore.py)"),
+        ColumnModel("gmescore", ("gmescore",), ("path",), "idcrafter.eval.gme:build_gmescore",
+                    "GME-Qwen2-VL, a transformers Qwen2-VL folder (get_gmescore.py)"),
+        ColumnModel("nexusscore", ("nexusscore",), ("detector",), "idcrafter.eval.nexusscore:build_nexusscore",
+                    "an image-guided detector and GME-Qwen2-VL (get_nexusscore.py; its YOLO-World is substituted by "
+                    "OWLv2 image-guided detection: detector=DIR gme=DIR; --nexus idcrafter: Grounding-DINO "
+                    "detector=DIR clip=DIR [sam=DIR])"),
     ),
     "multicrafter": (
         ColumnModel("clip", ("mc_clip_t", "mc_clip_i"), ("path",), "idcrafter.eval.multicrafter:build_clip",
@@ -95,6 +101,8 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
                     "FashionCLIP (a transformers CLIP folder) and Grounding-DINO crops"),
         ColumnModel("dino", ("ofa_dino",), ("path", "detector"), "idcrafter.eval.one_for_all:build_dino",
                     "DINOv2 and Grounding-DINO crops"),
+        ColumnModel("gme", ("ofa_gme_i", "ofa_gme_t"), ("path", "detector"), "idcrafter.eval.gme:build_one_for_all",
+                    "GME-Qwen2-VL (path=DIR) and Grounding-DINO crops (detector=DIR) (One-for-All App. D)"),
     ),
 }
 
