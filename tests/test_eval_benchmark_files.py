@@ -7,6 +7,7 @@ tests/data/opens2v/*.json are cases copied verbatim from OpenS2V-Nexus eval/demo
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from idcrafter.eval.benchmark_files import (
@@ -245,3 +246,25 @@ def test_render_batch_benchmark_options_need_opens2v(tmp_path):
     proc = run_script("render_batch.py", "--jobs", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "--limit", "2")
     assert proc.returncode == 2 and proc.stderr == ("error: --images-root, --cases, --limit, --seed and --steps go with "
                                                     "--opens2v FILE (a job file sets seed and steps per job)\n")
+
+
+def test_benchmark_references_are_read_as_the_benchmark_reads_them(tmp_path):
+    """OpenS2V-Eval's scripts read a reference with Image.open(path).convert("RGB"): a transparent PNG keeps
+    the colour stored under its alpha (our own loaders composite on white) and no EXIF turn is applied."""
+    from PIL import Image
+
+    from idcrafter.eval.inputs import _load_benchmark_ref
+
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., :3] = (10, 20, 30)           # fully transparent, a dark colour underneath
+    rgba[2:4, 2:6] = (200, 100, 50, 255)   # an opaque patch
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    got = _load_benchmark_ref(tmp_path / "cut.png")
+    assert got.shape == (6, 8, 3) and got[0, 0].tolist() == [10, 20, 30] and got[2, 3].tolist() == [200, 100, 50]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the benchmark ignores it, so the stored 6 x 8 layout stays
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "turned.jpg", exif=exif)
+    assert _load_benchmark_ref(tmp_path / "turned.jpg").shape == (6, 8, 3)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(FileFormatError, match="bad.png cannot be read"):
+        _load_benchmark_ref(tmp_path / "bad.png")

@@ -379,7 +379,7 @@ def test_idcrafter_nexusscore_masks_the_best_box_and_averages_clip_cosines(model
     scorer = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"]),
                                "box_threshold": 0.0})
     assert isinstance(scorer, IDCrafterNexusScorer) and scorer.segmenter is None and scorer.frames is None
-    got = scorer(item, frames)["nexusscore"]
+    got = scorer(item, frames)["nexusscore_idcrafter"]
     # By hand: every frame; per category the two best boxes (Grounding-DINO's own ranking), the dogs taking
     # them in order; the box as the mask; CLIP cosine of the masked frame with the reference.
     found = GroundingDINODetector(models["gd"], box_threshold=0.0).detect(list(frames), {"dog": 2, "person": 1})
@@ -401,7 +401,7 @@ def test_idcrafter_nexusscore_masks_the_best_box_and_averages_clip_cosines(model
     sam = build_tiny_sam(models["gd"].parent / "sam")
     with_sam = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"]),
                                  "box_threshold": 0.0, "sam": str(sam), "frames": 2})
-    got_sam = with_sam(item, frames)["nexusscore"]
+    got_sam = with_sam(item, frames)["nexusscore_idcrafter"]
     picked = frames[[0, 2]]  # np.linspace(0, 2, 2, dtype=int)
     boxes = [np.stack([found[f]["dog"][0][0], found[f]["person"][0][0], found[f]["dog"][0][1]]) for f in (0, 2)]
     masks = SamSegmenter(str(sam)).segment(picked, boxes)
@@ -496,9 +496,12 @@ def test_evaluate_cli_gmescore_and_nexusscore_columns(models, small, tmp_path, c
     from idcrafter.eval.nexusscore import build_nexusscore
 
     scorer = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"])})
-    expected = [scorer(item, frames)["nexusscore"] for item, frames in pairs]
-    assert json.loads((ida / "summary.json").read_text())["columns"]["nexusscore"]["mean"] == pytest.approx(
-        np.mean(expected), abs=1e-6)
+    expected = [scorer(item, frames)["nexusscore_idcrafter"] for item, frames in pairs]
+    summary = json.loads((ida / "summary.json").read_text())
+    assert summary["columns"]["nexusscore_idcrafter"]["mean"] == pytest.approx(np.mean(expected), abs=1e-6)
+    # a CLIP cosine is not on the leaderboard's [0, 0.05] NexusScore scale: reported beside, never normalised
+    assert "nexusscore" not in summary["columns"] and "not on the leaderboard" in summary["skipped"]["nexusscore"]
+    assert "nexusscore_idcrafter" not in summary["opens2v"]["normalised"]
     assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
                         "--nexus", "idcrafter", "--protocol", "legacy"]) == 2
     assert "error: --nexus idcrafter: the NexusScore variants are columns of --protocol opens2v" in capsys.readouterr().err

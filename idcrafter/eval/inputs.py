@@ -101,6 +101,19 @@ def _load_ref(path: Path) -> np.ndarray:
     return np.asarray(to_rgb(load_image(path)))
 
 
+def _load_benchmark_ref(path: Path) -> np.ndarray:
+    """A benchmark image read as OpenS2V-Eval's scripts read it: `Image.open(path).convert("RGB")`, so no
+    EXIF turn and, for a transparent PNG, the colour under the alpha as stored (PIL drops the alpha; our
+    own loaders composite on white). The file is first checked by `load_image` (one-line error)."""
+    from PIL import Image
+
+    from idcrafter.utils.media import load_image
+
+    load_image(path)
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def find_generated(folder: Path, sample_id: str) -> Path | None:
     """folder/<id>.<video or image suffix>, videos first; None when there is none."""
     for suffix in (*VIDEO_SUFFIXES, *IMAGE_SUFFIXES):
@@ -184,7 +197,7 @@ def load_benchmark_items(
         for path in paths:
             media_size(path, is_video=True)  # exists and opens, before any model loads
     with user_file("--images-root"):
-        return [EvalItem(id=case.id, prompt=case.prompt, refs=[_load_ref(p) for p in case.images(images_root)],
+        return [EvalItem(id=case.id, prompt=case.prompt, refs=[_load_benchmark_ref(p) for p in case.images(images_root)],
                          categories=list(case.class_label), path=path,
                          attention=path.with_suffix(".npz") if path.with_suffix(".npz").is_file() else None,
                          ref_paths=list(case.img_paths))

@@ -244,7 +244,7 @@ class IDCrafterNexusScorer:
         from idcrafter.eval.opens2v import sample_indices
 
         if not item.refs:
-            return {"nexusscore": None}
+            return {"nexusscore_idcrafter": None}
         frames = np.asarray(frames)
         frames = frames[sample_indices(len(frames), self.frames)]
         cats = [" ".join(str(c).lower().split()).rstrip(".") or "object" for c in item.categories]
@@ -272,7 +272,7 @@ class IDCrafterNexusScorer:
             ref_emb, crop_emb = emb[: len(item.refs)], emb[len(item.refs):]
             for i, (f, k, _) in enumerate(masked):
                 scores[f, k] = float(crop_emb[i] @ ref_emb[k])
-        return {"nexusscore": float(scores.mean(axis=0).mean())}
+        return {"nexusscore_idcrafter": float(scores.mean(axis=0).mean())}
 
 
 def build_nexusscore(options: Mapping[str, object], device: str = "cpu"):

@@ -292,7 +292,9 @@ COLUMN_SOURCES = {
 PROTOCOL_COLUMNS = tuple(COLUMN_SOURCES)
 # Columns the benchmark reports beside the leaderboard's (no range, no weight): shown, not normalised.
 # FaceSim-Arc: get_facesim.py's second score (the leaderboard's FaceSim is Cur).
-REPORTED_COLUMNS: tuple[str, ...] = ("facesim_arc",)
+# nexusscore_idcrafter: ID-Crafter's NexusScore (App. C, `--nexus idcrafter`), a mean CLIP cosine; the
+# leaderboard's [0, 0.05] range belongs to the benchmark's recipe, so it is reported beside, never normalised.
+REPORTED_COLUMNS: tuple[str, ...] = ("facesim_arc", "nexusscore_idcrafter")
 
 
 def evaluate_opens2v(items, scorers=None, examples: int = 8, example_frames: int = 4, progress: bool = True,
@@ -328,6 +330,9 @@ def evaluate_opens2v(items, scorers=None, examples: int = 8, example_frames: int
             else:
                 skipped[key] = given.get(key, f"needs the benchmark's model: {COLUMN_SOURCES.get(key, key)}; "
                                               "no value for any sample")
+    if "nexusscore_idcrafter" in values:
+        skipped["nexusscore"] = ("--nexus idcrafter computes ID-Crafter's variant (column nexusscore_idcrafter, a CLIP "
+                                 "cosine), which is not on the leaderboard's NexusScore scale")
     normalised = normalised_columns({k: values.get(k, []) for k in PROTOCOL_COLUMNS})
     totals = {}
     for domain in DOMAINS:

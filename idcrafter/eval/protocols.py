@@ -76,7 +76,7 @@ COLUMN_MODELS: dict[str, tuple[ColumnModel, ...]] = {
                     "a local Qwen2.5-VL / Qwen2-VL folder in place of GPT-4o (get_naturalscore.py)"),
         ColumnModel("gmescore", ("gmescore",), ("path",), "idcrafter.eval.gme:build_gmescore",
                     "GME-Qwen2-VL, a transformers Qwen2-VL folder (get_gmescore.py)"),
-        ColumnModel("nexusscore", ("nexusscore",), ("detector",), "idcrafter.eval.nexusscore:build_nexusscore",
+        ColumnModel("nexusscore", ("nexusscore", "nexusscore_idcrafter"), ("detector",), "idcrafter.eval.nexusscore:build_nexusscore",
                     "an image-guided detector and GME-Qwen2-VL (get_nexusscore.py; its YOLO-World is substituted by "
                     "OWLv2 image-guided detection: detector=DIR gme=DIR; --nexus idcrafter: Grounding-DINO "
                     "detector=DIR clip=DIR [sam=DIR])"),
