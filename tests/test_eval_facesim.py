@@ -316,10 +316,11 @@ def test_evaluate_cli_reports_facesim_columns(tiny_facesim, tmp_path):
     items = load_benchmark_items(bench, images, videos)
     per_case = {item.id: scorer(item, read_video(item.path)) for item in items}
     assert per_case["singlehuman_3"]["facesim_cur"] is None
-    for key in ("facesim_cur", "facesim_arc"):
+    for key, header in (("facesim_cur", "FaceSim-Cur"), ("facesim_arc", "FaceSim-Arc")):
         values = [v[key] for v in per_case.values() if v[key] is not None]
         assert len(values) == 2 and all(0.0 < v <= 1.0 for v in values)
-        assert summary["columns"][key]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+        assert summary["columns"][header]["key"] == key
+        assert summary["columns"][header]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
     assert summary["opens2v"]["normalised"]["facesim_cur"] is not None
 
     missing = tmp_path / "eval_missing"
@@ -327,5 +328,5 @@ def test_evaluate_cli_reports_facesim_columns(tiny_facesim, tmp_path):
                         "--out", str(missing), "--no-progress",
                         "--model-option", f"facesim.root={tiny_facesim['root']}"]) == 0
     skipped = json.loads((missing / "summary.json").read_text())["skipped"]
-    assert skipped["facesim_cur"] == skipped["facesim_arc"]
-    assert "get_facesim.py" in skipped["facesim_cur"] and "facesim.curricular=..." in skipped["facesim_cur"]
+    assert skipped["FaceSim-Cur"] == skipped["FaceSim-Arc"]
+    assert "get_facesim.py" in skipped["FaceSim-Cur"] and "facesim.curricular=..." in skipped["FaceSim-Cur"]

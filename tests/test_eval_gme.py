@@ -480,8 +480,8 @@ def test_evaluate_cli_gmescore_and_nexusscore_columns(models, small, tmp_path, c
     pairs = items_of(tmp_path)
     gme = [gmescore(small, item.prompt, frames) for item, frames in pairs]
     nexus = [NexusScorer(small, ImageGuidedDetector(models["owl"]))(item, frames)["nexusscore"] for item, frames in pairs]
-    assert summary["columns"]["gmescore"]["mean"] == pytest.approx(np.mean(gme), abs=1e-6)
-    assert summary["columns"]["nexusscore"]["mean"] == pytest.approx(np.mean(nexus), abs=1e-6)
+    assert summary["columns"]["GmeScore"]["mean"] == pytest.approx(np.mean(gme), abs=1e-6)
+    assert summary["columns"]["NexusScore"]["mean"] == pytest.approx(np.mean(nexus), abs=1e-6)
     assert max(nexus) > 0
     assert summary["opens2v"]["normalised"]["gmescore"] == pytest.approx(np.mean(np.minimum(gme, 1.0)), abs=1e-6)
     # --nexus idcrafter: Grounding-DINO + CLIP instead; without its CLIP folder the column is skipped with why
@@ -489,7 +489,7 @@ def test_evaluate_cli_gmescore_and_nexusscore_columns(models, small, tmp_path, c
     ida = tmp_path / "ida"
     assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
                         "--nexus", "idcrafter", "--model-option", f"nexusscore.detector={models['gd']}"]) == 0
-    assert "nexusscore.clip=DIR" in json.loads((ida / "summary.json").read_text())["skipped"]["nexusscore"]
+    assert "nexusscore.clip=DIR" in json.loads((ida / "summary.json").read_text())["skipped"]["NexusScore"]
     assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
                         "--nexus", "idcrafter", "--model-option", f"nexusscore.detector={models['gd']}",
                         "--model-option", f"nexusscore.clip={models['clip']}"]) == 0
@@ -498,9 +498,9 @@ def test_evaluate_cli_gmescore_and_nexusscore_columns(models, small, tmp_path, c
     scorer = build_nexusscore({"variant": "idcrafter", "detector": str(models["gd"]), "clip": str(models["clip"])})
     expected = [scorer(item, frames)["nexusscore_idcrafter"] for item, frames in pairs]
     summary = json.loads((ida / "summary.json").read_text())
-    assert summary["columns"]["nexusscore_idcrafter"]["mean"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert summary["columns"]["NexusScore (ID-Crafter)"]["mean"] == pytest.approx(np.mean(expected), abs=1e-6)
     # a CLIP cosine is not on the leaderboard's [0, 0.05] NexusScore scale: reported beside, never normalised
-    assert "nexusscore" not in summary["columns"] and "not on the leaderboard" in summary["skipped"]["nexusscore"]
+    assert "nexusscore" not in summary["columns"] and "not on the leaderboard" in summary["skipped"]["NexusScore"]
     assert "nexusscore_idcrafter" not in summary["opens2v"]["normalised"]
     assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(ida), "--no-progress",
                         "--nexus", "idcrafter", "--protocol", "legacy"]) == 2

@@ -170,6 +170,6 @@ def test_evaluate_cli_opens2v_naturalscore_column(qwen_says_4, tmp_path):
                         "--no-progress", "--model-option", f"naturalscore.path={qwen_says_4}",
                         "--model-option", "naturalscore.max_new_tokens=1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["columns"]["naturalscore"]["mean"] == 4.0 and summary["columns"]["naturalscore"]["count"] == 2
+    assert summary["columns"]["NaturalScore"]["mean"] == 4.0 and summary["columns"]["NaturalScore"]["count"] == 2
     assert summary["opens2v"]["normalised"]["naturalscore"] == pytest.approx(0.75)  # (4 - 1) / (5 - 1)
     assert "naturalscore" not in summary["skipped"]

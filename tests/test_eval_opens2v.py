@@ -267,8 +267,9 @@ def test_evaluate_cli_opens2v_protocol_by_default(tmp_path, capsys):
     assert summary["opens2v"]["normalised"]["motion"] == pytest.approx(1.0)
     # The columns without a model are skipped with the script and model they need; no total without them.
     skipped = summary["skipped"]
-    assert {"aesthetics", "facesim_cur", "gmescore", "nexusscore", "naturalscore", "Total"} <= set(skipped)
-    assert "get_facesim.py" in skipped["facesim_cur"] and "missing: aesthetics" in skipped["Total"]
+    # keyed by the leaderboard's headers
+    assert {"Aesthetics", "FaceSim-Cur", "GmeScore", "NexusScore", "NaturalScore", "Total"} <= set(skipped)
+    assert "get_facesim.py" in skipped["FaceSim-Cur"] and "missing: aesthetics" in skipped["Total"]
     assert summary["opens2v"]["totals"]["Human-Domain"]["missing"] == ["aesthetics", "facesim_cur", "gmescore",
                                                                       "naturalscore"]
     assert "TotalScore Open-Domain: n/a" in printed and "motion 100.00%" in printed
@@ -368,7 +369,7 @@ def test_evaluate_cli_opens2v_aesthetics_from_model_options(tiny_aesthetic, tmp_
     scorer = AestheticScorer(tiny_aesthetic / "clip", tiny_aesthetic / "head.pth")
     per_video = [scorer(read_video(tmp_path / "gen" / f"s{i}.mp4")) for i in range(2)]
     per_video.append(scorer(np.asarray(__import__("PIL.Image").Image.open(tmp_path / "gen" / "s_still.png"))[None]))
-    assert summary["columns"]["aesthetics"]["mean"] == pytest.approx(np.mean(per_video), rel=1e-6)
+    assert summary["columns"]["Aesthetics"]["mean"] == pytest.approx(np.mean(per_video), rel=1e-6)
     clipped = np.clip(per_video, 4, 7)
     assert summary["opens2v"]["normalised"]["aesthetics"] == pytest.approx((clipped.mean() - 4) / 3, abs=1e-6)
     # a head file that does not fit the tower: the column is skipped with the reason, the run goes on
@@ -376,7 +377,7 @@ def test_evaluate_cli_opens2v_aesthetics_from_model_options(tiny_aesthetic, tmp_
     assert script.main(["--data", str(manifest), "--videos", str(tmp_path / "gen"), "--out", str(bad), "--no-progress",
                         "--model-option", f"aesthetics.clip={tiny_aesthetic / 'clip'}",
                         "--model-option", f"aesthetics.head={manifest}"]) == 0
-    assert json.loads((bad / "summary.json").read_text())["skipped"]["aesthetics"].startswith("cannot load")
+    assert json.loads((bad / "summary.json").read_text())["skipped"]["Aesthetics"].startswith("cannot load")
 
 
 # ------------------------------------------------------------------------------------ NaturalScore

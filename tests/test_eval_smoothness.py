@@ -131,7 +131,7 @@ def test_evaluate_cli_leaderboard_v1_1_reports_motion_smoothness(tiny_vlm, tmp_p
                         "--no-progress", "--leaderboard", "v1.1", "--model-option", f"smoothness.path={tiny_vlm}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     expected = QualityScorer(tiny_vlm)(read_video(tmp_path / "gen" / "s0.mp4"))
-    assert summary["columns"]["motion_smoothness"]["mean"] == pytest.approx(expected)
+    assert summary["columns"]["MotionSmoothness"]["mean"] == pytest.approx(expected)
     assert summary["opens2v"]["version"] == "v1.1"
     assert summary["opens2v"]["normalised"]["motion_smoothness"] == pytest.approx(min(abs(expected), 1.0))
     assert "motion_smoothness" not in summary["opens2v"]["totals"]["Open-Domain"]["missing"]
@@ -141,7 +141,7 @@ def test_evaluate_cli_leaderboard_v1_1_reports_motion_smoothness(tiny_vlm, tmp_p
     assert script.main(["--data", str(tmp_path / "bench.jsonl"), "--videos", str(tmp_path / "gen"), "--out", str(bare),
                         "--no-progress", "--leaderboard", "v1.1"]) == 0
     skipped = json.loads((bare / "summary.json").read_text())["skipped"]
-    assert "--model-option smoothness.path=" in skipped["motion_smoothness"]
+    assert "--model-option smoothness.path=" in skipped["MotionSmoothness"]
     with pytest.raises(SystemExit) as exit_info:  # argparse's one-line error
         script.main(["--data", str(tmp_path / "bench.jsonl"), "--videos", str(tmp_path / "gen"), "--out",
                      str(tmp_path / "x"), "--leaderboard", "v2"])

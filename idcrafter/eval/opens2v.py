@@ -327,6 +327,8 @@ def evaluate_opens2v(items, scorers=None, examples: int = 8, example_frames: int
             values.pop(key)
             if key == "motion":
                 skipped[key] = "every sample is a still image (Motion needs 2 or more frames)"
+            elif key == "nexusscore_idcrafter":
+                continue  # only with --nexus idcrafter; NexusScore's own entry says why neither was computed
             else:
                 skipped[key] = given.get(key, f"needs the benchmark's model: {COLUMN_SOURCES.get(key, key)}; "
                                               "no value for any sample")

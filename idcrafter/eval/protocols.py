@@ -172,6 +172,17 @@ def score_items(items: Sequence, scorers: Mapping[str, Scorer], columns: Sequenc
 # The image protocols' tables: column key -> (title, what the paper computes). Their totals are not
 # defined by the papers; each column's mean is reported as published (x 100 where the paper does).
 PROTOCOL_TABLES: dict[str, dict[str, tuple[str, str]]] = {
+    "opens2v": {  # the leaderboard's headers; the recipes are idcrafter.eval.opens2v's module doc and COLUMN_SOURCES
+        "aesthetics": ("Aesthetics", "LAION aesthetic MLP on CLIP ViT-L/14, 32 frames"),
+        "motion": ("Motion", "Farneback statistic (v1.1: motion amplitude)"),
+        "motion_smoothness": ("MotionSmoothness", "1 - share of frames whose window quality jumps (v1.1)"),
+        "facesim_cur": ("FaceSim-Cur", "CurricularFace cosine to the face reference, 32 frames"),
+        "facesim_arc": ("FaceSim-Arc", "ArcFace cosine to the face reference, 32 frames (reported)"),
+        "gmescore": ("GmeScore", "GME-Qwen2-VL frame-prompt similarity, 32 frames"),
+        "nexusscore": ("NexusScore", "image-guided detection + GME retrieval"),
+        "nexusscore_idcrafter": ("NexusScore (ID-Crafter)", "Grounded-SAM masks + CLIP cosine (reported)"),
+        "naturalscore": ("NaturalScore", "VLM rating 1-5, three repeats"),
+    },
     "multicrafter": {
         "mc_clip_t": ("CLIP-T", "CLIP image-text cosine of the output and the prompt (MultiCrafter Sec. 5.1)"),
         "mc_face_sim": ("Face-Sim", "ArcFace cosine (clipped at 0) of each reference face and the output face the "
