@@ -10,10 +10,10 @@ conditional pass v_ref_txt runs and the guidance term
 of the most recent step that ran the passes is added to it (zero before any such step, which is
 the paper's "no guidance outside the interval"). What is reused is g in velocity space: the space
 in which the pipeline combines the passes and the Euler step integrates them. For a clean-sample
-model that is g_x0 / sigma converted at the step where it was computed, so at a later step with
-a smaller sigma it moves the clean estimate by sigma_now / sigma_then of the computed difference:
-the reused guidance fades out as the noise does, instead of adding a stale image-space difference
-whole at the last step, as reusing the clean-sample difference would.
+model g = (x0_ref_txt - x0_guided) / sigma_then, so at a later step it moves the clean estimate
+x - sigma_now v by sigma_now / sigma_then of the difference computed: the reused guidance fades
+out as the noise does, instead of adding a stale image-space difference whole at the last step,
+as reusing the clean-sample difference would (docs/design.md 4).
 
 Torch-free, so the command-line validation can import it (`idcrafter.video.infer.parse_guidance_interval`
 turns its ValueError into a one-line InputError).
