@@ -5,6 +5,7 @@ A job file is JSONL, one job a line (blank lines are skipped; paths are relative
     {"prompt": "a man and his dog on a beach", "refs": ["refs/man.png", "refs/dog.png"],
      "output": "beach/0001.mp4", "seed": 7, "size": [480, 832], "frames": 81,
      "negative_prompt": "blurry", "steps": 50, "guidance_image": 2.5, "guidance_text": 2.5,
+     "guidance_interval": [0.2, 0.9],
      "mode": "video", "categories": ["person", "dog"]}
 
 Required: `prompt`, `refs` (at least one existing file), `output` (a name inside the output root, with a
@@ -14,8 +15,9 @@ video suffix for `mode: "video"` or an image suffix for `mode: "image"`). Option
 
 Image jobs (MultiCrafter / One-for-All) take `categories` from the category table (face, upper,
 lower, bag), may mark item descriptors in the prompt (`<face>with short hair</face>`, naming one of
-the job's categories), and use `guidance_text` as FLUX's guidance scale; `frames` and
-`guidance_image` are video-only.
+the job's categories), and use `guidance_text` as FLUX's guidance scale; `frames`,
+`guidance_image` and `guidance_interval` (the sigmas where the three guidance passes run,
+`idcrafter.video.guidance`) are video-only.
 
 The renderer is a callable `render_fn(job, tmp_path)` that writes the finished output to `tmp_path`
 (same file name as the output, in this process's work folder). Only when it returns, and the file
@@ -88,7 +90,7 @@ logger = get_logger(__name__)
 
 JOB_KEYS = (
     "prompt", "refs", "output", "seed", "size", "frames", "negative_prompt", "steps",
-    "guidance_image", "guidance_text", "mode", "categories",
+    "guidance_image", "guidance_text", "guidance_interval", "mode", "categories",
 )
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -166,6 +168,8 @@ def _image_problems(record: Mapping, prompt: str | None, categories) -> list[str
     problems = []
     if record.get("guidance_image") is not None:
         problems.append("'guidance_image' is a video key; image jobs use 'guidance_text' as the FLUX guidance")
+    if record.get("guidance_interval") is not None:
+        problems.append("'guidance_interval' is a video key (the three-pass guidance's interval)")
     canon: list[str] | None = None
     if isinstance(categories, list) and all(isinstance(c, str) for c in categories):
         canon = []
@@ -187,6 +191,19 @@ def _image_problems(record: Mapping, prompt: str | None, categories) -> list[str
                     f"(categories: {', '.join(categories)})"
                 )
     return problems
+
+
+def _interval_value(value, problems: list[str]) -> tuple[float, float] | None:
+    """A job's `guidance_interval` ([low, high] or "low,high") as (low, high); None with a problem
+    added when it is not one (`idcrafter.video.guidance.as_interval` says why)."""
+    from idcrafter.video.guidance import as_interval
+
+    try:
+        interval = as_interval(value)
+    except (ValueError, TypeError) as err:
+        problems.append(f"'guidance_interval': {err}")
+        return None
+    return interval.low, interval.high
 
 
 def _is_int(value) -> bool:
@@ -230,6 +247,7 @@ class Job:
     steps: int | None = None
     guidance_image: float | None = None
     guidance_text: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # (low, high) sigmas of the guidance passes
     mode: str = "video"
     categories: tuple[str, ...] | None = None
 
@@ -239,6 +257,8 @@ class Job:
             object.__setattr__(self, "size", tuple(self.size))
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
         problems = []
         if self.mode not in _MODES:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(_MODES)}")
@@ -342,6 +362,10 @@ class Job:
             if value is not None and (not _is_number(value) or not 0 <= value <= MAX_GUIDANCE):
                 problems.append(f"'{key}' must be a number in [0, {MAX_GUIDANCE:g}], got {json.dumps(value)}")
 
+        interval = record.get("guidance_interval")
+        if interval is not None:
+            interval = _interval_value(interval, problems)
+
         negative = record.get("negative_prompt")
         if negative is not None and not isinstance(negative, str):
             problems.append(f"'negative_prompt' must be a string, got {_type_name(negative)}")
@@ -370,6 +394,7 @@ class Job:
             steps=record.get("steps"),
             guidance_image=None if record.get("guidance_image") is None else float(record["guidance_image"]),
             guidance_text=None if record.get("guidance_text") is None else float(record["guidance_text"]),
+            guidance_interval=interval,
             mode=mode,
             categories=None if categories is None else tuple(categories),
         )

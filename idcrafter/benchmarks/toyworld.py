@@ -38,3 +38,21 @@ def _format_image(report: dict) -> str:
 
 
 register("toyimage", _format_image, "image-branch ablation on the toy image world (trains 5 rows, --out DIR)")(run_image)
+
+
+def run_guidance_interval(quick: bool = False, **_) -> dict:
+    """ToyID and s/video of guidance intervals against full guidance (`idcrafter.toyworld.guidance_interval`)."""
+    from idcrafter.toyworld.guidance_interval import INTERVALS, measure
+
+    return measure(INTERVALS[:2], samples=1, steps=2, progress=False) if quick else measure(samples=24)
+
+
+def _format_interval(report: dict) -> str:
+    from idcrafter.toyworld.guidance_interval import format_table as interval_table
+
+    return interval_table(report)
+
+
+register("guidance-interval", _format_interval,
+         "ToyID and s/video of guidance intervals vs full guidance on the built-in toy model (--quick: 1 sample)")(
+    run_guidance_interval)

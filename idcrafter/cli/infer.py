@@ -26,7 +26,7 @@ from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, numbe
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
-VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "edit_video", "strength",
+VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "guidance_interval", "edit_video", "strength",
               "cpu_offload", "sequential_guidance", "vlm")
 IMAGE_ONLY = ("categories", "guidance")
 
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=number(), default=None, help="image mode: FLUX distilled guidance scale")
     p.add_argument("--guidance-image", type=number(), default=None, help="s_img, reference guidance scale")
     p.add_argument("--guidance-text", type=number(), default=None, help="s_txt, text guidance scale")
+    p.add_argument("--guidance-interval", default=None, metavar="LOW,HIGH",
+                   help="run the unconditional and image-only guidance passes only at steps with LOW <= sigma <= HIGH "
+                        "(sigma 1 = pure noise); other steps reuse the last guidance term (default: every step)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise, in [0, 2**64)")
     p.add_argument("--edit-video", default=None, help="editing mode: input video to re-render with the new subjects")
     p.add_argument("--strength", type=number(0, 1, lo_open=True), default=1.0,

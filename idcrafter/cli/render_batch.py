@@ -6,7 +6,7 @@
 
 One job per line: {"prompt", "refs": [paths relative to the job file], "output": "name.mp4",
 "seed"?, "size"?: "HxW", "frames"?, "negative_prompt"?, "steps"?, "guidance_image"?,
-"guidance_text"?}. An output ending in .png / .jpg (or "mode": "image") makes an image job,
+"guidance_text"?, "guidance_interval"?: [low, high]}. An output ending in .png / .jpg (or "mode": "image") makes an image job,
 rendered by the image branch (MultiCrafter / One-for-All) with "categories"?: one per ref and
 "guidance_text" as the FLUX guidance. The image model is --image-model / --image-adapter /
 --image-preset (default: the built-in tiny image model), or --model / --adapter / --preset when
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
             job.prompt, [str(r) for r in job.refs], negative_prompt=job.negative_prompt or "",
             height=height, width=width, num_frames=frames,
             num_inference_steps=job.steps, guidance_image=job.guidance_image, guidance_text=job.guidance_text,
+            guidance_interval=job.guidance_interval,
             generator=torch.Generator().manual_seed(job.seed), batched_guidance=not args.sequential_guidance,
         )
         write_video(out.frames[0], tmp_path, fps=config.fps)

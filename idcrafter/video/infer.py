@@ -39,6 +39,7 @@ from idcrafter.video.config import (
     read_adapter_config,
     read_model_config,
 )
+from idcrafter.video.guidance import GuidanceInterval, as_interval
 
 DEFAULT_MODEL = "built-in"
 
@@ -57,6 +58,7 @@ class InferenceRequest:
     frames: int | None = None
     guidance_image: float | None = None
     guidance_text: float | None = None
+    guidance_interval: str | None = None  # "LOW,HIGH": sigmas where the guidance passes run
     seed: int = 0
     edit_video: str | None = None
     strength: float = 1.0
@@ -66,6 +68,15 @@ class InferenceRequest:
     sequential_guidance: bool = False
     vlm: str | None = None
     resolved: dict = field(default_factory=dict)
+
+
+def parse_guidance_interval(value, flag: str = "--guidance-interval") -> GuidanceInterval | None:
+    """The guidance interval of a request ("LOW,HIGH", a [low, high] pair or None: every step
+    guided); InputError (one line naming `flag`) for a bad value."""
+    try:
+        return as_interval(value)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{flag} {value!r}: {err}") from None
 
 
 def _read_config(folder: Path, what: str) -> dict:
@@ -287,6 +298,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         value = getattr(req, name)
         value = getattr(config, name) if value is None else value
         guidance[name] = check_number(value, f"--{name.replace('_', '-')}", 0.0, MAX_GUIDANCE)
+    interval = parse_guidance_interval(req.guidance_interval)
     check_number(req.strength, "--strength", 0.0, 1.0, lo_open=True)
     if req.edit_video is not None:
         check_input_file(req.edit_video, "--edit-video")
@@ -298,6 +310,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         model=req.model or f"{DEFAULT_MODEL} ({config.preset})",
         adapter=str(req.adapter) if req.adapter else None,
         height=height, width=width, frames=frames, steps=steps, fps=config.fps, **guidance,
+        guidance_interval=None if interval is None else [interval.low, interval.high],
         max_subjects=config.max_subjects, num_blocks=config.num_blocks, vlm=vlm,
     )
     return config
@@ -350,7 +363,7 @@ def run(req: InferenceRequest) -> Path:
     out = pipe(
         req.prompt, req.refs, negative_prompt=req.negative_prompt, height=r["height"], width=r["width"],
         num_frames=r["frames"], num_inference_steps=r["steps"], guidance_image=r["guidance_image"],
-        guidance_text=r["guidance_text"], generator=torch.Generator().manual_seed(req.seed),
+        guidance_text=r["guidance_text"], guidance_interval=r["guidance_interval"], generator=torch.Generator().manual_seed(req.seed),
         video=req.edit_video, strength=req.strength, batched_guidance=not req.sequential_guidance,
     )
     return write_video(out.frames[0], req.out, fps=r["fps"])

@@ -47,6 +47,7 @@ from idcrafter.video.config import (
     read_model_config,
     vae_scale_factors,
 )
+from idcrafter.video.guidance import GuidanceInterval, as_interval
 from idcrafter.video.transformer import IDCrafterTransformer, to_velocity
 
 # The module `save_pretrained` writes into a pipeline folder (model_index.json names it).
@@ -210,7 +211,7 @@ class IDCrafterPipeline(DiffusionPipeline):
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler, vlm=vlm
         )
         self.vae_scale_temporal, self.vae_scale_spatial = vae_scale_factors(vae.config)
-        self._guidance_image = self._guidance_text = self._attention_kwargs = None
+        self._guidance_image = self._guidance_text = self._attention_kwargs = self._guidance_interval = None
         self._num_timesteps, self._current_timestep, self._interrupt = None, None, False
 
     # ------------------------------------------------------------------ construction
@@ -593,7 +594,8 @@ class IDCrafterPipeline(DiffusionPipeline):
         text_stream: SubjectStream | None = None,
         attention_kwargs: dict | None = None,
         cache_info: dict | None = None,
-    ) -> torch.Tensor:
+        return_conditional: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The three-pass guided velocity v_u + s_img (v_ref - v_u) + s_txt (v_ref_txt - v_ref).
 
         latents [B, C, F, h, w]; t: scalar or [B] timesteps (sigma * 1000); text / negative
@@ -604,7 +606,9 @@ class IDCrafterPipeline(DiffusionPipeline):
         classifier-free guidance on the text, whose text pass reads `text_stream` (VLM tokens of the
         prompt alone, `encode_text_stream`) when given. `attention_kwargs` go to every transformer
         call (diffusers': {"scale": s} scales LoRA layers); `cache_info` (step_index, sigma,
-        num_inference_steps) to every pass's `cache_context`, as diffusers' pipelines give them. Not
+        num_inference_steps) to every pass's `cache_context`, as diffusers' pipelines give them.
+        `return_conditional`: return (v, v_cond), v_cond the conditional pass (v_ref_txt; without
+        references the text pass), which `interval_velocity` subtracts to get the guidance term. Not
         under no_grad: RL post-training differentiates through it.
         """
         b = latents.shape[0]
@@ -620,24 +624,58 @@ class IDCrafterPipeline(DiffusionPipeline):
 
         if stream is None:  # no references: ordinary classifier-free guidance on the text
             if s_txt == 1.0:
-                return model("cond", latents, timestep, text, subject_stream=text_stream)
-            if text_stream is not None:
+                v = v_cond = model("cond", latents, timestep, text, subject_stream=text_stream)
+            elif text_stream is not None:
                 v_neg = model("uncond", latents, timestep, negative)
-                return v_neg + s_txt * (model("cond", latents, timestep, text, subject_stream=text_stream) - v_neg)
-            pair = model("cfg", latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
-            v_neg, v_txt = pair.chunk(2)
-            return v_neg + s_txt * (v_txt - v_neg)
-        if s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
-            return model("cond", latents, timestep, text, subject_stream=stream)
-        if batched is not None:
-            v = model("guided", latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3), torch.cat([negative, negative, text]),
-                      subject_stream=batched)
-            v_uncond, v_ref, v_ref_txt = v.chunk(3)
+                v_cond = model("cond", latents, timestep, text, subject_stream=text_stream)
+                v = v_neg + s_txt * (v_cond - v_neg)
+            else:
+                pair = model("cfg", latents.repeat(2, 1, 1, 1, 1), timestep.repeat(2), torch.cat([negative, text]))
+                v_neg, v_cond = pair.chunk(2)
+                v = v_neg + s_txt * (v_cond - v_neg)
+        elif s_img == 1.0 and s_txt == 1.0:  # guidance off: one conditional pass
+            v = v_cond = model("cond", latents, timestep, text, subject_stream=stream)
         else:
-            v_uncond = model("uncond", latents, timestep, negative)
-            v_ref = model("ref", latents, timestep, negative, subject_stream=stream if ref_stream is None else ref_stream)
-            v_ref_txt = model("cond", latents, timestep, text, subject_stream=stream)
-        return v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_ref_txt - v_ref)
+            if batched is not None:
+                out = model("guided", latents.repeat(3, 1, 1, 1, 1), timestep.repeat(3),
+                            torch.cat([negative, negative, text]), subject_stream=batched)
+                v_uncond, v_ref, v_cond = out.chunk(3)
+            else:
+                v_uncond = model("uncond", latents, timestep, negative)
+                v_ref = model("ref", latents, timestep, negative,
+                              subject_stream=stream if ref_stream is None else ref_stream)
+                v_cond = model("cond", latents, timestep, text, subject_stream=stream)
+            v = v_uncond + s_img * (v_ref - v_uncond) + s_txt * (v_cond - v_ref)
+        return (v, v_cond) if return_conditional else v
+
+    def interval_velocity(
+        self,
+        interval: GuidanceInterval,
+        sigma: float,
+        guidance: torch.Tensor | None,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        negative: torch.Tensor,
+        stream: SubjectStream | None,
+        s_img: float,
+        s_txt: float,
+        batched: SubjectStream | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step of guidance limited to `interval` (`idcrafter.video.guidance`): (velocity, guidance term).
+
+        Inside the interval, `guided_velocity` with every pass, and the new guidance term
+        g = v - v_ref_txt [B, C, F, h, w]; outside, the conditional pass alone plus `guidance`, the g
+        of the last step inside (None before any: no guidance, as Kynkaenniemi et al. 2024 have it
+        outside their interval), which is returned unchanged. kwargs go to `guided_velocity`.
+        """
+        if interval.covers(sigma):
+            v, v_cond = self.guided_velocity(latents, t, text, negative, stream, s_img, s_txt, batched,
+                                             return_conditional=True, **kwargs)
+            return v, v - v_cond
+        v_cond = self.guided_velocity(latents, t, text, negative, stream, 1.0, 1.0, None, **kwargs)
+        return (v_cond if guidance is None else v_cond + guidance), guidance
 
     @staticmethod
     def guidance_stream(
@@ -663,6 +701,11 @@ class IDCrafterPipeline(DiffusionPipeline):
     def guidance_text(self) -> float:
         """s_txt of the running (or last) call."""
         return self._guidance_text
+
+    @property
+    def guidance_interval(self) -> GuidanceInterval | None:
+        """The guidance interval of the running (or last) call; None: guidance at every step."""
+        return self._guidance_interval
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -748,6 +791,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         guidance_image: float | None = None,
         guidance_text: float | None = None,
+        guidance_interval: GuidanceInterval | Sequence[float] | str | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -775,6 +819,10 @@ class IDCrafterPipeline(DiffusionPipeline):
             negative_prompt: text of the unconditional passes, one or one per prompt (default "").
             height, width, num_frames: output size (multiples of 16; 4n+1 frames).
             num_inference_steps, guidance_image, guidance_text: default to the model config.
+            guidance_interval: (low, high), a `GuidanceInterval` or "low,high": the unconditional and
+                image-only passes run only at steps with low <= sigma <= high; the other steps run
+                the conditional pass and add the guidance term of the last step that ran them
+                (`idcrafter.video.guidance`). None (default): every step runs every pass.
             num_videos_per_prompt: videos per prompt; a prompt's videos are consecutive rows.
             generator: a torch.Generator or a list, one per video (B * num_videos_per_prompt), for
                 the initial noise; None draws nondeterministic noise, as in diffusers.
@@ -807,9 +855,11 @@ class IDCrafterPipeline(DiffusionPipeline):
         steps = num_inference_steps or cfg.num_inference_steps
         s_img = cfg.guidance_image if guidance_image is None else guidance_image
         s_txt = cfg.guidance_text if guidance_text is None else guidance_text
+        interval = as_interval(guidance_interval)
         self.check_inputs(prompt, refs, height, width, num_frames, strength, negative_prompt, prompt_embeds,
                           negative_prompt_embeds, num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
         self._guidance_image, self._guidance_text = s_img, s_txt
+        self._guidance_interval = interval
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -859,6 +909,7 @@ class IDCrafterPipeline(DiffusionPipeline):
         three = self.guidance_stream(stream, batched_guidance, ref_stream)  # once per call, not per step
         dtype = self.transformer.dtype
         self._num_timesteps = len(timesteps)
+        guidance = None  # the guidance term of the last step inside `interval` (interval_velocity)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -867,11 +918,15 @@ class IDCrafterPipeline(DiffusionPipeline):
                 if recompute_subjects_each_step and stream is not None and subject_stream is None:
                     stream, ref_stream, _ = streams()
                     three = self.guidance_stream(stream, batched_guidance, ref_stream)
-                cache_info = {"step_index": start + i, "sigma": float(self.scheduler.sigmas[start + i]),
-                              "num_inference_steps": steps}
-                v = self.guided_velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three,
-                                         ref_stream=ref_stream, text_stream=text_stream,
-                                         attention_kwargs=attention_kwargs, cache_info=cache_info)
+                sigma = float(self.scheduler.sigmas[start + i])
+                cache_info = {"step_index": start + i, "sigma": sigma, "num_inference_steps": steps}
+                passes = dict(ref_stream=ref_stream, text_stream=text_stream, attention_kwargs=attention_kwargs,
+                              cache_info=cache_info)
+                if interval is None:
+                    v = self.guided_velocity(latents.to(dtype), t, text, negative, stream, s_img, s_txt, three, **passes)
+                else:
+                    v, guidance = self.interval_velocity(interval, sigma, guidance, latents.to(dtype), t, text, negative,
+                                                         stream, s_img, s_txt, three, **passes)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": text, "negative_prompt_embeds": negative}
