@@ -100,10 +100,10 @@ class TrainSetup:
 @functools.lru_cache(maxsize=16)
 def _parameter_counts(config_json: str) -> tuple[int, int, int]:
     """(base, adapter, largest block) parameter counts of a config, built on the meta device."""
+    import json
+
     from idcrafter.video.config import IDCrafterConfig
     from idcrafter.video.transformer import IDCrafterTransformer
-
-    import json
 
     config = IDCrafterConfig.from_dict(json.loads(config_json))
     with torch.device("meta"), contextlib.redirect_stderr(None):
