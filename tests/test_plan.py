@@ -185,3 +185,19 @@ def test_plan_cli_prints_json_and_refuses_bad_sp_sizes(capsys):
                           (["--frames", "80"], "error: --frames 80: must be 4n+1 (the VAE's temporal stride)")]:
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_throughput_metrics_and_the_video_spec_work():
+    from idcrafter.train.trainer import throughput_metrics
+    from idcrafter.video.training import VideoDataArgs, VideoModelArgs, VideoTrainingSpec
+
+    # 4 ranks in SP groups of 2: the job runs 2x a rank's samples, each GPU half of their FLOPs.
+    got = throughput_metrics(tokens=1000, flops=4e12, seconds=2.0, world_size=4, sp_size=2, peak_tflops=0.5)
+    assert got == {"step_seconds": 2.0, "tokens_per_s": 1000.0, "tflops_per_gpu": 1.0, "mfu": 2.0}
+    assert "mfu" not in throughput_metrics(1, 1.0, 1.0, 1)
+    spec = VideoTrainingSpec(VideoModelArgs(preset="tiny"), VideoDataArgs(data="unused.jsonl"))
+    conditions = {"latents": torch.zeros(2, 16, 3, 8, 8), "ref_latents": torch.zeros(2, 3, 16, 1, 8, 8),
+                  "text": torch.zeros(2, TINY.text_length, 32)}
+    expected = flops.for_config(TINY, subjects=3).full_forward  # 48 video tokens, 16 per reference
+    assert spec.work(conditions, checkpointing=False) == (96, 2 * 3 * expected)
+    assert spec.work(conditions, checkpointing=True) == (96, 2 * 4 * expected)
