@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, parse_size
 from idcrafter.utils.settings_file import add_config_argument, parse_command_line
@@ -134,3 +135,7 @@ def main(argv=None) -> int:
         for key, value in result.items():
             print(f"{key:>20}: {value:.2f}" if isinstance(value, float) else f"{key:>20}: {value}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
