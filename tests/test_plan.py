@@ -201,3 +201,30 @@ def test_throughput_metrics_and_the_video_spec_work():
     expected = flops.for_config(TINY, subjects=3).full_forward  # 48 video tokens, 16 per reference
     assert spec.work(conditions, checkpointing=False) == (96, 2 * 3 * expected)
     assert spec.work(conditions, checkpointing=True) == (96, 2 * 4 * expected)
+
+
+def test_gpu_suite_refuses_without_cuda_and_its_quick_variant_reports_every_row(capsys, tmp_path):
+    from idcrafter.cli.benchmark import main
+
+    if not torch.cuda.is_available():
+        assert main(["gpu-suite", "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "error: gpu-suite needs a CUDA GPU (full-size Wan 1.3B at 480p x 81 frames); --quick runs its tiny CPU variant"]
+    out = tmp_path / "suite.json"
+    assert main(["gpu-suite", "--device", "cpu", "--quick", "--repeats", "1", "--peak-tflops", "2",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["full"] is False and report["peak_tflops"] == 2.0
+    shape = flops.WanShape.from_config(TINY.wan)
+    idc = flops.IDCrafterShape(blocks=3)  # K = 20 clipped to the tiny model's 3 layers
+    for rows in report["forms"].values():
+        assert set(rows) == {f"{kind}/{n}" for kind in ("step", "train") for n in range(4)}
+        for key, row in rows.items():
+            kind, n = key.split("/")
+            count = flops.count_flops(shape, idc, 48, 16, int(n), 16)  # 3x8x8 / 4 video, 8x8 / 4 per reference
+            work = count.cached_forward if kind == "step" else flops.training_step_flops(count.full_forward, True)
+            assert row["analytic_ratio"] == pytest.approx(count.cached_ratio if kind == "step" else count.full_ratio)
+            assert row["tflops"] == pytest.approx(work / row["seconds"] / 1e12)
+            assert row["mfu"] == pytest.approx(row["tflops"] / 2) and row["peak_gib"] > 0
+        assert rows["step/0"]["time_ratio"] == rows["train/0"]["time_ratio"] == 1.0
+        assert rows["train/3"]["peak_gib"] > rows["train/0"]["peak_gib"]  # the tower's activations
