@@ -228,3 +228,15 @@ def test_gpu_suite_refuses_without_cuda_and_its_quick_variant_reports_every_row(
             assert row["mfu"] == pytest.approx(row["tflops"] / 2) and row["peak_gib"] > 0
         assert rows["step/0"]["time_ratio"] == rows["train/0"]["time_ratio"] == 1.0
         assert rows["train/3"]["peak_gib"] > rows["train/0"]["peak_gib"]  # the tower's activations
+
+
+def test_readme_plan_table_is_what_the_tool_prints():
+    from pathlib import Path
+
+    from idcrafter.cli.plan import format_table, table_rows
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = table_rows(8, 80.0, subjects=3)
+    assert format_table(rows) in readme
+    fits = {(r["preset"], r["resolution"]) for r in rows if r["fits"]}
+    assert fits == {(m, s) for m in ("wan-1.3b", "wan-14b") for s in ("480p", "720p")}  # each has a setup

@@ -2,12 +2,12 @@
 
     python scripts/plan.py --preset wan-14b --size 720x1280 --frames 81 --subjects 3 \\
         --batch 1 --zero 3 --sp-size 4 --gpus 8 --gpu-memory 80 [--offload] [--no-checkpointing]
-    python scripts/plan.py --table [--gpus 8 --gpu-memory 80]
+    python scripts/plan.py --table --subjects 3 [--gpus 8 --gpu-memory 80]
 
 Prints the weights, gradients, optimizer states (AdamW: fp32 master weights + two moments) and
 activations of one GPU in GiB, the FLOPs of one optimizer step and whether it fits (90% of
---gpu-memory). --table prints the README's table: 1.3B and 14B at 480p and 720p x 81 frames
-with 3 subjects over ZeRO stages, SP sizes and checkpointing (without it, ZeRO-3 only).
+--gpu-memory). --table prints the README's table (with --subjects 3): 1.3B and 14B at 480p and
+720p x 81 frames over ZeRO stages, SP sizes and checkpointing (without it, ZeRO-3 only).
 The model is idcrafter/video/memory.py (docs/design.md 11); --json prints the numbers as JSON.
 """
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_command_line(build_parser(), argv)
     try:
         if args.table:
-            rows = table_rows(args.gpus, args.gpu_memory, max(args.subjects, 1), args.trainable)
+            rows = table_rows(args.gpus, args.gpu_memory, args.subjects, args.trainable)
             print(json.dumps(rows, indent=1) if args.json else format_table(rows))
             return 0
         height, width = parse_size(args.size)
