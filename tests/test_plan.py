@@ -13,7 +13,7 @@ import torch.utils.flop_counter as flop_counter
 from diffusers import WanTransformer3DModel
 
 from idcrafter.video import flops
-from idcrafter.video.config import IDCrafterConfig
+from idcrafter.video.config import HIERARCHIES, IDCrafterConfig
 from idcrafter.video.memory import GIB, TrainSetup, activation_bytes, parameter_counts, plan
 from idcrafter.video.transformer import IDCrafterTransformer
 
@@ -59,12 +59,14 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("form", ["own", "attn2"])
-def test_analytic_count_equals_torch_flop_counter_on_the_tiny_model(form):
-    """Stock forward, a cached step and a forward that encodes the subjects, 2 subjects: exact."""
+@pytest.mark.parametrize("form,hierarchy", [("own", h) for h in HIERARCHIES] + [("attn2", "full")])
+def test_analytic_count_equals_torch_flop_counter_on_the_tiny_model(form, hierarchy):
+    """Stock forward, a cached step and a forward that encodes the subjects, 2 subjects: exact,
+    for the method and every ablation of Tab. S.5."""
     if form == "attn2" and "stage3_projections" not in IDCrafterConfig.__dataclass_fields__:
         pytest.skip("this model has no stage3_projections option")
-    config = IDCrafterConfig.from_preset("tiny", **({"stage3_projections": form} if form != "own" else {}))
+    config = IDCrafterConfig.from_preset("tiny", hierarchy=hierarchy,
+                                         **({"stage3_projections": form} if form != "own" else {}))
     torch.manual_seed(0)
     model = IDCrafterTransformer.from_idcrafter_config(config).eval()
     g = torch.Generator().manual_seed(1)
