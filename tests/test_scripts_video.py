@@ -61,6 +61,9 @@ def test_readme_main_command_writes_a_playable_mp4(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     frames = read_mp4(out2)
     assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+    # s/step and the share of each component, on one line of stderr.
+    timing = [line for line in proc.stderr.splitlines() if line.startswith("timing: ")]
+    assert len(timing) == 1 and " over 2 steps " in timing[0] and "transformer " in timing[0], proc.stderr[-2000:]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

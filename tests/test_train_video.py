@@ -168,7 +168,10 @@ def test_training_from_a_feature_cache_matches_pixels(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 4
     a, b = tmp_path / "pixels", tmp_path / "cached"
-    assert train(a, data, "--max-steps", "2", "--save-every", "2").returncode == 0
+    assert train(a, data, "--max-steps", "2", "--save-every", "2", "--peak-tflops", "100").returncode == 0
+    for row in map(json.loads, (a / "metrics.jsonl").read_text().splitlines()):  # throughput accounting
+        assert row["tokens_per_s"] * row["step_seconds"] == pytest.approx(48)  # one 3x8x8 / (1x2x2) video
+        assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / 100) and row["tflops_per_gpu"] > 0
     proc = train(b, data, "--max-steps", "2", "--save-every", "2", "--cache", str(cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(losses(a), losses(b), rtol=1e-5)

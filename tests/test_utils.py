@@ -108,6 +108,9 @@ def test_benchmark_video_cases(case, tmp_path):
         # More subjects never need less memory in training.
         mem = [results[f"train/{n}_subjects"]["peak_mib"] for n in (1, 2, 3)]
         assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
+        # The analytic FLOP ratios beside the measured ones: CPU size, 192 video and 64 tokens per reference.
+        flop = [results[f"step/{row}"]["analytic_ratio"] for row in ("stock", "1_subjects", "2_subjects", "3_subjects")]
+        assert flop[0] == 1.0 and flop == sorted(flop) and flop[1] == pytest.approx(1.2119, abs=1e-4)
     else:
         assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
 

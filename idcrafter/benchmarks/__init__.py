@@ -30,6 +30,6 @@ def register(name: str, format_table: Callable[[dict], str], help: str = ""):
 
 def load_cases() -> dict[str, Case]:
     """Import every case module so it registers itself."""
-    from idcrafter.benchmarks import attention, image, lora, toyworld, video  # noqa: F401
+    from idcrafter.benchmarks import attention, gpu_suite, image, lora, toyworld, video  # noqa: F401
 
     return CASES

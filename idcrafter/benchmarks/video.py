@@ -108,7 +108,25 @@ def run_overhead(device: str = "cpu", full: bool | None = None, repeats: int = 3
         if key.startswith("train/"):
             r["time_ratio"] = results[key].seconds / results["train/stock"].seconds
             r["memory_ratio"] = results[key].peak_bytes / max(results["train/stock"].peak_bytes, 1)
+    _add_analytic_ratios(report, model, latent, ref, txt.shape[1])
     return report
+
+
+def _add_analytic_ratios(report: dict, model, latent, ref, text_tokens: int) -> None:
+    """Each row's FLOP ratio to stock (idcrafter/video/flops.py) next to its measured time ratio:
+    steps read a cached stream, training rows encode it (the same ratio for fwd+bwd, 3x both)."""
+    from idcrafter.video import flops
+
+    shape = flops.WanShape.from_config(model.config)
+    idc = flops.IDCrafterShape.from_config(model.idcrafter_config)
+    tokens = latent[0] * latent[1] * latent[2] // (shape.patch[1] * shape.patch[2])
+    ref_tokens = ref[0] * ref[1] // idc.subject_patch**2
+    report["video_to_reference_tokens"] = tokens / ref_tokens
+    for key, row in report["results"].items():
+        kind, name = key.split("/")
+        n = 0 if name == "stock" else int(name.split("_")[0])
+        count = flops.count_flops(shape, idc, tokens, text_tokens, n, ref_tokens)
+        row["analytic_ratio"] = count.cached_ratio if kind == "step" else count.full_ratio
 
 
 def run_step_cache(device: str = "cpu", full: bool | None = None, repeats: int = 3, **_) -> dict:
@@ -165,11 +183,12 @@ def run_step_cache(device: str = "cpu", full: bool | None = None, repeats: int =
 
 def format_table(report: dict) -> str:
     head = f"{report['case']} on {report['device']} {report['dtype']} ({'full size' if report['full'] else 'CPU size'})"
-    lines = [head, f"{'row':<22}{'time ms':>10}{'peak MiB':>11}{'time x':>9}{'memory x':>10}"]
+    lines = [head, f"{'row':<22}{'time ms':>10}{'peak MiB':>11}{'time x':>9}{'memory x':>10}{'FLOP x':>9}"]
     for key, r in report["results"].items():
         peak = f"{r['peak_mib']:>11.1f}" if "peak_mib" in r else f"{'-':>11}"
         mem = f"{r['memory_ratio']:>10.2f}" if "memory_ratio" in r else f"{'-':>10}"
-        lines.append(f"{key:<22}{r['seconds'] * 1e3:>10.1f}{peak}{r['time_ratio']:>9.2f}{mem}")
+        flop = f"{r['analytic_ratio']:>9.3f}" if "analytic_ratio" in r else f"{'-':>9}"
+        lines.append(f"{key:<22}{r['seconds'] * 1e3:>10.1f}{peak}{r['time_ratio']:>9.2f}{mem}{flop}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@
     python scripts/benchmark.py image-idar [--config flux-dev|small|tiny] [--quick] [--share-chunk 64 1024]
     python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
     python scripts/benchmark.py toyimage --out runs/toyimage --steps 1500
+    python scripts/benchmark.py gpu-suite [--peak-tflops 989] [--json out.json]   (one GPU; --quick: tiny on CPU)
 
 CPU sizes by default; on a CUDA device the full-size shapes are used unless --no-full.
 """
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from idcrafter.benchmarks import load_cases
-from idcrafter.utils.cli import ArgumentParser, fail
+from idcrafter.utils.cli import ArgumentParser, fail, number
 from idcrafter.utils.io import atomic_write
 
 
@@ -33,12 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--config", default=None, help="image-idar: flux-dev, small or tiny (default: flux-dev on CUDA, else small)")
-    parser.add_argument("--quick", action="store_true", help="image-idar, lora: tiny sizes (seconds, for tests)")
+    parser.add_argument("--quick", action="store_true", help="image-idar, lora, gpu-suite: tiny sizes (seconds, for tests)")
     parser.add_argument("--share-chunk", type=int, nargs="+", default=[],
                         help="image-idar: extra IDAR rows with these share query chunks (memory vs chunk)")
     parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")
     parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation); toyimage: its folder (default runs/toyimage)")
     parser.add_argument("--steps", type=int, default=1000, help="toyworld: training steps of every row")
+    parser.add_argument("--peak-tflops", type=number(0, lo_open=True), default=None,
+                        help="gpu-suite: peak dense TFLOP/s of the GPU for MFU (default: known GPUs' bf16 peak)")
     args = parser.parse_args(argv)
 
     import torch
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     try:
         report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats,
                           root=args.root, out=args.out, steps=args.steps, config=args.config, quick=args.quick,
-                          share_chunk=args.share_chunk)
+                          share_chunk=args.share_chunk, peak_tflops=args.peak_tflops)
     except (ValueError, FileNotFoundError) as err:
         return fail(str(err))
     print(case.format_table(report))

@@ -106,9 +106,14 @@ def main(argv=None) -> int:
                 validate(req)
                 print(plan(req))
                 return 0
-            path = run(req)
+            timings: dict = {}
+            path = run(req) if mode == "image" else run(req, timings)
     except InputError as err:
         return fail(str(err).splitlines()[0])
+    if timings:
+        from idcrafter.utils.timing import format_summary
+
+        print(f"timing: {format_summary(timings)}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 

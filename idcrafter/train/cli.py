@@ -109,6 +109,10 @@ class RunSettings:
     keep_last: int = setting(2, type=integer(1))
     log_every: int = setting(10, type=integer(1))
     no_progress: bool = setting(False)
+    peak_tflops: float | None = setting(
+        None, type=number(0, lo_open=True), metavar="TFLOPS",
+        help="peak dense TFLOP/s of one GPU in the training dtype (H100 SXM bf16: 989); video SFT then logs "
+             "MFU beside tokens/s and achieved TFLOP/s (trainers without an analytic count log neither)")
 
 
 @dataclass
@@ -237,7 +241,7 @@ def train_args(args: argparse.Namespace, **overrides):
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
         min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
-        progress=not args.no_progress,
+        progress=not args.no_progress, peak_tflops=getattr(args, "peak_tflops", None),
     )
     for name in ("batch_size", "grad_accum", "ema_decay", "trainable", "gradient_checkpointing", "validate_every",
                  "validation_data", "validation_samples", "validation_steps"):

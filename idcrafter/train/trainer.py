@@ -80,6 +80,9 @@ class TrainArgs:
     resume: str | None = None
     log_every: int = 10
     progress: bool = True
+    # Peak dense TFLOP/s of one GPU in the training dtype (H100 SXM bf16: 989); with it the logs
+    # carry MFU = achieved analytic TFLOP/s per GPU / peak (docs/design.md 11).
+    peak_tflops: float | None = None
     # Validation samples (idcrafter.train.validation): every N steps and at the last one (0: off), the
     # first `validation_samples` of the manifest `validation_data`, `validation_steps` sampling steps
     # (None: the preset's), noise from `seed` (sample i: seed + i), the same at every validation.
@@ -92,7 +95,11 @@ class TrainArgs:
 
 
 class TrainingSpec(Protocol):
-    """What a model brings to the trainer (see `idcrafter.video.training.VideoTrainingSpec`)."""
+    """What a model brings to the trainer (see `idcrafter.video.training.VideoTrainingSpec`).
+
+    Optionally `work(conditions, checkpointing) -> (tokens, flops)`: the model tokens and analytic
+    training FLOPs of one micro-batch, from which the trainer logs throughput (`throughput_metrics`).
+    """
 
     hidden_size: int
 
@@ -132,6 +139,27 @@ def non_finite_message(step: int, metrics: dict[str, float]) -> str | None:
     values = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
     return (f"step {step}: non-finite loss ({', '.join(bad)}); {values}. Nothing of this step was saved; "
             "lower --lr or check the data, then --resume auto from the last checkpoint")
+
+
+# Keys of a rank's work in one step (popped before logging): model tokens and analytic training FLOPs.
+WORK_TOKENS, WORK_FLOPS = "_work_tokens", "_work_flops"
+
+
+def throughput_metrics(tokens: float, flops: float, seconds: float, world_size: int, sp_size: int = 1,
+                       peak_tflops: float | None = None) -> dict[str, float]:
+    """Throughput of one optimizer step from one rank's mean work (`tokens`, `flops`: the model
+    tokens and analytic training FLOPs of its micro-batches, `TrainingSpec.work`).
+
+    The ranks of a sequence-parallel group share their samples, so the job processes
+    world / sp times a rank's work; each GPU does 1/sp of its samples' FLOPs.
+    tokens_per_s: the whole job's; tflops_per_gpu: achieved analytic TFLOP/s of one GPU;
+    mfu: that over `peak_tflops` (only with it).
+    """
+    out = {"step_seconds": seconds, "tokens_per_s": tokens * world_size / sp_size / seconds,
+           "tflops_per_gpu": flops / sp_size / seconds / 1e12}
+    if peak_tflops:
+        out["mfu"] = out["tflops_per_gpu"] / peak_tflops
+    return out
 
 
 class Trainer:
@@ -370,8 +398,11 @@ class Trainer:
         """Hook: called once after the last step."""
 
     def train_step(self) -> dict:
-        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step."""
+        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step; the losses and the
+        throughput (`throughput_metrics`) averaged over the ranks."""
+        started = time.perf_counter()
         totals: dict[str, float] = {}
+        work = {WORK_TOKENS: 0.0, WORK_FLOPS: 0.0}
         for micro in range(self.args.grad_accum):
             batch = next(self._batches)
             self.draws.log(self.step + 1, batch)
@@ -382,7 +413,17 @@ class Trainer:
             self.engine.step()
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / self.args.grad_accum
-        return self._mean_over_ranks(totals)
+            if hasattr(self.spec, "work"):  # float() above waited for this micro-batch's kernels
+                tokens, flops = self.spec.work(conditions, self.args.gradient_checkpointing)
+                work[WORK_TOKENS] += tokens
+                work[WORK_FLOPS] += flops
+        means = self._mean_over_ranks({**totals, **work} if hasattr(self.spec, "work") else totals)
+        seconds = time.perf_counter() - started
+        tokens, flops = means.pop(WORK_TOKENS, None), means.pop(WORK_FLOPS, None)
+        if tokens is not None:
+            means.update(throughput_metrics(tokens, flops, seconds, self.world_size,
+                                            getattr(self.args, "sp_size", 1), self.args.peak_tflops))
+        return means
 
     def save(self) -> None:
         """A checkpoint (resume) and the exported adapter (inference), then prune old checkpoints.

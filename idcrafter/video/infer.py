@@ -351,8 +351,12 @@ def load_pipeline(req: InferenceRequest):
     return pipe
 
 
-def run(req: InferenceRequest) -> Path:
-    """Validate, load, generate, write the video atomically; returns the output path."""
+def run(req: InferenceRequest, timings: dict | None = None) -> Path:
+    """Validate, load, generate, write the video atomically; returns the output path.
+
+    `timings`, when given, receives the generation's s/step and the share of its time in the
+    transformer, the VAE and the text/VLM encoders (`IDCrafterPipeline.component_timer`).
+    """
     validate(req)  # before importing torch: bad input stops fast
     import torch
 
@@ -360,10 +364,16 @@ def run(req: InferenceRequest) -> Path:
 
     r = req.resolved
     pipe = load_pipeline(req)
-    out = pipe(
-        req.prompt, req.refs, negative_prompt=req.negative_prompt, height=r["height"], width=r["width"],
-        num_frames=r["frames"], num_inference_steps=r["steps"], guidance_image=r["guidance_image"],
-        guidance_text=r["guidance_text"], guidance_interval=r["guidance_interval"], generator=torch.Generator().manual_seed(req.seed),
-        video=req.edit_video, strength=req.strength, batched_guidance=not req.sequential_guidance,
-    )
+    timer = pipe.component_timer()
+    with timer:
+        out = pipe(
+            req.prompt, req.refs, negative_prompt=req.negative_prompt, height=r["height"], width=r["width"],
+            num_frames=r["frames"], num_inference_steps=r["steps"], guidance_image=r["guidance_image"],
+            guidance_text=r["guidance_text"], guidance_interval=r["guidance_interval"],
+            generator=torch.Generator().manual_seed(req.seed),
+            video=req.edit_video, strength=req.strength, batched_guidance=not req.sequential_guidance,
+            callback_on_step_end=timer.on_step_end,
+        )
+    if timings is not None:
+        timings.update(timer.summary())
     return write_video(out.frames[0], req.out, fps=r["fps"])

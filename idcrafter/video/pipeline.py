@@ -356,6 +356,19 @@ class IDCrafterPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
+    def component_timer(self):
+        """A `ComponentTimer` (idcrafter/utils/timing.py) of this pipeline's parts: the transformer
+        (denoising forwards and the subject stream), the VAE (encoding references and input videos,
+        decoding), the text encoder and the VLM. Use as `with timer: pipe(..., callback_on_step_end=
+        timer.on_step_end)`, then `timer.summary()`."""
+        from idcrafter.utils.timing import ComponentTimer
+
+        return ComponentTimer([
+            ("transformer", self.transformer, "forward"), ("transformer", self.transformer, "encode_subjects"),
+            ("vae", self, "encode_video"), ("vae", self, "decode_latents"),
+            ("text_encoder", self, "encode_prompt"), ("vlm", self.vlm, "encode"),
+        ])
+
     def encode_prompt(self, prompts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
         """UMT5 states [B, L, text_dim], zero past each prompt's length (as WanPipeline does), on
         `device` (default: the execution device) in the transformer's dtype."""

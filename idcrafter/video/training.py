@@ -92,6 +92,7 @@ class VideoTrainingSpec:
 
             wan = json.loads((Path(model_args.base) / "transformer" / "config.json").read_text())
         self.hidden_size = wan["num_attention_heads"] * wan["attention_head_dim"]
+        self.wan = wan
         self.num_frames = data_args.num_frames or self.config.num_frames
         self.height = data_args.height or self.config.height
         self.width = data_args.width or self.config.width
@@ -372,6 +373,22 @@ class VideoTrainingSpec:
                           generator=torch.Generator().manual_seed(seed + i), output_type="np").frames[0]
             out.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
         return out
+
+    def work(self, conditions: dict, checkpointing: bool) -> tuple[int, int]:
+        """(video tokens, analytic training FLOPs) of one micro-batch (idcrafter/video/flops.py).
+
+        Every subject slot counts: the tower runs over all N slots of the batch, padding included.
+        """
+        from idcrafter.video import flops
+
+        latents, refs = conditions["latents"], conditions["ref_latents"]  # [B, C, f, h, w], [B, N, C, 1, h', w']
+        shape = flops.WanShape.from_config(self.wan)
+        idc = flops.IDCrafterShape.from_config(dataclasses.replace(self.config, wan=self.wan))
+        tokens = latents[0, 0].numel() // (shape.patch[0] * shape.patch[1] * shape.patch[2])
+        ref_tokens = refs.shape[-2] * refs.shape[-1] // idc.subject_patch**2
+        count = flops.count_flops(shape, idc, tokens, conditions["text"].shape[1], refs.shape[1], ref_tokens)
+        batch = latents.shape[0]
+        return batch * tokens, batch * flops.training_step_flops(count.full_forward, checkpointing)
 
     # ------------------------------------------------------------------ files
     def export(self, model: IDCrafterTransformer, folder: Path) -> None:
