@@ -1,0 +1,70 @@
+"""Sequence parallelism (idcrafter.core.sequence_parallel): group layout, size checks, and two gloo
+ranks splitting the tiny transformer's video tokens giving the single-rank output, IDAR shares and
+every gradient."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sp_worker
+import torch
+from ports import free_port
+
+from idcrafter.core.sequence_parallel import sp_layout, sp_size_problem
+from idcrafter.utils.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layout_is_deepspeeds_consecutive_groups():
+    # 8 ranks, groups of 4: ranks 0-3 and 4-7 each render one sample; rank 6 is place 2 of group 1.
+    assert [sp_layout(r, 8, 4) for r in (0, 3, 4, 6)] == [(0, 0, 2), (3, 0, 2), (0, 1, 2), (2, 1, 2)]
+    assert sp_layout(1, 2, 1) == (0, 1, 2)
+
+
+def test_size_problems_name_the_number():
+    assert sp_size_problem(2, 4, heads=12, tokens=32760) is None
+    assert sp_size_problem(3, 4) == "3 does not divide the 4 ranks launched"
+    assert sp_size_problem(0, 4) == "must be at least 1, got 0"
+    assert sp_size_problem(8, 8, heads=12) == "8 does not divide the model's 12 attention heads"
+    assert "does not divide the 45 video tokens" in sp_size_problem(2, 2, heads=2, tokens=45)
+
+
+def test_more_ranks_than_heads_is_refused():
+    model = sp_worker.build()  # 2 heads
+    sp = type("SP", (), {"size": 4})()
+    with pytest.raises(ConfigError, match="size 4 does not divide the model's 2 attention heads"):
+        model.enable_sequence_parallel(sp)
+
+
+def run_two_ranks(out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "tests/sp_worker.py", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)
+
+
+# Activation checkpointing recomputes blocks (and their collectives) in backward; slow: a second launch.
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "checkpointed"])
+def test_two_ranks_equal_one(tmp_path, checkpointing):
+    extra = ("--checkpointing",) if checkpointing else ()
+    got = run_two_ranks(tmp_path / "sp2.pt", *extra)
+    ref = sp_worker.forward_backward(sp_worker.build(), checkpointing)
+    # output, loss, the 2 blocks' stage-3 shares and a gradient for every parameter (base and adapter)
+    assert set(got) == set(ref)
+    grads = [k for k in ref if k.startswith("grad.")]
+    assert len(grads) == sum(1 for _ in sp_worker.build().parameters())
+    assert {k for k in ref if k.startswith("share.")} == {"share.blocks.0.stage3", "share.blocks.1.stage3"}
+    assert ref["share.blocks.0.stage3"].shape == (1, 2, 48)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5, msg=key)
+    # the comparison is not of zeros: stage 3 and its gradients are live
+    assert ref["grad.adapter.cross_modal_attn.0.to_out.weight"].abs().max() > 1e-3
+    assert ref["grad.blocks.0.attn1.to_q.weight"].abs().max() > 1e-4
