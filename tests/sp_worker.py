@@ -2,12 +2,15 @@
 rank or sequence-parallel over the ranks `torchrun` starts (gloo): tests/test_sequence_parallel.py
 launches it and compares with the single-rank numbers of `forward_backward`.
 
-    torchrun --nproc_per_node 2 tests/sp_worker.py OUT.pt [--checkpointing]
+    torchrun --nproc_per_node 2 tests/sp_worker.py OUT.pt [--checkpointing | --pipeline]
+
+--pipeline: the tiny pipeline's final latents instead (2 subjects, 3 guidance passes batched, 2 steps).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -53,13 +56,45 @@ def forward_backward(model: IDCrafterTransformer, checkpointing: bool = False) -
     return result
 
 
-def main(path: str, checkpointing: bool) -> None:
+def build_pipeline():
+    from idcrafter.video.pipeline import IDCrafterPipeline
+    from idcrafter.video.presets import build_components
+
+    pipe = IDCrafterPipeline.from_components(build_components(IDCrafterConfig.from_preset("tiny"), seed=0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a live adapter, as in `build`
+        for p in pipe.transformer.adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return pipe
+
+
+def render(pipe) -> dict[str, torch.Tensor]:
+    """Final latents [1, 16, 3, 8, 8] of 2 steps with both guidance scales on (3 passes)."""
+    refs = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.png"))[:2]
+    out = pipe("a red cat", refs, num_inference_steps=2, guidance_image=2.0, guidance_text=3.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent")
+    return {"latents": out.frames}
+
+
+def main(path: str, checkpointing: bool, pipeline: bool = False) -> None:
     import torch.distributed as dist
 
     from idcrafter.core.sequence_parallel import SequenceParallel
 
     dist.init_process_group("gloo")
     sp = SequenceParallel.init(dist.get_world_size())
+    if pipeline:
+        pipe = build_pipeline()
+        pipe.transformer.enable_sequence_parallel(sp)
+        seen = []  # tokens this rank's blocks see: the proof that the sequence was split
+        pipe.transformer.blocks[0].attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+        with torch.no_grad():
+            result = render(pipe)
+        result["block_tokens"] = torch.tensor(seen)
+        if dist.get_rank() == 0:
+            torch.save(result, path)
+        dist.destroy_process_group()
+        return
     model = build()
     model.enable_sequence_parallel(sp)
     result = forward_backward(model, checkpointing)
@@ -72,4 +107,4 @@ def main(path: str, checkpointing: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--checkpointing" in sys.argv[2:])
+    main(sys.argv[1], "--checkpointing" in sys.argv[2:], "--pipeline" in sys.argv[2:])

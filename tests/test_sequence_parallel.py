@@ -68,3 +68,56 @@ def test_two_ranks_equal_one(tmp_path, checkpointing):
     # the comparison is not of zeros: stage 3 and its gradients are live
     assert ref["grad.adapter.cross_modal_attn.0.to_out.weight"].abs().max() > 1e-3
     assert ref["grad.blocks.0.attn1.to_q.weight"].abs().max() > 1e-4
+
+
+def test_two_ranks_render_the_single_rank_latents(tmp_path):
+    got = run_two_ranks(tmp_path / "pipe.pt", "--pipeline")
+    with torch.no_grad():
+        ref = sp_worker.render(sp_worker.build_pipeline())
+    # 2 steps x 1 batched call of the 3 guidance passes, each rank's blocks on 24 of the 48 tokens
+    assert got["block_tokens"].tolist() == [24, 24]
+    assert ref["latents"].shape == (1, 16, 3, 8, 8) and ref["latents"].abs().max() > 1.0
+    torch.testing.assert_close(got["latents"], ref["latents"], rtol=0, atol=1e-5)
+
+
+EXAMPLES = [str(ROOT / "examples" / "subject_a.png"), str(ROOT / "examples" / "subject_b.png")]
+
+
+def infer(*args: str, ranks: int = 1, world: str | None = None) -> subprocess.CompletedProcess:
+    """scripts/infer.py on the tiny preset: plain python, or `torchrun --nproc_per_node ranks`;
+    `world` fakes the WORLD_SIZE a launcher sets (for the checks that run before anything starts)."""
+    base = ["scripts/infer.py", "--preset", "tiny", "--refs", *EXAMPLES, "--prompt", "a red cat", "--steps", "2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    cmd = [sys.executable, *(launch if ranks > 1 else []), *base]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, world, message", [
+    (("--sp-size", "2"), None, "--sp-size 2: one video is rendered by all ranks together; launch 2 "
+                               "(torchrun --nproc_per_node 2), not 1"),
+    (("--sp-size", "4"), "4", "--sp-size 4: 4 does not divide the model's 2 attention heads"),
+    (("--sp-size", "2", "--size", "48x48", "--frames", "1"), "2",
+     "--sp-size 2: 2 does not divide the 9 video tokens of a sample (choose frames / size)"),
+    (("--sp-size", "2", "--cpu-offload"), "2", "--cpu-offload with --sp-size: each rank holds the whole model"),
+    (("--sp-size", "0"), None, "--sp-size"),
+], ids=["not-launched", "heads", "tokens", "offload", "zero"])
+def test_bad_sp_size_is_one_line(tmp_path, args, world, message):
+    proc = infer("--out", str(tmp_path / "x.mp4"), "--dry-run", *args, world=world)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow  # two launches (~40 s); test_two_ranks_render_the_single_rank_latents covers the numbers
+def test_infer_on_two_ranks_writes_the_single_rank_video(tmp_path):
+    from idcrafter.utils.media import read_video
+
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    assert infer("--out", str(one)).returncode == 0
+    proc = infer("--out", str(two), "--sp-size", "2", ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.as_tensor(read_video(str(p), 9)).int() for p in (one, two))
+    assert a.shape == (9, 64, 64, 3) and (a - b).abs().max() == 0
