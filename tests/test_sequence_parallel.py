@@ -4,6 +4,7 @@ every gradient."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,47 @@ def test_infer_on_two_ranks_writes_the_single_rank_video(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.as_tensor(read_video(str(p), 9)).int() for p in (one, two))
     assert a.shape == (9, 64, 64, 3) and (a - b).abs().max() == 0
+
+
+def write_jobs(folder: Path) -> Path:
+    """3 video jobs on the tiny model; the last one's 48x48 x 1 frame is 9 tokens, not divisible by 2."""
+    lines = [{"prompt": f"scene {i}", "refs": EXAMPLES[: 1 + i % 2], "output": f"v{i}.mp4", "seed": i, "steps": 2}
+             for i in range(2)]
+    lines.append({"prompt": "odd", "refs": EXAMPLES[:1], "output": "odd.mp4", "size": "48x48", "frames": 1, "steps": 2})
+    path = folder / "jobs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def render_batch(jobs: Path, out: Path, *extra: str, ranks: int = 1, world: str | None = None):
+    args = ["scripts/render_batch.py", "--preset", "tiny", "--jobs", str(jobs), "--out", str(out), "--no-progress", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    cmd = [sys.executable, *(launch if ranks > 1 else []), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_render_batch_bad_sp_size_is_one_line(tmp_path):
+    proc = render_batch(write_jobs(tmp_path), tmp_path / "out", "--sp-size", "2", world="3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --sp-size 2: 2 does not divide the 3 ranks launched"]
+
+
+@pytest.mark.slow  # 4 + 1 processes (~1 min)
+def test_render_batch_groups_of_two_ranks_render_the_single_rank_videos(tmp_path):
+    from idcrafter.utils.media import read_video
+
+    jobs = write_jobs(tmp_path)
+    proc = render_batch(jobs, tmp_path / "sp", "--sp-size", "2", ranks=4)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the odd job fails, the others are rendered
+    summary = json.loads((tmp_path / "sp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and sorted(summary["rendered"]) == ["v0.mp4", "v1.mp4"]
+    assert [f["output"] for f in summary["failed"]] == ["odd.mp4"]
+    assert "9 video tokens, not divisible by --sp-size 2" in summary["failed"][0]["message"]
+    single = render_batch(jobs, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    for name in ("v0.mp4", "v1.mp4"):
+        a, b = (torch.as_tensor(read_video(str(root / name), 9)).int() for root in (tmp_path / "one", tmp_path / "sp"))
+        assert a.shape == (9, 64, 64, 3) and (a - b).abs().max() == 0
