@@ -166,3 +166,94 @@ def test_render_batch_groups_of_two_ranks_render_the_single_rank_videos(tmp_path
     for name in ("v0.mp4", "v1.mp4"):
         a, b = (torch.as_tensor(read_video(str(root / name), 9)).int() for root in (tmp_path / "one", tmp_path / "sp"))
         assert a.shape == (9, 64, 64, 3) and (a - b).abs().max() == 0
+
+
+# ------------------------------------------------------------------ training (DeepSpeed, ZeRO-3)
+def train(out: Path, data: Path, *extra: str, ranks: int = 1, zero: int = 3) -> subprocess.CompletedProcess:
+    """scripts/train_video.py through tests/sp_train_worker.py (which records every full gradient into
+    out/grads.pt): 3 steps of full fine-tuning of the tiny preset with the IDAR loss, 2 subjects a sample.
+
+    lr 1e-4: AdamW moves an element whose gradient is near zero by up to lr whatever its size, so the
+    1e-8 differences of summation order in such gradients reach a fraction of lr in the weights."""
+    args = ["tests/sp_train_worker.py", "--preset", "tiny", "--data", str(data), "--output", str(out),
+            "--deepspeed_config", f"ds_configs/zero{zero}.json", "--lr", "1e-4", "--log-every", "1", "--no-progress",
+            "--max-steps", "3", "--save-every", "3", "--attn-loss-weight", "0.3", "--trainable", "full", *extra]
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", SP_GRADS=str(out / "grads.pt"))
+    if ranks > 1:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, *args]
+    else:
+        cmd = [sys.executable, *args]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    """Loss, flow and IDAR losses, leakage (from the IDAR shares), every gradient at every step and the
+    exported adapter of the two runs agree to 1e-5."""
+    from safetensors.torch import load_file
+
+    rows_1, rows_2 = metrics(one), metrics(two)
+    assert [r["step"] for r in rows_1] == [r["step"] for r in rows_2] == [1, 2, 3]
+    for a, b in zip(rows_1, rows_2):
+        for key in ("loss", "loss_flow", "loss_attn", "leakage"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    grads_1, grads_2 = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
+    # one record per optimizer step, a gradient for every parameter of the model (base and adapter)
+    assert len(grads_1) == len(grads_2) == 3
+    assert len(grads_1[0]) == sum(1 for _ in sp_worker.build().parameters())
+    for step, (g1, g2) in enumerate(zip(grads_1, grads_2)):
+        assert set(g1) == set(g2)
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=0, atol=1e-5, msg=f"step {step + 1} {name}")
+    assert grads_1[0]["adapter.cross_modal_attn.0.to_out.weight"].abs().max() > 1e-2  # live, not zeros
+    w1, w2 = (load_file(str(run / "adapter" / "idcrafter_adapter.safetensors")) for run in (one, two))
+    assert set(w1) == set(w2) and len(w1) > 20
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+    assert w1["cross_modal_attn.0.to_out.weight"].abs().max() > 1e-4  # 3 steps of 1e-4 away from zero
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tiny_data import write_manifest
+
+    return write_manifest(tmp_path_factory.mktemp("data"), n=2)
+
+
+@pytest.mark.parametrize("zero", [3, pytest.param(2, marks=pytest.mark.slow)])
+def test_zero_training_on_a_sequence_group_of_two_equals_one_rank(tmp_path, data, zero):
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = train(one, data, zero=zero)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train(two, data, "--sp-size", "2", ranks=2, zero=zero)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == zero
+    assert_same_training(one, two)
+
+
+@pytest.mark.parametrize("script, extra, world, message", [
+    ("train_video", (), None, "--sp-size 2: 2 does not divide the 1 ranks launched"),
+    ("train_video", (), "4", None),
+    ("train_video", ("--frames", "1", "--size", "48x48"), "2",
+     "--sp-size 2: 2 does not divide the 9 video tokens of a sample (choose frames / size)"),
+    ("train_rl", ("--branch", "image"), "2", "--sp-size applies to the video branch only"),
+], ids=["not-launched", "heads", "tokens", "rl-image"])
+def test_bad_training_sp_size_is_one_line(tmp_path, data, script, extra, world, message):
+    size = "4" if world == "4" else "2"
+    message = message or "--sp-size 4: 4 does not divide the model's 2 attention heads"
+    args = [f"scripts/{script}.py", "--data", str(data), "--output", str(tmp_path / "run"), "--sp-size", size, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()

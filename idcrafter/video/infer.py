@@ -23,6 +23,7 @@ from idcrafter.utils.cli import (
     check_number,
     check_output_file,
     check_preset,
+    launched_ranks,
     parse_size,
     path_problem,
     user_file,
@@ -310,14 +311,6 @@ def video_tokens(config: IDCrafterConfig, height: int, width: int, frames: int) 
     t, s = WAN_VAE_FACTORS
     patch = config.wan.get("patch_size", (1, 2, 2))
     return ((frames - 1) // t + 1) // patch[0] * (height // s // patch[1]) * (width // s // patch[2])
-
-
-def launched_ranks() -> int:
-    """WORLD_SIZE as torchrun / deepspeed set it (1 for a plain `python` run)."""
-    import os
-
-    value = os.environ.get("WORLD_SIZE", "1")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def check_sequence_parallel(sp_size: int, config: IDCrafterConfig, height: int, width: int, frames: int,
