@@ -257,3 +257,36 @@ def test_bad_training_sp_size_is_one_line(tmp_path, data, script, extra, world, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # 1 + 2 ranks of RL (~1.5 min)
+def test_rl_on_a_sequence_group_of_two_equals_one_rank(tmp_path, data):
+    from idcrafter.toyworld.embedder import ToyIDEmbedder
+
+    ToyIDEmbedder().save(tmp_path / "toyid")  # random weights: a real reward model
+    args = ["scripts/train_rl.py", "--branch", "video", "--preset", "tiny", "--data", str(data),
+            "--deepspeed_config", "ds_configs/zero3.json", "--num-steps", "4", "--window", "2", "--group-size", "4",
+            "--lr", "1e-4", "--lora-rank", "4", "--no-progress", "--max-steps", "2", "--save-every", "2",
+            "--reward", "toyid=1", "--reward-option", f"toyid.path={tmp_path / 'toyid'}", "--kl-weight", "0.01",
+            "--eval-data", str(data), "--eval-every", "2", "--eval-limit", "2", "--trainable", "lora"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=400, env=dict(env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *args, "--output",
+                          str(tmp_path / "two"), "--sp-size", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=400, env=env)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows_1, rows_2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in rows_1] == [r["step"] for r in rows_2] == [0, 1, 2]
+    for a, b in zip(rows_1, rows_2):
+        assert set(a) == set(b)
+        for key in a:
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    from safetensors.torch import load_file
+
+    w1, w2 = (load_file(str(tmp_path / run / "adapter" / "lora" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert set(w1) == set(w2) and w1
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
