@@ -25,6 +25,7 @@ the tiny-multicrafter preset with random weights unless --preset picks the other
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed, user_file
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
             path = run(req)
     except InputError as err:
         return fail(str(err).splitlines()[0])
-    print(f"wrote {path}")
+    if os.environ.get("RANK", "0") == "0":  # the ranks of `--sp-size` share one output
+        print(f"wrote {path}")
     return 0
 
 

@@ -245,6 +245,10 @@ def start_groups(sp_size: int, device: str):
     from idcrafter.core.sequence_parallel import SequenceParallel
 
     on_cuda = device.startswith("cuda")
+    if on_cuda:  # nccl's collectives run on the current device
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_cuda else "gloo")
     return SequenceParallel.init(sp_size, "cuda" if on_cuda else "cpu")
