@@ -33,6 +33,7 @@ def test_run_options_come_from_the_settings_fields():
     assert rl["max_steps"].default is None and rl["save_every"].default == 50 and rl["weight_decay"].default == 0.0
     assert rl["max_steps"].help == "optimizer steps (default: the paper's, per branch)"
     assert "batch_size" not in rl and "ema_decay" not in rl and "grad_accum" not in rl
+    assert rl["sp_size"].default == 1 and "sp_size" not in {a.dest for a in train_image.build_parser()._actions}
     image = {a.dest: a for a in train_image.build_parser()._actions}
     assert image["lr"].default is None and image["lr"].help == "learning rate (default: the preset's)"
     generated = [a.dest for a in train_video.build_parser()._actions if a.dest in RunSettings.__dataclass_fields__]
@@ -41,7 +42,7 @@ def test_run_options_come_from_the_settings_fields():
 
 @pytest.mark.parametrize("script, settings, left_out, validation", [
     (train_video, "VideoSettings", set(), True),
-    (train_image, "ImageSettings", set(), True),
+    (train_image, "ImageSettings", {"sp_size"}, True),  # sequence parallelism: the video trainers only
     (train_rl, "RLSettings", {"batch_size", "grad_accum", "ema_decay"}, False),
 ])
 def test_every_option_is_a_settings_field(script, settings, left_out, validation):

@@ -1,6 +1,7 @@
 """Generate one video of the given subjects with ID-Crafter, or one image with MultiCrafter / One-for-All.
 
     python scripts/infer.py --refs A.png B.png --prompt "..." --out out.mp4
+    torchrun --nproc_per_node 2 scripts/infer.py --sp-size 2 --refs A.png B.png --prompt "..." --out out.mp4
     python scripts/infer.py --mode image --refs A.png B.png --categories face upper \
         --prompt "a man <face>with short hair</face> in <upper>a red hoodie</upper>" --out out.png
 
@@ -11,6 +12,10 @@ in a checkout without it, the `tiny` preset with random weights (noise-like outp
 tiny forces the random one. For real results pass --model (a Wan 2.1 diffusers folder) and
 --adapter (an ID-Crafter adapter folder from training).
 
+--sp-size N renders one video on the N ranks a launcher starts (sequence parallelism: each rank
+holds 1/N of the video tokens, attention exchanges heads; the heads and the tokens must divide by
+N); rank 0 writes the video.
+
 Image mode is chosen by --mode image, by an image preset (multicrafter, one-for-all,
 tiny-multicrafter, tiny-one-for-all), or by --model / --adapter folders of the image branch (a
 FLUX pipeline, or one with mcimage_adapter/). Without --model it runs the built-in image model:
@@ -20,6 +25,7 @@ the tiny-multicrafter preset with random weights unless --preset picks the other
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, seed, user_file
@@ -27,7 +33,7 @@ from idcrafter.utils.settings_file import add_config_argument, parse_command_lin
 
 # Options that only one mode reads; giving one to the other mode is an error, not silently ignored.
 VIDEO_ONLY = ("negative_prompt", "frames", "guidance_image", "guidance_text", "guidance_interval", "edit_video", "strength",
-              "cpu_offload", "sequential_guidance", "vlm")
+              "cpu_offload", "sequential_guidance", "vlm", "sp_size")
 IMAGE_ONLY = ("categories", "guidance")
 
 
@@ -67,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU until each runs")
     p.add_argument("--sequential-guidance", action="store_true", help="run the 3 guidance passes one by one (less memory)")
     p.add_argument("--vlm", default=None, help="Qwen2.5-VL folder for models trained with the VLM encoder")
+    p.add_argument("--sp-size", type=integer(1), default=1,
+                   help="sequence parallelism: split one video's tokens over N ranks launched with "
+                        "`torchrun --nproc_per_node N` (Ulysses attention); N divides the heads and tokens")
     p.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; generate nothing")
     add_config_argument(p)
     return p
@@ -110,6 +119,8 @@ def main(argv=None) -> int:
             path = run(req) if mode == "image" else run(req, timings)
     except InputError as err:
         return fail(str(err).splitlines()[0])
+    if os.environ.get("RANK", "0") != "0":  # the ranks of `--sp-size` share one output and one report
+        return 0
     if timings:
         from idcrafter.utils.timing import format_summary
 

@@ -124,7 +124,8 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, RLSettings, only=INPUT_FIELDS)
-    add_run_arguments(p, max_steps=None, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False)
+    add_run_arguments(p, max_steps=None, weight_decay=0.0, save_every=50, log_every=1, batch=False, ema=False,
+                      sequence_parallel=True)
     add_dataclass_arguments(p, RLSettings, exclude=INPUT_FIELDS)
     return p
 
@@ -201,6 +202,8 @@ def validate(args):
 
         if args.vlm is not None:
             raise InputError("--vlm applies to the video branch only")
+        if args.sp_size != 1:
+            raise InputError("--sp-size applies to the video branch only")
         for flag in ("size", "ref_size"):
             if getattr(args, flag) is not None:
                 name = f"--{flag.replace('_', '-')}"
@@ -212,6 +215,12 @@ def validate(args):
         from idcrafter.video.infer import check_vlm
 
         args.vlm = check_vlm(args.vlm, config, args.adapter, args.base)  # --vlm, or the adapter's recorded folder
+        from idcrafter.train.cli import check_sp_size
+        from idcrafter.video.infer import video_tokens
+
+        # rollouts sample at the model config's size and frame count
+        check_sp_size(args.sp_size, config.wan.get("num_attention_heads"),
+                      video_tokens(config, config.height, config.width, config.num_frames))
     for name in ("data", "eval_data"):
         if getattr(args, name) is not None:
             read_samples(getattr(args, name), f"--{name.replace('_', '-')}", config.max_subjects)

@@ -4,6 +4,7 @@
         --data data/train.jsonl --deepspeed_config ds_configs/zero3.json --output runs/idcrafter \\
         --max-steps 20000 --lr 1e-5 --attn-loss-weight 0.3 --gradient-checkpointing --resume auto
     deepspeed --hostfile hosts.txt scripts/train_video.py ...        # many nodes
+    deepspeed --num_gpus 8 scripts/train_video.py --sp-size 4 ...    # 2 groups of 4 GPUs per sample
 
 With --vlm QWEN_DIR (a Qwen2.5-VL folder) the VLM semantic encoder trains as well (ID-Crafter
 Sec. 3.2): the frozen VLM reads each sample's prompt and references on every rank (or its states
@@ -63,7 +64,7 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, VideoSettings, only=INPUT_FIELDS)
-    add_run_arguments(p)
+    add_run_arguments(p, sequence_parallel=True)
     add_dataclass_arguments(p, VideoSettings, exclude=INPUT_FIELDS)
     add_validation_arguments(p)
     return p
@@ -120,6 +121,10 @@ def validate(args) -> list:
         raise InputError(f"--frames {frames}: must be 4n+1")
     height, width = parse_size(args.size, multiple=16) if args.size else (config.height, config.width)
     model_limits(config, args.base).check(height, width, frames, 1)
+    from idcrafter.train.cli import check_sp_size
+    from idcrafter.video.infer import video_tokens
+
+    check_sp_size(args.sp_size, config.wan.get("num_attention_heads"), video_tokens(config, height, width, frames))
     return read_samples(args.data)
 
 

@@ -172,7 +172,7 @@ class RLTrainer(Trainer):
         """Items in a per-(seed, epoch) order, this rank's share, resumable from `position`."""
         while True:
             order = np.random.default_rng(_mix_seed(self.args.seed, self.epoch)).permutation(len(self.items))
-            mine = order[self.rank :: self.world_size]
+            mine = order[self.dp_rank :: self.dp_size]  # a sequence group shares its items
             if len(mine) == 0:
                 mine = order[: 1]
             while self.position < len(mine):
@@ -217,7 +217,7 @@ class RLTrainer(Trainer):
     def train_step(self) -> dict:
         rl = self.rl
         window = self.schedule.window(self.step)
-        generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, self.rank))
+        generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, self.dp_rank))
         items = [next(self._items) for _ in range(rl.groups)]
         pending = [self.rollout(item, window, generator) for item in items]
         rollouts, outputs = [p[0] for p in pending], [p[1].result() for p in pending]
@@ -243,7 +243,7 @@ class RLTrainer(Trainer):
                 if kl is not None:
                     loss = loss + rl.kl_weight * kl.mean()
                     s["kl"] = kl.detach().mean()
-                self.engine.backward(loss)
+                self.backward(loss)
                 self.engine.step()
                 for key, value in {"policy_loss": loss.detach(), **s}.items():
                     stats[key] = stats.get(key, 0.0) + float(value) / (rl.inner_epochs * rl.groups)
@@ -262,7 +262,9 @@ class RLTrainer(Trainer):
         """Mean reward of deterministic (ODE) samples of the held-out items, split over the ranks."""
         model = self.engine.module
         model.eval()
-        mine = self.eval_items[: self.rl.eval_limit][self.rank :: self.world_size]
+        # A sequence group scores its items on each of its ranks: sums and counts both grow by the
+        # group size, the mean does not.
+        mine = self.eval_items[: self.rl.eval_limit][self.dp_rank :: self.dp_size]
         total = torch.zeros(2, dtype=torch.float64)
         components: dict[str, float] = {}
         for i, item in enumerate(mine):

@@ -104,6 +104,10 @@ class RunSettings:
     grad_accum: int = setting(1, type=integer(1, 4096))
     grad_clip: float = setting(1.0, type=number(0, lo_open=True), help="gradient-norm clip")
     seed: int = setting(0, type=seed)
+    sp_size: int = setting(1, type=integer(1), metavar="N",
+                           help="sequence parallelism: groups of N consecutive ranks train each sample together, "
+                                "its video tokens split over them (DeepSpeed-Ulysses); N divides the ranks, the "
+                                "attention heads and the video tokens; the data is split over WORLD_SIZE / N groups")
     ema_decay: float | None = setting(None, type=number(0, 1, lo_open=True, hi_open=True))
     save_every: int = setting(500, type=integer(1))
     keep_last: int = setting(2, type=integer(1))
@@ -148,12 +152,13 @@ def check_validation(args: argparse.Namespace) -> None:
 
 def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 1000, lr: float | None = 1e-5,
                       weight_decay: float | None = 1e-2, save_every: int = 500, log_every: int = 10,
-                      batch: bool = True, ema: bool = True) -> None:
+                      batch: bool = True, ema: bool = True, sequence_parallel: bool = False) -> None:
     """The `RunSettings` options, and --config (`add_config_argument`).
 
     `lr` / `weight_decay` / `max_steps` None: the option defaults to None (the model's preset, or the
     script, decides).
-    `batch`: add --batch-size and --grad-accum; `ema`: add --ema-decay.
+    `batch`: add --batch-size and --grad-accum; `ema`: add --ema-decay; `sequence_parallel`: add
+    --sp-size (the video trainers).
     """
     helps = {}
     if max_steps is None:
@@ -162,7 +167,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, max_steps: int | None = 100
         helps["lr"] = "learning rate (default: the preset's)"
     if weight_decay is None:
         helps["weight_decay"] = "AdamW weight decay (default: the preset's)"
-    exclude = (() if batch else ("batch_size", "grad_accum")) + (() if ema else ("ema_decay",))
+    exclude = ((() if batch else ("batch_size", "grad_accum")) + (() if ema else ("ema_decay",))
+               + (() if sequence_parallel else ("sp_size",)))
     add_config_argument(p)
     add_dataclass_arguments(p, RunSettings, helps=helps, exclude=exclude, defaults=dict(
         max_steps=max_steps, lr=lr, weight_decay=weight_decay, save_every=save_every, log_every=log_every))
@@ -232,6 +238,17 @@ def check_run_paths(args: argparse.Namespace, data_flags: tuple[str, ...] = ("da
         raise InputError(f"--resume {args.resume!r}: give 'auto' or a checkpoint tag such as step_00000500")
 
 
+def check_sp_size(sp_size: int, heads: int | None = None, tokens: int | None = None) -> None:
+    """--sp-size against the ranks launched, the model's heads and the video tokens of a sample
+    (idcrafter.core.sequence_parallel); one line naming the problem."""
+    from idcrafter.core.sequence_parallel import sp_size_problem
+    from idcrafter.utils.cli import launched_ranks
+
+    problem = sp_size_problem(sp_size, launched_ranks(), heads, tokens)
+    if problem:
+        raise InputError(f"--sp-size {sp_size}: {problem}")
+
+
 def train_args(args: argparse.Namespace, **overrides):
     """`TrainArgs` from the shared options (`overrides` for what a script sets otherwise)."""
     from idcrafter.train.trainer import TrainArgs
@@ -243,7 +260,7 @@ def train_args(args: argparse.Namespace, **overrides):
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
         progress=not args.no_progress, peak_tflops=getattr(args, "peak_tflops", None),
     )
-    for name in ("batch_size", "grad_accum", "ema_decay", "trainable", "gradient_checkpointing", "validate_every",
+    for name in ("sp_size", "batch_size", "grad_accum", "ema_decay", "trainable", "gradient_checkpointing", "validate_every",
                  "validation_data", "validation_samples", "validation_steps"):
         if hasattr(args, name):
             values[name] = getattr(args, name)

@@ -138,5 +138,25 @@ def prepare_ds_config(
     return config
 
 
+def sequence_parallel_reduction(config: dict[str, Any], sp_size: int) -> tuple[dict[str, Any], int]:
+    """The DeepSpeed config for `sp_size` ranks per sample, and the factor the loss is multiplied by
+    before `engine.backward`, so that the optimizer sees the sample's gradient.
+
+    Under sequence parallelism a rank's gradient is its token shard's share: summed over a sequence
+    group it is the gradient of the sample (idcrafter.core.sequence_parallel). DeepSpeed 0.19 with
+    its sequence-parallel mpu reduces two ways: ZeRO 0-2, and ZeRO-3 for a bucket of contiguous
+    gradients, divide the all-reduced sum by world / sp_size (a sum over the sequence group, a mean
+    over the data-parallel groups: factor 1); ZeRO-3's reduce-scatter (taken for buckets larger than
+    reduce_bucket_size, and for every bucket without contiguous_gradients) divides by the world
+    size (a mean over all ranks: the shares need the factor sp_size). For ZeRO-3, contiguous
+    gradients are switched off so that every bucket takes the reduce-scatter: one rule for all.
+    """
+    if sp_size == 1 or zero_stage(config) != 3:
+        return config, 1
+    config = copy.deepcopy(config)
+    config["zero_optimization"]["contiguous_gradients"] = False
+    return config, sp_size
+
+
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))

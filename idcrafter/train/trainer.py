@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from idcrafter.train import checkpoint as ckpt
-from idcrafter.train.ds_config import prepare_ds_config, zero_stage
+from idcrafter.train.ds_config import prepare_ds_config, sequence_parallel_reduction, zero_stage
 from idcrafter.train.ema import ShardedEMA
 from idcrafter.train.metrics import DrawLog, MetricLog
 from idcrafter.utils.errors import ConfigError, FileFormatError
@@ -72,6 +72,9 @@ class TrainArgs:
     grad_accum: int = 1
     grad_clip: float = 1.0
     seed: int = 0
+    # Sequence parallelism (idcrafter.core.sequence_parallel): groups of sp_size consecutive ranks
+    # train each sample together; the data is split over the world_size / sp_size groups.
+    sp_size: int = 1
     trainable: str = "new-modules"
     gradient_checkpointing: bool = False
     ema_decay: float | None = None
@@ -207,6 +210,24 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
         torch.manual_seed(self.args.seed)  # identical initial adapter weights on every rank
+        self.setup_sequence_parallel()
+
+    def setup_sequence_parallel(self) -> None:
+        """The sequence and data-parallel groups of `--sp-size`: `self.sp` (None without), and the
+        data-parallel place of this rank (`dp_rank` of `dp_size`), which picks its data and noise:
+        the ranks of one sequence group draw the same samples, timesteps and noise."""
+        self.sp = None
+        self.dp_rank, self.dp_size = self.rank, self.world_size
+        size = self.args.sp_size
+        if size == 1:
+            return
+        from idcrafter.core.sequence_parallel import SequenceParallel, sp_size_problem
+
+        problem = sp_size_problem(size, self.world_size)
+        if problem:
+            raise ConfigError(f"--sp-size {size}: {problem}")
+        self.sp = SequenceParallel.init(size, "cuda" if self.on_cuda else "cpu")
+        self.dp_rank, self.dp_size = self.sp.dp_rank, self.sp.dp_size
 
     def choose_checkpoint(self) -> None:
         """Which checkpoint `--resume` means, before anything heavy loads: a bad tag fails fast.
@@ -240,13 +261,17 @@ class Trainer:
             raise ValueError(f"policy {self.args.trainable!r} leaves nothing to train")
         if self.args.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        if self.sp is not None:
+            if not hasattr(self.model, "enable_sequence_parallel"):
+                raise ConfigError(f"--sp-size {self.sp.size}: {type(self.model).__name__} has no sequence parallelism")
+            self.model.enable_sequence_parallel(self.sp)
         if self.rank == 0:
             n = sum(p.numel() for p in self.params)
             logger.info("trainable parameters: %.2fM (%s)", n / 1e6, self.args.trainable)
 
     def build_data(self) -> None:
         self.dataset, self.sampler, self.collate = self.spec.build_data(
-            self.rank, self.world_size, self.args.seed, self.args.batch_size
+            self.dp_rank, self.dp_size, self.args.seed, self.args.batch_size
         )
         if len(self.sampler) == 0:
             keys = self.dataset.bucket_ids() if hasattr(self.dataset, "bucket_ids") else []
@@ -272,8 +297,17 @@ class Trainer:
             schedule=a.lr_schedule, min_lr_ratio=a.min_lr_ratio,
             on_cpu=not self.on_cuda,
         )
+        config, self.loss_factor = sequence_parallel_reduction(config, a.sp_size)
         self.ds_config = config
-        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.params, config=config)
+        # With sequence groups, DeepSpeed's own sequence-parallel mpu: ZeRO partitions over all ranks,
+        # gradients are summed over a sequence group and averaged over the data-parallel groups.
+        mpu = None
+        if self.sp is not None:
+            from idcrafter.core.sequence_parallel import deepspeed_mpu
+
+            mpu = deepspeed_mpu(self.sp.size)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.params, config=config,
+                                                    mpu=mpu)
         self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine(self.engine)
         if a.ema_decay:
             self.ema = ShardedEMA(self.params, a.ema_decay)
@@ -407,9 +441,9 @@ class Trainer:
             batch = next(self._batches)
             self.draws.log(self.step + 1, batch)
             conditions = self.spec.prepare(batch, self.device)
-            generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, micro, self.rank))
+            generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, micro, self.dp_rank))
             loss, metrics = self.spec.loss(self.engine, conditions, generator)
-            self.engine.backward(loss)
+            self.backward(loss)
             self.engine.step()
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / self.args.grad_accum
@@ -424,6 +458,11 @@ class Trainer:
             means.update(throughput_metrics(tokens, flops, seconds, self.world_size,
                                             getattr(self.args, "sp_size", 1), self.args.peak_tflops))
         return means
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`engine.backward`, the loss scaled as DeepSpeed's reduction under sequence parallelism needs
+        (`sequence_parallel_reduction`; 1 without it)."""
+        self.engine.backward(loss * self.loss_factor if self.loss_factor != 1 else loss)
 
     def save(self) -> None:
         """A checkpoint (resume) and the exported adapter (inference), then prune old checkpoints.

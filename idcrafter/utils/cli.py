@@ -116,6 +116,12 @@ def check_number(value, name: str = "", lo: float | None = None, hi: float | Non
     return value
 
 
+def launched_ranks() -> int:
+    """WORLD_SIZE as the torchrun / deepspeed launchers set it (1 for a plain `python` run)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def check_int(value, name: str = "", lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int in [lo, hi]; InputError naming `name` otherwise (bools are not ints)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from idcrafter.core.attention import DispatchAttnProcessor, ref_attention_share
+from idcrafter.core.sequence_parallel import gather_sequence
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -273,6 +274,15 @@ class SubjectCrossAttnProcessor:
     def _parallel_config(self, config) -> None:
         self.stock._parallel_config = config
 
+    def _whole_sequence(self, share: torch.Tensor) -> torch.Tensor:
+        """A captured share [B, N, L_local] of this rank's video tokens -> [B, N, L] of all of them.
+
+        Under sequence parallelism (idcrafter.core.sequence_parallel) every head of a local token is
+        here, so its share (mean over heads) is complete; only the tokens are gathered."""
+        config = self._parallel_config
+        mesh = None if config is None else config.context_parallel_config._ulysses_mesh
+        return gather_sequence(share, 2, mesh)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = encoder_hidden_states
         if not isinstance(ctx, SubjectContext):
@@ -286,6 +296,8 @@ class SubjectCrossAttnProcessor:
         capture = stream.captures
         name = f"blocks.{self.layer}.stage3"
         extra = self.stage3(hidden_states, stream.kv[self.layer], stream.ref_ranges, capture, name)
+        if capture is not None and name in capture:
+            capture[name] = self._whole_sequence(capture[name])
         return out + extra.to(out.dtype)
 
 
@@ -300,7 +312,8 @@ class SubjectCrossAttnProcessor:
             # The share of the subject keys inside attn2, for the leakage metric.
             q = _split_heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
             k = _split_heads(attn.norm_k(attn.to_k(tokens)), attn.heads)
-            ctx.stream.captures[f"blocks.{self.layer}.attn2"] = ref_attention_share(q, k, ctx.stream.ref_ranges, key_mask=keep)
+            share = ref_attention_share(q, k, ctx.stream.ref_ranges, key_mask=keep)
+            ctx.stream.captures[f"blocks.{self.layer}.attn2"] = self._whole_sequence(share)
         return out
 
 

@@ -23,6 +23,7 @@ from idcrafter.utils.cli import (
     check_number,
     check_output_file,
     check_preset,
+    launched_ranks,
     parse_size,
     path_problem,
     user_file,
@@ -67,6 +68,7 @@ class InferenceRequest:
     cpu_offload: bool = False
     sequential_guidance: bool = False
     vlm: str | None = None
+    sp_size: int = 1
     resolved: dict = field(default_factory=dict)
 
 
@@ -306,6 +308,7 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
             video = read_video(req.edit_video, frames)
         if len(video) < frames:
             raise InputError(f"--edit-video {req.edit_video}: {len(video)} frames, {frames} needed")
+    check_sequence_parallel(req.sp_size, config, height, width, frames, req.cpu_offload)
     req.resolved = dict(
         model=req.model or f"{DEFAULT_MODEL} ({config.preset})",
         adapter=str(req.adapter) if req.adapter else None,
@@ -314,6 +317,54 @@ def validate(req: InferenceRequest) -> IDCrafterConfig:
         max_subjects=config.max_subjects, num_blocks=config.num_blocks, vlm=vlm,
     )
     return config
+
+
+def video_tokens(config: IDCrafterConfig, height: int, width: int, frames: int) -> int:
+    """Tokens of one video in the DiT: latent frames x latent height x latent width over the patch size."""
+    t, s = WAN_VAE_FACTORS
+    patch = config.wan.get("patch_size", (1, 2, 2))
+    return ((frames - 1) // t + 1) // patch[0] * (height // s // patch[1]) * (width // s // patch[2])
+
+
+def check_sequence_parallel(sp_size: int, config: IDCrafterConfig, height: int, width: int, frames: int,
+                            cpu_offload: bool = False) -> None:
+    """--sp-size: one video over all the ranks launched, which must be exactly `sp_size`, splitting the
+    heads and the video tokens evenly (idcrafter.core.sequence_parallel)."""
+    from idcrafter.core.sequence_parallel import sp_size_problem
+
+    check_int(sp_size, "--sp-size", 1)
+    world = launched_ranks()
+    if sp_size == 1 and world == 1:
+        return
+    if world != sp_size:
+        raise InputError(f"--sp-size {sp_size}: one video is rendered by all ranks together; launch {sp_size} "
+                         f"(torchrun --nproc_per_node {sp_size}), not {world}")
+    heads = config.wan.get("num_attention_heads")
+    problem = sp_size_problem(sp_size, world, heads, video_tokens(config, height, width, frames))
+    if problem:
+        raise InputError(f"--sp-size {sp_size}: {problem}")
+    if cpu_offload:
+        raise InputError("--cpu-offload with --sp-size: each rank holds the whole model; leave --cpu-offload out")
+
+
+def start_sequence_parallel(sp_size: int, device: str):
+    """torch.distributed over the launched ranks (nccl for CUDA, gloo on the CPU) and this rank's
+    `SequenceParallel`; the device this rank renders on (cuda:LOCAL_RANK for "cuda")."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from idcrafter.core.sequence_parallel import SequenceParallel
+
+    on_cuda = device.startswith("cuda")
+    if on_cuda and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if on_cuda:
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    return SequenceParallel.init(sp_size, "cuda" if on_cuda else "cpu"), device
 
 
 def plan(req: InferenceRequest) -> str:
@@ -363,7 +414,12 @@ def run(req: InferenceRequest, timings: dict | None = None) -> Path:
     from idcrafter.utils.media import write_video
 
     r = req.resolved
+    sp = None
+    if req.sp_size > 1:
+        sp, req.device = start_sequence_parallel(req.sp_size, req.device)
     pipe = load_pipeline(req)
+    if sp is not None:
+        pipe.transformer.enable_sequence_parallel(sp)
     timer = pipe.component_timer()
     with timer:
         out = pipe(
@@ -376,4 +432,13 @@ def run(req: InferenceRequest, timings: dict | None = None) -> Path:
         )
     if timings is not None:
         timings.update(timer.summary())
+    if sp is not None:
+        import torch.distributed as dist
+
+        # Every rank ends with the same video (the transformer's output is gathered each step); rank 0
+        # writes it, the others wait so that the file exists when any of them returns.
+        path = write_video(out.frames[0], req.out, fps=r["fps"]) if dist.get_rank() == 0 else Path(req.out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return path
     return write_video(out.frames[0], req.out, fps=r["fps"])

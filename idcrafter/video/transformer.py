@@ -39,8 +39,9 @@ from torch import nn
 
 from idcrafter.core.lora_config import MoELoRAConfig
 from idcrafter.core.moe_lora import inject_moe_lora, load_moe_lora, save_moe_lora
+from idcrafter.core.sequence_parallel import SequenceParallel, enable_ulysses
 from idcrafter.flow.matching import velocity_from_sample
-from idcrafter.utils.errors import FileFormatError
+from idcrafter.utils.errors import ConfigError, FileFormatError
 from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
@@ -402,6 +403,25 @@ class IDCrafterTransformer(WanTransformer3DModel):
             else:
                 p.requires_grad_(policy == "full")
         return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ sequence parallelism
+    def enable_sequence_parallel(self, sp: SequenceParallel) -> None:
+        """Split the video tokens of every forward over `sp`'s group (DeepSpeed-Ulysses on diffusers'
+        context-parallel hooks and attention; idcrafter.core.sequence_parallel).
+
+        diffusers' plan for Wan: the rotary tables and the hidden states entering block 0 are split
+        along the tokens, `proj_out`'s output is gathered, so the model takes and returns whole
+        tensors. Its "" entry (split a per-token timestep [B, L]) is Wan 2.2's; Wan 2.1's timestep
+        is [B] and stays whole. Self-attention does the all-to-all; the text cross-attention and
+        stage 3 read keys every rank holds whole (text, the subject stream, which the subject tower
+        computes replicated); captured IDAR shares are gathered (`SubjectCrossAttnProcessor`).
+        The video token count must be divisible by `sp.size`, the heads too.
+        """
+        heads = self.config.num_attention_heads
+        if heads % sp.size:
+            raise ConfigError(f"sequence parallel size {sp.size} does not divide the model's {heads} attention heads")
+        plan = {k: v for k, v in self._cp_plan.items() if k != ""}
+        enable_ulysses(self, sp, plan)
 
     # ------------------------------------------------------------------ subject stream
     def encode_subjects(
