@@ -268,17 +268,34 @@ def train_args(args: argparse.Namespace, **overrides):
     return TrainArgs(**values)
 
 
+def _close_process_group() -> None:
+    """At interpreter exit, close the process group a run left open. Left to the C++ static destructors,
+    gloo's worker threads are sometimes destroyed while joinable and the process aborts ("terminate
+    called without an active exception", exit -6) after it has already printed its result. Closed here,
+    in an atexit hook, so an in-process caller can still run again before exiting."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; never turn a clean exit into a traceback
+        pass
+
+
 def run_training(trainer) -> int:
     """Run a `Trainer` (SFT or RL) the way the training commands do and return their exit code: 0 with
     the summary printed as JSON; 2 with one line for bad input found on the way (a damaged checkpoint
     to resume, a data or settings mismatch) or when every sample failed to decode; 1 when a loss went
     non-finite (nothing of that step saved)."""
+    import atexit
     import json
     import sys
 
     from idcrafter.train.trainer import AllSamplesFailed, NonFiniteLoss
     from idcrafter.utils.cli import fail, user_file
 
+    atexit.unregister(_close_process_group)  # registered once however many runs a process makes
+    atexit.register(_close_process_group)
     try:
         with user_file():
             summary = trainer.run()
