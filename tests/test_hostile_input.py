@@ -276,6 +276,7 @@ def test_refused_with_one_line_and_nothing_written(results, name):
         assert not must_not_exist.exists(), (name, sorted(must_not_exist.parent.iterdir()))
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_outputs_are_created_with_the_users_umask(tmp_path):
     """What a plain open() / mkdir() would give (mkstemp's 0600 used to leak through): the video of
     a real run under umask 027, and the atomic writers' files and folders (adapters, summaries)

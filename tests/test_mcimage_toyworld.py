@@ -64,6 +64,7 @@ def test_held_out_attention_and_share_maps(setup, preset):
     assert toyworld.eval_categories(pipe, sample) == expected
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_figure_and_table(setup, tmp_path):
     held, models = setup
     pipes = {"a": toyworld.load_pipeline(models["toyworld-multicrafter"])}

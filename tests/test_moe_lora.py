@@ -201,6 +201,7 @@ def test_router_runs_as_a_module_call():
 # 2. Training
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_training_reduces_loss_and_touches_only_lora():
     model, inputs = tiny_flux(), flux_inputs()
     inject_moe_lora(model, config(load_balance_weight=0.01))

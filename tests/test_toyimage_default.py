@@ -13,6 +13,7 @@ TOYID = Path(__file__).resolve().parents[1] / "idcrafter" / "assets" / "toyworld
 pytestmark = pytest.mark.skipif(not builtin_available(), reason="the toy image model is not installed in idcrafter/assets")
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_identity_comes_from_the_references(tmp_path):
     from idcrafter.data.manifest import load_manifest
     from idcrafter.toyworld.embedder import ToyIDEmbedder

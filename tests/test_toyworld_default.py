@@ -25,7 +25,7 @@ def generate(pipe, sample, refs, seed):
     return (frames * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("subjects", [1, 2])
+@pytest.mark.parametrize("subjects", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: -m slow (CI time)
 def test_identity_comes_from_the_references(subjects):
     from idcrafter.toyworld.embedder import ToyIDEmbedder
     from idcrafter.toyworld.metrics import ToyIDScorer

@@ -153,6 +153,7 @@ def test_scheduler_shift_matches_the_pipeline_schedule():
     assert scheduler_shift(static.config, 1024) == 3.0
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_rl_image_gspo_two_iterations(world, tmp_path):
     from idcrafter.toyworld.embedder import ToyIDEmbedder
 
@@ -266,6 +267,7 @@ def test_idar_with_gradient_checkpointing_gives_the_same_gradients(world):
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_one_for_all_draws_categories_in_the_paper_ratio(tmp_path):
     """One-for-All resamples its single-subject pairs 2:2:2:1 by face / upper / lower / bag (App. H)
     whatever the data's own counts; every drawn sample is logged (draws/rank0.jsonl) with its
@@ -303,6 +305,7 @@ def test_one_for_all_draws_categories_in_the_paper_ratio(tmp_path):
     assert chi2([1, 1, 1, 1]) > 7.81, counts
 
 
+@pytest.mark.slow  # kept out of CI for time; run with -m slow
 def test_validation_samples_show_the_trained_model(world, tmp_path):
     """One-for-All on 2 ranks under ZeRO-3 with --validate-every 2: strips at steps 2 and 3 (the
     last), one row per held-out sample (its 2 references on white, then the 32 x 32 image), the
