@@ -45,6 +45,7 @@ from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
     LayerKV,
+    SharedQueryCrossAttention,
     SubjectContext,
     SubjectCrossAttnProcessor,
     SubjectStream,
@@ -92,12 +93,14 @@ class IDCrafterAdapter(nn.Module):
         self.subject_tower = SubjectTower(dim, heads, tower_layers, intra=config.hierarchy != "no-intra",
                                           inter=config.hierarchy != "no-inter")
         stage3 = num_blocks if config.uses_stage3 else 0
-        self.cross_modal_attn = nn.ModuleList([CrossModalAttention(dim, heads) for _ in range(stage3)])
+        form = SharedQueryCrossAttention if config.stage3_projections == "attn2" else CrossModalAttention
+        self.cross_modal_attn = nn.ModuleList([form(dim, heads) for _ in range(stage3)])
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
 
 # IDCrafterConfig fields that decide the adapter's modules and shapes.
-ADAPTER_SHAPE_FIELDS = ("num_blocks", "max_subjects", "use_vlm", "vlm_dim", "latent_channels", "subject_patch", "hierarchy")
+ADAPTER_SHAPE_FIELDS = ("num_blocks", "max_subjects", "use_vlm", "vlm_dim", "latent_channels", "subject_patch", "hierarchy",
+                        "stage3_projections")
 # The arguments of the stock model's __init__: its config, which IDCrafterTransformer's config extends.
 WAN_CONFIG_KEYS = tuple(inspect.signature(WanTransformer3DModel.__init__).parameters)[1:]
 
@@ -186,7 +189,10 @@ class IDCrafterTransformer(WanTransformer3DModel):
             image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        config = IDCrafterConfig.from_dict({**(idcrafter or {}), "wan": wan_arguments(self.config)})
+        # A stored config without `stage3_projections` predates it (IDCrafterConfig.from_dict); no
+        # config at all means today's defaults.
+        stored = _stored(IDCrafterConfig()) if idcrafter is None else idcrafter
+        config = IDCrafterConfig.from_dict({**stored, "wan": wan_arguments(self.config)})
         self._pending: SubjectStream | None = None
         self._active = False
         self.condition_embedder.register_forward_hook(self._attach_subjects)
