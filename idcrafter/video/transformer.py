@@ -539,11 +539,17 @@ class IDCrafterTransformer(WanTransformer3DModel):
     def load_adapter(self, folder: str | Path, load_base: bool = True) -> None:
         """Load adapter weights saved by `save_adapter`; a mismatch with the base model fails clearly.
 
+        The adapter's stage-3 form (`stage3_projections`) replaces this model's when they differ.
+
         `load_base`: take the adapter's fine-tuned transformer (`folder/transformer`) when it has one.
         """
         folder = Path(folder)
         trained, meta = self.read_adapter_config(folder)
         check_adapter_fits(meta, self.config, folder)
+        if trained.stage3_projections != self.idcrafter_config.stage3_projections and trained.uses_stage3:
+            # An adapter of the other stage-3 form (one saved before the option existed is "own"):
+            # this model takes its form, so a preset's model loads it as it was trained.
+            self.replace_adapter(dataclasses.replace(self.idcrafter_config, stage3_projections=trained.stage3_projections))
         if trained.use_vlm and self.adapter.vlm_connector is None:
             # An adapter trained with the VLM encoder brings its connector, also onto a model built
             # from a preset without one (the built-in tiny model of scripts/infer.py).
