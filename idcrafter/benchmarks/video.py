@@ -77,6 +77,21 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def cpu_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median process CPU time of each variant over `repeats` interleaved calls (after one warm-up
+    call each). On a shared CPU the time a variant waits for a core is not charged to it, which
+    wall time does; run with OMP_NUM_THREADS=1 so that it is one core's work."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _video_inputs(latent, text_dim, device, dtype, text_len=512):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, *latent, generator=g).to(device, dtype)
@@ -107,7 +122,8 @@ def run_overhead(device: str = "cpu", full: bool | None = None, repeats: int = 3
     Rows `step/stock`, `step/<form>/<n>_subjects`, `train/stock`, `train/<form>/<n>_subjects`; every
     form runs on the same Wan weights, and a step's variants are timed interleaved
     (`measure_side_by_side`), so the load of a shared machine falls on all of them alike. Every row
-    also has its FLOPs as counted by torch (`count_flops`); on the meta device (`--device meta`,
+    also has its FLOPs as counted by torch (`count_flops`), and on a CPU its process CPU time
+    (`cpu_times`, robust to the load of a shared machine); on the meta device (`--device meta`,
     full size by default) only those: Wan 1.3B at 480p x 81 frames in seconds on a CPU.
     """
     device = torch.device(device)
@@ -153,6 +169,7 @@ def run_overhead(device: str = "cpu", full: bool | None = None, repeats: int = 3
                    **measure_side_by_side(trains, device, repeats=repeats)}
     else:
         results = {name: Measurement(seconds=float("nan"), peak_bytes=0) for name in flops}
+    cpu = {**cpu_times(steps, repeats), **cpu_times(trains, repeats)} if device.type == "cpu" else {}
     report = _report("video-overhead", device, dtype, full, {
         "latent": latent, "ref_latent": ref, "text_tokens": txt.shape[1], "num_blocks": first.num_blocks,
         "stage3_projections": forms, "tokens": _tokens(first, latent, ref),
@@ -164,6 +181,8 @@ def run_overhead(device: str = "cpu", full: bool | None = None, repeats: int = 3
             r["time_ratio"] = results[key].seconds / results["train/stock"].seconds
             r["memory_ratio"] = results[key].peak_bytes / max(results["train/stock"].peak_bytes, 1)
         r["flops"], r["flop_ratio"] = flops[key], flops[key] / flops[stock]
+        if cpu:
+            r["cpu_seconds"], r["cpu_time_ratio"] = cpu[key], cpu[key] / cpu[stock]
         if not timed:
             del r["seconds"], r["peak_mib"], r["time_ratio"], r["memory_ratio"]
     return report
@@ -249,12 +268,12 @@ def _forms_table(report: dict) -> str:
     rows, tokens = report["results"], report.get("tokens", {})
     ratio = f", {tokens['ratio']:.0f} video tokens per reference token" if tokens else ""
     lines = [f"vs stock by stage-3 form{ratio}",
-             f"{'form':<14}" + "".join(f"{f'{kind} {n}':>9}" for kind in ("step", "train") for n in (1, 2, 3))]
+             f"{'form':<15}" + "".join(f"{f'{kind} {n}':>9}" for kind in ("step", "train") for n in (1, 2, 3))]
     for form in report["stage3_projections"]:
-        for column, label in (("time_ratio", "time"), ("flop_ratio", "FLOPs")):
+        for column, label in (("time_ratio", "time"), ("cpu_time_ratio", "CPU time"), ("flop_ratio", "FLOPs")):
             cells = [rows[f"{kind}/{form}/{n}_subjects"].get(column) for kind in ("step", "train") for n in (1, 2, 3)]
             if all(c is not None for c in cells):
-                lines.append(f"{f'{form} {label}':<14}" + "".join(f"{c:>8.3f}x" for c in cells))
+                lines.append(f"{f'{form} {label}':<15}" + "".join(f"{c:>8.3f}x" for c in cells))
     return "\n".join(lines)
 
 

@@ -5,8 +5,8 @@ Rows, trained with the same data, steps and seeds from the same base:
   (b) stage3:  cross-modal attention on the encoded references only;
   (c) full:    intra-subject + gated inter-subject + cross-modal attention;
   (d) full + IDAR (lambda = 0.3 on the toy masks);
-  (e) full with stage 3 on its own query and output projections (rows a-d read the subjects
-      through attn2's query and output projection, `IDCrafterConfig.stage3_projections`).
+  (e) full with stage 3 on attn2's query and output projection (rows b-d give stage 3 its own,
+      `IDCrafterConfig.stage3_projections`).
 Columns on held-out identities: ToyID mean and min of generated videos, leakage of the subject
 attention at fixed noise levels, the flow-matching (reconstruction) loss at the same points, and
 the training steps per second.
@@ -24,13 +24,13 @@ from idcrafter.core.regularization import leakage, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target
 from idcrafter.video.transformer import to_velocity
 
-# Every row names its stage-3 form: a base folder built before the option existed carries "own".
+# Every row names its stage-3 form, whatever the base folder's adapter has.
 ROWS = {
     "a_plain_keys": ["--hierarchy", "plain"],
-    "b_stage3_only": ["--hierarchy", "stage3", "--stage3-projections", "attn2"],
-    "c_full": ["--hierarchy", "full", "--stage3-projections", "attn2"],
-    "d_full_idar": ["--hierarchy", "full", "--stage3-projections", "attn2", "--attn-loss-weight", "0.3"],
-    "e_full_own_proj": ["--hierarchy", "full", "--stage3-projections", "own"],
+    "b_stage3_only": ["--hierarchy", "stage3", "--stage3-projections", "own"],
+    "c_full": ["--hierarchy", "full", "--stage3-projections", "own"],
+    "d_full_idar": ["--hierarchy", "full", "--stage3-projections", "own", "--attn-loss-weight", "0.3"],
+    "e_full_attn2_proj": ["--hierarchy", "full", "--stage3-projections", "attn2"],
 }
 NOISE_LEVELS = (0.3, 0.5, 0.7)
 
