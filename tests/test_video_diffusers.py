@@ -233,7 +233,7 @@ def test_layerwise_casting_stores_float8_and_keeps_the_zero_start():
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert trained.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     assert trained.adapter.cross_modal_attn[0].to_k.weight.dtype == torch.float8_e4m3fn
-    # The zero-initialised stage-3 gate (a parameter float8 storage leaves alone): subjects still change nothing.
+    # A zero-initialised output projection is zero in float8 too: subjects still change nothing.
     assert torch.equal(out(fresh, x, subjects), out(fresh, x))
     got = out(trained, x, subjects)
     error = float((got - full).abs().max() / full.abs().max())
