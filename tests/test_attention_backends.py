@@ -14,7 +14,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from idcrafter.core.attention import DispatchAttnProcessor
-from idcrafter.video.attention import CrossModalAttention
+from idcrafter.video.attention import CrossModalAttention, SharedQueryCrossAttention
 from mcimage.config import MCImageConfig
 from mcimage.processors import MCFluxAttnProcessor
 from mcimage.transformer import MCImageTransformer
@@ -71,7 +71,7 @@ def test_video_backend_reaches_subject_tower_and_stage3():
     mask = torch.tensor([[True, True], [True, False]])  # a padded subject: masked inter-subject and stage 3
     ours = [m for m in model.adapter.modules() if isinstance(m, AttentionModuleMixin)]
     layers = len(model.adapter.subject_tower.layers)
-    stage3 = [m for m in ours if isinstance(m, CrossModalAttention)]
+    stage3 = [m for m in ours if isinstance(m, (CrossModalAttention, SharedQueryCrossAttention))]
     assert layers == len(stage3) == 2 and len(ours) == 2 * layers + len(stage3)
     assert all(type(m.processor) is DispatchAttnProcessor for m in ours)
     assert "adapter.subject_tower.layers.0.intra_subject_attn.processor" in model.attn_processors

@@ -39,19 +39,22 @@ def shapes(state: dict) -> dict[str, tuple[int, ...]]:
 
 
 def wan_adapter_count(config: IDCrafterConfig) -> int:
-    """Parameters of the ID-Crafter adapter, full hierarchy (docs/design.md 4), width D, K blocks:
+    """Parameters of the ID-Crafter adapter, full hierarchy (docs/design.md 4), width D, H heads, K blocks:
 
     subject encoder: 2x2 conv C -> D (D C p^2 + D), index embedding (N D), LayerNorm (2 D);
-    per block: stage 1 and stage 3 attentions (q, k, v, out: 4 (D^2 + D); RMS q/k norms: 2 D), stage 2
-    the same plus the gate W_g (D^2 + D): 13 D^2 + 19 D; VLM connector: LayerNorm (2 V), V -> D -> D MLP.
+    per block: stage 1 attention (q, k, v, out: 4 (D^2 + D); RMS q/k norms: 2 D), stage 2 the same
+    plus the gate W_g (D^2 + D), stage 3 on attn2's projections k, v (2 (D^2 + D)), RMS k norm (D)
+    and a gate per head (H): 11 D^2 + 16 D + H (stage 3 on its own projections: the full attention,
+    13 D^2 + 19 D); VLM connector: LayerNorm (2 V), V -> D -> D MLP.
     """
     wan = config.wan
     d = wan["num_attention_heads"] * wan["attention_head_dim"]
     k = min(config.num_blocks, wan["num_layers"])
     attention = 4 * (d * d + d) + 2 * d
+    stage3 = attention if config.stage3_projections == "own" else 2 * (d * d + d) + d + wan["num_attention_heads"]
     encoder = d * config.latent_channels * config.subject_patch ** 2 + d + config.max_subjects * d + 2 * d
     vlm = 2 * config.vlm_dim + config.vlm_dim * d + d + d * d + d if config.use_vlm else 0
-    return encoder + k * (3 * attention + d * d + d) + vlm
+    return encoder + k * (2 * attention + d * d + d + stage3) + vlm
 
 
 def wan_lora_count(wan: dict, rank: int) -> int:
@@ -96,6 +99,11 @@ def test_wan_presets_are_the_released_models_plus_the_closed_form_adapter(preset
     assert count(ours.adapter.parameters()) == wan_adapter_count(config)
     assert count(ours.parameters()) == STOCK_COUNTS[preset] + wan_adapter_count(config)
     assert wan_adapter_count(config) == {"wan-1.3b": 614_108_160, "wan-14b": 6_818_048_000}[preset]
+    # Stage 3 on attn2's projections drops its query / output projections and q norm, adds the gates.
+    shared = IDCrafterConfig.from_preset(preset, stage3_projections="attn2")
+    assert wan_adapter_count(shared) == {"wan-1.3b": 519_644_400, "wan-14b": 5_769_165_600}[preset]
+    with torch.device("meta"):
+        assert count(IDCrafterTransformer.from_idcrafter_config(shared).adapter.parameters()) == wan_adapter_count(shared)
 
 
 def test_wan_1_3b_with_the_vlm_connector_and_lora():

@@ -218,8 +218,9 @@ def test_gpu_suite_refuses_without_cuda_and_its_quick_variant_reports_every_row(
     report = json.loads(out.read_text())
     assert report["full"] is False and report["peak_tflops"] == 2.0
     shape = flops.WanShape.from_config(TINY.wan)
-    idc = flops.IDCrafterShape(blocks=3)  # K = 20 clipped to the tiny model's 3 layers
-    for rows in report["forms"].values():
+    assert set(report["forms"]) == {"own", "attn2"}
+    for form, rows in report["forms"].items():
+        idc = flops.IDCrafterShape(blocks=3, stage3_form=form)  # K = 20 clipped to the tiny model's 3 layers
         assert set(rows) == {f"{kind}/{n}" for kind in ("step", "train") for n in range(4)}
         for key, row in rows.items():
             kind, n = key.split("/")

@@ -99,18 +99,33 @@ def test_benchmark_bad_input_exits_2(tmp_path):
 @pytest.mark.parametrize("case", ["video-overhead", "video-step-cache"])
 def test_benchmark_video_cases(case, tmp_path):
     out = tmp_path / "report.json"
-    proc = run_script("scripts/benchmark.py", case, "--repeats", "1", "--json", str(out))
+    quick = ["--quick"] if case == "video-overhead" else []
+    proc = run_script("scripts/benchmark.py", case, "--repeats", "1", *quick, "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    results = report["results"]
     if case == "video-overhead":
-        assert set(results) == {f"{kind}/{row}" for kind in ("step", "train") for row in ("stock", "1_subjects", "2_subjects", "3_subjects")}
-        assert results["step/stock"]["time_ratio"] == 1.0
-        # More subjects never need less memory in training.
-        mem = [results[f"train/{n}_subjects"]["peak_mib"] for n in (1, 2, 3)]
-        assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
-        # The analytic FLOP ratios beside the measured ones: CPU size, 192 video and 64 tokens per reference.
-        flop = [results[f"step/{row}"]["analytic_ratio"] for row in ("stock", "1_subjects", "2_subjects", "3_subjects")]
-        assert flop[0] == 1.0 and flop == sorted(flop) and flop[1] == pytest.approx(1.2119, abs=1e-4)
+        forms = ("attn2", "own")
+        assert report["stage3_projections"] == list(forms) and "attn2 FLOPs" in proc.stdout
+        assert set(results) == {f"{kind}/stock" for kind in ("step", "train")} | {
+            f"{kind}/{form}/{n}_subjects" for kind in ("step", "train") for form in forms for n in (1, 2, 3)}
+        assert results["step/stock"]["time_ratio"] == 1.0 == results["step/stock"]["flop_ratio"]
+        for form in forms:  # more subjects never need less memory in training
+            mem = [results[f"train/{form}/{n}_subjects"]["peak_mib"] for n in (1, 2, 3)]
+            assert mem == sorted(mem) and mem[0] > results["train/stock"]["peak_mib"]
+        # Counted FLOPs of a cached step (--quick: 48 video tokens of width D = 128, 16 per reference,
+        # stage 3 in K = 4 blocks): the subject attention costs 4 L R D K per subject in either form
+        # (two matmuls), and the own form adds its query and output projections, 2 x 2 L D^2 K.
+        length, width, blocks = 48, 128, 4
+        for n in (1, 2, 3):
+            step = {form: results[f"step/{form}/{n}_subjects"]["flops"] for form in forms}
+            assert step["attn2"] - results["step/stock"]["flops"] == 4 * length * 16 * n * width * blocks
+            assert step["own"] - step["attn2"] == 4 * length * width ** 2 * blocks
+        # The analytic FLOP ratios of the cached steps (idcrafter/video/flops.py) equal the counted ones.
+        steps = [key for key in results if key.startswith("step/")]
+        assert len(steps) == 7 and all("analytic_ratio" not in results[k] for k in results if k not in steps)
+        for key in steps:
+            assert results[key]["analytic_ratio"] == pytest.approx(results[key]["flop_ratio"], rel=1e-6), key
     else:
         assert set(results) == {"cached", "recomputed"} and results["cached"]["time_ratio"] == 1.0
 
@@ -201,3 +216,11 @@ def test_safetensors_check_agrees_with_the_safetensors_loader(tmp_path):
             check_safetensors(part, "--adapter")
         with pytest.raises((SafetensorError, OSError, RuntimeError)):
             load_file(str(part))
+
+
+def test_benchmark_meta_device_is_for_video_overhead_only(capsys):
+    from idcrafter.cli.benchmark import main
+
+    assert main(["attention", "--device", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --device meta: only video-overhead runs without computing (FLOPs), not attention"

@@ -130,7 +130,7 @@ def test_variant_dtype_and_sharded_files_round_trip_exactly(tmp_path):
     half.save_pretrained(tmp_path / "fp16", variant="fp16")
     assert [p.name for p in (tmp_path / "fp16").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
     again = IDCrafterTransformer.from_pretrained(tmp_path / "fp16", variant="fp16", torch_dtype=torch.float16)
-    assert again.dtype == torch.float16 and again.adapter.cross_modal_attn[0].to_q.weight.dtype == torch.float16
+    assert again.dtype == torch.float16 and again.adapter.cross_modal_attn[0].to_k.weight.dtype == torch.float16
     a, b = half.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     # Read back as float32 it is the half-precision model's values exactly.
@@ -232,7 +232,7 @@ def test_layerwise_casting_stores_float8_and_keeps_the_zero_start():
     for model in (fresh, trained):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert trained.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
-    assert trained.adapter.cross_modal_attn[0].to_q.weight.dtype == torch.float8_e4m3fn
+    assert trained.adapter.cross_modal_attn[0].to_k.weight.dtype == torch.float8_e4m3fn
     # A zero-initialised output projection is zero in float8 too: subjects still change nothing.
     assert torch.equal(out(fresh, x, subjects), out(fresh, x))
     got = out(trained, x, subjects)

@@ -19,7 +19,7 @@ def run(root: Path = Path("runs/toyworld"), out: Path | None = None, steps: int 
     return run_ablation(Path(root), Path(out) if out else Path(root) / "ablation", steps=steps)
 
 
-register("toyworld", format_table, "ablation table on the toy world (trains 4 rows; needs a toy-world build)")(run)
+register("toyworld", format_table, "ablation table on the toy world (trains 5 rows; needs a toy-world build)")(run)
 
 
 def run_image(out: Path | None = None, steps: int = 1000, **_) -> dict:

@@ -4,9 +4,12 @@ Rows, trained with the same data, steps and seeds from the same base:
   (a) plain:   reference tokens as extra keys of the stock text cross-attention (no hierarchy);
   (b) stage3:  cross-modal attention on the encoded references only;
   (c) full:    intra-subject + gated inter-subject + cross-modal attention;
-  (d) full + IDAR (lambda = 0.3 on the toy masks).
+  (d) full + IDAR (lambda = 0.3 on the toy masks);
+  (e) full with stage 3 on attn2's query and output projection (rows b-d give stage 3 its own,
+      `IDCrafterConfig.stage3_projections`).
 Columns on held-out identities: ToyID mean and min of generated videos, leakage of the subject
-attention at fixed noise levels, and the flow-matching (reconstruction) loss at the same points.
+attention at fixed noise levels, the flow-matching (reconstruction) loss at the same points, and
+the training steps per second.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from idcrafter.core.regularization import leakage, masks_to_token_assignment
 from idcrafter.flow import add_noise, flow_loss, flow_target
 from idcrafter.video.transformer import to_velocity
 
+# Every row names its stage-3 form, whatever the base folder's adapter has.
 ROWS = {
     "a_plain_keys": ["--hierarchy", "plain"],
-    "b_stage3_only": ["--hierarchy", "stage3"],
-    "c_full": ["--hierarchy", "full"],
-    "d_full_idar": ["--hierarchy", "full", "--attn-loss-weight", "0.3"],
+    "b_stage3_only": ["--hierarchy", "stage3", "--stage3-projections", "own"],
+    "c_full": ["--hierarchy", "full", "--stage3-projections", "own"],
+    "d_full_idar": ["--hierarchy", "full", "--stage3-projections", "own", "--attn-loss-weight", "0.3"],
+    "e_full_attn2_proj": ["--hierarchy", "full", "--stage3-projections", "attn2"],
 }
 NOISE_LEVELS = (0.3, 0.5, 0.7)
 
@@ -110,8 +115,10 @@ def run_ablation(root: Path, out: Path, steps: int, batch_size: int = 8, lr: flo
         pipe = IDCrafterPipeline.from_pretrained(model_dir)
         toy = evaluate_model(model_dir, held, toyid, limit=eval_limit, seed=seed, pipe=pipe, progress=False)["summary"]
         losses = held_out_losses(pipe, held, limit=eval_limit, seed=seed)
+        summary = json.loads((run / "summary.json").read_text())
         table[name] = {"toyid_mean": toy["gen_toyid_mean"], "toyid_min": toy["gen_toyid_min"],
-                       "toyid_mean_shuffled": toy["gen_shuffled_toyid_mean"], **losses}
+                       "toyid_mean_shuffled": toy["gen_shuffled_toyid_mean"], **losses,
+                       "steps_per_s": summary.get("steps_per_s")}
     report = {"case": "toyworld", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "eval_samples": eval_limit, "rows": table}
     (out / "ablation.json").write_text(json.dumps(report, indent=2))
@@ -155,8 +162,9 @@ def figure(out: Path, root: Path, rows: list[str], index: int = 0) -> Path:
 
 def format_table(report: dict) -> str:
     lines = [f"toyworld ablation: {report['steps']} steps x batch {report['batch_size']}, {report['eval_samples']} held-out samples",
-             f"{'row':<16}{'ToyID mean':>11}{'ToyID min':>10}{'shuffled':>10}{'leakage':>9}{'recon':>8}"]
+             f"{'row':<16}{'ToyID mean':>11}{'ToyID min':>10}{'shuffled':>10}{'leakage':>9}{'recon':>8}{'steps/s':>9}"]
     for name, r in report["rows"].items():
+        speed = r.get("steps_per_s")
         lines.append(f"{name:<16}{r['toyid_mean']:>11.3f}{r['toyid_min']:>10.3f}{r['toyid_mean_shuffled']:>10.3f}"
-                     f"{r['leakage']:>9.3f}{r['recon_loss']:>8.3f}")
+                     f"{r['leakage']:>9.3f}{r['recon_loss']:>8.3f}{'-' if speed is None else f'{speed:.2f}':>9}")
     return "\n".join(lines)

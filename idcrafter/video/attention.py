@@ -5,10 +5,18 @@
 3. cross-modal:          Z   <- Z + CrossAttn(Q = norm(Z), KV = [F_1..F_N ; VLM tokens])
 
 Stages 1-2 form the `SubjectTower`: K layers that run once per generation and yield F^l for
-every DiT layer l < K. Stage 3 (`CrossModalAttention`) sits beside the stock text
-cross-attention `attn2` of block l, through `SubjectCrossAttnProcessor`, reading F^l's keys and
-values from a `SubjectStream` computed once. The output projections of stages 1 and 3 and the
-gate W_g of stage 2 start at zero, so with any subjects the model equals the base model at step 0.
+every DiT layer l < K. Stage 3 runs inside the stock text cross-attention `attn2` of block l,
+through `SubjectCrossAttnProcessor`, reading F^l's keys and values from a `SubjectStream`
+computed once. It takes one of two forms (`IDCrafterConfig.stage3_projections`):
+- "attn2" (`SharedQueryCrossAttention`): attn2's own query, a separate softmax over the subject
+  keys, added per head through a zero-initialised gate to the text attention before attn2's output
+  projection. ID-Crafter Sec. 3.2 writes stage 3 as one cross-attention with KV = [F; f_text] on
+  the block's query; this keeps the text softmax as it is and costs the video tokens no projection
+  of their own (docs/design.md 4).
+- "own" (`CrossModalAttention`): a cross-attention with its own query and output projections whose
+  output is added to attn2's.
+The output projections of stages 1 and 3 ("own"), the stage-3 gate ("attn2") and the gate W_g of
+stage 2 start at zero, so with any subjects the model equals the base model at step 0.
 Each of these attentions is a diffusers `AttentionModuleMixin` whose processor calls diffusers'
 `dispatch_attention_fn` (`idcrafter.core.attention.DispatchAttnProcessor`), so the model's
 `set_attention_backend` picks their kernel too (docs/design.md 3.7).
@@ -20,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -210,26 +220,32 @@ class SubjectStream:
         return SubjectStream(kv, self.ref_ranges, self.subject_mask & ~rows[:, None], self.captures)
 
 
-class CrossModalAttention(_Attention):
-    """Stage 3: video tokens Z [B, L, D] (normed, as fed to attn2) attend to [F^l ; VLM]."""
+def stage3_kv(attn, feats: torch.Tensor, subject_mask: torch.Tensor, vlm: torch.Tensor | None,
+              vlm_mask: torch.Tensor | None) -> LayerKV:
+    """Stage-3 keys / values of one layer through `attn.key_value`: feats [B, N, T, D], subject_mask
+    [B, N], vlm [B, L_v, D] | None, vlm_mask [B, L_v] | None -> k, v [B, H, N*T (+ L_v), Dh]."""
+    b, n, t, _ = feats.shape
+    tokens = feats.flatten(1, 2)
+    keep = subject_mask.repeat_interleave(t, dim=1)
+    if vlm is not None:
+        tokens = torch.cat([tokens, vlm.to(tokens.dtype)], dim=1)
+        vm = torch.ones(vlm.shape[:2], dtype=torch.bool, device=vlm.device) if vlm_mask is None else vlm_mask.bool()
+        keep = torch.cat([keep, vm], dim=1)
+    k, v = attn.key_value(tokens)
+    # Eagerly, a mask that keeps every key is dropped (the unmasked kernel, and no mask for
+    # backends that take none); compiled, that data-dependent test would break the graph, and on
+    # the meta device (shape checks of full-size models) there are no values to test: an
+    # all-True mask gives the same attention.
+    if not torch.compiler.is_compiling() and not keep.is_meta and bool(keep.all()):
+        return LayerKV(k, v, None)
+    return LayerKV(k, v, keep)
 
-    def kv(self, feats: torch.Tensor, subject_mask: torch.Tensor, vlm: torch.Tensor | None, vlm_mask: torch.Tensor | None) -> LayerKV:
-        """feats [B, N, T, D], subject_mask [B, N], vlm [B, L_v, D] | None, vlm_mask [B, L_v] | None."""
-        b, n, t, _ = feats.shape
-        tokens = feats.flatten(1, 2)
-        keep = subject_mask.repeat_interleave(t, dim=1)
-        if vlm is not None:
-            tokens = torch.cat([tokens, vlm.to(tokens.dtype)], dim=1)
-            vm = torch.ones(vlm.shape[:2], dtype=torch.bool, device=vlm.device) if vlm_mask is None else vlm_mask.bool()
-            keep = torch.cat([keep, vm], dim=1)
-        k, v = self.key_value(tokens)
-        # Eagerly, a mask that keeps every key is dropped (the unmasked kernel, and no mask for
-        # backends that take none); compiled, that data-dependent test would break the graph, and on
-        # the meta device (shape checks of full-size models) there are no values to test: an
-        # all-True mask gives the same attention.
-        if not torch.compiler.is_compiling() and not keep.is_meta and bool(keep.all()):
-            return LayerKV(k, v, None)
-        return LayerKV(k, v, keep)
+
+class CrossModalAttention(_Attention):
+    """Stage 3, "own" form: video tokens Z [B, L, D] (normed, as fed to attn2) attend to [F^l ; VLM]
+    through their own query and output projections; the output is added to attn2's."""
+
+    kv = stage3_kv
 
     def forward(self, hidden_states: torch.Tensor, kv: LayerKV, ref_ranges=None, capture: dict | None = None, name: str = "") -> torch.Tensor:
         q = self.query(hidden_states)
@@ -238,6 +254,54 @@ class CrossModalAttention(_Attention):
         if capture is not None and ref_ranges:
             capture[name] = ref_attention_share(q, kv.k, ref_ranges, key_mask=kv.keep)
         return _zero_where_no_key(self.to_out(out), has_key)
+
+
+class SharedQueryCrossAttention(nn.Module, AttentionModuleMixin):
+    """Stage 3, "attn2" form: keys / values of [F^l ; VLM] read by attn2's own query.
+
+    Only the subject keys and values have projections here (with a per-head RMS norm on the keys,
+    as attn2's); the query is attn2's after its `norm_q`, and the output joins the text attention's
+    before attn2's `to_out`:
+
+        attn2(x) = to_out(softmax(q k_txt^T) v_txt + g_h * softmax(q k_subj^T) v_subj)
+
+    Two softmaxes, not one over [text ; subjects]: the text attention stays the stock one and a gate
+    g (one per head, zero at first) says how much each head reads of the subjects, so the model is
+    the base model at step 0. The gate's gradient is the subject attention's output, which the
+    random key / value projections make non-zero: training moves it from the first step.
+    """
+
+    _default_processor_cls = DispatchAttnProcessor
+    _available_processors = [DispatchAttnProcessor]
+    _supports_qkv_fusion = False
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.processor = DispatchAttnProcessor()
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.gate = nn.Parameter(torch.zeros(heads))
+
+    key_value = _Attention.key_value
+    attend = _Attention.attend
+    kv = stage3_kv
+
+    def forward(self, query: torch.Tensor, kv: LayerKV, ref_ranges=None, capture: dict | None = None,
+                name: str = "") -> torch.Tensor:
+        """query [B, L, H, Dh]: attn2's (after norm_q, diffusers' layout) -> the gated subject
+        attention [B, L, H*Dh], to be added to the text attention before attn2's `to_out`."""
+        q = query.transpose(1, 2)  # [B, H, L, Dh], a view
+        keep = None if kv.keep is None else kv.keep[:, None, :]
+        out, has_key = self.attend(q, kv.k.to(q.dtype), kv.v.to(q.dtype), keep)
+        if capture is not None and ref_ranges:
+            capture[name] = ref_attention_share(q, kv.k.to(q.dtype), ref_ranges, key_mask=kv.keep)
+        # No bias before to_out here, so zeroing the output of a query without keys is enough.
+        out = _zero_where_no_key(out, has_key).unflatten(-1, (self.heads, -1)) * self.gate.to(out.dtype)[:, None]
+        return out.flatten(2)
 
 
 class SubjectCrossAttnProcessor:
@@ -289,16 +353,34 @@ class SubjectCrossAttnProcessor:
             return self.stock(attn, hidden_states, ctx, attention_mask, rotary_emb)
         if self.plain_keys and ctx.stream is not None:
             return self._plain_keys(attn, hidden_states, ctx)
-        out = self.stock(attn, hidden_states, ctx.text, attention_mask, rotary_emb)
         if self.stage3 is None or ctx.stream is None:
-            return out
+            return self.stock(attn, hidden_states, ctx.text, attention_mask, rotary_emb)
         stream = ctx.stream
-        capture = stream.captures
         name = f"blocks.{self.layer}.stage3"
-        extra = self.stage3(hidden_states, stream.kv[self.layer], stream.ref_ranges, capture, name)
-        if capture is not None and name in capture:
+        capture = stream.captures
+        if isinstance(self.stage3, SharedQueryCrossAttention):
+            out = self._shared_query(attn, hidden_states, ctx.text, attention_mask, stream, name)
+        else:
+            out = self.stock(attn, hidden_states, ctx.text, attention_mask, rotary_emb)
+            out = out + self.stage3(hidden_states, stream.kv[self.layer], stream.ref_ranges, capture, name).to(out.dtype)
+        if capture is not None and name in capture:  # under sequence parallelism: the shares of every rank's tokens
             capture[name] = self._whole_sequence(capture[name])
-        return out + extra.to(out.dtype)
+        return out
+
+    def _shared_query(self, attn, hidden_states: torch.Tensor, text: torch.Tensor, attention_mask,
+                      stream: SubjectStream, name: str) -> torch.Tensor:
+        """Stage 3 on attn2's query: `WanAttnProcessor.__call__` for a text-to-video cross-attention
+        (no image keys, no rotary embedding), with the gated subject attention added before
+        `to_out`. hidden_states [B, L, D], text [B, L_txt, D] -> [B, L, D]."""
+        query, key, value = _get_qkv_projections(attn, hidden_states, text)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self.stock._attention_backend, parallel_config=None)
+        out = out.flatten(2, 3).type_as(query)
+        out = out + self.stage3(query, stream.kv[self.layer], stream.ref_ranges, stream.captures, name).to(out.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
     def _plain_keys(self, attn, hidden_states: torch.Tensor, ctx: SubjectContext) -> torch.Tensor:

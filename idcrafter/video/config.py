@@ -42,6 +42,10 @@ WAN_CONFIGS: dict[str, dict[str, Any]] = {
 HIERARCHIES = ("full", "no-intra", "no-inter", "no-cross", "stage3", "plain")
 TOWER_HIERARCHIES = ("full", "no-intra", "no-inter", "no-cross")  # stages 1-2 run (one of them ablated)
 STAGE3_HIERARCHIES = ("full", "no-intra", "no-inter", "stage3")  # the video reads subjects through stage 3
+# Where stage 3 gets its query and output projection (see `IDCrafterConfig.stage3_projections`).
+STAGE3_PROJECTIONS = ("attn2", "own")
+# The layout of configs written before `stage3_projections` existed: stage 3 with its own projections.
+LEGACY_STAGE3_PROJECTIONS = "own"
 
 
 @dataclass
@@ -68,6 +72,14 @@ class IDCrafterConfig:
             tower's subject tokens join the keys of the stock text cross-attention), "stage3"
             (vanilla attention: stage 3 on the encoded references, no tower), and "plain"
             (reference tokens appended to the text keys: no new attention at all).
+        stage3_projections: how stage 3 reads the video tokens (docs/design.md 4), in every
+            hierarchy that has stage 3 (ignored by "no-cross" and "plain"): "attn2" (the query and
+            output projection of the stock text cross-attention `attn2`, a separate softmax over the
+            subject keys added to the text attention before `attn2.to_out`, through a
+            zero-initialised per-head gate; 2.2 points less per step at 480p x 81 frames) or "own"
+            (the default: a cross-attention with its own query and output projections beside
+            `attn2`, the layout of adapters saved before this option; it learned identity faster on
+            the toy world, docs/design.md 9).
         prediction: what the transformer outputs: "velocity" (Wan's v = eps - x0) or "sample"
             (x0; converted to v = (z_t - x0) / t), which suits large pixel-patch tokens.
         preset: the name this config came from (informational).
@@ -96,6 +108,7 @@ class IDCrafterConfig:
     text_length: int = 512
     ref_size: int | None = None
     hierarchy: str = "full"
+    stage3_projections: str = "own"
     prediction: str = "velocity"
     preset: str = "custom"
     wan: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +120,9 @@ class IDCrafterConfig:
             raise ValueError(f"IDCrafterConfig: max_subjects must be >= 1, got {self.max_subjects}")
         if self.hierarchy not in HIERARCHIES:
             raise ValueError(f"IDCrafterConfig: hierarchy must be one of {', '.join(HIERARCHIES)}, got {self.hierarchy!r}")
+        if self.stage3_projections not in STAGE3_PROJECTIONS:
+            raise ValueError(f"IDCrafterConfig: stage3_projections must be one of {', '.join(STAGE3_PROJECTIONS)}, "
+                             f"got {self.stage3_projections!r}")
         if self.use_vlm and not self.uses_stage3:
             raise ValueError(f"IDCrafterConfig: hierarchy {self.hierarchy!r} has no cross-modal attention to read VLM tokens")
         if self.prediction not in ("velocity", "sample"):
@@ -154,11 +170,15 @@ class IDCrafterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IDCrafterConfig:
-        """Inverse of `to_dict`; unknown keys and values of the wrong JSON type are a ValueError."""
+        """Inverse of `to_dict`; unknown keys and values of the wrong JSON type are a ValueError.
+
+        A config without `stage3_projections` was written before the option existed, when stage 3
+        always had its own projections: it reads as "own", so old adapters and model folders load
+        unchanged."""
         from idcrafter.utils.schema import check_json_fields
 
         check_json_fields(cls, data, "IDCrafterConfig")
-        return cls(**data)
+        return cls(**{"stage3_projections": LEGACY_STAGE3_PROJECTIONS, **data})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

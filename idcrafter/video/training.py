@@ -53,6 +53,7 @@ class VideoModelArgs:
     drop_subjects: float = 0.1
     drop_text: float = 0.1
     hierarchy: str | None = None  # override for ablations (IDCrafterConfig.hierarchy)
+    stage3_projections: str | None = None  # override (IDCrafterConfig.stage3_projections)
     # Qwen2.5-VL folder: train the VLM connector (use_vlm). The VLM itself stays frozen.
     vlm: str | None = None
 
@@ -111,8 +112,11 @@ class VideoTrainingSpec:
             if self.m.adapter is not None:
                 pipe.transformer.load_adapter(self.m.adapter)
         model = pipe.transformer
-        if self.m.hierarchy and self.m.hierarchy != model.idcrafter_config.hierarchy:
-            model.replace_adapter(dataclasses.replace(model.idcrafter_config, hierarchy=self.m.hierarchy))
+        current = model.idcrafter_config
+        wanted = dataclasses.replace(current, hierarchy=self.m.hierarchy or current.hierarchy,
+                                     stage3_projections=self.m.stage3_projections or current.stage3_projections)
+        if (wanted.hierarchy, wanted.stage3_projections) != (current.hierarchy, current.stage3_projections):
+            model.replace_adapter(wanted)
         if self.m.vlm is not None:
             if model.adapter.vlm_connector is None:
                 # Seeded apart from the global RNG, so every rank starts from the same connector.

@@ -46,6 +46,7 @@ from idcrafter.utils.io import atomic_write_dir
 from idcrafter.video.attention import (
     CrossModalAttention,
     LayerKV,
+    SharedQueryCrossAttention,
     SubjectContext,
     SubjectCrossAttnProcessor,
     SubjectStream,
@@ -93,12 +94,14 @@ class IDCrafterAdapter(nn.Module):
         self.subject_tower = SubjectTower(dim, heads, tower_layers, intra=config.hierarchy != "no-intra",
                                           inter=config.hierarchy != "no-inter")
         stage3 = num_blocks if config.uses_stage3 else 0
-        self.cross_modal_attn = nn.ModuleList([CrossModalAttention(dim, heads) for _ in range(stage3)])
+        form = SharedQueryCrossAttention if config.stage3_projections == "attn2" else CrossModalAttention
+        self.cross_modal_attn = nn.ModuleList([form(dim, heads) for _ in range(stage3)])
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
 
 # IDCrafterConfig fields that decide the adapter's modules and shapes.
-ADAPTER_SHAPE_FIELDS = ("num_blocks", "max_subjects", "use_vlm", "vlm_dim", "latent_channels", "subject_patch", "hierarchy")
+ADAPTER_SHAPE_FIELDS = ("num_blocks", "max_subjects", "use_vlm", "vlm_dim", "latent_channels", "subject_patch", "hierarchy",
+                        "stage3_projections")
 # The arguments of the stock model's __init__: its config, which IDCrafterTransformer's config extends.
 WAN_CONFIG_KEYS = tuple(inspect.signature(WanTransformer3DModel.__init__).parameters)[1:]
 
@@ -187,7 +190,10 @@ class IDCrafterTransformer(WanTransformer3DModel):
             image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        config = IDCrafterConfig.from_dict({**(idcrafter or {}), "wan": wan_arguments(self.config)})
+        # A stored config without `stage3_projections` predates it (IDCrafterConfig.from_dict); no
+        # config at all means today's defaults.
+        stored = _stored(IDCrafterConfig()) if idcrafter is None else idcrafter
+        config = IDCrafterConfig.from_dict({**stored, "wan": wan_arguments(self.config)})
         self._pending: SubjectStream | None = None
         self._active = False
         self.condition_embedder.register_forward_hook(self._attach_subjects)
@@ -553,11 +559,17 @@ class IDCrafterTransformer(WanTransformer3DModel):
     def load_adapter(self, folder: str | Path, load_base: bool = True) -> None:
         """Load adapter weights saved by `save_adapter`; a mismatch with the base model fails clearly.
 
+        The adapter's stage-3 form (`stage3_projections`) replaces this model's when they differ.
+
         `load_base`: take the adapter's fine-tuned transformer (`folder/transformer`) when it has one.
         """
         folder = Path(folder)
         trained, meta = self.read_adapter_config(folder)
         check_adapter_fits(meta, self.config, folder)
+        if trained.stage3_projections != self.idcrafter_config.stage3_projections and trained.uses_stage3:
+            # An adapter of the other stage-3 form (one saved before the option existed is "own"):
+            # this model takes its form, so a preset's model loads it as it was trained.
+            self.replace_adapter(dataclasses.replace(self.idcrafter_config, stage3_projections=trained.stage3_projections))
         if trained.use_vlm and self.adapter.vlm_connector is None:
             # An adapter trained with the VLM encoder brings its connector, also onto a model built
             # from a preset without one (the built-in tiny model of scripts/infer.py).
