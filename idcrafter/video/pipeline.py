@@ -355,7 +355,6 @@ class IDCrafterPipeline(DiffusionPipeline):
                 hook.offload()
 
     # ------------------------------------------------------------------ conditioning
-    @torch.no_grad()
     def component_timer(self):
         """A `ComponentTimer` (idcrafter/utils/timing.py) of this pipeline's parts: the transformer
         (denoising forwards and the subject stream), the VAE (encoding references and input videos,
@@ -369,6 +368,7 @@ class IDCrafterPipeline(DiffusionPipeline):
             ("text_encoder", self, "encode_prompt"), ("vlm", self.vlm, "encode"),
         ])
 
+    @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
         """UMT5 states [B, L, text_dim], zero past each prompt's length (as WanPipeline does), on
         `device` (default: the execution device) in the transformer's dtype."""
