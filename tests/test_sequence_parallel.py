@@ -48,7 +48,7 @@ def run_two_ranks(out: Path, *extra: str) -> dict[str, torch.Tensor]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 # Activation checkpointing recomputes blocks (and their collectives) in backward; slow: a second launch.
@@ -203,7 +203,7 @@ def assert_same_training(one: Path, two: Path, steps: int = 3) -> None:
     for a, b in zip(rows_1, rows_2):
         for key in ("loss", "loss_flow", "loss_attn", "leakage"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
-    grads_1, grads_2 = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
+    grads_1, grads_2 = torch.load(one / "grads.pt", weights_only=True), torch.load(two / "grads.pt", weights_only=True)
     # one record per optimizer step, a gradient for every parameter of the model (base and adapter)
     assert len(grads_1) == len(grads_2) == steps
     assert len(grads_1[0]) == sum(1 for _ in sp_worker.build().parameters())
