@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_data import build_tiny_grounding_dino
+from tiny_data import build_tiny_grounding_dino, save_tiny_clip
 
 QUERY = "Find an image that matches the given text."
 
@@ -75,34 +75,13 @@ def build_tiny_owlv2(folder: Path, seed: int = 0, shift: float = 0.6) -> Path:
     return folder
 
 
-def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz.":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        CLIPModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gme_models")
     return {"gme": build_tiny_gme(root / "gme"), "owl": build_tiny_owlv2(root / "owlv2"),
-            "gd": build_tiny_grounding_dino(root / "grounding-dino"), "clip": build_tiny_clip(root / "clip")}
+            "gd": build_tiny_grounding_dino(root / "grounding-dino"), "clip": save_tiny_clip(root / "clip")}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
+from tiny_data import build_tiny_grounding_dino, save_tiny_clip, save_tiny_dinov2
 
 from idcrafter.eval.metrics import EvalItem
 from idcrafter.eval.one_for_all import (
@@ -29,7 +30,6 @@ from idcrafter.eval.one_for_all import (
     scored_frames,
     subject_references,
 )
-from tests.tiny_data import build_tiny_grounding_dino, save_tiny_clip, save_tiny_dinov2
 
 
 def noise(height: int, width: int, seed: int) -> np.ndarray:
