@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from test_video_model import stock_and_ours
 
 from idcrafter.core.attention import ref_attention_share
 from idcrafter.video.attention import (
@@ -28,11 +28,7 @@ HEADS, DIM = 2, 32  # the tiny preset's Wan
 def pair(projections: str, hierarchy: str = "full", seed: int = 0):
     """(stock Wan, IDCrafterTransformer on the same weights) for one stage-3 form."""
     config = IDCrafterConfig.from_preset("tiny", stage3_projections=projections, hierarchy=hierarchy)
-    torch.manual_seed(seed)
-    stock = WanTransformer3DModel(**config.wan).eval()
-    torch.manual_seed(seed)
-    ours = IDCrafterTransformer.from_wan(WanTransformer3DModel(**config.wan), config).eval()
-    return stock, ours
+    return stock_and_ours(seed, config)
 
 
 def inputs(batch=2, subjects=2, seed=1):
