@@ -195,11 +195,23 @@ def test_infer_takes_a_guidance_interval(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_render_batch_jobs_reach_the_pipeline_with_their_interval(tmp_path):
+def test_render_batch_jobs_reach_the_pipeline_with_their_interval(tmp_path, monkeypatch):
     """Jobs of one seed on the built-in model: an interval holding every sigma renders the default's
-    video byte for byte; an empty one (no step guided: the conditional pass alone) another video."""
+    frames exactly; an empty one (no step guided: the conditional pass alone) other frames.
+
+    The frames handed to the encoder are compared, not the files: x264 was seen to encode identical
+    frames into two different bitstreams in different processes of the full suite."""
+    import idcrafter.utils.media as media
     from idcrafter.cli import render_batch
 
+    written = {}
+    write_video = media.write_video
+
+    def capture(frames, path, fps=16):
+        written[Path(path).name] = np.asarray(frames).copy()
+        return write_video(frames, path, fps)
+
+    monkeypatch.setattr(media, "write_video", capture)  # render_batch imports it when it runs
     for src in EXAMPLES:
         shutil.copy(src, tmp_path)
     job = {"prompt": "two toys", "refs": ["subject_a.png", "subject_b.png"], "seed": 4, "steps": 3}
@@ -209,9 +221,10 @@ def test_render_batch_jobs_reach_the_pipeline_with_their_interval(tmp_path):
         for name, v in intervals.items()))
     out = tmp_path / "out"
     assert render_batch.main(["--jobs", str(tmp_path / "jobs.jsonl"), "--out", str(out), "--no-progress"]) == 0
-    frames = {name: np.stack(read_video(out / name)).astype(np.float64) for name in intervals}
-    assert (out / "default.mp4").read_bytes() == (out / "every.mp4").read_bytes()
-    assert np.abs(frames["none.mp4"] - frames["default.mp4"]).mean() > 1.0  # of 255
+    assert sorted(written) == sorted(intervals)
+    assert np.array_equal(written["every.mp4"], written["default.mp4"])
+    assert np.abs(written["none.mp4"] - written["default.mp4"]).mean() > 1.0 / 255
+    assert all(len(read_video(out / name)) == len(written[name]) for name in intervals)
 
 
 def test_toyworld_measurement_rows():

@@ -141,10 +141,12 @@ VIDEO_CODECS = {
     ".webm": ("webm", "libvpx-vp9", "yuv420p"),
     ".gif": ("gif", "gif", "pal8"),
 }
-# crf 23: x264's own default. VP9 needs b=0 for constant quality, and cpu-used/row-mt or it
-# encodes many times slower than H.264.
+# crf 23: x264's own default. mbtree=0: x264's macroblock-tree rate control read memory it had not
+# written, so identical frames came out as different bitstreams (and decoded pixels) from process to
+# process; without it the same frames always give the same file. VP9 needs b=0 for constant quality,
+# and cpu-used/row-mt or it encodes many times slower than H.264.
 _ENCODER_OPTIONS = {
-    "libx264": {"crf": "23"},
+    "libx264": {"crf": "23", "x264-params": "mbtree=0"},
     "libvpx-vp9": {"crf": "32", "b": "0", "cpu-used": "4", "row-mt": "1"},
     "gif": {},
 }
