@@ -23,7 +23,7 @@ def test_every_entry_point_resolves_to_a_main_and_has_its_script():
     scripts = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
     modules = sorted(target.split(":")[0].rsplit(".", 1)[1] for target in points.values())
     assert modules == scripts  # one entry point per script, and no other
-    assert len(points) == 11 and all(name.startswith("idcrafter-") for name in points)
+    assert len(points) == 12 and all(name.startswith("idcrafter-") for name in points)
     for name, target in points.items():
         module_name, function = target.split(":")
         main = getattr(importlib.import_module(module_name), function)

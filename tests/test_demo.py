@@ -154,7 +154,7 @@ def test_page_messages_and_commands():
 
 def test_bad_model_options_stop_the_app_before_serving(tmp_path, capsys):
     pytest.importorskip("gradio")
-    from idcrafter.demo.app import main
+    from idcrafter.cli.demo import main
 
     assert main(["--model", str(tmp_path / "missing"), "--tabs", "video"]) == 2
     err = capsys.readouterr().err.strip()

@@ -79,6 +79,8 @@ def test_exported_adapter_loads_in_the_pipeline_and_changes_output(zero3_run):
     assert (after - before).abs().max() > 1e-4
 
 
+# slow (21 s): the validation runs train the same steps under ZeRO-2 and ZeRO-3 and compare them
+@pytest.mark.slow
 def test_zero2_and_zero3_give_the_same_losses(zero3_run, data, tmp_path):
     out3, _ = zero3_run
     proc = train(tmp_path / "z2", data, "--max-steps", "3", "--save-every", "3", "--attn-loss-weight", "0.3", ranks=2, zero=2)
@@ -86,6 +88,8 @@ def test_zero2_and_zero3_give_the_same_losses(zero3_run, data, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "z2"), losses(out3), rtol=1e-4, atol=1e-6)
 
 
+# slow (31 s): test_checkpoints resumes the real command line after a kill, test_train_rl resumes RL
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(data, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     proc = train(straight, data, "--max-steps", "6", "--save-every", "3", "--ema-decay", "0.9")
@@ -160,6 +164,8 @@ def test_two_hundred_steps_lower_loss_and_leakage(tmp_path):
     assert leak[-20:].mean() < leak[:20].mean() - 0.05
 
 
+# slow (35 s): test_vlm_training checks cached against on-the-fly losses with the VLM states too
+@pytest.mark.slow
 def test_training_from_a_feature_cache_matches_pixels(data, tmp_path):
     """Cached encodings give the same losses as encoding on the fly (same seed, same data order)."""
     cache = tmp_path / "cache"

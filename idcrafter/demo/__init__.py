@@ -1,6 +1,6 @@
 """The web demo (`python -m idcrafter.demo`, `idcrafter-demo`): a Gradio app over the same request
 checks and pipelines as `scripts/infer.py`. `idcrafter.demo.service` holds what it does without
-the web (usable from Python), `idcrafter.demo.app` the page and the command line."""
+the web (usable from Python), `idcrafter.demo.app` the page, `idcrafter.cli.demo` the command line."""
 
 from idcrafter.demo.service import DemoModel, DemoResult, ImageService, VideoService
 
@@ -15,6 +15,7 @@ def build_demo(*args, **kwargs):
 
 
 def main(argv=None) -> int:
-    from idcrafter.demo.app import main as run
+    """`idcrafter.cli.demo.main`: serve the page (the command line of `python -m idcrafter.demo`)."""
+    from idcrafter.cli.demo import main as run
 
     return run(argv)

@@ -1,7 +1,7 @@
-"""`python -m idcrafter.demo`: serve the web demo (options: --help)."""
+"""`python -m idcrafter.demo`: serve the web demo (idcrafter/cli/demo.py; options: --help)."""
 
 import sys
 
-from idcrafter.demo.app import main
+from idcrafter.cli.demo import main
 
 sys.exit(main())
