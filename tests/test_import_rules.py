@@ -59,7 +59,8 @@ BOUNDARY = {
     "idcrafter/eval/inputs.py",
     "mcimage/infer.py",
 }
-BOUNDARY_FOLDERS = ("idcrafter/cli/",)
+# the command-line tools, and the web demo, whose page shows bad input as one line as they print it
+BOUNDARY_FOLDERS = ("idcrafter/cli/", "idcrafter/demo/")
 
 
 def names_input_error(path: Path) -> list[int]:
