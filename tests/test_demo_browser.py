@@ -181,3 +181,24 @@ def test_image_tab_generates_with_categories_and_the_attention_figure(app, brows
     assert len(sorted(work.glob("*-image/attention.png"))) == 1
     page.screenshot(path=str(artifacts / "demo_image.png"), full_page=True)
     page.close()
+
+
+def test_an_example_fills_the_form_and_generates(app, browser, tmp_path):
+    """The page's first video example: the repository's two references and a prompt the built-in
+    toy model knows; the video it gives decodes."""
+    url, work = app
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page.goto(url)
+    before = set(work.glob("*-video"))
+    page.locator("#video-generate").wait_for()
+    page.locator("table tbody tr").first.click()  # the video tab's examples come first
+    page.wait_for_function("() => document.querySelectorAll('#video-preview img').length === 2", timeout=60_000)
+    assert page.locator("#video-prompt textarea").input_value() == VIDEO_PROMPT
+    page.locator("#video-steps input").fill("4")
+    page.locator("#video-generate").click()
+    wait_for_video(page, 180_000)
+    assert error_text(page) == ""
+    (folder,) = set(work.glob("*-video")) - before
+    assert sorted(p.name for p in folder.glob("*.png")) == ["1-subject_a.png", "2-subject_b.png"]
+    assert len(read_video(folder / "video.mp4")) == 5
+    page.close()
