@@ -422,6 +422,23 @@ class ImageTrainingSpec:
             metrics["loss_balance"] = balance.detach()
         return loss, metrics
 
+    def work(self, conditions: dict, checkpointing: bool) -> tuple[int, int]:
+        """(target-image tokens, analytic training FLOPs) of one micro-batch (mcimage/flops.py).
+
+        Each sample counts with the references its forward takes (its own subject count) and, as
+        in `loss`, with IDAR shares when the batch has masks and it has two or more subjects. The
+        rare weight-0 forwards `equal_forwards` adds to keep ranks in step are not counted.
+        """
+        from mcimage import flops
+
+        latents, refs = conditions["latents"], conditions["ref_latents"]  # [B, L_t, C], [B, N, L_r, C]
+        target, ref_tokens, text = latents.shape[1], refs.shape[2], conditions["text"].shape[1]
+        capture = "assignment" in conditions
+        total = sum(flops.training_step_flops(
+            flops.forward_flops(self.config, target, text, n * ref_tokens, n, capture=capture and n > 1), checkpointing)
+            for n in (int(c) for c in conditions["counts"]))
+        return latents.shape[0] * target, total
+
     # ------------------------------------------------------------------ validation
     def validation_items(self, path: str, limit: int) -> list:
         """The first `limit` samples of the held-out manifest `path`: image samples whose references

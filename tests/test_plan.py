@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-import torch.utils.flop_counter as flop_counter
 from diffusers import WanTransformer3DModel
+from flop_counting import counted
 
 from idcrafter.video import flops
 from idcrafter.video.config import HIERARCHIES, IDCrafterConfig
@@ -39,24 +39,6 @@ def test_issue_numbers_of_wan_1_3b_at_480p_x_81():
     # Three-pass guidance over 50 steps, the stream once.
     f = own[0]
     assert flops.generation_flops(f, 50) == 50 * 3 * f.cached_forward + f.stream
-
-
-def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def counted(fn) -> int:
-    """FLOPs torch's FlopCounterMode counts (matmuls, convolutions, attention; the CPU attention
-    kernels mapped to torch's own SDPA formulas)."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("form,hierarchy", [("own", h) for h in HIERARCHIES] + [("attn2", "full")])

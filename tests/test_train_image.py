@@ -4,6 +4,7 @@ IPPO (GSPO) through scripts/train_rl.py --branch image; bad input exits 2."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flop_counting import counted
 from PIL import Image
 from ports import free_port
 from safetensors.torch import load_file
@@ -70,12 +72,25 @@ def test_two_ranks_zero3_export_reload_png(world, tmp_path, preset):
         "--preset", preset, "--base", str(bases[preset]), "--data", str(data), "--output", str(out),
         "--deepspeed_config", "ds_configs/zero3.json", "--size", f"{SIZE}x{SIZE}", "--ref-size", f"{REF}x{REF}",
         "--max-steps", "2", "--batch-size", "2", "--save-every", "2", "--log-every", "1",
-        "--no-progress", *flags], ranks=2)
+        "--no-progress", "--peak-tflops", "100", *flags], ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    # Throughput (mcimage/flops.py): a step is 2 ranks x 2 samples x 64 target tokens (32x32 pixels,
+    # 8x8 packed latents); each rank's 2 samples (16x16 references: 16 tokens each, 512 text tokens)
+    # cost 3 forwards, with the IDAR shares in the multi-subject stage.
+    from mcimage import flops
+    from mcimage.config import MCImageConfig
+
+    subjects = 2 if data_name == "multi" else 1
+    forward = flops.forward_flops(MCImageConfig.from_preset(preset), 64, 512, 16 * subjects, subjects,
+                                  capture=summary["attn_loss_weight"] > 0 and subjects > 1)
+    for r in rows:
+        assert r["tokens_per_s"] * r["step_seconds"] == pytest.approx(2 * 2 * 64, rel=1e-9)
+        assert r["tflops_per_gpu"] * r["step_seconds"] * 1e12 == pytest.approx(2 * 3 * forward, rel=1e-9)
+        assert r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 100, rel=1e-12)
     if preset == "tiny-multicrafter":  # the paper's stage 2: lambda 0.3 and lr 1e-5 from the preset
         assert all(0 <= r["leakage"] <= 1 and r["loss_attn"] > 0 for r in rows)
         assert summary["attn_loss_weight"] == 0.3 and rows[0]["lr"] == pytest.approx(1e-5)
@@ -240,10 +255,18 @@ def test_a_loaded_adapter_brings_its_config(world, tmp_path):
         spec.build_model(torch.device("cpu"), torch.float32)
 
 
+def _loss_backward(spec, model, cond: dict, metrics: dict) -> None:
+    """One training step's loss (seed 0) and backward; its metrics go into `metrics`."""
+    loss, step_metrics = spec.loss(model, cond, torch.Generator().manual_seed(0))
+    loss.backward()
+    metrics.update(step_metrics)
+
+
 def test_idar_with_gradient_checkpointing_gives_the_same_gradients(world):
     """The recomputation in the backward sees the same capture (it is a forward argument), so
     checkpointed IDAR training equals plain training."""
     from idcrafter.data.dataset import collate
+    from mcimage import flops
     from mcimage.training import ImageDataArgs, ImageModelArgs, ImageTrainingSpec
 
     root, multi, single, bases = world
@@ -259,10 +282,18 @@ def test_idar_with_gradient_checkpointing_gives_the_same_gradients(world):
         model.train()
         dataset, _, _ = spec.build_data(0, 1, 0, 4)
         cond = spec.prepare(collate([dataset[i] for i in range(4)]), torch.device("cpu"))
-        loss, metrics = spec.loss(model, cond, torch.Generator().manual_seed(0))
+        metrics = {}
+        counted_flops = counted(functools.partial(_loss_backward, spec, model, cond, metrics))
         assert float(metrics["loss_attn"]) > 0
-        loss.backward()
         grads[checkpointing] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+        # The analytic work: 4 samples of 64 target tokens, 2 references of 16 tokens, 512 text
+        # tokens, IDAR shares; 3 forwards a step, 4 with checkpointing. torch counts 8-10% more:
+        # the attention backward recomputes Q K^T (2.5x the attention forward, which is most of
+        # this tiny model's work) and the share chunks are recomputed in the backward.
+        tokens, work = spec.work(cond, checkpointing)
+        forward = flops.forward_flops(spec.config, 64, 512, 32, 2, capture=True)
+        assert tokens == 4 * 64 and work == 4 * (4 if checkpointing else 3) * forward
+        assert 1.05 < counted_flops / work < 1.12
     assert grads[False].abs().max() > 0
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
 

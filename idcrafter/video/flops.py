@@ -24,19 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# The shared rules, re-exported: callers use them from here as before.
+from idcrafter.core.flops import attention_flops as attention_flops
+from idcrafter.core.flops import linear_flops as linear_flops
+from idcrafter.core.flops import training_step_flops as training_step_flops
+
 STAGE3_FORMS = ("own", "attn2")
 # Wan 2.1 VAE: /4 in time, /8 in space; the subject encoder's patch is 2x2.
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
-
-
-def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
-    """A linear layer on `tokens` rows: 2 * tokens * d_in * d_out."""
-    return 2 * tokens * d_in * d_out
-
-
-def attention_flops(queries: int, keys: int, dim: int) -> int:
-    """Q K^T and P V over all heads (dim = heads * head_dim): 2 * 2 * queries * keys * dim."""
-    return 4 * queries * keys * dim
 
 
 def video_tokens(height: int, width: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
@@ -199,13 +194,6 @@ def count_flops(shape: WanShape, idc: IDCrafterShape, tokens: int, text_tokens: 
     return Flops(stock_forward=wan_forward_flops(shape, tokens, text_tokens),
                  stream=subject_stream_flops(shape, idc, subjects, ref_tokens),
                  stage3=stage3_step_flops(shape, idc, tokens, subjects, ref_tokens))
-
-
-def training_step_flops(forward: int, checkpointing: bool) -> int:
-    """Forward + backward (2x: gradients of inputs and of weights) + the recomputed forward of
-    gradient checkpointing. Frozen weights skip their weight gradients, which this does not credit:
-    MFU counts the model's FLOPs, not the ones skipped (PaLM Appendix B)."""
-    return (4 if checkpointing else 3) * forward
 
 
 def generation_flops(flops: Flops, steps: int, passes: int = 3, subject_passes: int | None = None) -> int:
