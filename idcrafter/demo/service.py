@@ -14,6 +14,7 @@ as the folder exists. Bad input raises `InputError` with a message written for t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import shlex
@@ -149,6 +150,25 @@ class _Service:
             except FileExistsError:  # another process on the same work dir took the number
                 continue
 
+    @contextlib.contextmanager
+    def _request(self):
+        """A new request folder for the body, which copies the references and builds and validates
+        the request there; on bad input the folder goes (nothing half-made stays behind) and the
+        `InputError` carries the page's message."""
+        folder = self._request_folder()
+        try:
+            yield folder
+        except InputError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise InputError(page_message(err, folder)) from None
+
+    def _pipeline(self, progress: Progress | None, steps: int):
+        """The loaded pipeline, with the request's progress at step 0 of `steps` reported."""
+        pipe = self.load()
+        if progress is not None:
+            progress(0, steps, "denoising")
+        return pipe
+
     def _copy_refs(self, refs: Sequence[str | Path | None], folder: Path) -> list[str]:
         """Copies of the uploads in the request folder, named `k-<upload name>`; empty slots dropped.
         Unreadable images are refused later by the request's validation, which names the copy."""
@@ -260,8 +280,7 @@ class VideoService(_Service):
 
         start = time.perf_counter()
         with self._lock:
-            folder = self._request_folder()
-            try:
+            with self._request() as folder:
                 copies = self._copy_refs(refs, folder)
                 m = self.model
                 req = InferenceRequest(
@@ -274,13 +293,8 @@ class VideoService(_Service):
                 )
                 with user_file():
                     validate(req)
-            except InputError as err:
-                shutil.rmtree(folder, ignore_errors=True)  # nothing half-made stays behind
-                raise InputError(page_message(err, folder)) from None
             r = req.resolved
-            pipe = self.load()
-            if progress is not None:
-                progress(0, r["steps"], "denoising")
+            pipe = self._pipeline(progress, r["steps"])
             out = pipe(
                 req.prompt, req.refs, negative_prompt=req.negative_prompt, height=r["height"], width=r["width"],
                 num_frames=r["frames"], num_inference_steps=r["steps"], guidance_image=r["guidance_image"],
@@ -371,8 +385,7 @@ class ImageService(_Service):
         kept = [(ref, cat or None) for ref, cat in zip(refs, categories) if ref not in (None, "")]
         cats = [c for _, c in kept]
         with self._lock:
-            folder = self._request_folder()
-            try:
+            with self._request() as folder:
                 copies = self._copy_refs([ref for ref, _ in kept], folder)
                 if any(c is not None for c in cats) and None in cats:
                     missing = [str(k + 1) for k, c in enumerate(cats) if c is None]
@@ -385,13 +398,8 @@ class ImageService(_Service):
                                   seed=_whole(seed, "--seed") or 0)
                 with user_file():
                     validate(req)
-            except InputError as err:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise InputError(page_message(err, folder)) from None
             r = req.resolved
-            pipe = self.load()
-            if progress is not None:
-                progress(0, r["steps"], "denoising")
+            pipe = self._pipeline(progress, r["steps"])
             out = pipe(
                 req.prompt, refs=req.refs, categories=req.categories, height=r["height"], width=r["width"],
                 num_inference_steps=r["steps"], guidance_scale=r["guidance"],
