@@ -110,6 +110,12 @@ def _command(script: Path, raw: Path, out: Path, settings: Path) -> list[str]:
             "--settings", str(settings), "--no-progress"]
 
 
+def finished_records(out: Path) -> int:
+    """Inputs whose record is written: records/KEY.json, not the hidden temporary file
+    (`.KEY.XXXX.tmp.json`) an atomic write holds before its rename, which `*.json` also matches."""
+    return sum(1 for p in (out / "records").glob("*.json") if not p.name.startswith("."))
+
+
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_manifest(tmp_path, monkeypatch):
     from idcrafter.cli.curate import main
 
@@ -129,11 +135,11 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_manifest(tmp_path, mo
     proc = subprocess.Popen(_command(script, raw, out, settings), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list((out / "records").glob("*.json"))) < 2:
+    while time.monotonic() < deadline and finished_records(out) < 2:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list((out / "records").glob("*.json")))
+    finished = finished_records(out)
     assert 2 <= finished < 6, "the run was not killed mid-way"
     assert not (out / "manifest.jsonl").exists()  # assembled only at the end of a run
 
