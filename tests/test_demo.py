@@ -73,7 +73,7 @@ def test_video_form_values_reach_the_pipeline(video, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no refs", "too many", "unreadable", "bad size", "bad frames", "empty prompt",
-                                  "fractional seed"])
+                                  "fractional seed", "nan seed", "text height"])
 def test_video_bad_input_is_one_page_line_and_leaves_nothing(video, tmp_path, case):
     bad = tmp_path / "holiday.png"
     bad.write_text("not a picture")
@@ -86,6 +86,8 @@ def test_video_bad_input_is_one_page_line_and_leaves_nothing(video, tmp_path, ca
         "bad frames": "Frames 6: the frame count must be 4n+1",
         "empty prompt": "Prompt is empty",
         "fractional seed": "Seed: must be a whole number",
+        "nan seed": "Seed: must be a whole number, got nan",
+        "text height": "Height x width: the height must be a whole number, got 'tall'",
     }[case]
     if case == "no refs":
         refs = [None]
@@ -99,6 +101,10 @@ def test_video_bad_input_is_one_page_line_and_leaves_nothing(video, tmp_path, ca
         kw = dict(frames=6)
     elif case == "fractional seed":
         kw = dict(seed=1.5)
+    elif case == "nan seed":
+        kw = dict(seed=float("nan"))
+    elif case == "text height":
+        kw = dict(height="tall", width=64)
     before = sorted(video.work_dir.iterdir())
     with pytest.raises(InputError) as err:
         video.generate(refs, "" if case == "empty prompt" else TOY_VIDEO_PROMPT, **kw)

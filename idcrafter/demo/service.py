@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import re
 import shlex
 import shutil
@@ -187,24 +188,28 @@ class _Service:
         return copies
 
 
-def _size(height, width) -> str | None:
-    """"HxW" from the form's two numbers (None: the model's default); whole numbers only."""
-    if height in (None, "") and width in (None, ""):
-        return None
-    values = []
-    for name, value in (("height", height), ("width", width)):
-        if value in (None, "") or float(value) != int(float(value)):
-            raise InputError(f"--size: the {name} must be a whole number, got {value!r}")
-        values.append(int(float(value)))
-    return f"{values[0]}x{values[1]}"
-
-
-def _whole(value, flag: str) -> int | None:
+def _whole(value, flag: str, what: str = "") -> int | None:
+    """A whole number from the form (64.0 is 64); None for an empty field. InputError naming `flag`
+    for a fraction, a non-number, NaN or infinity."""
     if value in (None, ""):
         return None
-    if float(value) != int(float(value)):
-        raise InputError(f"{flag}: must be a whole number, got {value!r}")
-    return int(float(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise InputError(f"{flag}: {what}must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _size(height, width) -> str | None:
+    """"HxW" from the form's two numbers (both empty: the model's default)."""
+    if height in (None, "") and width in (None, ""):
+        return None
+    h, w = (_whole(v, "--size", f"the {name} ") for name, v in (("height", height), ("width", width)))
+    if h is None or w is None:
+        raise InputError("--size: give both the height and the width")
+    return f"{h}x{w}"
 
 
 def _step_callback(progress: Progress | None, total: int, what: str):
