@@ -14,6 +14,7 @@ as the folder exists. Bad input raises `InputError` with a message written for t
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import math
@@ -115,7 +116,7 @@ class DemoResult:
     extra: dict = field(default_factory=dict)
 
 
-class _Service:
+class _Service(abc.ABC):
     """One model, its pipeline loaded once (`load`), requests one at a time (a lock: the page's
     queue already runs one per model, Python callers get the same guarantee)."""
 
@@ -130,11 +131,13 @@ class _Service:
         self._pipe = None
         self.config = self._check_model()  # bad folders fail here, before any page is served
 
+    @abc.abstractmethod
     def _check_model(self):
-        raise NotImplementedError
+        """The model's config, its folders and options checked (InputError naming the option)."""
 
+    @abc.abstractmethod
     def _load(self):
-        raise NotImplementedError
+        """The model's pipeline, ready to generate."""
 
     def load(self):
         """The pipeline, loaded on the first call (start-up calls it, so requests never wait for it)."""
