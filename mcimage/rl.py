@@ -148,6 +148,15 @@ class ImageRLSpec:
         h, w = self.grid
         return torch.randn((1, h * w, self.config.flux["in_channels"]), generator=generator)
 
+    def forward_work(self, cond: ImageCondition, checkpointing: bool) -> tuple[int, int, int]:
+        """(target tokens of one transformer row, its analytic FLOPs with the condition's reference
+        tokens in context, 0: nothing is encoded ahead) (mcimage/flops.py)."""
+        from mcimage import flops
+
+        target = self.grid[0] * self.grid[1]
+        refs = sum(r.shape[1] for r in cond.refs)
+        return target, flops.forward_flops(self.config, target, cond.text.shape[1], refs, len(cond.refs)), 0
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Packed latents [B, L, C] -> one uint8 [1, H, W, 3] frame per sample (the rewards' video layout)."""

@@ -181,11 +181,23 @@ def test_rl_image_gspo_two_iterations(world, tmp_path):
         "--size", f"{SIZE}x{SIZE}", "--ref-size", f"{REF}x{REF}", "--reward", "toyid=1",
         "--reward-option", f"toyid.path={tmp_path / 'toyid'}", "--group-size", "3", "--num-steps", "4",
         "--window", "2", "--max-steps", "2", "--save-every", "2", "--lr", "1e-2", "--kl-weight", "0.01",
-        "--eval-every", "2", "--eval-limit", "2", "--deepspeed_config", "ds_configs/zero3.json", "--no-progress"])
+        "--eval-every", "2", "--eval-limit", "2", "--deepspeed_config", "ds_configs/zero3.json", "--no-progress",
+        "--peak-tflops", "100"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
+    # Throughput, rows counted by hand: 4 sampling steps x 3 samples, the 2 window steps re-scored
+    # with grad and by the KL reference (LoRA off): 12 + 6 plain rows, 6 trained (3 forwards each);
+    # a row is 64 target tokens with 2 references of 16 tokens and 512 text tokens in context.
+    from mcimage import flops
+    from mcimage.config import MCImageConfig
+
+    forward = flops.forward_flops(MCImageConfig.from_preset("tiny-multicrafter"), 64, 512, 2 * 16, 2)
+    for r in steps:
+        assert r["tokens_per_s"] * r["step_seconds"] == pytest.approx(24 * 64, rel=1e-9)
+        assert r["tflops_per_gpu"] * r["step_seconds"] * 1e12 == pytest.approx((18 + 3 * 6) * forward, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 100, rel=1e-12)
     for key in ("reward_toyid", "clip_fraction", "kl", "ratio", "policy_loss", "window_start"):
         assert key in steps[-1], key
     assert [r["step"] for r in rows if "eval_reward" in r] == [0, 2]

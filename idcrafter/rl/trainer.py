@@ -8,7 +8,8 @@ One iteration on every rank:
 3. group-normalised advantages; re-score the window steps under the current policy with grad and
    take one optimizer step per inner epoch on the clipped GRPO (per step) or GSPO (per sequence)
    objective, plus beta * KL to the reference policy: the policy as it was when RL started;
-4. log reward components, KL, clip fraction and window position; checkpoint and export as SFT does.
+4. log reward components, KL, clip fraction and window position, and the iteration's throughput
+   (model tokens/s, analytic TFLOP/s and MFU, `IterationWork`); checkpoint and export as SFT does.
 
 The generic parts (distributed set-up, engine, checkpoints, resume, export, metric logs) come
 from `idcrafter.train.trainer.Trainer`; the model-specific parts from an `RLSpec`.
@@ -17,6 +18,7 @@ from `idcrafter.train.trainer.Trainer`; the model-specific parts from an `RLSpec
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from idcrafter.core.flops import training_step_flops
 from idcrafter.flow.sde import ode_step, sigma_schedule
 from idcrafter.rl.losses import group_advantages, grpo_loss, gspo_loss, weighted_rewards
 from idcrafter.rl.sampling import Rollout, Velocity, sample_group, window_log_probs
 from idcrafter.rl.window import SlidingWindow
-from idcrafter.train.trainer import TrainArgs, Trainer, _mix_seed
+from idcrafter.train.trainer import WORK_FLOPS, WORK_TOKENS, TrainArgs, Trainer, _mix_seed, throughput_metrics
 from idcrafter.utils.io import atomic_write
 from idcrafter.utils.logging import get_logger
 
@@ -96,6 +99,45 @@ class RLSpec(Protocol):
     def reward_inputs(self, item: Any) -> tuple[str, list[np.ndarray], dict]: ...
     def export(self, model: nn.Module, folder: Path) -> None: ...
     def describe(self) -> dict: ...
+    # Optional: (model tokens of one transformer forward row, its analytic FLOPs, the FLOPs the
+    # condition's subject streams took, as training when they carry grad); without it no throughput.
+    def forward_work(self, cond: Any, checkpointing: bool) -> tuple[int, int, int]: ...
+
+
+class IterationWork:
+    """Model tokens and analytic FLOPs of one RL iteration (docs/design.md 11).
+
+    A forward pre-hook on the policy counts the rows of every transformer call, split by grad mode,
+    so every guidance pass, window re-score and KL reference forward is counted as it ran; `rows`
+    charges the rows since the last charge at an item's per-row cost (`RLSpec.forward_work`),
+    rows under grad as training (backward, and the recompute of checkpointing). Decoding and the
+    reward models are not the policy's work and are not counted.
+    """
+
+    def __init__(self, module: nn.Module, spec: RLSpec, checkpointing: bool):
+        self.spec, self.checkpointing = spec, checkpointing
+        self.tokens, self.flops = 0, 0
+        self._rows = {False: 0, True: 0}
+        self._handle = module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        self._rows[torch.is_grad_enabled()] += x.shape[0]
+
+    def rows(self, cond: Any) -> None:
+        """Charge the rows counted since the last charge at `cond`'s per-row cost."""
+        tokens, row, _ = self.spec.forward_work(cond, self.checkpointing)
+        plain, trained = self._rows[False], self._rows[True]
+        self._rows = {False: 0, True: 0}
+        self.tokens += (plain + trained) * tokens
+        self.flops += plain * row + training_step_flops(trained * row, self.checkpointing)
+
+    def stream(self, cond: Any) -> None:
+        """Charge the computation of `cond`'s subject streams."""
+        self.flops += self.spec.forward_work(cond, self.checkpointing)[2]
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def load_prompt_samples(path: str | Path, max_subjects: int, flag: str = "--data") -> list:
@@ -200,7 +242,8 @@ class RLTrainer(Trainer):
         if self.rank == 0:
             self.reward_plot()
 
-    def rollout(self, item: Any, window: range, generator: torch.Generator) -> tuple[Rollout, Any]:
+    def rollout(self, item: Any, window: range, generator: torch.Generator,
+                work: IterationWork | None = None) -> tuple[Rollout, Any]:
         model = self.engine.module
         model.eval()
         with torch.no_grad():
@@ -208,6 +251,9 @@ class RLTrainer(Trainer):
             noise = self.spec.initial_noise(item, generator).to(self.device)
             rollout = sample_group(self.spec.velocity(model, cond), noise, self.rl.group_size, self.sigmas.to(self.device),
                                    window, self.rl.noise_level, generator)
+            if work is not None:
+                work.rows(cond)
+                work.stream(cond)
             frames = self.spec.decode(rollout.final)
         prompt, refs, meta = self.spec.reward_inputs(item)
         g = self.rl.group_size
@@ -215,11 +261,29 @@ class RLTrainer(Trainer):
         return rollout, future
 
     def train_step(self) -> dict:
+        started = time.perf_counter()
+        work = IterationWork(self.engine.module, self.spec, self.args.gradient_checkpointing) \
+            if hasattr(self.spec, "forward_work") else None
+        try:
+            metrics = self._iteration(work)
+        finally:
+            if work is not None:
+                work.close()
+        if work is None:
+            return self._mean_over_ranks(metrics)
+        means = self._mean_over_ranks({**metrics, WORK_TOKENS: float(work.tokens), WORK_FLOPS: float(work.flops)})
+        tokens, flops = means.pop(WORK_TOKENS), means.pop(WORK_FLOPS)
+        means.update(throughput_metrics(tokens, flops, time.perf_counter() - started, self.world_size,
+                                        getattr(self.args, "sp_size", 1), self.args.peak_tflops))
+        return means
+
+    def _iteration(self, work: IterationWork | None) -> dict:
+        """Rollouts, rewards and the policy update of one iteration: this rank's metrics."""
         rl = self.rl
         window = self.schedule.window(self.step)
         generator = torch.Generator().manual_seed(_mix_seed(self.args.seed, self.step, self.dp_rank))
         items = [next(self._items) for _ in range(rl.groups)]
-        pending = [self.rollout(item, window, generator) for item in items]
+        pending = [self.rollout(item, window, generator, work) for item in items]
         rollouts, outputs = [p[0] for p in pending], [p[1].result() for p in pending]
         rewards = torch.stack([o.scores for o in outputs])  # [groups, G]
         if rl.normalise_rewards:
@@ -237,8 +301,13 @@ class RLTrainer(Trainer):
                     with self.reference_policy(), torch.no_grad():  # the reference's own conditioning
                         ref_cond = self.spec.condition(self.engine.module, item, self.device)
                     reference = _ReferenceVelocity(self.reference_policy, self.spec.velocity(self.engine.module, ref_cond))
+                    if work is not None:
+                        work.stream(ref_cond)
                 logp, kl = window_log_probs(self.spec.velocity(self.engine.module, cond), rollout, rl.noise_level,
                                             reference=reference)
+                if work is not None:  # the policy's re-scored window steps and the reference's
+                    work.rows(cond)
+                    work.stream(cond)
                 loss, s = objective(logp, rollout.log_probs, adv, rl.clip_eps)
                 if kl is not None:
                     loss = loss + rl.kl_weight * kl.mean()
@@ -254,7 +323,7 @@ class RLTrainer(Trainer):
             metrics[f"reward_{name}"] = float(torch.stack([o.components[name] for o in outputs]).mean())
         warnings = sum(sum(o.warnings.values()) for o in outputs)
         metrics["reward_warnings"] = float(warnings)
-        return self._mean_over_ranks(metrics)
+        return metrics
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

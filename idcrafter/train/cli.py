@@ -115,8 +115,8 @@ class RunSettings:
     no_progress: bool = setting(False)
     peak_tflops: float | None = setting(
         None, type=number(0, lo_open=True), metavar="TFLOPS",
-        help="peak dense TFLOP/s of one GPU in the training dtype (H100 SXM bf16: 989); SFT then logs "
-             "MFU beside tokens/s and achieved TFLOP/s (trainers without an analytic count log neither)")
+        help="peak dense TFLOP/s of one GPU in the training dtype (H100 SXM bf16: 989); training then logs "
+             "MFU beside model tokens/s and achieved analytic TFLOP/s (SFT and RL both log those two)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ trains (`--trainable lora`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +131,35 @@ class VideoRLSpec:
 
         return velocity
 
-    def initial_noise(self, item: PromptItem, generator: torch.Generator) -> torch.Tensor:
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """[1, C, f, h, w] of one sample's latents."""
         cfg, pipe = self.config, self.pipe
-        shape = (1, pipe.vae.config.z_dim, (cfg.num_frames - 1) // pipe.vae_scale_temporal + 1,
-                 cfg.height // pipe.vae_scale_spatial, cfg.width // pipe.vae_scale_spatial)
-        return torch.randn(shape, generator=generator)
+        return (1, pipe.vae.config.z_dim, (cfg.num_frames - 1) // pipe.vae_scale_temporal + 1,
+                cfg.height // pipe.vae_scale_spatial, cfg.width // pipe.vae_scale_spatial)
+
+    def initial_noise(self, item: PromptItem, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.latent_shape(), generator=generator)
+
+    def forward_work(self, cond: VideoCondition, checkpointing: bool) -> tuple[int, int, int]:
+        """(video tokens of one transformer row, its analytic FLOPs reading the cached stream, the
+        FLOPs of computing the condition's streams, as training when they carry grad)
+        (idcrafter/video/flops.py). Every subject slot counts, as in SFT's `work`; with VLM tokens
+        the two streams of the guidance passes are encoded as a batch of two."""
+        from idcrafter.core.flops import training_step_flops
+        from idcrafter.video import flops
+
+        shape = flops.WanShape.from_config(self.sft.wan)
+        idc = flops.IDCrafterShape.from_config(dataclasses.replace(self.config, wan=self.sft.wan))
+        _, _, f, h, w = self.latent_shape()
+        tokens = f * h * w // (shape.patch[0] * shape.patch[1] * shape.patch[2])
+        stream = cond.stream
+        subjects = 0 if stream is None else stream.subject_mask.shape[1]
+        ref_tokens = 0 if stream is None else stream.ref_ranges[0][1] - stream.ref_ranges[0][0]
+        count = flops.count_flops(shape, idc, tokens, cond.text.shape[1], subjects, ref_tokens)
+        encoded = count.stream * (1 if cond.ref_stream is None else 2)
+        if stream is not None and stream.kv and stream.kv[0].k.requires_grad:
+            encoded = training_step_flops(encoded, checkpointing)
+        return tokens, count.cached_forward, encoded
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         frames = self.pipe.decode_latents(latents.float(), self.device)  # [B, F, H, W, 3] in [0, 1]
