@@ -96,6 +96,19 @@ def test_benchmark_bad_input_exits_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_benchmark_toyworld_refuses_a_missing_build_and_unknown_rows(tmp_path, capsys):
+    """The checks run before anything trains: one line each, exit 2."""
+    from idcrafter.cli.benchmark import main
+
+    assert main(["toyworld", "--root", str(tmp_path), "--device", "cpu"]) == 2
+    assert "no toy-world build there" in capsys.readouterr().err
+    (tmp_path / "base").mkdir()
+    assert main(["toyworld", "--root", str(tmp_path), "--device", "cpu", "--rows", "c_full", "z_bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rows z_bogus: not a toyworld row; rows: a_plain_keys" in err
+    assert "g_full_idar_attn2" in err
+
+
 @pytest.mark.parametrize("case", ["video-overhead", "video-step-cache"])
 def test_benchmark_video_cases(case, tmp_path):
     out = tmp_path / "report.json"

@@ -10,16 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from idcrafter.benchmarks import register
-from idcrafter.toyworld.ablation import format_table, run_ablation
+from idcrafter.toyworld.ablation import ROWS, format_table, run_ablation
 
 
-def run(root: Path = Path("runs/toyworld"), out: Path | None = None, steps: int = 1000, **_) -> dict:
+def run(root: Path = Path("runs/toyworld"), out: Path | None = None, steps: int = 1000, rows: tuple[str, ...] = (),
+        seed: int = 0, **_) -> dict:
+    """`rows`: names of `ROWS` to train (default all), `seed`: the training and evaluation seed."""
     if not (Path(root) / "base").is_dir():
         raise ValueError(f"--root {root}: no toy-world build there; run `python -m idcrafter.toyworld.build --out {root}`")
-    return run_ablation(Path(root), Path(out) if out else Path(root) / "ablation", steps=steps)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows {' '.join(unknown)}: not a toyworld row; rows: {', '.join(ROWS)}")
+    chosen = {name: ROWS[name] for name in rows} if rows else None
+    return run_ablation(Path(root), Path(out) if out else Path(root) / "ablation", steps=steps, seed=seed, rows=chosen)
 
 
-register("toyworld", format_table, "ablation table on the toy world (trains 5 rows; needs a toy-world build)")(run)
+register("toyworld", format_table, f"ablation table on the toy world (trains {len(ROWS)} rows, or --rows; "
+                                   "needs a toy-world build)")(run)
 
 
 def run_image(out: Path | None = None, steps: int = 1000, **_) -> dict:

@@ -4,7 +4,7 @@
     python scripts/benchmark.py video-overhead [--stage3-projections attn2 own] [--device meta] | video-step-cache
     python scripts/benchmark.py lora [--quick]
     python scripts/benchmark.py image-idar [--config flux-dev|small|tiny] [--quick] [--share-chunk 64 1024]
-    python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000
+    python scripts/benchmark.py toyworld --root runs/toyworld --steps 1000 [--rows c_full e_full_attn2_proj] [--seed 1]
     python scripts/benchmark.py toyimage --out runs/toyimage --steps 1500
     python scripts/benchmark.py gpu-suite [--peak-tflops 989] [--json out.json]   (one GPU; --quick: tiny on CPU)
 
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/toyworld"), help="toyworld: the toy-world build folder")
     parser.add_argument("--out", type=Path, default=None, help="toyworld: where the row runs go (default ROOT/ablation); toyimage: its folder (default runs/toyimage)")
     parser.add_argument("--steps", type=int, default=1000, help="toyworld: training steps of every row")
+    parser.add_argument("--rows", nargs="+", default=[], metavar="ROW", help="toyworld: the rows to train (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="toyworld: training and evaluation seed")
     parser.add_argument("--peak-tflops", type=number(0, lo_open=True), default=None,
                         help="gpu-suite: peak dense TFLOP/s of the GPU for MFU (default: known GPUs' bf16 peak)")
     args = parser.parse_args(argv)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     try:
         report = case.run(device=device, full=args.full, chunk_size=args.chunk_size, repeats=args.repeats,
                           root=args.root, out=args.out, steps=args.steps, config=args.config, quick=args.quick,
-                          share_chunk=args.share_chunk, peak_tflops=args.peak_tflops,
+                          share_chunk=args.share_chunk, peak_tflops=args.peak_tflops, rows=tuple(args.rows), seed=args.seed,
                           stage3_projections=tuple(args.stage3_projections))
     except (ValueError, FileNotFoundError) as err:
         return fail(str(err))
