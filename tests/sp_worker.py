@@ -2,9 +2,10 @@
 rank or sequence-parallel over the ranks `torchrun` starts (gloo): tests/test_sequence_parallel.py
 launches it and compares with the single-rank numbers of `forward_backward`.
 
-    torchrun --nproc_per_node 2 tests/sp_worker.py OUT.pt [--checkpointing | --pipeline]
+    torchrun --nproc_per_node 2 tests/sp_worker.py OUT.pt [--checkpointing | --pipeline] [--own]
 
 --pipeline: the tiny pipeline's final latents instead (2 subjects, 3 guidance passes batched, 2 steps).
+--own: stage 3 on its own projections (default: the preset's, on attn2's).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from idcrafter.video.config import IDCrafterConfig
 from idcrafter.video.transformer import IDCrafterTransformer
 
 
-def build() -> IDCrafterTransformer:
-    """The tiny preset with every adapter weight nonzero (a zero-initialised adapter would leave
-    stage 3, the shares' gradients and the gate's at exactly zero, and test nothing)."""
-    model = IDCrafterTransformer.from_idcrafter_config(IDCrafterConfig.from_preset("tiny"), seed=0)
+def build(form: str = "attn2") -> IDCrafterTransformer:
+    """The tiny preset, stage 3 in `form`, with every adapter weight nonzero (a zero-initialised
+    adapter would leave stage 3, the shares' gradients and the gate's at exactly zero, and test
+    nothing)."""
+    config = IDCrafterConfig.from_preset("tiny", stage3_projections=form)
+    model = IDCrafterTransformer.from_idcrafter_config(config, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.adapter.parameters():
@@ -76,7 +79,7 @@ def render(pipe) -> dict[str, torch.Tensor]:
     return {"latents": out.frames}
 
 
-def main(path: str, checkpointing: bool, pipeline: bool = False) -> None:
+def main(path: str, checkpointing: bool, pipeline: bool = False, form: str = "attn2") -> None:
     import torch.distributed as dist
 
     from idcrafter.core.sequence_parallel import SequenceParallel
@@ -95,7 +98,7 @@ def main(path: str, checkpointing: bool, pipeline: bool = False) -> None:
             torch.save(result, path)
         dist.destroy_process_group()
         return
-    model = build()
+    model = build(form)
     model.enable_sequence_parallel(sp)
     result = forward_backward(model, checkpointing)
     for key, value in result.items():
@@ -107,4 +110,5 @@ def main(path: str, checkpointing: bool, pipeline: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--checkpointing" in sys.argv[2:], "--pipeline" in sys.argv[2:])
+    main(sys.argv[1], "--checkpointing" in sys.argv[2:], "--pipeline" in sys.argv[2:],
+         "own" if "--own" in sys.argv[2:] else "attn2")

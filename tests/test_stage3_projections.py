@@ -25,9 +25,9 @@ from idcrafter.video.transformer import IDCrafterTransformer
 HEADS, DIM = 2, 32  # the tiny preset's Wan
 
 
-def pair(projections: str, hierarchy: str = "full", seed: int = 0):
+def pair(projections: str, hierarchy: str = "full", seed: int = 0, init: str = "value"):
     """(stock Wan, IDCrafterTransformer on the same weights) for one stage-3 form."""
-    config = IDCrafterConfig.from_preset("tiny", stage3_projections=projections, hierarchy=hierarchy)
+    config = IDCrafterConfig.from_preset("tiny", stage3_projections=projections, hierarchy=hierarchy, stage3_init=init)
     return stock_and_ours(seed, config)
 
 
@@ -46,24 +46,36 @@ def perturb(model, std=0.2, seed=3):
 
 
 def test_config_field_and_its_default():
-    assert IDCrafterConfig().stage3_projections == "own"  # the toy world's result (docs/design.md 9)
+    assert IDCrafterConfig().stage3_projections == "attn2"  # the toy world's result (docs/design.md 9)
+    assert IDCrafterConfig.from_preset("toyworld").stage3_projections == "own"  # the committed toy model's
     with pytest.raises(ValueError, match="stage3_projections must be one of attn2, own, got 'both'"):
         IDCrafterConfig(stage3_projections="both")
     # A config written before the field existed had stage 3 on its own projections.
     stored = IDCrafterConfig.from_preset("tiny").to_dict()
     del stored["stage3_projections"]
     assert IDCrafterConfig.from_dict(stored).stage3_projections == "own"
+    # stage3_init: the zero value projection by default; an "attn2" config written before the field
+    # existed was initialised with the zero gate.
+    assert IDCrafterConfig().stage3_init == "value"
+    with pytest.raises(ValueError, match="stage3_init must be one of value, gate, got 'query'"):
+        IDCrafterConfig(stage3_init="query")
+    stored = IDCrafterConfig.from_preset("tiny", stage3_projections="attn2").to_dict()
+    del stored["stage3_init"]
+    assert IDCrafterConfig.from_dict(stored).stage3_init == "gate"
+    del stored["stage3_projections"]
+    assert IDCrafterConfig.from_dict(stored).stage3_init == "value"
     _, ours = pair("attn2")
     with pytest.raises(ValueError, match="stage3_projections change the adapter"):
-        ours.idcrafter_config = IDCrafterConfig.from_preset("tiny")
+        ours.idcrafter_config = IDCrafterConfig.from_preset("tiny", stage3_projections="own")
 
 
 @pytest.mark.parametrize("hierarchy", ["full", "stage3", "no-intra"])
-@pytest.mark.parametrize("projections", ["attn2", "own"])
-def test_parity_with_stock_wan_at_init(projections, hierarchy):
-    """Zero gate ("attn2") or zero output projection ("own"): any subjects, a padded one included,
-    give the stock model's output; a trained stage 3 does not (the comparison can fail)."""
-    stock, ours = pair(projections, hierarchy)
+@pytest.mark.parametrize("projections, init", [("attn2", "value"), ("attn2", "gate"), ("own", "value")])
+def test_parity_with_stock_wan_at_init(projections, init, hierarchy):
+    """Zero value projection or zero gate ("attn2"), zero output projection ("own"): any subjects, a
+    padded one included, give the stock model's output; a trained stage 3 does not (the comparison
+    can fail)."""
+    stock, ours = pair(projections, hierarchy, init=init)
     kind = SharedQueryCrossAttention if projections == "attn2" else CrossModalAttention
     assert len(ours.adapter.cross_modal_attn) == 2 and all(type(m) is kind for m in ours.adapter.cross_modal_attn)
     x, subjects = inputs()
@@ -132,9 +144,10 @@ def test_attn2_form_reuses_attn2_query_and_matches_the_formula():
 
 
 def test_attn2_form_gate_learns_from_the_first_step():
-    """At initialisation only the gate has a gradient (the subject attention's output); once it is
-    non-zero the key / value projections get theirs, and the output leaves the stock model's."""
-    stock, model = pair("attn2")
+    """Zero gate: at initialisation only the gate has a gradient (the subject attention's output);
+    once it is non-zero the key / value projections get theirs, and the output leaves the stock
+    model's."""
+    stock, model = pair("attn2", init="gate")
     model.trainable_parameters("new-modules")
     x, subjects = inputs()
     target = torch.randn_like(x["hidden_states"])
@@ -151,6 +164,65 @@ def test_attn2_form_gate_learns_from_the_first_step():
     with torch.no_grad():
         moved = (model(**x, return_dict=False, subjects=subjects)[0] - stock(**x, return_dict=False)[0]).abs().max()
     assert moved > 1e-3
+
+
+def test_attn2_form_value_projection_learns_from_the_first_step():
+    """Zero value projection (the default): at initialisation the value projection has a full
+    D x D gradient (the gates and keys none: the subject attention outputs zero), as the "own"
+    form's zero output projection has; after one step the keys and gates get theirs."""
+    stock, model = pair("attn2")
+    model.trainable_parameters("new-modules")
+    x, subjects = inputs()
+    target = torch.randn_like(x["hidden_states"])
+    (model(**x, return_dict=False, subjects=subjects)[0] - target).square().mean().backward()
+    for layer in model.adapter.cross_modal_attn:
+        assert torch.equal(layer.gate.detach(), torch.ones(HEADS))
+        assert float(layer.gate.grad.abs().max()) == 0.0 and float(layer.to_k.weight.grad.abs().max()) == 0.0
+        grad = layer.to_v.weight.grad  # a matrix of high rank with every entry moving, not H scalars
+        assert bool((grad != 0).all()) and int(torch.linalg.matrix_rank(grad)) >= DIM - 1
+    opt = torch.optim.SGD(model.adapter.parameters(), lr=1.0)
+    opt.step()
+    opt.zero_grad()
+    (model(**x, return_dict=False, subjects=subjects)[0] - target).square().mean().backward()
+    layer = model.adapter.cross_modal_attn[0]
+    assert float(layer.to_k.weight.grad.abs().max()) > 0 and float(layer.gate.grad.abs().min()) > 0
+    with torch.no_grad():
+        moved = (model(**x, return_dict=False, subjects=subjects)[0] - stock(**x, return_dict=False)[0]).abs().max()
+    assert moved > 1e-3
+
+
+def adam_fit(init: str, steps: int = 20, lr: float = 1e-3) -> list[float]:
+    """Losses of `steps` Adam steps of stage 3 alone (attn2 form) towards a fixed target that only
+    the subjects can explain: the stock model's output plus a perturbed stage 3's contribution."""
+    stock, model = pair("attn2", init=init)
+    x, subjects = inputs()
+    _, teacher = pair("attn2")
+    perturb(teacher, std=0.5)
+    with torch.no_grad():
+        target = teacher(**x, return_dict=False, subjects=subjects)[0]
+    params = [p for m in model.adapter.cross_modal_attn for p in m.parameters()]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = (model(**x, return_dict=False, subjects=subjects)[0] - target).square().mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def test_under_adam_the_zero_value_projection_learns_faster_than_the_zero_gate():
+    """Adam moves a parameter about lr per step whatever its gradient: H zero gates open slowly, a
+    zero D x D value projection reads the subjects at once (docs/design.md 4). Same start, same
+    target: after 20 steps the loss has fallen several times further with the zero value projection."""
+    value, gate = adam_fit("value"), adam_fit("gate")
+    assert value[0] == pytest.approx(gate[0], rel=1e-6)  # both start as the stock model
+    drop_value, drop_gate = value[0] - value[-1], gate[0] - gate[-1]
+    assert drop_value > 0 and drop_value > 3 * drop_gate, (drop_value, drop_gate)
 
 
 def test_idar_share_trains_stage3_keys_and_attn2_query():
@@ -219,7 +291,7 @@ def test_adapter_saved_before_the_option_loads_unchanged(tmp_path):
 def test_gate_scales_each_head_on_its_own():
     """g_h scales head h's subject attention: one head gated on moves only that head's slice of the
     pre-projection output."""
-    layer = SharedQueryCrossAttention(DIM, HEADS)
+    layer = SharedQueryCrossAttention(DIM, HEADS, zero="gate")
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(1, 2, 5, DIM, generator=g)
     kv = layer.kv(feats, torch.tensor([[True, True]]), None, None)
@@ -244,6 +316,16 @@ def test_training_picks_the_form():
         spec = VideoTrainingSpec(VideoModelArgs(preset="tiny", stage3_projections=form), VideoDataArgs(data="unused.jsonl"))
         model = spec.build_model(torch.device("cpu"), torch.float32)
         assert spec.config.stage3_projections == form and type(model.adapter.cross_modal_attn[0]) is kind
+    # --stage3-init gate: a fresh attn2 stage 3 with zero gates and a random value projection.
+    spec = VideoTrainingSpec(VideoModelArgs(preset="tiny", stage3_projections="attn2", stage3_init="gate"),
+                             VideoDataArgs(data="unused.jsonl"))
+    layer = spec.build_model(torch.device("cpu"), torch.float32).adapter.cross_modal_attn[0]
+    assert spec.config.stage3_init == "gate" and float(layer.gate.detach().abs().max()) == 0.0
+    assert float(layer.to_v.weight.detach().abs().min()) > 0
+    assert float(model.adapter.cross_modal_attn[0].to_v.weight.detach().abs().max()) == 0.0  # default: zero values
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", "unused.jsonl", "--output", "unused", "--stage3-projections", "both"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "unused.jsonl", "--output", "unused", "--stage3-init", "query"])
     assert exit_info.value.code == 2

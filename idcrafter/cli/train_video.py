@@ -25,7 +25,7 @@ from pathlib import Path
 
 from idcrafter.train.cli import setting
 from idcrafter.utils.cli import ArgumentParser, InputError, fail, integer, number, user_file
-from idcrafter.video.config import HIERARCHIES, STAGE3_PROJECTIONS
+from idcrafter.video.config import HIERARCHIES, STAGE3_INITS, STAGE3_PROJECTIONS
 
 # Listed before the run options in --help: what the run reads.
 INPUT_FIELDS = ("preset", "base", "adapter", "data", "cache", "vlm")
@@ -56,6 +56,9 @@ class VideoSettings:
     stage3_projections: str | None = setting(None, choices=STAGE3_PROJECTIONS,
                                              help="stage 3 on attn2's query and output projection (attn2) or on "
                                                   "its own (own) (default: the preset's or the adapter's)")
+    stage3_init: str | None = setting(None, choices=STAGE3_INITS,
+                                      help="what starts at zero in a fresh attn2-form stage 3: the value projection "
+                                           "(value) or the per-head gates (gate) (default: the preset's or the adapter's)")
     gradient_checkpointing: bool = setting(False)
     frames: int | None = setting(None, type=integer(1), help="frames per clip, 4n+1 (default: preset)")
     fps: int = setting(16, type=integer(1, 240), help="frame rate clips are sampled at")
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
                 VideoModelArgs(preset=args.preset or "tiny", base=args.base, adapter=args.adapter, lora_rank=args.lora_rank,
                                attn_loss_weight=args.attn_loss_weight, init_seed=args.seed,
                                drop_subjects=args.drop_subjects, drop_text=args.drop_text, hierarchy=args.hierarchy,
-                               stage3_projections=args.stage3_projections, vlm=args.vlm),
+                               stage3_projections=args.stage3_projections, stage3_init=args.stage3_init, vlm=args.vlm),
                 VideoDataArgs(data=args.data, num_frames=args.frames, fps=args.fps, height=height, width=width,
                               cache=args.cache),
                 policy=args.trainable, samples=samples,

@@ -6,7 +6,9 @@ Rows, trained with the same data, steps and seeds from the same base:
   (c) full:    intra-subject + gated inter-subject + cross-modal attention;
   (d) full + IDAR (lambda = 0.3 on the toy masks);
   (e) full with stage 3 on attn2's query and output projection (rows b-d give stage 3 its own,
-      `IDCrafterConfig.stage3_projections`).
+      `IDCrafterConfig.stage3_projections`), its value projection zero at first;
+  (f) the same with its per-head gates zero at first instead (`IDCrafterConfig.stage3_init`);
+  (g) full + IDAR with stage 3 on attn2's projections (the library default form).
 Columns on held-out identities: ToyID mean and min of generated videos, leakage of the subject
 attention at fixed noise levels, the flow-matching (reconstruction) loss at the same points, and
 the training steps per second.
@@ -30,7 +32,10 @@ ROWS = {
     "b_stage3_only": ["--hierarchy", "stage3", "--stage3-projections", "own"],
     "c_full": ["--hierarchy", "full", "--stage3-projections", "own"],
     "d_full_idar": ["--hierarchy", "full", "--stage3-projections", "own", "--attn-loss-weight", "0.3"],
-    "e_full_attn2_proj": ["--hierarchy", "full", "--stage3-projections", "attn2"],
+    "e_full_attn2_proj": ["--hierarchy", "full", "--stage3-projections", "attn2", "--stage3-init", "value"],
+    "f_full_attn2_gate0": ["--hierarchy", "full", "--stage3-projections", "attn2", "--stage3-init", "gate"],
+    "g_full_idar_attn2": ["--hierarchy", "full", "--stage3-projections", "attn2", "--stage3-init", "value",
+                          "--attn-loss-weight", "0.3"],
 }
 NOISE_LEVELS = (0.3, 0.5, 0.7)
 

@@ -9,14 +9,13 @@ every DiT layer l < K. Stage 3 runs inside the stock text cross-attention `attn2
 through `SubjectCrossAttnProcessor`, reading F^l's keys and values from a `SubjectStream`
 computed once. It takes one of two forms (`IDCrafterConfig.stage3_projections`):
 - "attn2" (`SharedQueryCrossAttention`): attn2's own query, a separate softmax over the subject
-  keys, added per head through a zero-initialised gate to the text attention before attn2's output
-  projection. ID-Crafter Sec. 3.2 writes stage 3 as one cross-attention with KV = [F; f_text] on
+  keys, added per head through a gate to the text attention before attn2's output projection. ID-Crafter Sec. 3.2 writes stage 3 as one cross-attention with KV = [F; f_text] on
   the block's query; this keeps the text softmax as it is and costs the video tokens no projection
   of their own (docs/design.md 4).
 - "own" (`CrossModalAttention`): a cross-attention with its own query and output projections whose
   output is added to attn2's.
-The output projections of stages 1 and 3 ("own"), the stage-3 gate ("attn2") and the gate W_g of
-stage 2 start at zero, so with any subjects the model equals the base model at step 0.
+The output projections of stages 1 and 3 ("own"), the stage-3 value projection or gate ("attn2",
+`IDCrafterConfig.stage3_init`) and the gate W_g of stage 2 start at zero, so with any subjects the model equals the base model at step 0.
 Each of these attentions is a diffusers `AttentionModuleMixin` whose processor calls diffusers'
 `dispatch_attention_fn` (`idcrafter.core.attention.DispatchAttnProcessor`), so the model's
 `set_attention_backend` picks their kernel too (docs/design.md 3.7).
@@ -266,25 +265,32 @@ class SharedQueryCrossAttention(nn.Module, AttentionModuleMixin):
         attn2(x) = to_out(softmax(q k_txt^T) v_txt + g_h * softmax(q k_subj^T) v_subj)
 
     Two softmaxes, not one over [text ; subjects]: the text attention stays the stock one and a gate
-    g (one per head, zero at first) says how much each head reads of the subjects, so the model is
-    the base model at step 0. The gate's gradient is the subject attention's output, which the
-    random key / value projections make non-zero: training moves it from the first step.
+    g (one per head) says how much each head reads of the subjects. The model is the base model at
+    step 0 because one factor of g_h * v_subj starts at zero (`zero`, `IDCrafterConfig.stage3_init`):
+    "value", the value projection (gates at one): its gradient is a full D x D matrix from the first
+    step, like the "own" form's zero output projection; or "gate", the H gates (value projection
+    random): Adam moves each gate about lr a step, so the subjects are read only once they open.
     """
 
     _default_processor_cls = DispatchAttnProcessor
     _available_processors = [DispatchAttnProcessor]
     _supports_qkv_fusion = False
 
-    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6, zero: str = "value"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        if zero not in ("value", "gate"):
+            raise ValueError(f"zero must be value or gate, got {zero!r}")
         self.heads = heads
         self.processor = DispatchAttnProcessor()
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
-        self.gate = nn.Parameter(torch.zeros(heads))
+        self.gate = nn.Parameter(torch.zeros(heads) if zero == "gate" else torch.ones(heads))
+        if zero == "value":
+            nn.init.zeros_(self.to_v.weight)
+            nn.init.zeros_(self.to_v.bias)
 
     key_value = _Attention.key_value
     attend = _Attention.attend

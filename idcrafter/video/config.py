@@ -46,6 +46,10 @@ STAGE3_HIERARCHIES = ("full", "no-intra", "no-inter", "stage3")  # the video rea
 STAGE3_PROJECTIONS = ("attn2", "own")
 # The layout of configs written before `stage3_projections` existed: stage 3 with its own projections.
 LEGACY_STAGE3_PROJECTIONS = "own"
+# What starts at zero in the "attn2" form (see `IDCrafterConfig.stage3_init`); "attn2" configs written
+# before the option had the zero gate.
+STAGE3_INITS = ("value", "gate")
+LEGACY_STAGE3_INIT = "gate"
 
 
 @dataclass
@@ -73,13 +77,19 @@ class IDCrafterConfig:
             (vanilla attention: stage 3 on the encoded references, no tower), and "plain"
             (reference tokens appended to the text keys: no new attention at all).
         stage3_projections: how stage 3 reads the video tokens (docs/design.md 4), in every
-            hierarchy that has stage 3 (ignored by "no-cross" and "plain"): "attn2" (the query and
-            output projection of the stock text cross-attention `attn2`, a separate softmax over the
-            subject keys added to the text attention before `attn2.to_out`, through a
-            zero-initialised per-head gate; 2.2 points less per step at 480p x 81 frames) or "own"
-            (the default: a cross-attention with its own query and output projections beside
-            `attn2`, the layout of adapters saved before this option; it learned identity faster on
-            the toy world, docs/design.md 9).
+            hierarchy that has stage 3 (ignored by "no-cross" and "plain"): "attn2" (the default:
+            the query and output projection of the stock text cross-attention `attn2`, a separate
+            softmax over the subject keys added to the text attention before `attn2.to_out` through
+            a per-head gate; 2.2 points less per step at 480p x 81 frames, and on the toy world the
+            same identity as "own" at the same budget, docs/design.md 9) or "own" (a cross-attention
+            with its own query and output projections beside `attn2`, the layout of adapters saved
+            before this option).
+        stage3_init: what starts at zero in the "attn2" form, so that step 0 is the base model:
+            "value" (the subject value projection; the per-head gates start at one) or "gate" (the
+            per-head gates; the value projection random). Under Adam a parameter moves about lr
+            per step, so H zero gates take ~1/lr steps to open, where a zero D x D value projection
+            reads the subjects after a few steps, as the "own" form's zero output projection does
+            (docs/design.md 4, 9). Only the initialisation; a loaded adapter keeps its weights.
         prediction: what the transformer outputs: "velocity" (Wan's v = eps - x0) or "sample"
             (x0; converted to v = (z_t - x0) / t), which suits large pixel-patch tokens.
         preset: the name this config came from (informational).
@@ -108,7 +118,8 @@ class IDCrafterConfig:
     text_length: int = 512
     ref_size: int | None = None
     hierarchy: str = "full"
-    stage3_projections: str = "own"
+    stage3_projections: str = "attn2"
+    stage3_init: str = "value"
     prediction: str = "velocity"
     preset: str = "custom"
     wan: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +134,8 @@ class IDCrafterConfig:
         if self.stage3_projections not in STAGE3_PROJECTIONS:
             raise ValueError(f"IDCrafterConfig: stage3_projections must be one of {', '.join(STAGE3_PROJECTIONS)}, "
                              f"got {self.stage3_projections!r}")
+        if self.stage3_init not in STAGE3_INITS:
+            raise ValueError(f"IDCrafterConfig: stage3_init must be one of {', '.join(STAGE3_INITS)}, got {self.stage3_init!r}")
         if self.use_vlm and not self.uses_stage3:
             raise ValueError(f"IDCrafterConfig: hierarchy {self.hierarchy!r} has no cross-modal attention to read VLM tokens")
         if self.prediction not in ("velocity", "sample"):
@@ -174,11 +187,14 @@ class IDCrafterConfig:
 
         A config without `stage3_projections` was written before the option existed, when stage 3
         always had its own projections: it reads as "own", so old adapters and model folders load
-        unchanged."""
+        unchanged; an "attn2" one without `stage3_init` was initialised with the zero gate ("gate")."""
         from idcrafter.utils.schema import check_json_fields
 
         check_json_fields(cls, data, "IDCrafterConfig")
-        return cls(**{"stage3_projections": LEGACY_STAGE3_PROJECTIONS, **data})
+        legacy = {"stage3_projections": LEGACY_STAGE3_PROJECTIONS}
+        if data.get("stage3_projections") == "attn2":
+            legacy["stage3_init"] = LEGACY_STAGE3_INIT
+        return cls(**{**legacy, **data})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -354,11 +370,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_blocks=2, max_subjects=3, num_inference_steps=4, height=64, width=64, num_frames=9,
         fps=8, text_length=64, flow_shift=3.0, preset="tiny", wan=WAN_CONFIGS["tiny"],
     ),
-    # Trained on the synthetic toy world (idcrafter.toyworld); the built-in default model.
+    # Trained on the synthetic toy world (idcrafter.toyworld); the built-in default model. Stage 3 on
+    # its own projections: the committed model was trained so, and its build reproduces it.
     "toyworld": dict(
         num_blocks=4, max_subjects=3, latent_channels=48, num_inference_steps=20, height=64, width=64,
         num_frames=5, fps=8, text_length=96, ref_size=32, flow_shift=3.0, guidance_image=2.0, guidance_text=1.0,
-        prediction="sample", preset="toyworld", wan=WAN_CONFIGS["toyworld"],
+        prediction="sample", stage3_projections="own", preset="toyworld", wan=WAN_CONFIGS["toyworld"],
     ),
     # Qwen2.5-VL-7B has hidden size 3584; the VLM is switched on when a VLM folder is given.
     "wan-1.3b": dict(num_blocks=20, vlm_dim=3584, preset="wan-1.3b", wan=WAN_CONFIGS["wan-1.3b"]),

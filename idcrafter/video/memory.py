@@ -9,9 +9,11 @@ hidden twice), per text token 4 D + 1 (attn2's keys and values before and after 
 8 D for the modulation. In bf16 the block's `.float()` norms and modulations, the fp32 rotary
 products and the gated residuals keep fp32 copies: 17 D-sized fp32 tensors per token and block
 instead of bf16 ones (fitted to the measured bytes; the op-by-op count finds the six norm
-inputs/outputs and FFN gate, the rest come from mixed-dtype products). Stage 3 adds 4 D + heads + 1 per video
-token and block (its query before and after the norm, its output, the log-sum-exp), a subject-tower
-layer 26 D + 14 per reference token. A frozen base saves less (no inputs of frozen linears), so
+inputs/outputs and FFN gate, the rest come from mixed-dtype products). Stage 3 adds per video
+token and block 4 D + heads + 1 on its own projections (its query before and after the norm, its
+output, the log-sum-exp) and 2 D + heads on attn2's (the subject attention's output before and
+after the gate, the log-sum-exp: the query is attn2's, saved already); a subject-tower layer
+26 D + 14 per reference token. A frozen base saves less (no inputs of frozen linears), so
 the model is an upper bound there. `tests/test_plan.py` checks the model against the bytes
 autograd really saves in tiny configurations (docs/design.md 11).
 
@@ -53,9 +55,13 @@ def wan_block_activation_bytes(shape: WanShape, tokens: int, text_tokens: int, d
     return elements * size + (4 - size) * FP32_COPIES_PER_TOKEN * tokens * shape.dim
 
 
-def stage3_activation_elements(shape: WanShape, tokens: int) -> int:
-    """Stage 3 of one block: query before/after the norm, output, log-sum-exp."""
-    return tokens * (4 * shape.dim + shape.heads + 1)
+def stage3_activation_elements(shape: WanShape, tokens: int, form: str = "attn2") -> int:
+    """Stage 3 of one block, in either form (`IDCrafterConfig.stage3_projections`): "own", its query
+    before/after the norm, the attention's output and to_out's input, the log-sum-exp; "attn2", the
+    subject attention's output before and after the gate and the log-sum-exp."""
+    if form == "own":
+        return tokens * (4 * shape.dim + shape.heads + 1)
+    return tokens * (2 * shape.dim + shape.heads)
 
 
 def tower_layer_activation_elements(shape: WanShape, ref_tokens_all: int) -> int:
@@ -131,7 +137,7 @@ def activation_bytes(config, setup: TrainSetup) -> int:
     size = DTYPE_BYTES[setup.dtype]
     k = min(config.num_blocks, shape.layers) if setup.subjects else 0
     block = wan_block_activation_bytes(shape, tokens, config.text_length, setup.dtype)
-    stage3 = stage3_activation_elements(shape, tokens) * size if config.uses_stage3 else 0
+    stage3 = stage3_activation_elements(shape, tokens, config.stage3_projections) * size if config.uses_stage3 else 0
     tower = tower_layer_activation_elements(shape, refs) * size if config.uses_tower else 0
     head = head_activation_elements(shape, tokens) * size
     if not setup.checkpointing:

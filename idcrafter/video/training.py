@@ -54,8 +54,16 @@ class VideoModelArgs:
     drop_text: float = 0.1
     hierarchy: str | None = None  # override for ablations (IDCrafterConfig.hierarchy)
     stage3_projections: str | None = None  # override (IDCrafterConfig.stage3_projections)
+    stage3_init: str | None = None  # override for a fresh "attn2" stage 3 (IDCrafterConfig.stage3_init)
     # Qwen2.5-VL folder: train the VLM connector (use_vlm). The VLM itself stays frozen.
     vlm: str | None = None
+
+
+def stage3_layout(config: IDCrafterConfig) -> tuple:
+    """What a fresh adapter's attention looks like: the hierarchy, the stage-3 form and, for the
+    "attn2" form, its initialisation (two configs with equal layouts need no new adapter)."""
+    init = config.stage3_init if config.uses_stage3 and config.stage3_projections == "attn2" else None
+    return config.hierarchy, config.stage3_projections, init
 
 
 # Which VLM input each dropout case reads, and the cache keys of its states ("" = `vlm_states`).
@@ -114,8 +122,9 @@ class VideoTrainingSpec:
         model = pipe.transformer
         current = model.idcrafter_config
         wanted = dataclasses.replace(current, hierarchy=self.m.hierarchy or current.hierarchy,
-                                     stage3_projections=self.m.stage3_projections or current.stage3_projections)
-        if (wanted.hierarchy, wanted.stage3_projections) != (current.hierarchy, current.stage3_projections):
+                                     stage3_projections=self.m.stage3_projections or current.stage3_projections,
+                                     stage3_init=self.m.stage3_init or current.stage3_init)
+        if stage3_layout(wanted) != stage3_layout(current):
             model.replace_adapter(wanted)
         if self.m.vlm is not None:
             if model.adapter.vlm_connector is None:

@@ -94,7 +94,10 @@ class IDCrafterAdapter(nn.Module):
         self.subject_tower = SubjectTower(dim, heads, tower_layers, intra=config.hierarchy != "no-intra",
                                           inter=config.hierarchy != "no-inter")
         stage3 = num_blocks if config.uses_stage3 else 0
-        form = SharedQueryCrossAttention if config.stage3_projections == "attn2" else CrossModalAttention
+        if config.stage3_projections == "attn2":
+            form = functools.partial(SharedQueryCrossAttention, zero=config.stage3_init)
+        else:
+            form = CrossModalAttention
         self.cross_modal_attn = nn.ModuleList([form(dim, heads) for _ in range(stage3)])
         self.vlm_connector = VLMConnector(config.vlm_dim, dim) if config.use_vlm else None
 
