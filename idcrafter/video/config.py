@@ -118,7 +118,12 @@ class IDCrafterConfig:
     text_length: int = 512
     ref_size: int | None = None
     hierarchy: str = "full"
+    # ID-Crafter supp. eq. S.11 writes stage 3 as one cross-attention with Q = Z, KV = [F; f_text]:
+    # the block's text cross-attention reads the subjects on its own query. The toy world found the
+    # same identity as with separate projections at 2.2 points less per step (docs/design.md 4, 9).
     stage3_projections: str = "attn2"
+    # The papers do not say how stage 3 starts; a zero value projection trains like the "own" form's
+    # zero output projection, zero gates take ~1/lr Adam steps to open (docs/design.md 4, 9).
     stage3_init: str = "value"
     prediction: str = "velocity"
     preset: str = "custom"
