@@ -108,10 +108,10 @@ class IterationWork:
     """Model tokens and analytic FLOPs of one RL iteration (docs/design.md 11).
 
     A forward pre-hook on the policy counts the rows of every transformer call, split by grad mode,
-    so every guidance pass, window re-score and KL reference forward is counted as it ran; `rows`
-    charges the rows since the last charge at an item's per-row cost (`RLSpec.forward_work`),
-    rows under grad as training (backward, and the recompute of checkpointing). Decoding and the
-    reward models are not the policy's work and are not counted.
+    so every guidance pass, window re-score and KL reference forward is counted as it ran; `charge`
+    adds the rows since the last charge at an item's per-row cost (`RLSpec.forward_work`), rows
+    under grad as training (backward, and the recompute of checkpointing), and the encoding of that
+    item's subject streams. Decoding and the reward models are not the policy's work.
     """
 
     def __init__(self, module: nn.Module, spec: RLSpec, checkpointing: bool):
@@ -124,17 +124,13 @@ class IterationWork:
         x = args[0] if args else kwargs["hidden_states"]
         self._rows[torch.is_grad_enabled()] += x.shape[0]
 
-    def rows(self, cond: Any) -> None:
-        """Charge the rows counted since the last charge at `cond`'s per-row cost."""
-        tokens, row, _ = self.spec.forward_work(cond, self.checkpointing)
+    def charge(self, cond: Any) -> None:
+        """The rows counted since the last charge at `cond`'s per-row cost, and `cond`'s streams."""
+        tokens, row, streams = self.spec.forward_work(cond, self.checkpointing)
         plain, trained = self._rows[False], self._rows[True]
         self._rows = {False: 0, True: 0}
         self.tokens += (plain + trained) * tokens
-        self.flops += plain * row + training_step_flops(trained * row, self.checkpointing)
-
-    def stream(self, cond: Any) -> None:
-        """Charge the computation of `cond`'s subject streams."""
-        self.flops += self.spec.forward_work(cond, self.checkpointing)[2]
+        self.flops += plain * row + training_step_flops(trained * row, self.checkpointing) + streams
 
     def close(self) -> None:
         self._handle.remove()
@@ -252,8 +248,7 @@ class RLTrainer(Trainer):
             rollout = sample_group(self.spec.velocity(model, cond), noise, self.rl.group_size, self.sigmas.to(self.device),
                                    window, self.rl.noise_level, generator)
             if work is not None:
-                work.rows(cond)
-                work.stream(cond)
+                work.charge(cond)
             frames = self.spec.decode(rollout.final)
         prompt, refs, meta = self.spec.reward_inputs(item)
         g = self.rl.group_size
@@ -301,13 +296,12 @@ class RLTrainer(Trainer):
                     with self.reference_policy(), torch.no_grad():  # the reference's own conditioning
                         ref_cond = self.spec.condition(self.engine.module, item, self.device)
                     reference = _ReferenceVelocity(self.reference_policy, self.spec.velocity(self.engine.module, ref_cond))
-                    if work is not None:
-                        work.stream(ref_cond)
+                    if work is not None:  # its streams (no rows have run since the last charge)
+                        work.charge(ref_cond)
                 logp, kl = window_log_probs(self.spec.velocity(self.engine.module, cond), rollout, rl.noise_level,
                                             reference=reference)
                 if work is not None:  # the policy's re-scored window steps and the reference's
-                    work.rows(cond)
-                    work.stream(cond)
+                    work.charge(cond)
                 loss, s = objective(logp, rollout.log_probs, adv, rl.clip_eps)
                 if kl is not None:
                     loss = loss + rl.kl_weight * kl.mean()

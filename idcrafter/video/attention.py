@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from idcrafter.core.attention import DispatchAttnProcessor, ref_attention_share
 from idcrafter.core.sequence_parallel import gather_sequence
+from idcrafter.video.config import STAGE3_INITS
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -280,8 +281,8 @@ class SharedQueryCrossAttention(nn.Module, AttentionModuleMixin):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
-        if zero not in ("value", "gate"):
-            raise ValueError(f"zero must be value or gate, got {zero!r}")
+        if zero not in STAGE3_INITS:
+            raise ValueError(f"zero must be one of {', '.join(STAGE3_INITS)}, got {zero!r}")
         self.heads = heads
         self.processor = DispatchAttnProcessor()
         self.to_k = nn.Linear(dim, dim)
